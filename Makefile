@@ -1,0 +1,36 @@
+# pymta — two commands on a fresh machine:
+#   make run    create .venv, install, start the server on the embedded default
+#   make test   create .venv, install test extras and external programs, run the suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-programs bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/twistd -n --pidfile= pymta $(ARGS)
+
+# External programs the tests drive (swaks).  Installed with apt when root;
+# otherwise they must already be on PATH (the tests say which one is missing).
+test-programs:
+	@if ! command -v swaks >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks >/dev/null; \
+	  else echo "swaks is missing: apt-get install swaks (as root)"; fi; \
+	fi
+
+test: $(STAMP) test-programs
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests ran" && exit 1; exit $$rc; }
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

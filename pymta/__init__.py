@@ -1,0 +1,3 @@
+"""pymta: a mail transfer agent on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Configuration: the embedded default, the TOML loader and its model."""

@@ -1,0 +1,117 @@
+"""The loaded configuration, as the rest of pymta sees it.
+
+Produced by :func:`pymta.config.loader.load_config` (from a TOML file) or
+:func:`pymta.config.loader.default_config` (the embedded default).  Plugins are
+already instantiated and verified here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def domain_key(domain: str) -> str:
+    """A domain as compared: lower case, no trailing dot, IDNA (A-label) form."""
+    domain = domain.lower().rstrip(".")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return domain
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    #: Twisted server endpoint string, e.g. "tcp:2525:interface=127.0.0.1"
+    endpoint: str
+    #: "mx" (port 25), "submission" (587), "submissions" (465)
+    role: str = "mx"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 50 * 1024 * 1024     # bytes, advertised in SIZE
+    max_recipients: int = 1000                    # per message; 452 beyond
+    max_connections: int = 1000                   # overall; 421 beyond
+    max_connections_per_ip: int = 50              # 421 beyond
+    idle_timeout: float = 300.0                   # seconds waiting for a command (RFC 5321 4.5.3.2.7)
+    data_timeout: float = 600.0                   # seconds waiting for message data (4.5.3.2.6: 3 min per block)
+    max_errors: int = 20                          # errors per session before 421 and close
+    bare_newlines: str = "reject"                 # "reject" | "normalize"
+    pregreet_wait: float = 0.0                    # seconds to listen before the banner
+
+
+@dataclass(frozen=True)
+class Retry:
+    initial: float = 300.0          # first retry after this many seconds
+    maximum: float = 4200.0         # backoff cap
+    lifetime: float = 5 * 86400.0   # give up (bounce) after this long in the queue
+    concurrency: int = 8            # deliveries running at once
+
+
+@dataclass(frozen=True)
+class Route:
+    #: "*" (everything), "example.org" / "@example.org" (a domain), or "user@example.org"
+    match: str
+    #: key of the backend in Config.backends
+    backend: str
+
+    def matches(self, address: str) -> bool:
+        m = self.match.lower()
+        if m == "*":
+            return True
+        local, _, domain = address.rpartition("@")
+        if "@" in m and not m.startswith("@"):
+            m_local, _, m_domain = m.rpartition("@")
+            return local.lower() == m_local and domain_key(domain) == domain_key(m_domain)
+        return domain_key(domain) == domain_key(m.lstrip("@"))
+
+
+@dataclass(frozen=True)
+class PluginInstance:
+    #: config name ([plugins.NAME]) and what it was created from (short name or dotted path)
+    name: str
+    use: str
+    obj: Any
+
+
+@dataclass
+class Config:
+    #: path of the TOML file, or "<embedded default>"
+    source: str
+    hostname: str
+    domains: tuple[str, ...]
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    spool_dir: str
+    listeners: tuple[Listener, ...]
+    limits: Limits = field(default_factory=Limits)
+    retry: Retry = field(default_factory=Retry)
+    #: spool durability: "fsync" (per file + directory) or "syncfs" (one syncfs per batch)
+    spool_sync: str = "fsync"
+    #: stage name -> plugins in order ("connect", "helo", "mail", "rcpt", "data")
+    stages: dict[str, tuple[PluginInstance, ...]] = field(default_factory=dict)
+    #: backend name -> IDeliveryBackend provider
+    backends: dict[str, Any] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain_key(domain) in self.domains
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted_networks)
+
+    def route_for(self, address: str) -> str | None:
+        for route in self.routes:
+            if route.matches(address):
+                return route.backend
+        return None

@@ -1,0 +1,1 @@
+"""Delivery backends: maildir, mbox (and later lmtp, relay)."""

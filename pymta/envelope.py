@@ -1,0 +1,100 @@
+"""The envelope: what the server learnt about one message, as spooled.
+
+Plain data classes with a JSON form; shared by the server (which fills them),
+the spool (which persists them) and the scheduler and delivery backends
+(which read them and record per-recipient outcomes).  No Twisted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Per-recipient delivery states
+PENDING = "pending"        # not yet delivered; next_attempt says when
+DELIVERED = "delivered"
+FAILED = "failed"          # permanent failure (bounce material)
+
+
+@dataclass
+class Recipient:
+    #: the address we deliver to (after alias rewriting), e.g. "alice@example.org"
+    address: str
+    #: the forward-path as the client gave it in RCPT TO (without <>)
+    original: str
+    #: name of the backend route chosen for ``address`` (key of [backends.*])
+    route: str
+    #: RFC 3461 NOTIFY values ("SUCCESS", "FAILURE", "DELAY") or ("NEVER",); None if absent
+    notify: tuple[str, ...] | None = None
+    #: RFC 3461 ORCPT as "addr-type;address" (xtext decoded); None if absent
+    orcpt: str | None = None
+    state: str = PENDING
+    attempts: int = 0
+    #: unix time of the next delivery attempt (0 = as soon as possible)
+    next_attempt: float = 0.0
+    #: last result text as "code enhanced text", for logs, mailq and bounces
+    last_result: str | None = None
+    #: unix time the outcome was final (delivered/failed)
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["notify"] = list(self.notify) if self.notify is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Recipient":
+        d = dict(d)
+        if d.get("notify") is not None:
+            d["notify"] = tuple(d["notify"])
+        return cls(**d)
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    #: reverse-path without <>; "" is the null sender (bounces)
+    sender: str
+    recipients: list[Recipient]
+    #: unix time the message was accepted (250 sent)
+    received_at: float
+    #: bytes of the body as received (after dot-unstuffing), without prepended headers
+    size: int = 0
+    client_ip: str = ""
+    client_name: str = "unknown"
+    helo: str = ""
+    #: "SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "UTF8SMTP", ... (RFC 3848)
+    protocol: str = "ESMTP"
+    #: BODY= parameter ("7BIT", "8BITMIME") or None when absent
+    body: str | None = None
+    smtputf8: bool = False
+    #: RFC 3461 RET ("FULL" / "HDRS") and ENVID (xtext decoded)
+    ret: str | None = None
+    envid: str | None = None
+    #: authenticated identity of the submitting session (issue: submission)
+    auth: str | None = None
+    #: header fields to prepend at delivery, in order, each a complete
+    #: "Name: value\r\n" string (folded lines allowed).  The Received: line
+    #: written by the server is the first one.
+    prepend: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["recipients"] = [r.to_json() for r in self.recipients]
+        d["version"] = 1
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Envelope":
+        d = dict(d)
+        d.pop("version", None)
+        d["recipients"] = [Recipient.from_json(r) for r in d["recipients"]]
+        return cls(**d)
+
+    def prepend_bytes(self) -> bytes:
+        return "".join(self.prepend).encode("utf-8")
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
