@@ -1,0 +1,70 @@
+"""Every transition of the SMTP server in one table (as h11's _state.py).
+
+``TRANSITIONS[verb][state]`` is either the name of a handler of
+:class:`pymta.smtp.server.ServerConnection` or a fixed error reply.  A verb
+missing from the table is "not recognized" (500); a state missing for a
+verb is a bad sequence (503).  ``AFTER_VERDICT`` says where an answered
+decision leads.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pymta.smtp import replies as R
+
+
+class State(enum.Enum):
+    GREETING = "greeting"      # connected, banner not yet sent
+    READY = "ready"            # banner sent, no HELO/EHLO yet
+    HELO = "helo"              # greeted, no mail transaction
+    MAIL = "mail"              # MAIL accepted, no recipient yet
+    RCPT = "rcpt"              # at least one recipient accepted
+    DATA = "data"              # reading DATA content
+    BDAT_CHUNK = "bdat_chunk"  # reading the octets of a BDAT chunk
+    BDAT_MORE = "bdat_more"    # a non-LAST BDAT chunk was accepted
+    CLOSED = "closed"
+
+
+COMMAND_STATES = (State.READY, State.HELO, State.MAIL, State.RCPT, State.BDAT_MORE)
+_ANY = {s: None for s in COMMAND_STATES}
+
+
+def _all(handler: str) -> dict:
+    return {s: handler for s in COMMAND_STATES}
+
+
+TRANSITIONS: dict[str, dict[State, object]] = {
+    "EHLO": _all("ehlo"),
+    "HELO": _all("helo"),
+    "MAIL": {State.READY: R.NEED_HELO, State.HELO: "mail", State.MAIL: R.NESTED_MAIL,
+             State.RCPT: R.NESTED_MAIL, State.BDAT_MORE: R.NESTED_MAIL},
+    "RCPT": {State.READY: R.NEED_MAIL, State.HELO: R.NEED_MAIL, State.MAIL: "rcpt",
+             State.RCPT: "rcpt", State.BDAT_MORE: R.RCPT_AFTER_BDAT},
+    "DATA": {State.READY: R.NEED_MAIL, State.HELO: R.NEED_MAIL, State.MAIL: R.NEED_RCPT,
+             State.RCPT: "data", State.BDAT_MORE: R.DATA_AFTER_BDAT},
+    # BDAT in a wrong state still has to swallow its chunk (RFC 3030 2)
+    "BDAT": {State.READY: ("bdat_refuse", R.NEED_HELO),
+             State.HELO: ("bdat_refuse", R.BDAT_NO_TRANSACTION),
+             State.MAIL: ("bdat_refuse", R.NEED_RCPT),
+             State.RCPT: "bdat", State.BDAT_MORE: "bdat"},
+    "RSET": _all("rset"),
+    "NOOP": _all("noop"),
+    "VRFY": _all("vrfy"),
+    "HELP": _all("help"),
+    "QUIT": _all("quit"),
+    # recognised, not offered here
+    "EXPN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    "TURN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    "ETRN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    "STARTTLS": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    "AUTH": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+}
+
+# Where an answered decision leads: (on accept, on refusal).  None = unchanged.
+AFTER_VERDICT: dict[str, tuple[State, State | None]] = {
+    "hello": (State.HELO, None),
+    "mail": (State.MAIL, None),
+    "rcpt": (State.RCPT, None),
+    "message": (State.HELO, State.HELO),
+}

@@ -1,0 +1,77 @@
+"""Events the server state machine emits.
+
+Events marked *decision* put the machine on hold until the caller answers
+with :meth:`ServerConnection.answer`; the others need no answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: next_event(): more bytes are needed
+NEED_DATA = Sentinel("NEED_DATA")
+#: next_event(): a decision is pending; call answer() first
+PAUSED = Sentinel("PAUSED")
+#: next_event(): the session is over; close after sending data_to_send()
+CLOSED = Sentinel("CLOSED")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """*decision*: HELO or EHLO."""
+    verb: str          # "HELO" | "EHLO"
+    hostname: str
+
+
+@dataclass(frozen=True)
+class MailFrom:
+    """*decision*: MAIL FROM, syntax and parameters already checked."""
+    sender: str                         # "" is the null reverse-path
+    params: dict                        # {KEYWORD: value|None}, xtext already decoded for ENVID/AUTH
+
+
+@dataclass(frozen=True)
+class RcptTo:
+    """*decision*: RCPT TO, syntax and parameters already checked."""
+    recipient: str                      # "postmaster" for the bare <Postmaster>
+    params: dict                        # NOTIFY as tuple, ORCPT decoded "type;addr"
+
+
+@dataclass(frozen=True)
+class MessageStart:
+    """DATA was answered with 354, or the first BDAT chunk began: open a spool file."""
+    chunking: bool
+
+
+@dataclass(frozen=True)
+class MessageData:
+    """Content to store (dot-unstuffed, line rules applied)."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MessageEnd:
+    """*decision*: the whole message was received and is acceptable to the protocol.
+
+    Answer ACCEPT (text "Ok: queued as ID") only once it is durable."""
+    size: int
+
+
+@dataclass(frozen=True)
+class MessageAborted:
+    """The message begun by MessageStart will not complete: discard what was stored."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    """The client said QUIT; 221 is queued and the machine is CLOSED."""

@@ -1,0 +1,75 @@
+"""SMTP replies: formatting (RFC 5321 4.2) with enhanced status codes (RFC 2034, 3463)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Reply text from plugins or clients: no CR, LF or other controls (no reply injection)."""
+    return _UNSAFE.sub(" ", text)
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    #: enhanced status code ("2.1.0"); None for replies that carry none
+    #: (greeting, HELO/EHLO, 354: RFC 2034 section 3)
+    enhanced: str | None
+    text: str
+
+    def render(self) -> bytes:
+        lines = [clean_text(line) for line in self.text.split("\n")] or [""]
+        prefix = f"{clean_text(self.enhanced)} " if self.enhanced else ""
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8")
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+
+def multiline(code: int, lines: list[str]) -> bytes:
+    """A multi-line reply without enhanced codes (EHLO)."""
+    out = []
+    for i, line in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        out.append(f"{code}{sep}{clean_text(line)}\r\n")
+    return "".join(out).encode("utf-8")
+
+
+# Fixed replies of the protocol itself (text modelled on Postfix's wording).
+OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+BYE = Reply(221, "2.0.0", "Bye")
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BARE_NEWLINE_CMD = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command; lines must end with <CR><LF>")
+BAD_BYTES = Reply(500, "5.5.2", "Error: invalid characters in command")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA not allowed after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT not allowed after BDAT")
+BDAT_NO_TRANSACTION = Reply(503, "5.5.1", "Error: BDAT without a mail transaction")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
+BARE_NEWLINE_DATA = Reply(550, "5.6.11", "Error: message contains bare <CR> or <LF>; lines must end with <CR><LF>")
+DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Error: message has lines longer than 998 octets (RFC 5322 2.1.1)")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires the SMTPUTF8 parameter on MAIL")
+NO_PARAMS_AFTER_HELO = Reply(555, "5.5.4", "Error: MAIL/RCPT parameters need EHLO")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
+SHUTDOWN = Reply(421, "4.3.2", "Service shutting down")
+PREGREET = Reply(554, "5.5.1", "Error: SMTP protocol synchronization (talked before greeting)")

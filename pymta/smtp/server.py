@@ -1,0 +1,579 @@
+"""The ESMTP server state machine (RFC 5321 and extensions), sans-I/O.
+
+Usage, as with h11::
+
+    conn = ServerConnection(hostname="mx.example.org", limits=Limits())
+    conn.send_greeting()                 # or conn.refuse(verdict)
+    conn.receive_data(bytes_from_socket) # b"" means the client closed
+    while True:
+        event = conn.next_event()
+        if event in (NEED_DATA, PAUSED, CLOSED): break
+        ...                              # decision events: conn.answer(verdict)
+    socket.send(conn.data_to_send())
+
+The machine never reads past a pending decision, so pipelined commands are
+answered strictly in order (RFC 2920) however long a plugin takes.  Every
+transition is listed in :mod:`pymta.smtp._state`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pymta.config.model import Limits
+from pymta.smtp import events as E
+from pymta.smtp import replies as R
+from pymta.smtp._state import AFTER_VERDICT, TRANSITIONS, State
+from pymta.smtp.address import (PathError, is_ascii, parse_params, parse_path,
+                                split_path_and_params, xtext_decode)
+from pymta.smtp.body import DataReader, LineChecker
+from pymta.verdict import Kind, Verdict
+
+MAX_COMMAND_LINE = 512           # octets with CRLF (RFC 5321 4.5.3.1.4)
+# Extensions raise the limit for MAIL and RCPT: SIZE (RFC 1870) +26,
+# AUTH= (RFC 4954) +500, DSN ENVID/RET (RFC 3461) +110, BODY/SMTPUTF8 +30;
+# RCPT: DSN NOTIFY/ORCPT +500.
+MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 500 + 110 + 30
+MAX_RCPT_LINE = MAX_COMMAND_LINE + 500
+_LONGEST_LINE = MAX_MAIL_LINE
+
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_REFUSAL_DEFAULTS = {
+    "hello": R.Reply(550, "5.7.1", "Rejected"),
+    "mail": R.Reply(550, "5.7.1", "Sender address rejected"),
+    "rcpt": R.Reply(550, "5.1.1", "Recipient address rejected"),
+    "message": R.Reply(554, "5.7.1", "Message rejected"),
+}
+_DEFER_DEFAULT = R.Reply(451, "4.7.1", "Try again later")
+_DISCONNECT_DEFAULT = R.Reply(421, "4.7.0", "Closing connection")
+
+
+def _printable(text: str) -> bool:
+    """xtext values (ENVID, ORCPT, AUTH) decode to printable US-ASCII (RFC 3461 4):
+    no control characters that could end up in a DSN or a header."""
+    return all(" " <= c <= "~" for c in text)
+
+
+class ServerConnection:
+    def __init__(self, hostname: str, limits: Limits | None = None,
+                 extensions: tuple[str, ...] = ()) -> None:
+        self.hostname = hostname
+        self.limits = limits or Limits()
+        #: extra EHLO keywords offered by the server layer (STARTTLS, AUTH ...)
+        self.extra_extensions = list(extensions)
+        self.state = State.GREETING
+        self.errors = 0
+        self.pregreeted = False
+        self.esmtp = False
+        self.helo: str | None = None
+        # the current transaction
+        self.sender: str | None = None
+        self.mail_params: dict = {}
+        #: accepted recipients: (forward-path as given, params, payload from answer())
+        self.recipients: list[tuple[str, dict, object]] = []
+        self._in = bytearray()
+        self._out: list[bytes] = []
+        self._events: deque = deque()
+        self._pending: tuple[str, object] | None = None
+        self._discarding_line = False
+        self._eof = False
+        # message content
+        self._message_open = False
+        self._reader: DataReader | None = None
+        self._checker: LineChecker | None = None
+        self._size = 0
+        self._oversize = False
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_refusal: R.Reply | None = None
+        self._bdat_return = State.HELO
+
+    # ------------------------------------------------------------------ I/O
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` means the client closed its side."""
+        if self.state is State.CLOSED:
+            return
+        if not data:
+            self._eof = True
+            return
+        if self.state is State.GREETING:
+            self.pregreeted = True
+        self._in += data
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        """Reading message content (the data timeout applies)."""
+        return self.state in (State.DATA, State.BDAT_CHUNK)
+
+    @property
+    def awaiting_answer(self) -> bool:
+        return self._pending is not None
+
+    # ------------------------------------------------------- session events
+    def send_greeting(self) -> None:
+        """Send the banner (connect-stage plugins agreed); refuse a client that talked first."""
+        if self.state is not State.GREETING:
+            raise RuntimeError("greeting already sent")
+        if self.pregreeted:
+            self._close_with(R.PREGREET)
+            return
+        self._out.append(R.Reply(220, None, f"{self.hostname} ESMTP pymta").render())
+        self.state = State.READY
+
+    def refuse(self, verdict: Verdict) -> None:
+        """The connect stage said no: reply and close."""
+        default = _DEFER_DEFAULT if verdict.kind is Kind.DEFER else R.Reply(554, "5.7.1", "Service unavailable")
+        if verdict.kind is Kind.DEFER and verdict.code is None:
+            default = R.Reply(421, "4.7.1", "Service temporarily unavailable")
+        self._close_with(self._verdict_reply(verdict, default))
+
+    def timeout(self) -> None:
+        self._close_with(R.Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+
+    def shutdown(self) -> None:
+        self._close_with(R.Reply(421, "4.3.2", f"{self.hostname} Service shutting down"))
+
+    def connection_lost(self) -> None:
+        if self.state is not State.CLOSED:
+            self._enter_closed("connection lost")
+
+    # -------------------------------------------------------------- events
+    def next_event(self):
+        """The next event, or NEED_DATA / PAUSED / CLOSED."""
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self.state is State.CLOSED:
+                return E.CLOSED
+            if self._pending is not None:
+                return E.PAUSED
+            if self.state is State.GREETING:
+                return E.NEED_DATA
+            if not self._in:
+                if self._eof:
+                    self._enter_closed("connection lost")
+                    continue
+                return E.NEED_DATA
+            before = len(self._in)
+            if self.state is State.DATA:
+                self._read_data()
+            elif self.state is State.BDAT_CHUNK:
+                self._read_bdat()
+            else:
+                self._read_command()
+            if len(self._in) == before and not self._events and self._pending is None \
+                    and self.state is not State.CLOSED:
+                if self._eof:
+                    self._enter_closed("connection lost")
+                    continue
+                return E.NEED_DATA
+
+    def _emit(self, event) -> None:
+        self._events.append(event)
+
+    def _hold(self, kind: str, event) -> None:
+        self._pending = (kind, event)
+        self._emit(event)
+
+    def _reply(self, reply: R.Reply) -> None:
+        self._out.append(reply.render())
+        if reply.is_error:
+            self.errors += 1
+
+    def _error(self, reply: R.Reply) -> None:
+        self._reply(reply)
+        self._check_errors()
+
+    def _check_errors(self) -> None:
+        if self.errors >= self.limits.max_errors and self.state is not State.CLOSED:
+            self._close_with(R.Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+
+    def _close_with(self, reply: R.Reply) -> None:
+        self._out.append(reply.render())
+        self._enter_closed(reply.text)
+
+    def _enter_closed(self, reason: str) -> None:
+        self._abort_message(reason)
+        self.state = State.CLOSED
+        self._in.clear()
+        self._pending = None
+
+    # --------------------------------------------------------- command mode
+    def _read_command(self) -> None:
+        buf = self._in
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > _LONGEST_LINE:
+                # an over-long line: drop it as it comes, answer once at its end
+                self._discarding_line = True
+                keep = b"\r" if buf.endswith(b"\r") else b""
+                buf.clear()
+                buf += keep
+            return
+        line = bytes(buf[:nl + 1])
+        del buf[:nl + 1]
+        if self._discarding_line or nl > _LONGEST_LINE:
+            # the same answer whether the over-long line came whole or in pieces
+            self._discarding_line = False
+            self._error(R.LINE_TOO_LONG)
+        elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            self._error(R.BARE_NEWLINE_CMD)
+        else:
+            self._dispatch(line[:-2], len(line))
+
+    def _dispatch(self, raw: bytes, length: int) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(R.BAD_BYTES)
+        if not text.isprintable() and any(c < " " or c == "\x7f" for c in text if c != "\t"):
+            return self._error(R.BAD_BYTES)
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        limit = MAX_MAIL_LINE if verb == "MAIL" else MAX_RCPT_LINE if verb == "RCPT" else MAX_COMMAND_LINE
+        if length > limit:
+            return self._error(R.LINE_TOO_LONG)
+        row = TRANSITIONS.get(verb)
+        if row is None:
+            return self._error(R.UNRECOGNIZED)
+        action = row.get(self.state)
+        if isinstance(action, R.Reply):
+            return self._error(action)
+        if isinstance(action, tuple):
+            name, reply = action
+            return getattr(self, "_cmd_" + name)(arg, reply)
+        return getattr(self, "_cmd_" + action)(arg)
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        self._hello("EHLO", arg)
+
+    def _cmd_helo(self, arg: str) -> None:
+        self._hello("HELO", arg)
+
+    def _hello(self, verb: str, arg: str) -> None:
+        name = arg.strip(" ")
+        if not name or " " in name:
+            return self._error(R.Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+        self._reset_transaction("new HELO/EHLO")
+        # greeted, no transaction; a refused HELO/EHLO leaves the session so
+        # (RFC 5321 4.1.4: the server stays in the state it was in)
+        self.state = State.HELO if self.helo is not None else State.READY
+        self._hold("hello", E.Hello(verb, name))
+
+    def _cmd_mail(self, arg: str) -> None:
+        if arg[:5].upper() != "FROM:":
+            return self._error(R.Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        try:
+            path, rest = split_path_and_params(arg[5:])
+            params = parse_params(rest)
+            if params and not self.esmtp:
+                return self._error(R.NO_PARAMS_AFTER_HELO)
+            params = self._mail_params(params)
+            sender = parse_path(path, allow_null=True)
+        except PathError as e:
+            return self._error(R.Reply(e.code, e.enhanced, e.text))
+        if not is_ascii(sender) and "SMTPUTF8" not in params:
+            return self._error(R.NEEDS_SMTPUTF8)
+        self._hold("mail", E.MailFrom(sender, params))
+
+    def _mail_params(self, params: dict) -> dict:
+        out: dict = {}
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
+                    raise PathError(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.limits.max_message_size:
+                    raise PathError(552, "5.3.4", "Message size exceeds fixed maximum message size")
+                out[key] = int(value)
+            elif key == "BODY":
+                body = (value or "").upper()
+                if body not in ("7BIT", "8BITMIME"):
+                    raise PathError(555, "5.5.4", f"Unsupported BODY type: {value}")
+                out[key] = body
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise PathError(501, "5.5.4", "SMTPUTF8 takes no value")
+                out[key] = None
+            elif key == "RET":
+                ret = (value or "").upper()
+                if ret not in ("FULL", "HDRS"):
+                    raise PathError(501, "5.5.4", "Bad RET parameter: FULL or HDRS")
+                out[key] = ret
+            elif key == "ENVID":
+                envid = xtext_decode(value or "")
+                if not envid or len(envid) > 100 or not _printable(envid):
+                    raise PathError(501, "5.5.4", "Bad ENVID parameter")
+                out[key] = envid
+            elif key == "AUTH":
+                if not value:
+                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
+                auth = "<>" if value == "<>" else xtext_decode(value)
+                if not _printable(auth):
+                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
+                out[key] = auth
+            else:
+                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
+        return out
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        if arg[:3].upper() != "TO:":
+            return self._error(R.Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        if len(self.recipients) >= self.limits.max_recipients:
+            # RFC 5321 4.5.3.1.10: a client's error only past 100 recipients;
+            # not counted towards the error limit.
+            self._out.append(R.TOO_MANY_RCPTS.render())
+            return None
+        try:
+            path, rest = split_path_and_params(arg[3:])
+            params = parse_params(rest)
+            if params and not self.esmtp:
+                return self._error(R.NO_PARAMS_AFTER_HELO)
+            params = self._rcpt_params(params)
+            recipient = parse_path(path, allow_null=False, allow_postmaster=True)
+        except PathError as e:
+            return self._error(R.Reply(e.code, e.enhanced, e.text))
+        if not is_ascii(recipient) and "SMTPUTF8" not in self.mail_params:
+            return self._error(R.NEEDS_SMTPUTF8)
+        self._hold("rcpt", E.RcptTo(recipient, params))
+
+    def _rcpt_params(self, params: dict) -> dict:
+        out: dict = {}
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = tuple(v.upper() for v in (value or "").split(","))
+                if items != ("NEVER",) and not (set(items) <= _NOTIFY and len(set(items)) == len(items)):
+                    raise PathError(501, "5.5.4", "Bad NOTIFY parameter")
+                out[key] = items
+            elif key == "ORCPT":
+                addr_type, semi, addr = (value or "").partition(";")
+                if not semi or not addr_type or not addr:
+                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
+                original = xtext_decode(addr)
+                if not _printable(original):
+                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
+                out[key] = f"{addr_type.lower()};{original}"
+            else:
+                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
+        return out
+
+    def _cmd_data(self, arg: str) -> None:
+        if arg.strip(" "):
+            return self._error(R.Reply(501, "5.5.4", "Syntax: DATA"))
+        self._out.append(R.START_DATA.render())
+        self.state = State.DATA
+        self._reader = DataReader()
+        self._start_message(chunking=False)
+
+    def _start_message(self, chunking: bool) -> None:
+        self._checker = LineChecker(self.limits.bare_newlines)
+        self._size = 0
+        self._oversize = False
+        self._message_open = True
+        self._emit(E.MessageStart(chunking))
+
+    @staticmethod
+    def _parse_bdat(arg: str) -> tuple[int, bool] | None:
+        parts = arg.split(" ")
+        if not 1 <= len(parts) <= 2 or not (parts[0].isascii() and parts[0].isdigit()) \
+                or len(parts[0]) > 15:
+            return None
+        if len(parts) == 2 and parts[1].upper() != "LAST":
+            return None
+        return int(parts[0]), len(parts) == 2
+
+    def _cmd_bdat(self, arg: str, refusal: R.Reply | None = None) -> None:
+        parsed = self._parse_bdat(arg)
+        if parsed is None:
+            # the chunk size is unknown: its octets will be read as commands
+            # (and fail as such); the transaction is over either way
+            self._reset_transaction("BDAT syntax error")
+            if self.state in (State.MAIL, State.RCPT, State.BDAT_MORE):
+                self.state = State.HELO
+            return self._error(R.Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+        self._bdat_left, self._bdat_last = parsed
+        self._bdat_refusal = refusal
+        self._bdat_return = self.state
+        self.state = State.BDAT_CHUNK
+        if refusal is None and not self._message_open:
+            self._start_message(chunking=True)
+        if self._bdat_left == 0:
+            self._bdat_chunk_done()
+
+    def _cmd_bdat_refuse(self, arg: str, reply: R.Reply) -> None:
+        self._cmd_bdat(arg, refusal=reply)
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg.strip(" "):
+            return self._error(R.Reply(501, "5.5.4", "Syntax: RSET"))
+        self._reset_transaction("RSET")
+        self.state = State.HELO if self.helo is not None else State.READY
+        self._reply(R.OK)
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._reply(R.OK)
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        if not arg.strip(" "):
+            return self._error(R.Reply(501, "5.5.4", "Syntax: VRFY address"))
+        self._reply(R.VRFY)
+
+    def _cmd_help(self, arg: str) -> None:
+        self._reply(R.Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT"))
+
+    def _cmd_quit(self, arg: str) -> None:
+        self._out.append(R.BYE.render())
+        self._enter_closed("QUIT")
+        self._emit(E.Quit())
+
+    # ------------------------------------------------------------- content
+    def _content(self, content: bytes) -> None:
+        data = self._checker.feed(content)
+        self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        if not data:
+            return
+        self._size += len(data)
+        if self._size > self.limits.max_message_size:
+            self._oversize = True
+        if not (self._oversize or self._content_problem()):
+            self._emit(E.MessageData(data))
+
+    def _content_problem(self) -> R.Reply | None:
+        if self._oversize:
+            return R.SIZE_EXCEEDED
+        if self._checker.bare and self.limits.bare_newlines == "reject":
+            return R.BARE_NEWLINE_DATA
+        if self._checker.too_long:
+            return R.DATA_LINE_TOO_LONG
+        return None
+
+    def _read_data(self) -> None:
+        content, used, done = self._reader.feed(bytes(self._in))
+        del self._in[:used]
+        if content:
+            self._content(content)
+        if done:
+            self._reader = None
+            self._finish_message()
+
+    def _finish_message(self) -> None:
+        self._store(self._checker.finish())
+        problem = self._content_problem()
+        if problem is not None:
+            self._reply(problem)
+            self.state = State.HELO
+            self._reset_transaction(problem.text)
+            self._check_errors()
+            return
+        self.state = State.RCPT   # until answered
+        self._hold("message", E.MessageEnd(self._size))
+
+    def _read_bdat(self) -> None:
+        take = min(self._bdat_left, len(self._in))
+        if take:
+            chunk = bytes(self._in[:take])
+            del self._in[:take]
+            self._bdat_left -= take
+            if self._bdat_refusal is None:
+                self._content(chunk)
+        if not self._bdat_left:
+            self._bdat_chunk_done()
+
+    def _bdat_chunk_done(self) -> None:
+        if self._bdat_refusal is not None:
+            reply, self._bdat_refusal = self._bdat_refusal, None
+            self.state = self._bdat_return
+            return self._error(reply)
+        problem = self._content_problem()
+        if problem is not None:
+            # RFC 3030 2: the transaction is over; later BDATs get 503
+            self._reply(problem)
+            self.state = State.HELO
+            self._reset_transaction(problem.text)
+            return self._check_errors()
+        if not self._bdat_last:
+            self.state = State.BDAT_MORE
+            self._reply(R.Reply(250, "2.0.0", f"Ok: {self._size} octets received"))
+            return None
+        self._finish_message()
+
+    # -------------------------------------------------------------- answers
+    def answer(self, verdict: Verdict, payload: object = None) -> None:
+        """Answer the pending decision; DUNNO counts as accept."""
+        if self._pending is None:
+            raise RuntimeError("answer() without a pending decision")
+        kind, event = self._pending
+        self._pending = None
+        accept_state, refuse_state = AFTER_VERDICT[kind]
+        if verdict.kind is Kind.DISCONNECT:
+            self._close_with(self._verdict_reply(verdict, _DISCONNECT_DEFAULT))
+            return
+        if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
+            self.state = accept_state
+            getattr(self, "_accepted_" + kind)(event, verdict, payload)
+            return
+        default = _DEFER_DEFAULT if verdict.kind is Kind.DEFER else _REFUSAL_DEFAULTS[kind]
+        self._reply(self._verdict_reply(verdict, default))
+        if refuse_state is not None:
+            self.state = refuse_state
+        if kind == "message":
+            self._reset_transaction("rejected")
+        self._check_errors()
+
+    @staticmethod
+    def _verdict_reply(verdict: Verdict, default: R.Reply) -> R.Reply:
+        code = verdict.code or default.code
+        enhanced = verdict.enhanced
+        if enhanced is None:
+            same_class = str(code)[0] == str(default.code)[0]
+            enhanced = default.enhanced if same_class else f"{str(code)[0]}.0.0"
+        return R.Reply(code, enhanced, verdict.text or default.text)
+
+    def _accepted_hello(self, event: E.Hello, verdict: Verdict, payload) -> None:
+        self.helo = event.hostname
+        self.esmtp = event.verb == "EHLO"
+        if not self.esmtp:
+            self._out.append(R.Reply(250, None, self.hostname).render())
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.limits.max_message_size}",
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN",
+                 *self.extra_extensions]
+        self._out.append(R.multiline(250, lines))
+
+    def _accepted_mail(self, event: E.MailFrom, verdict: Verdict, payload) -> None:
+        self.sender = event.sender
+        self.mail_params = event.params
+        self.recipients = []
+        self._reply(R.Reply(250, "2.1.0", verdict.text or "Ok"))
+
+    def _accepted_rcpt(self, event: E.RcptTo, verdict: Verdict, payload) -> None:
+        self.recipients.append((event.recipient, event.params, payload))
+        self._reply(R.Reply(250, "2.1.5", verdict.text or "Ok"))
+
+    def _accepted_message(self, event: E.MessageEnd, verdict: Verdict, payload) -> None:
+        self._message_open = False
+        self._reset_transaction("queued")
+        self._reply(R.Reply(250, "2.0.0", verdict.text or "Ok"))
+
+    # ------------------------------------------------------------- helpers
+    def _reset_transaction(self, reason: str) -> None:
+        self._abort_message(reason)
+        self.sender = None
+        self.mail_params = {}
+        self.recipients = []
+
+    def _abort_message(self, reason: str) -> None:
+        if self._message_open:
+            self._message_open = False
+            self._reader = None
+            self._emit(E.MessageAborted(reason))
