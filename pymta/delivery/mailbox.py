@@ -1,0 +1,298 @@
+"""What the local delivery backends share: safe mailbox names, paths, options.
+
+:func:`safe_mailbox_name` is the single rule for turning the local part of
+an address into a file name; the recipient validator uses it too, so a
+recipient accepted at RCPT time can always be delivered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import string
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from pymta.config.errors import OptionError
+from pymta.delivery.result import DeliveryResult
+from pymta.envelope import Envelope, Recipient
+
+log = Logger()
+
+#: longest local part RFC 5321 allows (section 4.5.3.1.1)
+MAX_LOCAL_OCTETS = 64
+#: longest domain name
+MAX_DOMAIN_OCTETS = 255
+#: the placeholders a ``layout`` may use
+LAYOUT_FIELDS = ("domain", "local")
+
+
+def _check_path_component(value: str, what: str, max_octets: int) -> str:
+    if not value:
+        raise ValueError(f"empty {what}")
+    if len(value.encode("utf-8", errors="surrogatepass")) > max_octets:
+        raise ValueError(f"{what} {value!r} is longer than {max_octets} octets")
+    if "/" in value or "\\" in value:
+        raise ValueError(f"{what} {value!r} contains a path separator")
+    if '"' in value:
+        raise ValueError(f"{what} {value!r} is a quoted local part")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise ValueError(f"{what} {value!r} contains a control character")
+    if value.startswith("."):
+        raise ValueError(f"{what} {value!r} starts with a dot")
+    if ".." in value:
+        raise ValueError(f"{what} {value!r} contains '..'")
+    return value
+
+
+def safe_mailbox_name(local: str) -> str:
+    """The mailbox (file or directory) name for the local part ``local``.
+
+    Lower-cased.  Raises ValueError, with the reason, for anything that is
+    not safe as one path component: empty, "/" or "\\", NUL or other control
+    characters, a leading ".", "..", more than 64 octets.  UTF-8 letters
+    (RFC 6531 local parts) are allowed.
+    """
+    return _check_path_component(local.lower(), "mailbox name", MAX_LOCAL_OCTETS)
+
+
+def safe_domain_name(domain: str) -> str:
+    """The directory name for ``domain`` (lower-cased, trailing dot removed)."""
+    return _check_path_component(domain.lower().rstrip("."), "domain", MAX_DOMAIN_OCTETS)
+
+
+def safe_folder_name(extension: str) -> str:
+    """A Maildir++ folder name from an address extension (case kept; "." nests)."""
+    folder = _check_path_component(extension, "folder name", MAX_LOCAL_OCTETS)
+    if folder.endswith("."):
+        raise ValueError(f"folder name {folder!r} ends with a dot")
+    return folder
+
+
+def _header_safe(text: str) -> str:
+    return text.replace("\r", "").replace("\n", "")
+
+
+def local_delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
+    """``Return-Path:`` and ``Delivered-To:`` for a local delivery (CRLF lines)."""
+    return (f"Return-Path: <{_header_safe(envelope.sender)}>\r\n"
+            f"Delivered-To: {_header_safe(recipient.address)}\r\n").encode("utf-8")
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``local@domain`` -> (local, domain); the domain is "" when there is no "@"."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, domain
+
+
+def split_extension(local: str, delimiters: str) -> tuple[str, str | None]:
+    """Split ``user+ext`` at the first of ``delimiters``; ("user", None) without one."""
+    if not delimiters:
+        return local, None
+    positions = [p for p in (local.find(d) for d in delimiters) if p > 0]
+    if not positions:
+        return local, None
+    cut = min(positions)
+    return local[:cut], local[cut + 1:]
+
+
+# -- options ------------------------------------------------------------------
+
+def check_options(options: dict[str, Any], known: dict[str, type | tuple[type, ...]],
+                  required: tuple[str, ...]) -> None:
+    """Refuse unknown, missing and wrongly typed options (OptionError)."""
+    for key, value in options.items():
+        if key not in known:
+            raise OptionError(key, f"unknown option (known: {', '.join(sorted(known))})")
+        wanted = known[key]
+        # bool is an int in Python; a number option must not take true/false
+        if isinstance(value, bool) and bool not in (wanted if isinstance(wanted, tuple) else (wanted,)):
+            raise OptionError(key, f"must be {_type_name(wanted)}, not a boolean")
+        if not isinstance(value, wanted):
+            raise OptionError(key, f"must be {_type_name(wanted)}, not {type(value).__name__}")
+    for key in required:
+        if key not in options:
+            raise OptionError(key, "is required")
+
+
+def _type_name(wanted) -> str:
+    types = wanted if isinstance(wanted, tuple) else (wanted,)
+    names = {str: "a string", bool: "true or false", int: "a number", float: "a number"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def check_layout(layout: str) -> str:
+    """Validate a ``layout`` template; returns it."""
+    if not layout:
+        raise OptionError("layout", "must not be empty")
+    try:
+        parsed = list(string.Formatter().parse(layout))
+    except ValueError as e:
+        raise OptionError("layout", f"bad template {layout!r}: {e}") from None
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in LAYOUT_FIELDS:
+            raise OptionError("layout", f"unknown placeholder {{{name}}} in {layout!r} "
+                                        f"(use {{domain}} and {{local}})")
+        if spec or conversion:
+            raise OptionError("layout", f"placeholder {{{name}}} in {layout!r} takes no format")
+    if layout.startswith("/"):
+        raise OptionError("layout", f"{layout!r} must be relative to base")
+    if any(part in ("", ".", "..") for part in layout.split("/")):
+        raise OptionError("layout", f"{layout!r} has an empty, '.' or '..' path component")
+    return layout
+
+
+@dataclass(frozen=True)
+class MailboxLocator:
+    """Turns a recipient address into a path under ``base``, safely."""
+
+    base: str
+    layout: str = "{domain}/{local}"
+    recipient_delimiter: str = "+"
+
+    def locate(self, address: str) -> tuple[str, str | None]:
+        """(absolute path of the mailbox, extension or None).
+
+        Raises ValueError when the address does not give a safe mailbox
+        under ``base``.
+        """
+        local, domain = split_address(address)
+        user, extension = split_extension(local, self.recipient_delimiter)
+        fields = {"local": safe_mailbox_name(user),
+                  "domain": safe_domain_name(domain) if domain else ""}
+        if "{domain}" in self.layout and not domain:
+            raise ValueError(f"address {address!r} has no domain for the layout {self.layout!r}")
+        relative = self.layout.format(**fields)
+        path = os.path.join(self.base, relative)
+        self.check_inside(path)
+        return path, extension
+
+    def check_inside(self, path: str) -> None:
+        """Raise ValueError unless ``path`` (symlinks resolved) lies inside ``base``."""
+        base = os.path.realpath(self.base)
+        real = os.path.realpath(path)
+        if os.path.commonpath([base, real]) != base or real == base:
+            raise ValueError(f"mailbox {path} resolves to {real}, outside {base}")
+
+
+# -- errors -----------------------------------------------------------------
+
+def os_error_result(error: OSError, relay: str, doing: str) -> DeliveryResult:
+    """A temporary result for a file system problem (the admin can fix it)."""
+    where = f"{doing} {error.filename}" if error.filename else doing
+    text = f"{where}: {error.strerror or error}"
+    if error.errno == errno.EDQUOT:
+        return DeliveryResult.deferred(f"mailbox over quota: {text}", 452, "4.2.2", relay)
+    if error.errno == errno.ENOSPC:
+        return DeliveryResult.deferred(f"mail system full: {text}", 452, "4.3.1", relay)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DeliveryResult.deferred(f"permission problem: {text}", 451, "4.3.0", relay)
+    return DeliveryResult.deferred(text, 451, "4.3.0", relay)
+
+
+def unsafe_result(error: ValueError, relay: str) -> DeliveryResult:
+    """A permanent result for an address that gives no safe mailbox."""
+    return DeliveryResult.failed(f"bad destination mailbox: {error}", 550, "5.1.3", relay)
+
+
+# -- the common part of the maildir and mbox backends ---------------------------
+
+class LocalMailboxBackend:
+    """Base of the local backends: options, path checks, thread-pool delivery.
+
+    Subclasses set ``kind`` and ``extra_options`` and implement
+    :meth:`deliver_one`, which runs in a pool thread and may block.
+    """
+
+    kind = "local"
+    extra_options: dict[str, type | tuple[type, ...]] = {}
+
+    def __init__(self, options: dict[str, Any], context):
+        known: dict[str, type | tuple[type, ...]] = {
+            "base": str, "layout": str, "recipient_delimiter": str, **self.extra_options}
+        check_options(options, known, required=("base",))
+        if not options["base"]:
+            raise OptionError("base", "must not be empty")
+        self.options = dict(options)
+        base = context.resolve_path(options["base"])
+        delimiter = options.get("recipient_delimiter", "+")
+        if any(c in delimiter for c in "/\\.@") or any(unicodedata.category(c) == "Cc" for c in delimiter):
+            raise OptionError("recipient_delimiter", f"{delimiter!r} may not contain '/', '\\', '.', '@' "
+                                                     "or control characters")
+        self.locator = MailboxLocator(base=base,
+                                      layout=check_layout(options.get("layout", "{domain}/{local}")),
+                                      recipient_delimiter=delimiter)
+        self.hostname = getattr(context, "hostname", None) or _local_hostname()
+        self._reactor = getattr(context, "reactor", None)
+
+    @property
+    def base(self) -> str:
+        return self.locator.base
+
+    def deliver(self, message, recipients):
+        """IDeliveryBackend: deliver in the reactor's thread pool."""
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        return deferToThreadPool(reactor, reactor.getThreadPool(),
+                                 self.deliver_sync, message, list(recipients))
+
+    def deliver_sync(self, message, recipients) -> list[DeliveryResult]:
+        """Deliver on the calling thread (blocking); one result per recipient."""
+        if not os.path.isdir(self.base):
+            try:
+                ensure_directory(self.base)
+            except OSError as e:
+                result = os_error_result(e, self.kind, f"creating {self.kind} base directory")
+                return [result] * len(recipients)
+            log.info("created {kind} base directory {base}", kind=self.kind, base=self.base)
+        results = []
+        for recipient in recipients:
+            try:
+                results.append(self.deliver_one(message, recipient))
+            except Exception as e:  # a bug, not the recipient's fault: retry later
+                log.failure("{queue_id}: {kind} delivery to {to} failed",
+                            queue_id=message.envelope.queue_id, kind=self.kind,
+                            to=recipient.address)
+                results.append(DeliveryResult.deferred(
+                    f"{self.kind} delivery error: {e}", 451, "4.3.0", self.kind))
+        return results
+
+    def deliver_one(self, message, recipient) -> DeliveryResult:
+        raise NotImplementedError
+
+    def message_chunks(self, message, recipient, chunk_size: int = 64 * 1024):
+        """The bytes to store: delivery headers, prepended fields, then the body."""
+        yield local_delivery_headers(message.envelope, recipient) + message.prepend_bytes()
+        with message.open_body() as body:
+            while True:
+                chunk = body.read(chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+
+
+def _local_hostname() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def ensure_directory(path: str, mode: int = 0o700) -> None:
+    """Create ``path`` and missing parents (0700); an existing one is fine."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

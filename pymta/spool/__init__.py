@@ -1,0 +1,8 @@
+"""The durable spool (the commit point) and the delivery scheduler that works from it."""
+
+from pymta.spool.message import MessageView, SpooledMessage
+from pymta.spool.queueid import is_queue_id, new_queue_id
+from pymta.spool.store import Spool, SpoolError, SpoolWriter
+
+__all__ = ["Spool", "SpoolWriter", "SpoolError", "SpooledMessage", "MessageView",
+           "new_queue_id", "is_queue_id"]

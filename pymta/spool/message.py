@@ -1,0 +1,114 @@
+"""Read-side views of a spooled message body.
+
+:class:`MessageView` is what data-stage filters (``IMessageFilter``) see
+before the message is committed; :class:`SpooledMessage` is what delivery
+backends get from the scheduler.  Both read the single body file in the
+spool: nothing here holds a whole message in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import BinaryIO
+
+from pymta.envelope import Envelope
+
+#: how much of the top of a body :func:`parse_headers` reads at most
+HEADER_READ_LIMIT = 1024 * 1024
+
+# RFC 5322 field name: printable US-ASCII except ":" (we also refuse space,
+# which the obsolete syntax allowed only before the colon; it is stripped).
+_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+def _decode(raw: bytes) -> str:
+    """Header bytes as text: UTF-8 (RFC 6532), undecodable bytes replaced."""
+    return raw.decode("utf-8", errors="replace")
+
+
+def parse_headers(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[str, str]]:
+    """Parse the header section at the top of ``fp``.
+
+    Returns ``(name, value)`` pairs in order, with folded lines unfolded (the
+    line break before the continuation's white space removed, RFC 5322
+    section 2.2.3) and the value's leading and trailing white space stripped.
+    The section ends at the first empty line, at the first line that is
+    neither a field nor a continuation (the body started without a blank
+    line), or before the line that crosses ``limit`` bytes.  Names keep their case; compare them
+    case-insensitively.  Encoded words (RFC 2047) are left as they are.
+    """
+    fields: list[tuple[bytes, list[bytes]]] = []
+    consumed = 0
+    while consumed < limit:
+        line = fp.readline(limit - consumed)
+        if not line:
+            break
+        consumed += len(line)
+        if consumed >= limit and not line.endswith(b"\n"):
+            break                              # cut by the limit: not a whole line
+        content = line.rstrip(b"\r\n")
+        if not content:
+            break                              # end of the header section
+        if content[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1][1].append(content)  # continuation of the previous field
+                continue
+            break                              # continuation with nothing to continue
+        match = _FIELD_NAME.match(content)
+        if match is None:
+            break                              # not a header field: the body begins
+        fields.append((match.group(1), [content[match.end():]]))
+    result = []
+    for name, parts in fields:
+        value = b"".join(parts)  # unfolding: the CRLF is dropped, the WSP kept
+        result.append((_decode(name), _decode(value).strip(" \t")))
+    return result
+
+
+class MessageView:
+    """A received body on disk, for inspection before it is committed."""
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        #: bytes of the body as received (after dot-unstuffing)
+        self.size = size
+
+    def open(self) -> BinaryIO:
+        """The body as received, as a binary file (the caller closes it)."""
+        return open(self.path, "rb")
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The header fields at the top of the body, see :func:`parse_headers`."""
+        with self.open() as fp:
+            return parse_headers(fp)
+
+    def __repr__(self) -> str:
+        return f"<MessageView {self.path} {self.size} bytes>"
+
+
+class SpooledMessage:
+    """A committed message: its envelope and its body file."""
+
+    def __init__(self, envelope: Envelope, body_path: str):
+        self.envelope = envelope
+        self.body_path = body_path
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+    def open_body(self) -> BinaryIO:
+        """The body as received (after dot-unstuffing), without ``envelope.prepend``."""
+        return open(self.body_path, "rb")
+
+    def prepend_bytes(self) -> bytes:
+        """The header fields to write before the body (Received: first)."""
+        return self.envelope.prepend_bytes()
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Header fields of the body as received (without the prepended ones)."""
+        with self.open_body() as fp:
+            return parse_headers(fp)
+
+    def __repr__(self) -> str:
+        return f"<SpooledMessage {self.envelope.queue_id} {self.body_path}>"

@@ -1,0 +1,317 @@
+"""Maildir delivery, and the mailbox naming rules the local backends share."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from pymta.config.errors import OptionError
+from pymta.delivery.mailbox import local_delivery_headers, safe_mailbox_name
+from pymta.delivery.maildir import MaildirBackend
+from pymta.delivery.result import DEFERRED, DELIVERED, FAILED
+from pymta.envelope import Envelope, Recipient
+from pymta.interfaces import IDeliveryBackend
+from pymta.spool.message import SpooledMessage
+
+PREPEND = "Received: from client.example.net\r\n\tby mx.example.org with ESMTP id X; now\r\n"
+BODY = b"From: a@example.net\r\nSubject: hi\r\n\r\nline\r\n.dot\r\nFrom the start\r\n"
+NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.mx\.example\.org,S=(\d+)$")
+
+
+class Context:
+    hostname = "mx.example.org"
+    domains = ("example.org",)
+
+    def __init__(self, config_dir: Path, reactor=None):
+        self.config_dir = str(config_dir)
+        self.reactor = reactor
+
+    def resolve_path(self, path: str) -> str:
+        return os.path.join(self.config_dir, path)
+
+
+def make_message(tmp_path: Path, body: bytes = BODY, sender: str = "sender@example.net") -> SpooledMessage:
+    body_path = tmp_path / "spooled.msg"
+    body_path.write_bytes(body)
+    envelope = Envelope("1K0TJEHGTP5CKM06", sender, [], 1_700_000_000.0, size=len(body),
+                        prepend=[PREPEND])
+    return SpooledMessage(envelope, str(body_path))
+
+
+def rcpt(address: str) -> Recipient:
+    return Recipient(address, address, "local")
+
+
+def backend(tmp_path: Path, **options) -> MaildirBackend:
+    (tmp_path / "mail").mkdir(exist_ok=True)
+    return MaildirBackend({"base": "mail", **options}, Context(tmp_path))
+
+
+def files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def new_files(maildir: Path) -> list[Path]:
+    return sorted((maildir / "new").iterdir())
+
+
+# -- safe names ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("local, expected", [
+    ("alice", "alice"), ("Alice.Smith", "alice.smith"), ("ÜNÏCODE", "ünïcode"),
+    ("a-b_c=d", "a-b_c=d"), ("ü" * 32, "ü" * 32), ("a" * 64, "a" * 64), ("x.", "x."),
+])
+def test_safe_mailbox_names(local, expected):
+    assert safe_mailbox_name(local) == expected
+
+
+@pytest.mark.parametrize("local", [
+    "", "a/b", "a\\b", "a\x00b", "a\nb", "a\x7fb", "a\x85b", ".hidden", ".", "..", "a..b",
+    "../x", "a" * 65, "ü" * 33,
+])
+def test_unsafe_mailbox_names_are_refused(local):
+    with pytest.raises(ValueError):
+        safe_mailbox_name(local)
+
+
+def test_local_delivery_headers():
+    envelope = Envelope("Q", "bounce+x@example.net", [], 0.0)
+    recipient = Recipient("alice@example.org", "alias@example.org", "local")
+    assert local_delivery_headers(envelope, recipient) == (
+        b"Return-Path: <bounce+x@example.net>\r\nDelivered-To: alice@example.org\r\n")
+    null = Envelope("Q", "", [], 0.0)
+    assert local_delivery_headers(null, recipient).startswith(b"Return-Path: <>\r\n")
+
+
+# -- options -------------------------------------------------------------------------
+
+def test_provides_the_backend_interface(tmp_path):
+    assert verifyObject(IDeliveryBackend, backend(tmp_path))
+
+
+@pytest.mark.parametrize("options, key", [
+    ({}, "base"),
+    ({"base": ""}, "base"),
+    ({"base": 7}, "base"),
+    ({"base": "mail", "folders": "yes"}, "folders"),
+    ({"base": "mail", "layout": "{user}"}, "layout"),
+    ({"base": "mail", "layout": "/abs/{local}"}, "layout"),
+    ({"base": "mail", "layout": "../{local}"}, "layout"),
+    ({"base": "mail", "layout": "{local!r}"}, "layout"),
+    ({"base": "mail", "recipient_delimiter": "/"}, "recipient_delimiter"),
+    ({"base": "mail", "lock_timeout": 3}, "lock_timeout"),          # an mbox option
+    ({"base": "mail", "colour": "blue"}, "colour"),
+])
+def test_bad_options_name_the_key(tmp_path, options, key):
+    with pytest.raises(OptionError) as caught:
+        MaildirBackend(options, Context(tmp_path))
+    assert caught.value.key == key
+
+
+def test_base_is_relative_to_the_config_directory(tmp_path):
+    assert backend(tmp_path).base == str(tmp_path / "mail")
+
+
+# -- delivery ------------------------------------------------------------------------------
+
+def test_delivers_into_new_with_maildir_name_and_exact_content(tmp_path):
+    maildir_backend = backend(tmp_path)
+    message = make_message(tmp_path)
+    [result] = maildir_backend.deliver_sync(message, [rcpt("Alice@Example.org")])
+    maildir = tmp_path / "mail" / "example.org" / "alice"
+    assert result.status == DELIVERED, result
+    assert result.relay == f"maildir:{maildir}"
+    [path] = new_files(maildir)
+    match = NAME.match(path.name)
+    assert match, path.name
+    assert int(match.group(3)) == os.getpid()
+    content = path.read_bytes()
+    assert int(match.group(5)) == len(content)
+    assert content == (b"Return-Path: <sender@example.net>\r\nDelivered-To: Alice@Example.org\r\n"
+                       + PREPEND.encode() + BODY)
+    assert path.name in result.text
+    for sub in ("cur", "new", "tmp"):
+        assert stat.S_IMODE(os.stat(maildir / sub).st_mode) == 0o700
+    assert list((maildir / "tmp").iterdir()) == []
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_each_delivery_gets_its_own_file(tmp_path):
+    maildir_backend = backend(tmp_path)
+    message = make_message(tmp_path)
+    results = maildir_backend.deliver_sync(message, [rcpt("a@example.org")] * 3)
+    assert [r.status for r in results] == [DELIVERED] * 3
+    names = [p.name for p in new_files(tmp_path / "mail" / "example.org" / "a")]
+    assert len(set(names)) == 3
+
+
+def test_large_body_is_copied_exactly(tmp_path):
+    body = b"Subject: big\r\n\r\n" + os.urandom(3 * 1024 * 1024 + 17)
+    [result] = backend(tmp_path).deliver_sync(make_message(tmp_path, body), [rcpt("a@example.org")])
+    assert result.status == DELIVERED
+    [path] = new_files(tmp_path / "mail" / "example.org" / "a")
+    assert path.read_bytes().endswith(PREPEND.encode() + body)
+
+
+def test_extension_delivers_into_a_maildir_plus_plus_folder(tmp_path):
+    [result] = backend(tmp_path).deliver_sync(make_message(tmp_path), [rcpt("bob+Lists.Python@example.org")])
+    user = tmp_path / "mail" / "example.org" / "bob"
+    folder = user / ".Lists.Python"
+    assert result.status == DELIVERED, result
+    assert result.relay == f"maildir:{folder}"
+    assert (folder / "maildirfolder").is_file()
+    for sub in ("cur", "new", "tmp"):
+        assert (user / sub).is_dir() and (folder / sub).is_dir()
+    assert len(new_files(folder)) == 1
+    assert new_files(user) == []
+
+
+def test_folders_off_ignores_the_extension(tmp_path):
+    [result] = backend(tmp_path, folders=False).deliver_sync(make_message(tmp_path),
+                                                             [rcpt("bob+lists@example.org")])
+    assert result.status == DELIVERED
+    assert len(new_files(tmp_path / "mail" / "example.org" / "bob")) == 1
+    assert files_under(tmp_path / "mail" / "example.org" / "bob") == {
+        "cur", "new", "tmp", f"new/{new_files(tmp_path / 'mail' / 'example.org' / 'bob')[0].name}"}
+
+
+def test_empty_delimiter_keeps_the_whole_local_part(tmp_path):
+    [result] = backend(tmp_path, recipient_delimiter="").deliver_sync(
+        make_message(tmp_path), [rcpt("bob+lists@example.org")])
+    assert result.status == DELIVERED
+    assert len(new_files(tmp_path / "mail" / "example.org" / "bob+lists")) == 1
+
+
+def test_custom_layout(tmp_path):
+    [result] = backend(tmp_path, layout="{domain}/users/{local}/Maildir").deliver_sync(
+        make_message(tmp_path), [rcpt("carol@example.org")])
+    assert result.status == DELIVERED
+    assert len(new_files(tmp_path / "mail" / "example.org" / "users" / "carol" / "Maildir")) == 1
+
+
+@pytest.mark.parametrize("address", [
+    "../x@example.org", ".hidden@example.org", "a/b@example.org", "a\x00b@example.org",
+    "x@../../etc", "x@.", "bob+../../x@example.org", "bob+.hidden@example.org", "bob+a/b@example.org",
+    "bob+x.@example.org",
+])
+def test_unsafe_names_fail_without_writing_anything(tmp_path, address):
+    maildir_backend = backend(tmp_path)
+    message = make_message(tmp_path)
+    before = files_under(tmp_path)
+    [result] = maildir_backend.deliver_sync(message, [rcpt(address)])
+    assert result.status == FAILED, result
+    assert (result.code, result.enhanced) == (550, "5.1.3")
+    assert files_under(tmp_path) == before
+
+
+def test_a_symlink_out_of_base_is_refused(tmp_path):
+    maildir_backend = backend(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "mail" / "example.org").mkdir()
+    (tmp_path / "mail" / "example.org" / "evil").symlink_to(outside)
+    [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("evil@example.org")])
+    assert result.status == FAILED
+    assert "outside" in result.text
+    assert list(outside.iterdir()) == []
+
+
+def test_missing_base_is_created(tmp_path):
+    maildir_backend = MaildirBackend({"base": "var/mail"}, Context(tmp_path))
+    [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org")])
+    assert result.status == DELIVERED
+    assert stat.S_IMODE(os.stat(tmp_path / "var" / "mail").st_mode) == 0o700
+    assert len(new_files(tmp_path / "var" / "mail" / "example.org" / "a")) == 1
+
+
+def test_uncreatable_base_is_a_temporary_failure(tmp_path):
+    (tmp_path / "file").write_text("")
+    maildir_backend = MaildirBackend({"base": "file/mail"}, Context(tmp_path))
+    [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org")])
+    assert result.status == DEFERRED
+    assert str(tmp_path / "file" / "mail") in result.text
+
+
+@pytest.mark.parametrize("code, enhanced, words", [
+    (errno.ENOSPC, "4.3.1", "full"), (errno.EDQUOT, "4.2.2", "quota"), (errno.EIO, "4.3.0", "error"),
+])
+def test_disk_errors_defer_and_leave_no_file(tmp_path, monkeypatch, code, enhanced, words):
+    maildir_backend = backend(tmp_path)
+    message = make_message(tmp_path)
+    maildir_backend.deliver_sync(message, [rcpt("a@example.org")])   # maildir exists now
+    maildir = tmp_path / "mail" / "example.org" / "a"
+    before = files_under(maildir)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    [result] = maildir_backend.deliver_sync(message, [rcpt("a@example.org")])
+    assert result.status == DEFERRED
+    assert result.enhanced == enhanced
+    assert words in result.text.lower()
+    assert files_under(maildir) == before
+
+
+def test_permission_problem_defers_and_names_the_path(tmp_path, monkeypatch):
+    maildir_backend = backend(tmp_path)
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, **kw):
+        if "/example.org/a/tmp/" in str(path):          # the maildir's tmp/ file
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, mode, **kw)
+    monkeypatch.setattr(os, "open", refusing_open)
+    [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org")])
+    assert result.status == DEFERRED
+    assert "Permission denied" in result.text
+    assert str(tmp_path / "mail" / "example.org" / "a" / "tmp") in result.text
+
+
+# -- through the reactor's thread pool ---------------------------------------------------
+
+class SyncThreadPool:
+    def __init__(self):
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.calls += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class FakeReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.pool = SyncThreadPool()
+
+    def getThreadPool(self):
+        return self.pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+def test_deliver_runs_in_the_thread_pool(tmp_path):
+    reactor = FakeReactor()
+    (tmp_path / "mail").mkdir()
+    maildir_backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+    results = []
+    maildir_backend.deliver(make_message(tmp_path), [rcpt("a@example.org"), rcpt("../b@example.org")]
+                            ).addCallback(results.append)
+    assert reactor.pool.calls == 1
+    assert [r.status for r in results[0]] == [DELIVERED, FAILED]

@@ -1,0 +1,423 @@
+"""The retry schedule and the delivery scheduler (on a fake clock, with a real spool)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+
+from pymta.config.model import Retry
+from pymta.delivery.result import DeliveryResult
+from pymta.envelope import DELIVERED, PENDING, Envelope, Recipient
+from pymta.spool.scheduler import DeliveryScheduler, RetrySchedule, format_delay
+from pymta.spool.store import Spool
+
+START = 1_700_000_000.0
+
+
+# -- RetrySchedule ------------------------------------------------------------------
+
+def test_delays_double_up_to_the_maximum():
+    schedule = RetrySchedule(initial=300, maximum=4200, lifetime=5 * 86400)
+    assert [schedule.next_delay(n) for n in range(1, 7)] == [300, 600, 1200, 2400, 4200, 4200]
+    assert schedule.next_delay(10_000) == 4200
+
+
+def test_expiry_after_the_lifetime():
+    schedule = RetrySchedule(initial=60, maximum=600, lifetime=3600)
+    assert not schedule.expired(START, START + 3599)
+    assert schedule.expired(START, START + 3600)
+
+
+@pytest.mark.parametrize("initial, maximum, lifetime", [(0, 10, 10), (20, 10, 10), (1, 10, -1)])
+def test_nonsense_schedules_are_refused(initial, maximum, lifetime):
+    with pytest.raises(ValueError):
+        RetrySchedule(initial, maximum, lifetime)
+
+
+def test_attempt_numbers_start_at_one():
+    with pytest.raises(ValueError):
+        RetrySchedule(1, 2, 3).next_delay(0)
+
+
+@given(initial=st.floats(0.001, 1e6), factor=st.floats(1, 1e3), attempts=st.integers(1, 5000))
+def test_delays_never_shrink_and_stay_in_bounds(initial, factor, attempts):
+    schedule = RetrySchedule(initial, initial * factor, 1)
+    delay = schedule.next_delay(attempts)
+    assert initial <= delay <= schedule.maximum
+    assert schedule.next_delay(attempts + 1) >= delay
+
+
+def test_delay_is_printed_like_postfix():
+    assert format_delay(0.01234) == "0.012"
+    assert format_delay(3.5) == "3.5"
+    assert format_delay(754.4) == "754"
+
+
+# -- test doubles ---------------------------------------------------------------------
+
+class SyncThreadPool:
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class FakeReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.advance(START)
+
+    def getThreadPool(self):
+        return SyncThreadPool()
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class RecordingBackend:
+    """Answers each call with the next scripted outcome; records what it got."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[str, list[str]]] = []
+        self.bodies: list[bytes] = []
+
+    def deliver(self, message, recipients):
+        self.calls.append((message.envelope.queue_id, [r.address for r in recipients]))
+        with message.open_body() as fp:
+            self.bodies.append(fp.read())
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(outcome, defer.Deferred):
+            return outcome
+        if outcome == "ok":
+            return [DeliveryResult.delivered(relay="maildir:/var/mail/x") for _ in recipients]
+        if outcome == "defer":
+            return [DeliveryResult.deferred("mailbox busy", 451, "4.2.0") for _ in recipients]
+        if outcome == "fail":
+            return [DeliveryResult.failed("no such user", 550, "5.1.1") for _ in recipients]
+        return outcome(recipients)
+
+
+class Harness:
+    def __init__(self, tmp_path, backends, retry=Retry(initial=300, maximum=1200, lifetime=3600,
+                                                        concurrency=8)):
+        self.reactor = FakeReactor()
+        self.spool = Spool(str(tmp_path / "spool"), reactor=self.reactor)
+        self.scheduler = RecordingScheduler(self.spool, backends, retry, reactor=self.reactor)
+
+    def spool_message(self, *recipients, body=b"Subject: t\r\n\r\nhello\r\n") -> Envelope:
+        writer = self.spool.new_message()
+        writer.write(body)
+        envelope = Envelope("", "sender@example.net", list(recipients), self.reactor.seconds())
+        writer.commit(envelope)
+        return envelope
+
+    def submit(self, *recipients, **kw) -> Envelope:
+        envelope = self.spool_message(*recipients, **kw)
+        self.scheduler.submit(envelope)
+        return envelope
+
+    def stored(self, queue_id: str) -> Envelope:
+        return self.spool.load(queue_id)
+
+
+class RecordingScheduler(DeliveryScheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.final_failures: list[tuple[str, list[str]]] = []
+
+    def _final_failures(self, envelope, recipients):
+        self.final_failures.append((envelope.queue_id, [r.address for r in recipients]))
+        super()._final_failures(envelope, recipients)
+
+
+def rcpt(address: str, route: str = "local", original: str | None = None) -> Recipient:
+    return Recipient(address, original or address, route)
+
+
+def log_lines(events) -> list[str]:
+    return [formatEvent(e) for e in events]
+
+
+# -- delivery -------------------------------------------------------------------------------
+
+def test_submitted_message_is_delivered_logged_and_removed(tmp_path):
+    backend = RecordingBackend("ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("alice@example.org"), rcpt("bob@example.org", original="robert@example.org"))
+    assert backend.calls == []                     # as soon as possible, not inside submit()
+    with capturedLogs() as events:
+        h.reactor.advance(0.25)
+    qid = envelope.queue_id
+    assert backend.calls == [(qid, ["alice@example.org", "bob@example.org"])]
+    assert backend.bodies == [b"Subject: t\r\n\r\nhello\r\n"]
+    assert h.spool.queue_ids() == []
+    lines = log_lines(events)
+    assert f"{qid}: to=<alice@example.org>, relay=local[maildir:/var/mail/x], delay=0.25, " \
+           f"status=sent (250 2.0.0 delivered)" in lines
+    assert f"{qid}: to=<bob@example.org>, orig_to=<robert@example.org>, " \
+           f"relay=local[maildir:/var/mail/x], delay=0.25, status=sent (250 2.0.0 delivered)" in lines
+    assert lines[-1] == f"{qid}: removed"
+    assert h.scheduler.final_failures == []
+
+
+def test_recipients_are_grouped_by_route(tmp_path):
+    local, relay = RecordingBackend("ok"), RecordingBackend("ok")
+    h = Harness(tmp_path, {"local": local, "relay": relay})
+    h.scheduler.startService()
+    h.submit(rcpt("a@example.org"), rcpt("x@remote.example", "relay"), rcpt("b@example.org"))
+    h.reactor.advance(0)
+    assert [addresses for _, addresses in local.calls] == [["a@example.org", "b@example.org"]]
+    assert [addresses for _, addresses in relay.calls] == [["x@remote.example"]]
+    assert h.spool.queue_ids() == []
+
+
+def test_deferred_recipient_is_retried_with_backoff_and_state_persisted(tmp_path):
+    backend = RecordingBackend("defer", "defer", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("alice@example.org"))
+    with capturedLogs() as events:
+        h.reactor.advance(0)
+    assert any("status=deferred (451 4.2.0 mailbox busy)" in line for line in log_lines(events))
+    stored = h.stored(envelope.queue_id).recipients[0]
+    assert (stored.state, stored.attempts, stored.last_result) == (PENDING, 1, "451 4.2.0 mailbox busy")
+    assert stored.next_attempt == START + 300
+
+    h.reactor.advance(299)
+    assert len(backend.calls) == 1
+    h.reactor.advance(1)
+    assert len(backend.calls) == 2
+    assert h.stored(envelope.queue_id).recipients[0].next_attempt == START + 300 + 600
+    h.reactor.advance(599)
+    assert len(backend.calls) == 2
+    h.reactor.advance(1)
+    assert len(backend.calls) == 3
+    assert h.spool.queue_ids() == []
+
+
+def test_only_pending_recipients_are_retried(tmp_path):
+    def half(recipients):
+        return [DeliveryResult.delivered(), DeliveryResult.deferred("try later")]
+    backend = RecordingBackend(half, "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("a@example.org"), rcpt("b@example.org"))
+    h.reactor.advance(0)
+    states = [r.state for r in h.stored(envelope.queue_id).recipients]
+    assert states == [DELIVERED, PENDING]
+    h.reactor.advance(300)
+    assert backend.calls[1][1] == ["b@example.org"]
+    assert h.spool.queue_ids() == []
+
+
+@pytest.mark.parametrize("how", ["raise", "errback"])
+def test_a_failing_backend_defers_its_whole_group_with_a_traceback(tmp_path, how):
+    error = RuntimeError("connection pool exploded")
+    outcome = error if how == "raise" else defer.fail(error)
+    other = RecordingBackend("ok")
+    h = Harness(tmp_path, {"local": RecordingBackend(outcome), "other": other})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("a@example.org"), rcpt("b@example.org"), rcpt("c@example.org", "other"))
+    with capturedLogs() as events:
+        h.reactor.advance(0)
+    stored = h.stored(envelope.queue_id).recipients
+    assert [r.state for r in stored] == [PENDING, PENDING, DELIVERED]
+    assert "connection pool exploded" in stored[0].last_result
+    assert stored[0].last_result.startswith("451 4.3.0")
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].value is error
+    assert "delivery backend 'local' failed" in formatEvent(failures[0])
+
+
+def test_wrong_number_of_results_is_a_backend_error(tmp_path):
+    h = Harness(tmp_path, {"local": RecordingBackend(lambda rs: [DeliveryResult.delivered()])})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("a@example.org"), rcpt("b@example.org"))
+    with capturedLogs():
+        h.reactor.advance(0)
+    assert [r.state for r in h.stored(envelope.queue_id).recipients] == [PENDING, PENDING]
+
+
+def test_route_without_backend_is_deferred_with_a_clear_text(tmp_path):
+    h = Harness(tmp_path, {})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("a@example.org", "lmtp"))
+    h.reactor.advance(0)
+    stored = h.stored(envelope.queue_id).recipients[0]
+    assert stored.state == PENDING
+    assert stored.last_result == "451 4.3.5 no delivery backend named 'lmtp' is configured"
+    # the admin fixes the config; the retry finds the backend
+    backend = RecordingBackend("ok")
+    h.scheduler.backends = {"lmtp": backend}
+    h.reactor.advance(300)
+    assert len(backend.calls) == 1
+    assert h.spool.queue_ids() == []
+
+
+def test_permanent_failure_bounces_and_removes(tmp_path):
+    h = Harness(tmp_path, {"local": RecordingBackend("fail")})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("nobody@example.org"))
+    with capturedLogs() as events:
+        h.reactor.advance(0)
+    lines = log_lines(events)
+    assert any(line.startswith(f"{envelope.queue_id}: to=<nobody@example.org>, relay=local, ")
+               and line.endswith("status=bounced (550 5.1.1 no such user)") for line in lines)
+    assert h.scheduler.final_failures == [(envelope.queue_id, ["nobody@example.org"])]
+    assert lines[-1] == f"{envelope.queue_id}: removed"
+    assert h.spool.queue_ids() == []
+
+
+def test_deferred_past_the_lifetime_fails_as_expired(tmp_path):
+    backend = RecordingBackend("defer", "defer", "defer", "defer")
+    h = Harness(tmp_path, {"local": backend},
+                Retry(initial=100, maximum=100, lifetime=250, concurrency=1))
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("slow@example.org"))
+    h.reactor.advance(0)
+    h.reactor.advance(100)
+    h.reactor.advance(100)
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    with capturedLogs() as events:
+        h.reactor.advance(100)          # 300 s in the queue: past the lifetime
+    assert len(backend.calls) == 4
+    bounced = [line for line in log_lines(events) if "status=bounced" in line]
+    assert len(bounced) == 1
+    assert re.search(r"status=bounced \(451 4\.4\.7 message expired after 5 minutes in the queue; "
+                     r"last error: 451 4\.2\.0 mailbox busy\)", bounced[0])
+    assert h.scheduler.final_failures == [(envelope.queue_id, ["slow@example.org"])]
+    assert h.spool.queue_ids() == []
+
+
+def test_concurrency_limits_backend_calls_in_flight(tmp_path):
+    answers = [defer.Deferred() for _ in range(5)]
+    backend = RecordingBackend(*answers)
+    h = Harness(tmp_path, {"local": backend},
+                Retry(initial=300, maximum=600, lifetime=3600, concurrency=2))
+    h.scheduler.startService()
+    for n in range(5):
+        h.submit(rcpt(f"u{n}@example.org"))
+    h.reactor.advance(0)
+    assert len(backend.calls) == 2
+    assert h.scheduler.in_flight == 2
+    answers[0].callback([DeliveryResult.delivered()])
+    assert len(backend.calls) == 3
+    answers[2].callback([DeliveryResult.delivered()])
+    answers[1].callback([DeliveryResult.delivered()])
+    assert len(backend.calls) == 5
+    for d in answers[3:]:
+        d.callback([DeliveryResult.delivered()])
+    assert h.scheduler.in_flight == 0
+    assert h.spool.queue_ids() == []
+
+
+def test_start_recovers_the_spool_and_respects_next_attempt(tmp_path):
+    backend = RecordingBackend("ok", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    later = Recipient("later@example.org", "later@example.org", "local", attempts=2,
+                      next_attempt=START + 100, last_result="451 4.2.0 busy")
+    done = Recipient("done@example.org", "done@example.org", "local", state=DELIVERED, attempts=1)
+    waiting = h.spool_message(later, done)
+    due = h.spool_message(rcpt("now@example.org"))
+    finished = h.spool_message(Recipient("x@example.org", "x@example.org", "local", state=DELIVERED))
+    h.scheduler.startService()              # recover() + schedule everything
+    assert finished.queue_id not in h.spool.queue_ids()   # nothing pending: removed
+    h.reactor.advance(0)
+    assert backend.calls == [(due.queue_id, ["now@example.org"])]
+    h.reactor.advance(99)
+    assert len(backend.calls) == 1
+    h.reactor.advance(1)
+    assert backend.calls[1] == (waiting.queue_id, ["later@example.org"])
+    assert h.spool.queue_ids() == []
+
+
+def test_stop_waits_for_deliveries_in_flight_and_starts_no_more(tmp_path):
+    answer = defer.Deferred()
+    backend = RecordingBackend(answer, "ok")
+    h = Harness(tmp_path, {"local": backend},
+                Retry(initial=300, maximum=600, lifetime=3600, concurrency=1))
+    h.scheduler.startService()
+    first = h.submit(rcpt("a@example.org"))
+    second = h.submit(rcpt("b@example.org"))
+    h.reactor.advance(0)
+    assert len(backend.calls) == 1            # the second waits for a slot
+    stopped = h.scheduler.stopService()
+    assert not stopped.called
+    answer.callback([DeliveryResult.delivered()])
+    assert stopped.called
+    h.reactor.advance(1000)
+    assert len(backend.calls) == 1            # nothing started after stop
+    assert h.spool.queue_ids() == [second.queue_id]
+    assert first.queue_id not in h.spool.queue_ids()
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_a_slow_group_does_not_block_the_others_and_removal_waits_for_both(tmp_path):
+    slow_answer = defer.Deferred()
+    slow, fast = RecordingBackend(slow_answer), RecordingBackend("ok")
+    h = Harness(tmp_path, {"slow": slow, "fast": fast})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("a@example.org", "slow"), rcpt("b@example.org", "fast"))
+    h.reactor.advance(0)
+    assert len(fast.calls) == 1
+    assert [r.state for r in h.stored(envelope.queue_id).recipients] == [PENDING, DELIVERED]
+    h.reactor.advance(10_000)                  # the in-flight recipient is not started twice
+    assert len(slow.calls) == 1
+    slow_answer.callback([DeliveryResult.delivered()])
+    assert h.spool.queue_ids() == []
+
+
+def test_end_to_end_from_spool_into_a_maildir(tmp_path):
+    from pymta.delivery.maildir import MaildirBackend
+
+    class Context:
+        hostname = "mx.example.org"
+        domains = ("example.org",)
+        config_dir = str(tmp_path)
+
+        def __init__(self, reactor):
+            self.reactor = reactor
+
+        def resolve_path(self, path):
+            return str(tmp_path / path)
+
+    (tmp_path / "mail").mkdir()
+    h = Harness(tmp_path, {})
+    h.scheduler.backends = {"local": MaildirBackend({"base": "mail"}, Context(h.reactor))}
+    h.scheduler.startService()
+    body = b"Subject: e2e\r\n\r\nbody\r\n"
+    envelope = h.spool_message(rcpt("alice@example.org"), rcpt("bob+Work@example.org"),
+                               rcpt("../evil@example.org"), body=body)
+    envelope.prepend.append("Received: by mx.example.org\r\n")
+    h.spool.update(envelope)
+    with capturedLogs() as events:
+        h.scheduler.submit(envelope)
+        h.reactor.advance(0)
+    alice = list((tmp_path / "mail" / "example.org" / "alice" / "new").iterdir())
+    bob = list((tmp_path / "mail" / "example.org" / "bob" / ".Work" / "new").iterdir())
+    assert len(alice) == len(bob) == 1
+    assert alice[0].read_bytes() == (b"Return-Path: <sender@example.net>\r\n"
+                                     b"Delivered-To: alice@example.org\r\n"
+                                     b"Received: by mx.example.org\r\n" + body)
+    lines = log_lines(events)
+    assert sum("status=sent" in line for line in lines) == 2
+    assert any("to=<../evil@example.org>" in line and "status=bounced (550 5.1.3" in line
+               for line in lines)
+    assert any("non-delivery notification NOT sent to <sender@example.net>" in line for line in lines)
+    assert lines[-1] == f"{envelope.queue_id}: removed"
+    assert h.spool.queue_ids() == []

@@ -1,0 +1,538 @@
+"""The durable spool: commit order, recovery, group commit, updates, kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
+from pymta.spool.message import parse_headers
+from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
+from pymta.spool.store import Spool, SpoolError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- a reactor stand-in: Clock plus a thread pool the test controls ---------------
+
+class SyncThreadPool:
+    """Runs 'threaded' work at once, on the calling thread."""
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class ManualThreadPool:
+    """Holds 'threaded' work until the test runs it, like a busy pool thread."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.jobs.append((on_result, f, args, kwargs))
+
+    def run_one(self) -> None:
+        SyncThreadPool().callInThreadWithCallback(*self._pop())
+
+    def _pop(self):
+        on_result, f, args, kwargs = self.jobs.pop(0)
+        return (on_result, f, *args)
+
+    def run_all(self) -> int:
+        count = 0
+        while self.jobs:
+            self.run_one()
+            count += 1
+        return count
+
+
+class FakeReactor(Clock):
+    def __init__(self, pool=None):
+        super().__init__()
+        self.pool = pool or SyncThreadPool()
+
+    def getThreadPool(self):
+        return self.pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+def make_envelope(queue_id: str = "", recipients=None, sender: str = "sender@example.net") -> Envelope:
+    if recipients is None:
+        recipients = [Recipient("alice@example.org", "alice@example.org", "local")]
+    return Envelope(queue_id=queue_id, sender=sender, recipients=recipients,
+                    received_at=1_700_000_000.0, client_ip="192.0.2.7", helo="client.example.net",
+                    prepend=["Received: from client.example.net\r\n\tby mx.example.org; now\r\n"])
+
+
+def result_of(d):
+    """The result of a fired Deferred (raises if it failed or has not fired)."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "Deferred has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def spool_files(spool: Spool) -> dict[str, list[str]]:
+    return {sub: sorted(os.listdir(os.path.join(spool.directory, sub)))
+            for sub in ("tmp", "queue", "corrupt")}
+
+
+def commit_message(spool: Spool, body: bytes, envelope: Envelope | None = None) -> Envelope:
+    writer = spool.new_message()
+    for i in range(0, len(body), 7):
+        writer.write(body[i:i + 7])
+    envelope = envelope or make_envelope()
+    result_of(writer.commit(envelope))
+    return envelope
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    return Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+
+
+# -- queue ids ---------------------------------------------------------------------
+
+def test_queue_ids_are_unique_sortable_and_filename_safe():
+    ids = [new_queue_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    for queue_id in ids[:50]:
+        assert len(queue_id) == LENGTH == 16
+        assert queue_id.isalnum() and queue_id.upper() == queue_id
+        assert is_queue_id(queue_id)
+    assert abs(queue_id_time(ids[0]) - time.time()) < 60
+
+
+def test_queue_ids_stay_ordered_when_the_clock_steps_back():
+    now = [1_700_000_000_000_000_000]
+    generator = QueueIdGenerator(clock=lambda: now[0])
+    first = generator.next()
+    now[0] -= 3_600 * 10**9  # an hour back
+    second = generator.next()
+    third = generator.next()
+    assert first < second < third
+
+
+def test_ids_sort_by_time_across_generators():
+    early = QueueIdGenerator(clock=lambda: 1_700_000_000_000_000_000).next()
+    late = QueueIdGenerator(clock=lambda: 1_700_000_000_000_001_000).next()  # 1 us later
+    assert early < late
+
+
+def test_is_queue_id_refuses_other_names():
+    assert not is_queue_id("../../etc/passw")
+    assert not is_queue_id("1K0TJEHGTP5CKM0")      # 15 characters
+    assert not is_queue_id("1K0TJEHGTP5CKM0I")     # I is not in the alphabet
+    assert not is_queue_id("1k0tjehgtp5ckm06")
+
+
+# -- writing and committing ----------------------------------------------------------
+
+def test_directory_tree_is_created_private(tmp_path):
+    spool = Spool(str(tmp_path / "a" / "spool"), reactor=FakeReactor())
+    for sub in ("", "tmp", "queue", "corrupt"):
+        mode = stat.S_IMODE(os.stat(os.path.join(spool.directory, sub)).st_mode)
+        assert mode == 0o700, (sub, oct(mode))
+
+
+def test_unknown_sync_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sync mode"):
+        Spool(str(tmp_path / "spool"), reactor=FakeReactor(), sync="sometimes")
+
+
+def test_commit_makes_body_and_envelope_durable_and_visible(spool):
+    body = b"Subject: hi\r\n\r\nline one\r\n.leading dot kept\r\n" * 100
+    writer = spool.new_message()
+    writer.write(body[:10])
+    writer.write(body[10:])
+    assert writer.size == len(body)
+    assert spool.queue_ids() == []                      # nothing committed yet
+    envelope = make_envelope()
+    result_of(writer.commit(envelope))
+    assert envelope.queue_id == writer.queue_id
+    assert envelope.size == len(body)
+    assert spool.queue_ids() == [writer.queue_id]
+    message = spool.message(envelope)
+    with message.open_body() as fp:
+        assert fp.read() == body                       # one body, exact bytes, no prepend
+    assert message.prepend_bytes() == b"Received: from client.example.net\r\n\tby mx.example.org; now\r\n"
+    stored = json.loads(Path(spool.envelope_path(writer.queue_id)).read_text())
+    assert Envelope.from_json(stored) == envelope
+    assert spool_files(spool)["tmp"] == []
+
+
+def test_commit_refuses_an_envelope_of_another_message(spool):
+    writer = spool.new_message()
+    writer.write(b"x")
+    with pytest.raises(SpoolError, match="queue id"):
+        writer.commit(make_envelope(queue_id="0000000000000000"))
+
+
+def test_write_after_commit_is_an_error(spool):
+    writer = spool.new_message()
+    writer.write(b"x\r\n")
+    result_of(writer.commit(make_envelope()))
+    with pytest.raises(SpoolError):
+        writer.write(b"more")
+    with pytest.raises(SpoolError):
+        writer.commit(make_envelope())
+
+
+def test_commit_fires_only_when_its_batch_is_on_disk(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    writer = spool.new_message()
+    writer.write(b"body\r\n")
+    d = writer.commit(make_envelope())
+    fired = []
+    d.addCallback(fired.append)
+    assert fired == []
+    assert not os.path.exists(spool.envelope_path(writer.queue_id))   # not visible before the flush
+    pool.run_all()
+    assert fired == [None]
+    assert os.path.exists(spool.envelope_path(writer.queue_id))
+
+
+def test_group_commit_batches_concurrent_commits(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    batches = []
+    real_flush = spool._flush
+
+    def counting_flush(batch):
+        batches.append(len(batch))
+        return real_flush(batch)
+    spool._flush = counting_flush
+
+    writers = [spool.new_message() for _ in range(50)]
+    fired = []
+    for n, writer in enumerate(writers):
+        writer.write(b"message %d\r\n" % n)
+        writer.commit(make_envelope()).addCallback(lambda _, n=n: fired.append(n))
+    # the first commit started a flush; the other 49 wait for it to end
+    assert len(pool.jobs) == 1
+    pool.run_one()
+    assert fired == [0]
+    assert len(pool.jobs) == 1                 # one flush for all that waited
+    pool.run_one()
+    assert sorted(fired) == list(range(50))
+    assert batches == [1, 49]
+    assert len(spool.queue_ids()) == 50
+
+
+def test_commits_arriving_during_a_flush_join_the_next_one(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    first = spool.new_message()
+    first.write(b"1")
+    d1 = first.commit(make_envelope())
+    later = []
+    for _ in range(3):
+        writer = spool.new_message()
+        writer.write(b"2")
+        later.append(writer.commit(make_envelope()))
+    update = spool.update(make_envelope(queue_id=first.queue_id))   # after d1 in order
+    pool.run_one()
+    result_of(d1)
+    assert not any(d.called for d in later + [update])
+    assert pool.run_all() == 1
+    for d in later + [update]:
+        result_of(d)
+
+
+def test_one_failed_request_does_not_fail_its_batch(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    blocker = spool.new_message()
+    blocker.write(b"0")
+    blocker.commit(make_envelope())
+    good, bad = spool.new_message(), spool.new_message()
+    good.write(b"good")
+    bad.write(b"bad")
+    d_good, d_bad = good.commit(make_envelope()), bad.commit(make_envelope())
+    os.unlink(bad.path)              # its body vanished before the flush
+    pool.run_all()
+    result_of(d_good)
+    with pytest.raises(SpoolError, match=bad.queue_id):
+        result_of(d_bad)
+    assert bad.queue_id not in spool.queue_ids()
+    assert good.queue_id in spool.queue_ids()
+    assert spool_files(spool)["tmp"] == []
+
+
+def test_abort_discards_the_body_and_is_idempotent(spool):
+    writer = spool.new_message()
+    writer.write(b"spam")
+    assert os.path.exists(writer.path)
+    writer.abort()
+    writer.abort()
+    assert not os.path.exists(writer.path)
+    assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
+    with pytest.raises(SpoolError):
+        writer.write(b"more")
+
+
+def test_abort_after_commit_changes_nothing(spool):
+    writer = spool.new_message()
+    writer.write(b"kept")
+    result_of(writer.commit(make_envelope()))
+    writer.abort()
+    assert spool.queue_ids() == [writer.queue_id]
+
+
+# -- the view for data-stage filters ---------------------------------------------------
+
+def test_view_sees_everything_written_so_far_and_parses_headers(spool):
+    writer = spool.new_message()
+    writer.write(b"From: Alice <alice@example.org>\r\nSubject: a long\r\n")
+    writer.write(b"  folded\r\n\tsubject\r\nX-Empty:\r\nX-Utf8: gr\xc3\xbc\xc3\x9fe\r\n")
+    writer.write(b"X-Bad: \xff\xfe\r\n\r\nBody: not a header\r\n")
+    view = writer.view()
+    assert view.size == writer.size
+    with view.open() as fp:
+        assert fp.read().endswith(b"Body: not a header\r\n")
+    assert view.headers() == [
+        ("From", "Alice <alice@example.org>"),
+        ("Subject", "a long  folded\tsubject"),
+        ("X-Empty", ""),
+        ("X-Utf8", "gr\u00fc\u00dfe"),
+        ("X-Bad", "\ufffd\ufffd"),
+    ]
+
+
+def test_header_parsing_stops_where_the_body_starts():
+    assert parse_headers(io.BytesIO(b"Subject: x\nno colon here\nTo: y\n")) == [("Subject", "x")]
+    assert parse_headers(io.BytesIO(b" leading continuation\r\nSubject: x\r\n")) == []
+    assert parse_headers(io.BytesIO(b"")) == []
+    assert parse_headers(io.BytesIO(b"Subject : spaced\r\n")) == [("Subject", "spaced")]
+    big = b"Subject: x\r\n" + b"X-Pad: " + b"a" * 5000 + b"\r\n"
+    assert parse_headers(io.BytesIO(big), limit=100) == [("Subject", "x")]
+
+
+# -- updates and removal ---------------------------------------------------------------
+
+def test_update_persists_per_recipient_state(spool):
+    envelope = commit_message(spool, b"Subject: x\r\n\r\nbody\r\n", make_envelope(recipients=[
+        Recipient("a@example.org", "a@example.org", "local"),
+        Recipient("b@example.org", "list@example.org", "relay", notify=("FAILURE",), orcpt="rfc822;b@x"),
+    ]))
+    envelope.recipients[0].state = DELIVERED
+    envelope.recipients[0].attempts = 1
+    envelope.recipients[0].finished_at = 1_700_000_010.0
+    envelope.recipients[1].attempts = 2
+    envelope.recipients[1].next_attempt = 1_700_000_900.0
+    envelope.recipients[1].last_result = "451 4.4.1 no answer"
+    result_of(spool.update(envelope))
+    assert spool.load(envelope.queue_id) == envelope
+    assert spool_files(spool)["tmp"] == []
+
+
+def test_remove_deletes_envelope_and_body(spool):
+    keep = commit_message(spool, b"keep")
+    gone = commit_message(spool, b"gone")
+    result_of(spool.remove(gone.queue_id))
+    assert spool.queue_ids() == [keep.queue_id]
+    assert spool_files(spool)["queue"] == [keep.queue_id + ".env", keep.queue_id + ".msg"]
+
+
+def test_update_of_a_removed_message_fails_instead_of_resurrecting_it(spool):
+    envelope = commit_message(spool, b"x")
+    result_of(spool.remove(envelope.queue_id))
+    with pytest.raises(SpoolError, match="not in the spool"):
+        result_of(spool.update(envelope))
+    assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+def test_recover_discards_uncommitted_messages(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor())
+    committed = commit_message(spool, b"committed\r\n")
+    crashed = spool.new_message()          # DATA was arriving when the process died
+    crashed.write(b"half a mess")
+    crashed._file.flush()
+    # a commit that died between writing the envelope temp and renaming:
+    Path(directory, "tmp", crashed.queue_id + ".7.env").write_text("{}")
+    # a commit whose body rename was persisted but whose envelope rename was not:
+    orphan_id = new_queue_id()
+    Path(directory, "queue", orphan_id + ".msg").write_bytes(b"orphan")
+
+    envelopes = Spool(directory, reactor=FakeReactor()).recover()
+    assert [e.queue_id for e in envelopes] == [committed.queue_id]
+    assert spool_files(spool) == {"tmp": [], "queue": [committed.queue_id + ".env",
+                                                       committed.queue_id + ".msg"],
+                                  "corrupt": []}
+
+
+def test_recover_loads_envelopes_with_recipient_state_intact(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor())
+    first = commit_message(spool, b"first")
+    second = commit_message(spool, b"second body", make_envelope(recipients=[
+        Recipient("a@example.org", "a@example.org", "local", state=DELIVERED, attempts=1,
+                  finished_at=1_700_000_001.5, last_result="250 2.0.0 delivered"),
+        Recipient("b@example.org", "b@example.org", "relay", attempts=3,
+                  next_attempt=1_700_001_000.0, last_result="451 4.4.1 timeout"),
+        Recipient("c@example.org", "c@example.org", "relay", state=FAILED, attempts=1,
+                  finished_at=1_700_000_002.0, last_result="550 5.1.1 no such user"),
+    ]))
+    recovered = Spool(directory, reactor=FakeReactor()).recover()
+    assert recovered == [first, second]
+    assert [r.state for r in recovered[1].recipients] == [DELIVERED, PENDING, FAILED]
+
+
+def test_recover_finishes_a_commit_whose_body_rename_was_lost(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor())
+    envelope = commit_message(spool, b"precious")
+    # envelope rename persisted, body rename not: the body is still in tmp/
+    os.rename(spool.body_path(envelope.queue_id), os.path.join(directory, "tmp", envelope.queue_id + ".msg"))
+    recovered = Spool(directory, reactor=FakeReactor()).recover()
+    assert recovered == [envelope]
+    assert Path(spool.body_path(envelope.queue_id)).read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("damage", ["missing body", "short body", "bad json", "foreign id"])
+def test_recover_moves_corrupt_messages_aside(tmp_path, damage):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor())
+    good = commit_message(spool, b"good")
+    bad = commit_message(spool, b"bad body")
+    if damage == "missing body":
+        os.unlink(spool.body_path(bad.queue_id))
+    elif damage == "short body":
+        Path(spool.body_path(bad.queue_id)).write_bytes(b"bad")
+    elif damage == "bad json":
+        Path(spool.envelope_path(bad.queue_id)).write_bytes(b'{"queue_id": ')
+    else:
+        data = json.loads(Path(spool.envelope_path(bad.queue_id)).read_text())
+        data["queue_id"] = good.queue_id
+        Path(spool.envelope_path(bad.queue_id)).write_text(json.dumps(data))
+    recovered = Spool(directory, reactor=FakeReactor()).recover()
+    assert recovered == [good]
+    corrupt = spool_files(spool)["corrupt"]
+    assert bad.queue_id + ".env" in corrupt
+    assert (bad.queue_id + ".msg" in corrupt) == (damage != "missing body")
+    assert spool.queue_ids() == [good.queue_id]
+
+
+def test_syncfs_mode_commits_updates_and_recovers(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor(), sync="syncfs")
+    if sys.platform.startswith("linux"):
+        assert spool.sync == "syncfs"
+    envelope = commit_message(spool, b"synced")
+    envelope.recipients[0].attempts = 4
+    result_of(spool.update(envelope))
+    assert Spool(directory, reactor=FakeReactor(), sync="syncfs").recover() == [envelope]
+
+
+# -- kill -9 -------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import hashlib, random, sys, time
+    from twisted.internet import defer, reactor
+    from pymta.envelope import Envelope, Recipient
+    from pymta.spool.store import Spool
+
+    spool = Spool(sys.argv[1])
+    rng = random.Random(int(sys.argv[2]))
+
+    def report(_, queue_id, body):
+        digest = hashlib.sha256(body).hexdigest()
+        sys.stdout.write(f"{queue_id} {digest} {len(body)}\\n")
+        sys.stdout.flush()
+
+    @defer.inlineCallbacks
+    def run():
+        n = 0
+        while True:
+            pending = []
+            for _ in range(rng.randint(1, 16)):
+                n += 1
+                writer = spool.new_message()
+                body = rng.randbytes(rng.choice([0, 1, 200, 5000, 70000, 250000]))
+                for i in range(0, len(body), 16384):
+                    writer.write(body[i:i + 16384])
+                envelope = Envelope(writer.queue_id, f"s{n}@example.net",
+                                    [Recipient(f"r{n}@example.org", f"r{n}@example.org", "local")],
+                                    time.time())
+                d = writer.commit(envelope)
+                d.addCallback(report, writer.queue_id, body)
+                pending.append(d)
+            yield defer.gatherResults(pending)
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+""")
+
+
+def test_kill_9_never_loses_a_committed_message(tmp_path):
+    script = tmp_path / "committer.py"
+    script.write_text(CHILD)
+    directory = str(tmp_path / "spool")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rng = random.Random()
+    printed: dict[str, tuple[str, int]] = {}
+    for round_number in range(3):
+        child = subprocess.Popen([sys.executable, str(script), directory, str(rng.randrange(10**6))],
+                                 stdout=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            seen = 0
+            while seen < 20 + rng.randrange(40):          # kill at a random point
+                line = child.stdout.readline()
+                assert line, "the committing child exited early"
+                assert time.monotonic() < deadline, "the committing child is too slow"
+                seen += 1
+                queue_id, digest, size = line.decode().split()
+                printed[queue_id] = (digest, int(size))
+            time.sleep(rng.random() * 0.05)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            rest = child.communicate()[0]
+        for line in rest.decode().splitlines(keepends=True):
+            if line.endswith("\n"):                       # a torn last line was never fully printed
+                queue_id, digest, size = line.split()
+                printed[queue_id] = (digest, int(size))
+        assert child.returncode == -signal.SIGKILL
+
+        spool = Spool(directory, reactor=FakeReactor())
+        recovered = {e.queue_id: e for e in spool.recover()}
+        missing = set(printed) - set(recovered)
+        assert not missing, f"round {round_number}: committed messages lost: {sorted(missing)}"
+        for queue_id, (digest, size) in printed.items():
+            envelope = recovered[queue_id]
+            body = Path(spool.body_path(queue_id)).read_bytes()
+            assert (hashlib.sha256(body).hexdigest(), len(body)) == (digest, size), queue_id
+            assert envelope.size == size
+            assert envelope.recipients[0].state == PENDING
+            assert envelope.recipients[0].address.startswith("r")
+        assert spool_files(spool)["tmp"] == []
+        assert spool_files(spool)["corrupt"] == []
+    assert len(printed) >= 60
