@@ -1,0 +1,10 @@
+class ConfigError(Exception):
+    """A configuration problem, reported as one line: '<file>: <key>: <problem>'."""
+    def __init__(self, source: str, key: str, problem: str):
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source, self.key, self.problem = source, key, problem
+class OptionError(Exception):
+    """Raised by a plugin factory for a bad option; the loader adds file and table."""
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem

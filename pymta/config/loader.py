@@ -1,0 +1,599 @@
+"""Load the TOML configuration into a :class:`pymta.config.model.Config`.
+
+``load_config(path)`` reads a file; ``default_config()`` is what ``twistd -n
+pymta`` runs with no ``--config``: the same rules applied to an empty file
+whose directory is the current one.  Every problem is a
+:class:`~pymta.config.errors.ConfigError` whose text is one line naming the
+file, the dotted key and the problem, e.g.::
+
+    /etc/pymta/pymta.toml: limits.max_recipients: expected an integer, got string 'abc'
+
+Plugins and backends are instantiated here (``factory(options, context)``)
+and checked with ``zope.interface.verify.verifyObject`` against the
+interface of every stage they are listed in.  ``etc/pymta.toml`` documents
+every key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import ipaddress
+import os
+import re
+import socket
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, NoReturn
+
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import globalLogPublisher
+from twisted.plugin import getPlugins, pluginPackagePaths
+from zope.interface.exceptions import (BrokenImplementation, BrokenMethodImplementation,
+                                       DoesNotImplement, Invalid, MultipleInvalid)
+from zope.interface.verify import verifyObject
+
+from pymta.config.errors import ConfigError, OptionError
+from pymta.config.model import Config, Limits, Listener, PluginInstance, Retry, Route
+from pymta.config.options import (Options, PluginContext, closest, describe_value,
+                                  normalize_domain)
+from pymta.config.durations import format_duration
+from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration
+
+__all__ = ["load_config", "default_config", "discover_plugins", "PluginDiscovery",
+           "EMBEDDED_SOURCE", "ROLES", "SPOOL_SYNC_MODES"]
+
+EMBEDDED_SOURCE = "<embedded default>"
+ROLES = ("mx", "submission", "submissions")
+SPOOL_SYNC_MODES = ("fsync", "syncfs")
+
+DEFAULT_DOMAINS = ["localhost"]
+DEFAULT_TRUSTED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+DEFAULT_SPOOL_DIR = "var/spool"
+DEFAULT_LISTENERS = [{"name": "mx", "endpoint": "tcp:2525:interface=127.0.0.1", "role": "mx"}]
+DEFAULT_STAGES: dict[str, list[str]] = {stage: [] for stage in STAGES} | {"rcpt": ["localdomain"]}
+DEFAULT_BACKENDS = {"local": {"use": "maildir", "base": "var/mail"}}
+
+# How each [limits] key is read; a Limits field missing here is read by the
+# type of its default (so a field added to the model is configurable at once).
+_COUNT = {"minimum": 1}
+_LIMIT_READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_message_size": ("int", _COUNT),
+    "max_recipients": ("int", _COUNT),
+    "max_connections": ("int", _COUNT),
+    "max_connections_per_ip": ("int", _COUNT),
+    "idle_timeout": ("duration", {"above": 0}),
+    "data_timeout": ("duration", {"above": 0}),
+    "max_errors": ("int", _COUNT),
+    "bare_newlines": ("str", {"choices": ("reject", "normalize")}),
+    "pregreet_wait": ("duration", {"minimum": 0}),
+}
+
+
+def load_config(path: str, reactor: Any = None) -> Config:
+    """Read, check and instantiate the configuration in the TOML file ``path``."""
+    raw = _read_toml(path)
+    config_dir = os.path.dirname(os.path.abspath(path))
+    return _ConfigBuilder(path, config_dir, reactor).build(raw)
+
+
+def default_config(reactor: Any = None) -> Config:
+    """The embedded default: an empty config file in the current directory."""
+    return _ConfigBuilder(EMBEDDED_SOURCE, os.getcwd(), reactor).build({})
+
+
+# -- reading the file -------------------------------------------------------
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(path, "config file", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "config file", "is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(path, "config file", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(path, f"line {line}", "not valid UTF-8 (a TOML file must be UTF-8)") from None
+    try:
+        return tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        found = _TOML_POSITION.search(message)
+        if found:
+            where = f"line {found[1]}, column {found[2]}"
+            message = message[: found.start()]
+        elif message.endswith("(at end of document)"):
+            where = "end of file"
+            message = message.removesuffix("(at end of document)").rstrip()
+        else:
+            where = "syntax"
+        raise ConfigError(path, where, f"TOML syntax error: {message}") from None
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+# -- plugin discovery -------------------------------------------------------
+
+@dataclasses.dataclass
+class PluginDiscovery:
+    """The short names found in the ``pymta.plugins`` package directories."""
+
+    registrations: dict[str, Any]
+    #: names registered more than once, with different targets
+    duplicates: set[str]
+    #: plugin modules that failed to import, one line each
+    failures: list[str]
+
+
+def discover_plugins() -> PluginDiscovery:
+    """Find every IPluginRegistration with ``twisted.plugin.getPlugins``.
+
+    The plugin package path is refreshed first, so a ``pymta/plugins/``
+    directory on a ``sys.path`` entry added after start-up (``plugin_path``)
+    is searched too.  twisted.plugin writes ``dropin.cache`` files next to the
+    modules; when it cannot (read-only install) it only logs that.  A module
+    that fails to import is logged by twisted.plugin and listed in
+    ``failures`` so that an "unknown plugin" error can say why.
+    """
+    import pymta.plugins as package
+
+    for directory in pluginPackagePaths(package.__name__):
+        if directory not in package.__path__:
+            package.__path__.append(directory)
+    importlib.invalidate_caches()
+    plugin_dirs = {os.path.abspath(p) for p in package.__path__}
+    failures: list[str] = []
+
+    def observe(event: Mapping[str, Any]) -> None:
+        failure = event.get("log_failure") or event.get("failure")
+        if failure is not None:
+            failures.append(_describe_import_failure(failure, plugin_dirs))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        found = list(getPlugins(IPluginRegistration, package))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    registrations: dict[str, Any] = {}
+    duplicates: set[str] = set()
+    for registration in found:
+        name = registration.name
+        previous = registrations.get(name)
+        if previous is not None and previous is not registration and (
+                getattr(previous, "target", None) is None
+                or getattr(previous, "target", None) != getattr(registration, "target", None)):
+            duplicates.add(name)
+        registrations.setdefault(name, registration)
+    return PluginDiscovery(registrations, duplicates, failures)
+
+
+def _describe_import_failure(failure: Any, plugin_dirs: set[str]) -> str:
+    where = getattr(failure.value, "filename", None)
+    if not where:
+        for frame in reversed(getattr(failure, "frames", None) or []):
+            filename = os.path.abspath(frame[1])
+            if os.path.dirname(filename) in plugin_dirs:
+                where = f"{filename}, line {frame[2]}"
+                break
+    prefix = f"{where}: " if where else ""
+    return _one_line(f"{prefix}{failure.type.__name__}: {failure.getErrorMessage()}")
+
+
+# -- zope.interface verification ----------------------------------------------
+
+def _describe_invalid(error: Invalid, interface: Any) -> str:
+    if isinstance(error, MultipleInvalid):
+        return "; ".join(_describe_invalid(e, interface) for e in error.exceptions)
+    if isinstance(error, DoesNotImplement):
+        return (f"it does not declare the interface "
+                f"(add @implementer({interface.__name__}) to its class)")
+    if isinstance(error, BrokenImplementation):
+        name = getattr(error.name, "__name__", error.name)
+        return f"The {name} attribute was not provided"
+    if isinstance(error, BrokenMethodImplementation):
+        method = getattr(error.method, "__name__", error.method)
+        return f"The {method} method does not match the interface: {error.mess}"
+    return str(error)
+
+
+# -- the builder --------------------------------------------------------------
+
+class _ConfigBuilder:
+    """Turns the parsed TOML (a dict) into a Config; one per load."""
+
+    def __init__(self, source: str, config_dir: str, reactor: Any):
+        self.source = source
+        self.config_dir = config_dir
+        self._reactor = reactor
+        self._discovery: PluginDiscovery | None = None
+        self.context: PluginContext | None = None
+
+    # -- error helpers ----------------------------------------------------
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(self.source, key, _one_line(problem))
+
+    @contextlib.contextmanager
+    def section(self, prefix: str) -> Iterator[None]:
+        """Turn an OptionError raised inside into a ConfigError under ``prefix``."""
+        try:
+            yield
+        except OptionError as e:
+            key = f"{prefix}.{e.key}" if prefix else e.key
+            raise ConfigError(self.source, key, _one_line(e.problem)) from None
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        return self._reactor
+
+    def resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(path)))
+
+    # -- the whole file -----------------------------------------------------
+    def build(self, raw: dict[str, Any]) -> Config:
+        with self.section(""):
+            top = Options(raw)
+            server = top.table("server", {})
+            spool = top.table("spool", {})
+            listeners = top.value("listeners", None)
+            limits = top.table("limits", {})
+            queue = top.table("queue", {})
+            stages = top.table("stages", {})
+            plugins = top.table("plugins", {})
+            backends = top.table("backends", None)
+            routes = top.value("routes", None)
+            top.finish()
+
+        hostname, domains, trusted = self._server(server)
+        self.context = PluginContext(hostname, domains, self.config_dir, self.reactor)
+        spool_dir, spool_sync = self._spool(spool)
+        listener_list = self._listeners(listeners)
+        limits_obj = self._limits(limits)
+        retry = self._queue(queue)
+        backend_objs = self._backends(DEFAULT_BACKENDS if backends is None else backends)
+        route_list = self._routes(routes, domains, backend_objs)
+        stage_map = self._stages(stages, plugins)
+        return Config(
+            source=self.source, hostname=hostname, domains=domains,
+            trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
+            limits=limits_obj, retry=retry, spool_sync=spool_sync, stages=stage_map,
+            backends=backend_objs, routes=route_list)
+
+    # -- [server] -------------------------------------------------------------
+    def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
+        with self.section("server"):
+            opts = Options(table)
+            hostname = opts.str("hostname", default=None)
+            domain_list = opts.list_str("domains", default=DEFAULT_DOMAINS)
+            networks = opts.list_str("trusted_networks", default=DEFAULT_TRUSTED_NETWORKS)
+            plugin_path = opts.list_str("plugin_path", default=[])
+            opts.finish()
+
+            if hostname is None:
+                hostname = socket.getfqdn()
+            else:
+                try:
+                    hostname = normalize_domain(hostname)
+                except ValueError as e:
+                    problem = str(e).replace("invalid domain", "invalid host name", 1)
+                    raise OptionError("hostname", problem) from None
+
+            domains: list[str] = []
+            for index, domain in enumerate(domain_list):
+                try:
+                    normalized = normalize_domain(domain)
+                except ValueError as e:
+                    raise OptionError(f"domains[{index}]", str(e)) from None
+                if normalized not in domains:
+                    domains.append(normalized)
+
+            trusted = []
+            for index, text in enumerate(networks):
+                try:
+                    trusted.append(ipaddress.ip_network(text.strip(), strict=True))
+                except ValueError as e:
+                    raise OptionError(f"trusted_networks[{index}]",
+                                      f"not a network in CIDR notation: {e}") from None
+
+            directories = []
+            for index, entry in enumerate(plugin_path):
+                directory = self.resolve(entry)
+                if not os.path.isdir(directory):
+                    raise OptionError(f"plugin_path[{index}]", f"no such directory: {directory}")
+                directories.append(directory)
+        for directory in reversed(directories):
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+        if directories:
+            importlib.invalidate_caches()
+        return hostname, tuple(domains), tuple(trusted)
+
+    # -- [spool] --------------------------------------------------------------
+    def _spool(self, table: dict[str, Any]) -> tuple[str, str]:
+        with self.section("spool"):
+            opts = Options(table)
+            directory = opts.path("directory", self.context, default=DEFAULT_SPOOL_DIR)
+            sync = opts.str("sync", default="fsync", choices=SPOOL_SYNC_MODES)
+            opts.finish()
+        return directory, sync
+
+    # -- [[listeners]] --------------------------------------------------------
+    def _listeners(self, value: Any) -> tuple[Listener, ...]:
+        if value is None:
+            value = DEFAULT_LISTENERS
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            self.fail("listeners", "expected an array of tables ([[listeners]] sections), "
+                                   f"got {describe_value(value)}")
+        if not value:
+            self.fail("listeners", "at least one listener is required")
+        listeners: list[Listener] = []
+        names: dict[str, int] = {}
+        for index, table in enumerate(value):
+            prefix = f"listeners[{index}]"
+            with self.section(prefix):
+                opts = Options(table)
+                name = opts.str("name", default=f"listener-{index}")
+                endpoint = opts.str("endpoint")
+                role = opts.str("role", default="mx", choices=ROLES)
+                opts.finish()
+            if name in names:
+                self.fail(f"{prefix}.name", f"duplicate listener name {name!r} "
+                                            f"(also listeners[{names[name]}])")
+            names[name] = index
+            problem = self._endpoint_problem(endpoint)
+            if problem:
+                self.fail(f"{prefix}.endpoint", problem)
+            listeners.append(Listener(name=name, endpoint=endpoint, role=role))
+        return tuple(listeners)
+
+    def _endpoint_problem(self, description: str) -> str | None:
+        """Why ``description`` is not a server endpoint string (parsed, never listened on)."""
+        try:
+            serverFromString(self.reactor, description)
+        except Exception as e:
+            detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, (IndexError, KeyError)) and description.strip().startswith("systemd:"):
+                detail = (f"no socket inherited from systemd with that index or name ({detail}); "
+                          "is the service socket-activated?")
+            return f"invalid endpoint {description!r}: {detail}"
+        return None
+
+    # -- [limits] and [queue] -------------------------------------------------
+    def _limits(self, table: dict[str, Any]) -> Limits:
+        values: dict[str, Any] = {}
+        with self.section("limits"):
+            opts = Options(table)
+            for field in dataclasses.fields(Limits):
+                default = field.default
+                reader, bounds = _LIMIT_READERS.get(field.name) or _reader_for(field.name, default)
+                values[field.name] = getattr(opts, reader)(field.name, default, **bounds)
+            opts.finish()
+        return Limits(**values)
+
+    def _queue(self, table: dict[str, Any]) -> Retry:
+        defaults = Retry()
+        with self.section("queue"):
+            opts = Options(table)
+            initial = opts.duration("retry_initial", defaults.initial, above=0)
+            maximum = opts.duration("retry_max", defaults.maximum, above=0)
+            lifetime = opts.duration("lifetime", defaults.lifetime, above=0)
+            concurrency = opts.int("concurrency", defaults.concurrency, minimum=1)
+            opts.finish()
+        if maximum < initial:
+            self.fail("queue.retry_max", f"must be at least retry_initial "
+                                         f"({format_duration(initial)}), got {format_duration(maximum)}")
+        return Retry(initial=initial, maximum=maximum, lifetime=lifetime, concurrency=concurrency)
+
+    # -- [backends.*] and [[routes]] --------------------------------------------
+    def _backends(self, tables: dict[str, Any]) -> dict[str, Any]:
+        backends: dict[str, Any] = {}
+        for name, table in tables.items():
+            key = f"backends.{name}"
+            if not isinstance(table, Mapping):
+                self.fail(key, f"expected a table, got {describe_value(table)}")
+            use, obj = self._instantiate("backends", name, table, key)
+            self._verify(IDeliveryBackend, obj, use, key)
+            backends[name] = obj
+        return backends
+
+    def _routes(self, value: Any, domains: tuple[str, ...], backends: dict[str, Any]) -> tuple[Route, ...]:
+        if value is None:
+            if len(backends) > 1:
+                self.fail("routes", "[[routes]] are required when more than one backend is "
+                                    f"defined (backends: {', '.join(backends)})")
+            routes = tuple(Route(domain, name) for name in backends for domain in domains)
+        else:
+            if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+                self.fail("routes", "expected an array of tables ([[routes]] sections), "
+                                    f"got {describe_value(value)}")
+            parsed = []
+            for index, table in enumerate(value):
+                prefix = f"routes[{index}]"
+                with self.section(prefix):
+                    opts = Options(table)
+                    match = opts.str("match")
+                    backend = opts.str("backend")
+                    opts.finish()
+                    match = _route_match(match)
+                if backend not in backends:
+                    hint = closest(backend, backends)
+                    suggestion = f" (did you mean {hint!r}?)" if hint else ""
+                    self.fail(f"{prefix}.backend", f"no backend named {backend!r}{suggestion}; "
+                                                   f"defined: {', '.join(backends) or 'none'}")
+                parsed.append(Route(match, backend))
+            routes = tuple(parsed)
+        for domain in domains:
+            if not any(route.matches(f"postmaster@{domain}") for route in routes):
+                self.fail("routes", f"no route for local domain {domain!r} (add a [[routes]] "
+                                    f"entry with match = \"{domain}\" or \"*\")")
+        return routes
+
+    # -- [stages] and [plugins.*] -----------------------------------------------
+    def _stages(self, stages: dict[str, Any], plugins: dict[str, Any]) -> dict[str, tuple[PluginInstance, ...]]:
+        with self.section("stages"):
+            opts = Options(stages)
+            lists = {stage: opts.list_str(stage, DEFAULT_STAGES[stage]) for stage in STAGES}
+            opts.finish()
+        references: dict[str, list[tuple[str, str]]] = {}
+        for stage, names in lists.items():
+            for index, name in enumerate(names):
+                key = f"stages.{stage}[{index}]"
+                if any(s == stage for s, _ in references.get(name, ())):
+                    self.fail(key, f"{name!r} is listed twice in this stage")
+                references.setdefault(name, []).append((stage, key))
+        for name, table in plugins.items():
+            if not isinstance(table, Mapping):
+                self.fail(f"plugins.{name}", f"expected a table, got {describe_value(table)}")
+
+        instances: dict[str, PluginInstance] = {}
+        for name, uses in references.items():
+            table = plugins.get(name)
+            use, obj = self._instantiate("plugins", name, table, uses[0][1])
+            for stage, key in uses:
+                self._verify(STAGES[stage], obj, use, f"plugins.{name}" if table is not None else key)
+            instances[name] = PluginInstance(name=name, use=use, obj=obj)
+        for name in plugins:
+            if name not in references:
+                self.fail(f"plugins.{name}", "defined but not listed in any [stages] list "
+                                             "(add it to a stage or remove the table)")
+        return {stage: tuple(instances[name] for name in names) for stage, names in lists.items()}
+
+    # -- instantiating one plugin ---------------------------------------------
+    def _instantiate(self, section: str, name: str, table: Mapping[str, Any] | None,
+                     reference: str) -> tuple[str, Any]:
+        """Create plugin ``name`` from its table (None: listed by short name only)."""
+        table_key = f"{section}.{name}"
+        if table is None:
+            use, use_key, options = name, reference, {}
+        else:
+            use = table.get("use", name)
+            use_key = f"{table_key}.use" if "use" in table else table_key
+            if not isinstance(use, str) or not use:
+                self.fail(use_key, f"expected a plugin name or 'module:Factory', got {describe_value(use)}")
+            options = {k: v for k, v in table.items() if k != "use"}
+        factory = self._factory(use, use_key, has_table=table is not None,
+                                defaulted=table is not None and "use" not in table)
+        try:
+            obj = factory(options, self.context)
+        except OptionError as e:
+            self.fail(f"{table_key}.{e.key}", e.problem)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(self.source, reference if table is None else table_key,
+                              _one_line(f"plugin {use!r} failed to start: {type(e).__name__}: {e}")) from e
+        return use, obj
+
+    def _factory(self, use: str, key: str, *, has_table: bool, defaulted: bool) -> Callable[..., Any]:
+        if ":" in use or "." in use:
+            return self._import_factory(use, key)
+        discovery = self.discovery
+        registration = discovery.registrations.get(use)
+        if registration is None:
+            candidates = list(discovery.registrations)
+            hint = closest(use, candidates)
+            suggestion = f" (did you mean {hint!r}?)" if hint else ""
+            problem = f"unknown plugin {use!r}{suggestion}; known: {', '.join(sorted(candidates))}"
+            if not has_table:
+                problem += f"; no [plugins.{use}] table defines it either"
+            elif defaulted:
+                problem += "; the table has no 'use' key, so its name was taken as the plugin name"
+            if discovery.failures:
+                problem += "; plugin modules that failed to import: " + " | ".join(discovery.failures)
+            self.fail(key, problem)
+        if use in discovery.duplicates:
+            self.fail(key, f"plugin short name {use!r} is registered by more than one module in "
+                           "the pymta/plugins directories; remove one of them")
+        try:
+            return registration.load()
+        except Exception as e:
+            self.fail(key, f"plugin {use!r} could not be loaded: {type(e).__name__}: {e}")
+
+    @property
+    def discovery(self) -> PluginDiscovery:
+        if self._discovery is None:
+            self._discovery = discover_plugins()
+        return self._discovery
+
+    def _import_factory(self, use: str, key: str) -> Callable[..., Any]:
+        module_name, colon, attribute = use.partition(":")
+        if not colon:
+            module_name, _, attribute = use.rpartition(".")
+        if not module_name or not attribute:
+            self.fail(key, f"invalid dotted path {use!r} (expected 'module:Factory')")
+        importlib.invalidate_caches()
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+                self.fail(key, f"cannot import module {module_name!r} for {use!r}: no such module "
+                               "(is its directory in [server] plugin_path?)")
+            self.fail(key, f"importing module {module_name!r} for {use!r} failed: "
+                           f"{type(e).__name__}: {e}")
+        except Exception as e:
+            self.fail(key, f"importing module {module_name!r} for {use!r} failed: "
+                           f"{type(e).__name__}: {e}")
+        owner = module_name
+        for part in attribute.split("."):
+            if not hasattr(obj, part):
+                names = [n for n in dir(obj) if not n.startswith("_")]
+                hint = closest(part, names)
+                suggestion = f" (did you mean {hint!r}?)" if hint else ""
+                kind = "module" if owner == module_name else "object"
+                self.fail(key, f"{kind} {owner!r} has no attribute {part!r}{suggestion}")
+            obj = getattr(obj, part)
+            owner = f"{owner}.{part}" if owner != module_name else f"{module_name}:{part}"
+        if not callable(obj):
+            self.fail(key, f"{use!r} is not callable (expected a class or function taking "
+                           "(options, context))")
+        return obj
+
+    def _verify(self, interface: Any, obj: Any, use: str, key: str) -> None:
+        try:
+            verifyObject(interface, obj)
+        except Invalid as e:
+            self.fail(key, f"plugin {use!r} does not provide {interface.__name__}: "
+                           f"{_describe_invalid(e, interface)}")
+
+
+def _reader_for(name: str, default: Any) -> tuple[str, dict[str, Any]]:
+    """How to read a Limits field this module does not know, from its default's type."""
+    if isinstance(default, bool):
+        return "bool", {}
+    if isinstance(default, int):
+        return "int", {"minimum": 0}
+    if isinstance(default, float):
+        if name.endswith(("timeout", "wait", "interval", "delay", "time")):
+            return "duration", {"minimum": 0}
+        return "float", {"minimum": 0}
+    return "str", {}
+
+
+def _route_match(match: str) -> str:
+    """Check and normalize a route pattern: "*", "domain", "@domain" or "user@domain"."""
+    text = match.strip()
+    if text == "*":
+        return text
+    local, at, domain = text.rpartition("@")
+    try:
+        domain = normalize_domain(domain)
+    except ValueError as e:
+        raise OptionError("match", f"expected \"*\", \"domain\", \"@domain\" or "
+                                   f"\"user@domain\": {e}") from None
+    if at and local:
+        return f"{local.lower()}@{domain}"
+    return f"@{domain}" if at else domain

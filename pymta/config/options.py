@@ -1,0 +1,281 @@
+"""What a plugin factory is given, and how it reads its options.
+
+A plugin is a callable ``factory(options, context)``: ``options`` is its own
+config table (a dict, ``use`` removed) and ``context`` a :class:`PluginContext`.
+:class:`Options` reads that table with type and range checks and raises
+:class:`~pymta.config.errors.OptionError` naming the key; the loader adds the
+config file and the table, so the admin reads e.g.::
+
+    /etc/pymta/pymta.toml: plugins.vip.senders: required option missing
+
+Typical use in a factory::
+
+    opts = Options(options)
+    self.path = opts.path("file", context)
+    self.delimiter = opts.str("recipient_delimiter", default="+")
+    opts.finish()          # unknown keys are errors, with a suggestion
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from zope.interface import implementer
+
+from pymta.config.durations import format_duration, parse_duration
+from pymta.config.errors import OptionError
+from pymta.interfaces import IPluginContext
+
+__all__ = ["Options", "PluginContext", "describe_value", "normalize_domain", "closest"]
+
+
+class _Missing:
+    def __repr__(self) -> builtins.str:
+        return "<required>"
+
+
+REQUIRED: Any = _Missing()
+"""Default meaning "this option must be given"."""
+
+
+def describe_value(value: Any) -> builtins.str:
+    """Name a TOML value for an error message: ``string 'abc'``, ``integer 5``, ``table``."""
+    if isinstance(value, builtins.bool):
+        return f"boolean {builtins.str(value).lower()}"
+    if isinstance(value, builtins.int):
+        return f"integer {value}"
+    if isinstance(value, builtins.float):
+        return f"float {value}"
+    if isinstance(value, builtins.str):
+        text = repr(value)
+        return f"string {text if len(text) <= 60 else text[:56] + '...' + text[0]}"
+    if isinstance(value, (builtins.list, builtins.tuple)):
+        return f"array of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return f"date/time {value.isoformat()}"
+    return type(value).__name__
+
+
+def closest(word: builtins.str, candidates: Iterable[builtins.str]) -> builtins.str | None:
+    """The candidate most like ``word`` (for "did you mean ...?"), or None."""
+    matches = difflib.get_close_matches(word, builtins.list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_key_problem(key: builtins.str, known: Iterable[builtins.str]) -> builtins.str:
+    """The problem text for an unknown key: suggestion first, then the known keys."""
+    known = sorted(known)
+    if not known:
+        return "unknown key (this table takes no keys)"
+    hint = closest(key, known)
+    suggestion = f" (did you mean '{hint}'?)" if hint else ""
+    return f"unknown key{suggestion}; known keys: {', '.join(known)}"
+
+
+def normalize_domain(domain: builtins.str) -> builtins.str:
+    """Return ``domain`` lower-case and IDNA-encoded (A-labels), without a trailing dot.
+
+    Raises ``ValueError`` with a readable message for something that is not
+    a valid domain name.
+    """
+    import idna  # a dependency of Twisted (via hyperlink)
+
+    text = domain.strip().rstrip(".")
+    if not text:
+        raise ValueError(f"invalid domain {domain!r}: empty")
+    if text.startswith("[") or text.replace(".", "").isdigit():
+        raise ValueError(f"invalid domain {domain!r}: an address literal is not a domain name")
+    try:
+        encoded = idna.encode(text, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as e:
+        raise ValueError(f"invalid domain {domain!r}: {e}") from None
+    return encoded.lower()
+
+
+@implementer(IPluginContext)
+@dataclass(frozen=True)
+class PluginContext:
+    """What a plugin factory is given besides its options (see IPluginContext)."""
+
+    hostname: builtins.str
+    #: local (final destination) domains, lower case, IDNA-encoded
+    domains: builtins.tuple[builtins.str, ...]
+    #: directory of the config file: relative paths resolve here
+    config_dir: builtins.str
+    reactor: Any = None
+
+    def resolve_path(self, path: builtins.str) -> builtins.str:
+        """``path`` made absolute relative to :attr:`config_dir` (``~`` is expanded)."""
+        return os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(path)))
+
+    def is_local_domain(self, domain: builtins.str) -> builtins.bool:
+        return domain.lower().rstrip(".") in self.domains
+
+
+class Options:
+    """Checked reads from one config table; see the module docstring.
+
+    Each reader takes the key and an optional ``default``; without a default
+    the option is required.  A default is returned as given (not checked).
+    Every key asked for counts as known, so :meth:`finish` can name the
+    unknown ones.
+    """
+
+    def __init__(self, options: Mapping[builtins.str, Any] | None = None):
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping, got {type(options).__name__}")
+        self._values: dict[builtins.str, Any] = dict(options)
+        self._known: builtins.list[builtins.str] = []
+
+    # -- inspection -------------------------------------------------------
+    def __contains__(self, key: builtins.str) -> builtins.bool:
+        return key in self._values
+
+    def keys(self) -> builtins.list[builtins.str]:
+        return builtins.list(self._values)
+
+    @property
+    def known(self) -> builtins.tuple[builtins.str, ...]:
+        return builtins.tuple(self._known)
+
+    def _take(self, key: builtins.str, default: Any) -> tuple[Any, builtins.bool]:
+        """(value, given): mark ``key`` known; raise if required and absent."""
+        if key not in self._known:
+            self._known.append(key)
+        if key in self._values:
+            return self._values[key], True
+        if default is REQUIRED:
+            unread = [k for k in self._values if k not in self._known]
+            hint = closest(key, unread)
+            typo = f" (is {hint!r} a misspelling of it?)" if hint else ""
+            raise OptionError(key, f"required option missing{typo}")
+        return default, False
+
+    # -- readers ----------------------------------------------------------
+    def value(self, key: builtins.str, default: Any = REQUIRED) -> Any:
+        """The raw value, unchecked."""
+        return self._take(key, default)[0]
+
+    def str(self, key: builtins.str, default: Any = REQUIRED, *,
+            choices: Iterable[builtins.str] | None = None,
+            allow_empty: builtins.bool = False) -> builtins.str:
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        return _check_str(key, value, choices, allow_empty)
+
+    def int(self, key: builtins.str, default: Any = REQUIRED, *,
+            minimum: builtins.int | None = None,
+            maximum: builtins.int | None = None) -> builtins.int:
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        if isinstance(value, builtins.bool) or not isinstance(value, builtins.int):
+            raise OptionError(key, f"expected an integer, got {describe_value(value)}")
+        _check_range(key, value, minimum, maximum, None, builtins.str)
+        return value
+
+    def float(self, key: builtins.str, default: Any = REQUIRED, *,
+              minimum: builtins.float | None = None,
+              maximum: builtins.float | None = None,
+              above: builtins.float | None = None) -> builtins.float:
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        if isinstance(value, builtins.bool) or not isinstance(value, (builtins.int, builtins.float)):
+            raise OptionError(key, f"expected a number, got {describe_value(value)}")
+        _check_range(key, value, minimum, maximum, above, builtins.str)
+        return builtins.float(value)
+
+    def bool(self, key: builtins.str, default: Any = REQUIRED) -> builtins.bool:
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        if not isinstance(value, builtins.bool):
+            raise OptionError(key, f"expected true or false, got {describe_value(value)}")
+        return value
+
+    def duration(self, key: builtins.str, default: Any = REQUIRED, *,
+                 minimum: builtins.float | None = None,
+                 maximum: builtins.float | None = None,
+                 above: builtins.float | None = None) -> builtins.float:
+        """Seconds, from a number or a string such as ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``."""
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise OptionError(key, builtins.str(e)) from None
+        _check_range(key, seconds, minimum, maximum, above, format_duration)
+        return seconds
+
+    def list_str(self, key: builtins.str, default: Any = REQUIRED, *,
+                 allow_empty_list: builtins.bool = True) -> builtins.list[builtins.str]:
+        """A list of non-empty strings."""
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        if not isinstance(value, (builtins.list, builtins.tuple)):
+            raise OptionError(key, f"expected an array of strings, got {describe_value(value)}")
+        if not value and not allow_empty_list:
+            raise OptionError(key, "must not be empty")
+        return [_check_str(f"{key}[{i}]", item, None, False) for i, item in enumerate(value)]
+
+    def table(self, key: builtins.str, default: Any = REQUIRED) -> dict[builtins.str, Any]:
+        """A sub-table (returned as a new dict)."""
+        value, given = self._take(key, default)
+        if not given:
+            return value
+        if not isinstance(value, Mapping):
+            raise OptionError(key, f"expected a table, got {describe_value(value)}")
+        return dict(value)
+
+    def path(self, key: builtins.str, context: Any, default: Any = REQUIRED) -> builtins.str:
+        """A file system path, made absolute against the config directory.
+
+        A default, when used, is resolved the same way (unless it is None).
+        """
+        value, given = self._take(key, default)
+        if not given:
+            return value if value is None else context.resolve_path(value)
+        return context.resolve_path(_check_str(key, value, None, False))
+
+    def finish(self) -> None:
+        """Raise OptionError for the first key that no reader asked for."""
+        for key in self._values:
+            if key not in self._known:
+                raise OptionError(key, unknown_key_problem(key, self._known))
+
+
+def _check_str(key: builtins.str, value: Any, choices: Iterable[builtins.str] | None,
+               allow_empty: builtins.bool) -> builtins.str:
+    if not isinstance(value, builtins.str):
+        raise OptionError(key, f"expected a string, got {describe_value(value)}")
+    if choices is not None:
+        allowed = builtins.list(choices)
+        if value not in allowed:
+            listed = ", ".join(repr(c) for c in allowed)
+            raise OptionError(key, f"expected one of {listed}, got {describe_value(value)}")
+    elif not value and not allow_empty:
+        raise OptionError(key, "must not be empty")
+    return value
+
+
+def _check_range(key, value, minimum, maximum, above, show) -> None:
+    if above is not None and not value > above:
+        raise OptionError(key, f"must be greater than {show(above)}, got {show(value)}")
+    if minimum is not None and value < minimum:
+        raise OptionError(key, f"must be at least {show(minimum)}, got {show(value)}")
+    if maximum is not None and value > maximum:
+        raise OptionError(key, f"must be at most {show(maximum)}, got {show(value)}")

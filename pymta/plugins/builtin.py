@@ -1,0 +1,68 @@
+"""The short names pymta ships with, and the registration type sites reuse.
+
+``twisted.plugin.getPlugins(IPluginRegistration, pymta.plugins)`` finds every
+module-level object here (and in any other module of a ``pymta/plugins/``
+directory on ``sys.path``) that provides ``IPlugin`` and
+``IPluginRegistration``.  A registration names its factory as a
+``"module:Attribute"`` string and imports it only in :meth:`load`, so listing
+the short names never imports a backend that is not used.
+
+A site drop-in (``<dir on sys.path>/pymta/plugins/mysite.py``, no
+``__init__.py`` in that directory) looks like::
+
+    from pymta.plugins.builtin import PluginRegistration
+
+    vip_only = PluginRegistration("vip_only", "mysite.checks:VipOnly",
+                                  "Accept mail only for VIP recipients")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from pymta.interfaces import IPluginRegistration
+
+
+@implementer(IPlugin, IPluginRegistration)
+class PluginRegistration:
+    """A short name for a plugin factory given as ``"module:Attribute"``."""
+
+    def __init__(self, name: str, target: str, description: str = ""):
+        module, sep, attribute = target.partition(":")
+        if not sep or not module or not attribute:
+            raise ValueError(f"plugin target {target!r} is not of the form 'module:Attribute'")
+        self.name = name
+        self.target = target
+        self.description = description
+
+    def load(self) -> Callable[..., Any]:
+        """Import and return the factory (exceptions propagate to the loader, which reports them)."""
+        module_name, _, attribute = self.target.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"PluginRegistration({self.name!r}, {self.target!r})"
+
+
+localdomain = PluginRegistration(
+    "localdomain", "pymta.policy.recipients:LocalDomainRecipients",
+    "Accept any safe mailbox name in the local domains")
+static = PluginRegistration(
+    "static", "pymta.policy.recipients:StaticRecipients",
+    "Accept the addresses listed in the config, reject other local ones")
+aliasmap = PluginRegistration(
+    "aliasmap", "pymta.policy.recipients:AliasMap",
+    "Alias / virtual map file: rewrite recipients, reject unknown ones in mapped domains")
+maildir = PluginRegistration(
+    "maildir", "pymta.delivery.maildir:MaildirBackend",
+    "Deliver into Maildir folders")
+mbox = PluginRegistration(
+    "mbox", "pymta.delivery.mbox:MboxBackend",
+    "Deliver into mbox files")

@@ -1,0 +1,1 @@
+"""Built-in session policy plugins (recipient validation and friends)."""
