@@ -1,0 +1,1 @@
+"""The Twisted layer of the SMTP server: a thin adapter around pymta.smtp."""

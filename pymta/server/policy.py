@@ -1,0 +1,84 @@
+"""The session policy: the plugin chains plus the rules the core enforces.
+
+The core decides what no plugin may change: relaying only for trusted or
+authenticated clients, postmaster always accepted (RFC 5321 4.5.1), and no
+recipient accepted that has no delivery route.  Everything else is asked of
+the configured plugins, stage by stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from pymta.config.model import Config
+from pymta.envelope import Recipient
+from pymta.server.chain import run_chain
+from pymta.session import Session, Transaction
+from pymta.verdict import DUNNO, Kind, Verdict
+
+RELAY_DENIED = Verdict.reject("Relay access denied", 554, "5.7.1")
+USER_UNKNOWN = Verdict.reject("User unknown in local recipient table", 550, "5.1.1")
+
+
+def _then(result: Verdict | Deferred, fn) -> Any:
+    if isinstance(result, Deferred):
+        return result.addCallback(fn)
+    return fn(result)
+
+
+class SessionPolicy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stages = config.stages
+        domains = config.domains
+        self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
+            else (domains[0] if domains else config.hostname.lower())
+
+    def connect(self, session: Session):
+        return run_chain(self.stages.get("connect", ()), "check_connect", session)
+
+    def helo(self, session: Session, hostname: str):
+        return run_chain(self.stages.get("helo", ()), "check_helo", session, hostname)
+
+    def mail(self, session: Session, transaction: Transaction):
+        return run_chain(self.stages.get("mail", ()), "check_sender", session, transaction)
+
+    def message(self, session: Session, transaction: Transaction, view):
+        return run_chain(self.stages.get("data", ()), "check_message", session, transaction, view)
+
+    def rcpt(self, session: Session, transaction: Transaction, recipient: str, params: dict):
+        """Return (Verdict, [Recipient]) or a Deferred firing with it."""
+        address = f"postmaster@{self.postmaster_domain}" if recipient == "postmaster" else recipient
+        local_part, _, domain = address.rpartition("@")
+        local = self.config.is_local_domain(domain)
+        if not local and not session.relay_allowed:
+            return RELAY_DENIED, []
+        postmaster = local and local_part.lower() == "postmaster"
+
+        def decided(verdict: Verdict):
+            if postmaster and verdict.kind is not Kind.ACCEPT:
+                verdict = DUNNO          # RFC 5321 4.5.1: always accepted
+            elif verdict.kind is Kind.DUNNO and local and not postmaster:
+                return USER_UNKNOWN, []
+            if verdict.kind not in (Kind.ACCEPT, Kind.DUNNO):
+                return verdict, []
+            targets = verdict.rewrite if verdict.rewrite else (address,)
+            recipients = []
+            seen = set()
+            for target in targets:
+                key = target.lower()
+                if key in seen:
+                    continue
+                seen.add(key)
+                route = self.config.route_for(target)
+                if route is None:
+                    return Verdict.reject(f"<{target}>: no delivery route for this address",
+                                          550, "5.4.4"), []
+                recipients.append(Recipient(address=target, original=recipient, route=route,
+                                            notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
+            return Verdict.accept(verdict.text) if verdict.text else DUNNO, recipients
+
+        return _then(run_chain(self.stages.get("rcpt", ()), "check_recipient",
+                               session, transaction, address), decided)

@@ -1,0 +1,327 @@
+"""The Twisted adapter: socket bytes ↔ ServerConnection, plugin calls, the spool.
+
+Thin by design: every protocol rule lives in :mod:`pymta.smtp.server`.  This
+class feeds bytes in, writes bytes out, runs the plugin chains (which may
+return Deferreds: reading is paused until the answer so pipelined replies stay
+in order), streams message content to the spool and answers end of data only
+once the spool says the message is durable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from pymta.envelope import Envelope
+from pymta.server.received import received_header, with_protocol
+from pymta.session import Session, Transaction
+from pymta.smtp import events as E
+from pymta.smtp.server import ServerConnection
+from pymta.verdict import Kind, Verdict
+
+if TYPE_CHECKING:
+    from pymta.server.factory import SMTPServerFactory
+
+log = Logger(namespace="pymta.smtpd")
+_session_ids = itertools.count(1)
+
+QUEUE_WRITE_ERROR = Verdict(Kind.DEFER, 451, "4.3.0", "Error: queue file write error")
+
+
+class SMTPServerProtocol(Protocol, TimeoutMixin):
+    factory: "SMTPServerFactory"
+
+    def __init__(self) -> None:
+        self.conn: ServerConnection | None = None
+        self.session: Session | None = None
+        self.transaction: Transaction | None = None
+        self._writer = None
+        self._write_failed = False
+        self._processing = False
+        self._paused = False
+        self._greeted = False
+        self._greet_call = None
+
+    # ------------------------------------------------------------ lifecycle
+    def connectionMade(self) -> None:
+        ctx = self.factory.context
+        peer = self.transport.getPeer()
+        ip = getattr(peer, "host", "unknown")
+        self.session = Session(client_ip=ip, client_port=getattr(peer, "port", 0),
+                               listener=self.factory.listener.name, role=self.factory.listener.role,
+                               trusted=ctx.config.is_trusted(ip),
+                               session_id=f"{next(_session_ids):x}")
+        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits)
+        self.setTimeout(ctx.config.limits.idle_timeout)
+        log.info("connect from {client}", client=self.client)
+        wait = ctx.config.limits.pregreet_wait
+        if wait > 0:
+            self._greet_call = ctx.reactor.callLater(wait, self._connect_stage)
+        else:
+            self._connect_stage()
+
+    @property
+    def client(self) -> str:
+        s = self.session
+        return f"{s.client_name}[{s.client_ip}]:{s.client_port}" if s else "unknown"
+
+    def _connect_stage(self) -> None:
+        self._greet_call = None
+        self._decide(self.factory.context.policy.connect(self.session), self._connect_verdict)
+
+    def _connect_verdict(self, verdict: Verdict) -> None:
+        if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
+            self.conn.send_greeting()
+            if self.conn.closed:
+                log.info("pregreet from {client}: talked before the greeting", client=self.client)
+        else:
+            self._log_reject("CONNECT", verdict)
+            self.conn.refuse(verdict)
+        self._greeted = True
+        self._process()
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        if self._greet_call is not None and self._greet_call.active():
+            self._greet_call.cancel()
+        if self.conn is not None:
+            self.conn.connection_lost()
+            self._drain_events()
+        self._abort_writer()
+        self.factory.connection_closed(self)
+        log.info("disconnect from {client}", client=self.client)
+
+    def timeoutConnection(self) -> None:
+        log.info("timeout after {state} from {client}", state=self.conn.state.value, client=self.client)
+        self.conn.timeout()
+        self._process()
+
+    def shutdown(self) -> None:
+        """Server is stopping: tell an idle client 421 and close."""
+        if self.conn is not None and not self.conn.closed and not self.conn.awaiting_answer:
+            self.conn.shutdown()
+            self._process()
+
+    # -------------------------------------------------------------- input
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.conn.receive_data(data)
+        if self._greeted:
+            self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._drain_events()
+        finally:
+            self._processing = False
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.write(out)
+        if self.conn.closed:
+            self.setTimeout(None)
+            self.transport.loseConnection()
+        elif self.conn.awaiting_answer:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        else:
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            limits = self.factory.context.config.limits
+            self.setTimeout(limits.data_timeout if self.conn.in_data else limits.idle_timeout)
+
+    def _drain_events(self) -> None:
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is E.NEED_DATA or ev is E.PAUSED or ev is E.CLOSED:
+                return
+            handler = _HANDLERS[type(ev)]
+            handler(self, ev)
+
+    def _decide(self, result, then) -> None:
+        """Apply ``then`` to a verdict now, or when its Deferred fires."""
+        if not isinstance(result, Deferred):
+            then(result)
+            return
+
+        def fired(value):
+            then(value)       # answers only if the session still waits for it
+            self._process()
+
+        result.addCallback(fired).addErrback(
+            lambda f: log.failure("while answering {client}", f, client=self.client))
+
+    def _answer(self, verdict: Verdict, payload=None) -> None:
+        if self.conn.awaiting_answer:
+            self.conn.answer(verdict, payload)
+
+    # ------------------------------------------------------------- events
+    def _on_hello(self, ev: E.Hello) -> None:
+        self.transaction = None
+
+        def then(verdict: Verdict) -> None:
+            if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
+                self.session.helo = ev.hostname
+                self.session.esmtp = ev.verb == "EHLO"
+            else:
+                self._log_reject("HELO", verdict, helo=ev.hostname)
+            self._answer(verdict)
+
+        self._decide(self.factory.context.policy.helo(self.session, ev.hostname), then)
+
+    def _on_mail(self, ev: E.MailFrom) -> None:
+        txn = Transaction(sender=ev.sender, mail_params=dict(ev.params))
+
+        def then(verdict: Verdict) -> None:
+            if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
+                self.transaction = txn
+            else:
+                self._log_reject("MAIL", verdict, sender=ev.sender)
+            self._answer(verdict)
+
+        self._decide(self.factory.context.policy.mail(self.session, txn), then)
+
+    def _on_rcpt(self, ev: E.RcptTo) -> None:
+        txn = self.transaction
+
+        def then(result) -> None:
+            verdict, recipients = result
+            if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
+                txn.recipients.append(ev.recipient)
+                self._answer(verdict, recipients)
+            else:
+                self._log_reject("RCPT", verdict, sender=txn.sender, rcpt=ev.recipient)
+                self._answer(verdict)
+
+        self._decide(self.factory.context.policy.rcpt(self.session, txn, ev.recipient, ev.params), then)
+
+    def _on_message_start(self, ev: E.MessageStart) -> None:
+        self._abort_writer()
+        self._write_failed = False
+        try:
+            self._writer = self.factory.context.spool.new_message()
+            self.transaction.queue_id = self._writer.queue_id
+        except OSError as e:
+            log.error("cannot create a queue file: {error}", error=e)
+            self._write_failed = True
+
+    def _on_message_data(self, ev: E.MessageData) -> None:
+        if self._writer is None or self._write_failed:
+            return
+        try:
+            self._writer.write(ev.data)
+        except OSError as e:
+            log.error("{queue_id}: queue file write error: {error}", queue_id=self._writer.queue_id, error=e)
+            self._write_failed = True
+
+    def _on_message_aborted(self, ev: E.MessageAborted) -> None:
+        self._abort_writer()
+
+    def _on_message_end(self, ev: E.MessageEnd) -> None:
+        if self._writer is None or self._write_failed:
+            self._abort_writer()
+            self._message_verdict(QUEUE_WRITE_ERROR)
+            return
+        try:
+            view = self._writer.view()
+        except OSError as e:
+            log.error("{queue_id}: queue file write error: {error}", queue_id=self._writer.queue_id, error=e)
+            self._abort_writer()
+            self._message_verdict(QUEUE_WRITE_ERROR)
+            return
+        self._decide(self.factory.context.policy.message(self.session, self.transaction, view),
+                     self._filtered)
+
+    def _filtered(self, verdict: Verdict) -> None:
+        writer, txn = self._writer, self.transaction
+        if writer is None:
+            return
+        if verdict.kind not in (Kind.ACCEPT, Kind.DUNNO):
+            self._log_reject("DATA", verdict, sender=txn.sender)
+            self._abort_writer()
+            self._message_verdict(verdict)
+            return
+        envelope = self._envelope(writer, txn, verdict)
+        self._writer = None
+        d = writer.commit(envelope)
+
+        def committed(_):
+            ctx = self.factory.context
+            log.info("{queue_id}: client={client}, from=<{sender}>, size={size}, nrcpt={nrcpt}",
+                     queue_id=envelope.queue_id, client=self.client, sender=envelope.sender,
+                     size=envelope.size, nrcpt=len(envelope.recipients))
+            ctx.scheduler.submit(envelope)
+            return Verdict.accept(f"Ok: queued as {envelope.queue_id}")
+
+        def failed(failure):
+            log.failure("{queue_id}: cannot commit the queue file", failure, queue_id=envelope.queue_id)
+            writer.abort()
+            return QUEUE_WRITE_ERROR
+
+        d.addCallbacks(committed, failed)
+        self._decide(d, self._message_verdict)
+
+    def _message_verdict(self, verdict: Verdict) -> None:
+        if not self.conn.closed:
+            self._answer(verdict)
+
+    def _on_quit(self, ev: E.Quit) -> None:
+        pass
+
+    # ------------------------------------------------------------- helpers
+    def _envelope(self, writer, txn: Transaction, verdict: Verdict) -> Envelope:
+        ctx = self.factory.context
+        now = ctx.reactor.seconds()
+        recipients = []
+        seen = set()
+        for _given, _params, payload in self.conn.recipients:
+            for rcpt in payload or ():
+                key = (rcpt.address.lower(), rcpt.route)
+                if key not in seen:
+                    seen.add(key)
+                    recipients.append(rcpt)
+        params = txn.mail_params
+        smtputf8 = "SMTPUTF8" in params
+        prepend = [received_header(self.session, ctx.config.hostname, writer.queue_id,
+                                   [r.address for r in recipients], smtputf8, now)]
+        prepend += [f"{name}: {value}\r\n" for name, value in verdict.headers]
+        return Envelope(queue_id=writer.queue_id, sender=txn.sender, recipients=recipients,
+                        received_at=now, size=writer.size, client_ip=self.session.client_ip,
+                        client_name=self.session.client_name, helo=self.session.helo or "",
+                        protocol=with_protocol(self.session, smtputf8), body=params.get("BODY"),
+                        smtputf8=smtputf8, ret=params.get("RET"), envid=params.get("ENVID"),
+                        auth=self.session.auth_user, prepend=prepend)
+
+    def _abort_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def _log_reject(self, stage: str, verdict: Verdict, **fields) -> None:
+        detail = " ".join(f"{k}=<{v}>" for k, v in fields.items()) or "-"
+        log.info("NOQUEUE: reject: {stage} from {client}: {code} {enhanced} {text}; {detail}",
+                 stage=stage, client=self.client, code=verdict.code, enhanced=verdict.enhanced,
+                 text=verdict.text, detail=detail)
+
+
+_HANDLERS = {
+    E.Hello: SMTPServerProtocol._on_hello,
+    E.MailFrom: SMTPServerProtocol._on_mail,
+    E.RcptTo: SMTPServerProtocol._on_rcpt,
+    E.MessageStart: SMTPServerProtocol._on_message_start,
+    E.MessageData: SMTPServerProtocol._on_message_data,
+    E.MessageAborted: SMTPServerProtocol._on_message_aborted,
+    E.MessageEnd: SMTPServerProtocol._on_message_end,
+    E.Quit: SMTPServerProtocol._on_quit,
+}

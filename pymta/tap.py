@@ -1,0 +1,73 @@
+"""twistd glue: command-line options → the service tree.
+
+    twistd -n pymta                  # embedded default (loopback :2525, ./var)
+    twistd -n pymta --config FILE    # one TOML file
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from pymta.config.errors import ConfigError
+from pymta.config.model import Config
+
+log = Logger(namespace="pymta")
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = ("Run the pymta mail transfer agent. Without --config it listens on "
+                "127.0.0.1:2525 and delivers mail for localhost into ./var/mail.")
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: the embedded default)"],
+    ]
+
+
+def load(options) -> Config:
+    from pymta.config.loader import default_config, load_config
+    from twisted.internet import reactor
+    path = options["config"]
+    return load_config(path, reactor=reactor) if path else default_config(reactor=reactor)
+
+
+def build_service(config: Config, reactor) -> MultiService:
+    from pymta.server.factory import (ConnectionCounter, ServerContext, SessionShutdown,
+                                      SMTPServerFactory)
+    from pymta.server.policy import SessionPolicy
+    from pymta.spool.scheduler import DeliveryScheduler
+    from pymta.spool.store import Spool
+
+    top = MultiService()
+    spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync)
+    scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor)
+    scheduler.setServiceParent(top)          # started first: recovers the spool
+    context = ServerContext(config=config, policy=SessionPolicy(config), spool=spool,
+                            scheduler=scheduler, reactor=reactor)
+    counter = ConnectionCounter()
+    for listener in config.listeners:
+        endpoint = serverFromString(reactor, listener.endpoint)
+        service = StreamServerEndpointService(endpoint, SMTPServerFactory(context, listener, counter))
+        service._raiseSynchronously = True   # a port we cannot bind stops start-up
+        service.setName(f"listener:{listener.name}")
+        service.setServiceParent(top)
+    SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
+    log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
+             listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
+             hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
+    return top
+
+
+def makeService(options) -> MultiService:
+    from twisted.internet import reactor
+    try:
+        config = load(options)
+    except ConfigError as e:
+        sys.stderr.write(f"pymta: configuration error: {e}\n")
+        raise SystemExit(1)
+    return build_service(config, reactor)
