@@ -11,6 +11,7 @@ import sys
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,6 +19,25 @@ from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 
 log = Logger(namespace="pymta")
+
+
+class ListenerService(StreamServerEndpointService):
+    """A listening endpoint whose failure to bind stops start-up with one clear line."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, listener, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self.listener = listener
+        self.setName(f"listener:{listener.name}")
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            sys.__stderr__.write(f"pymta: cannot listen: listeners {self.listener.name!r} "
+                                 f"({self.listener.endpoint}): {e.socketError}\n")
+            raise SystemExit(1)
 
 
 class Options(usage.Options):
@@ -52,10 +72,8 @@ def build_service(config: Config, reactor) -> MultiService:
     counter = ConnectionCounter()
     for listener in config.listeners:
         endpoint = serverFromString(reactor, listener.endpoint)
-        service = StreamServerEndpointService(endpoint, SMTPServerFactory(context, listener, counter))
-        service._raiseSynchronously = True   # a port we cannot bind stops start-up
-        service.setName(f"listener:{listener.name}")
-        service.setServiceParent(top)
+        ListenerService(listener, endpoint,
+                        SMTPServerFactory(context, listener, counter)).setServiceParent(top)
     SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),

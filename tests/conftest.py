@@ -64,6 +64,17 @@ class PymtaServer:
             """) + textwrap.dedent(extra_toml))
         self.proc: subprocess.Popen | None = None
 
+    @classmethod
+    def from_config(cls, config: Path, port: int) -> "PymtaServer":
+        """A server for an existing config file (already listening on ``port``)."""
+        server = cls.__new__(cls)
+        server.dir = config.parent
+        server.port = port
+        server.config = config
+        server.log = config.parent / "pymta.log"
+        server.proc = None
+        return server
+
     def start(self, timeout: float = 20.0) -> "PymtaServer":
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "pymta", "--config", str(self.config)],

@@ -1,0 +1,89 @@
+"""kill -9 at any moment: every message answered 250 is delivered, byte for byte."""
+
+from __future__ import annotations
+
+import random
+import smtplib
+import threading
+import time
+
+from conftest import BACKEND_TOML, ROOT
+
+PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
+
+
+def _body(token: str, size: int) -> bytes:
+    filler = (f"{token} " * (size // (len(token) + 1) + 1))[:size]
+    lines = [filler[i:i + 70] for i in range(0, len(filler), 70)]
+    return (f"Subject: {token}\r\nMessage-ID: <{token}@example.test>\r\n\r\n" +
+            "\r\n".join(lines) + "\r\n.dot line\r\n").encode()
+
+
+def _blast(port: int, prefix: str, accepted: dict, stop: threading.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=5) as s:
+                while not stop.is_set():
+                    n += 1
+                    token = f"{prefix}-{n}"
+                    body = _body(token, random.choice((200, 3000, 40000)))
+                    s.sendmail("load@example.org", ["durable@example.test"], body)
+                    accepted[token] = body      # only after 250
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.01)
+
+
+def _delivered_bodies(server, expected: int, timeout: float = 30.0) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for msg in server.delivered("durable@example.test", expected, timeout=timeout):
+        body = msg[msg.index(b"\r\nSubject: ") + 2:]
+        token = body.split(b"\r\n", 1)[0][len(b"Subject: "):].decode()
+        found[token] = body
+    return found
+
+
+def test_kill9_during_load_loses_nothing(make_server):
+    server = make_server()
+    accepted: dict[str, bytes] = {}
+    for round_no in range(3):
+        stop = threading.Event()
+        threads = [threading.Thread(target=_blast, args=(server.port, f"r{round_no}t{i}", accepted, stop))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(random.uniform(0.4, 1.2))
+        server.kill9()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        server.start()
+    assert len(accepted) > 20, "the load did not get going"
+    found = _delivered_bodies(server, len(accepted))
+    missing = sorted(set(accepted) - set(found))
+    assert not missing, f"{len(missing)} of {len(accepted)} acknowledged messages lost: {missing[:5]}"
+    for token, body in accepted.items():
+        assert found[token] == body, f"{token} delivered altered"
+
+
+def test_spooled_messages_survive_kill9_and_are_delivered_after_restart(make_server):
+    hold = '[backends.local]\nuse = "test_policies:DeferAll"\n\n[queue]\nretry_initial = "2s"\n'
+    server = make_server(hold, server_toml=PLUGIN_PATH)
+    sent = {}
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        for i in range(20):
+            token = f"held-{i}"
+            sent[token] = _body(token, 500 * i)
+            s.sendmail("load@example.org", ["durable@example.test"], sent[token])
+    queued = list((server.spool / "queue").glob("*.env"))
+    assert len(queued) == 20
+    server.kill9()
+    # same spool, now routed to a real Maildir
+    server.config.write_text(server.config.read_text().replace(hold, BACKEND_TOML))
+    server.start()
+    found = _delivered_bodies(server, 20)
+    assert found == sent
+    deadline = time.monotonic() + 10
+    while list((server.spool / "queue").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((server.spool / "queue").glob("*")) == []
