@@ -314,3 +314,45 @@ def test_line_checker_matches_line_by_line_reference(content, bare_newlines, cut
         checker = LineChecker(bare_newlines)
         stored = b"".join(checker.feed(chunk) for chunk in chunks) + checker.finish()
         assert (stored, checker.bare, checker.too_long) == expected
+
+
+# ------------------------------- the whole DATA path against the references
+TRANSACTION = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+DATA_REPLIES = {
+    "size": b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n",
+    "bare": b"550 5.6.11 Error: message contains bare <CR> or <LF>; lines must end with <CR><LF>\r\n",
+    "long": b"550 5.6.0 Error: message has lines longer than 998 octets (RFC 5322 2.1.1)\r\n",
+    "ok": b"250 2.0.0 Ok\r\n",
+}
+
+
+@FUZZ
+@given(body=st.lists(st.one_of(data_tokens, line_tokens), max_size=25).map(b"".join),
+       bare_newlines=st.sampled_from(["reject", "normalize"]),
+       limit=st.sampled_from([60, 5000, 1_000_000]),
+       cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=20))
+def test_data_outcome_matches_the_line_by_line_references(body, bare_newlines, limit, cuts):
+    content, _, _ = reference_data(body + b"\r\n.\r\n")
+    stored, bare, too_long = reference_lines(content, bare_newlines)
+    if len(stored) > limit:
+        outcome = "size"
+    elif bare and bare_newlines == "reject":
+        outcome = "bare"
+    elif too_long:
+        outcome = "long"
+    else:
+        outcome = "ok"
+    stream = TRANSACTION + b"DATA\r\n" + body + b"\r\n.\r\n"
+    for chunks in ([stream], split_at(stream, cuts)):
+        driver = Driver(Limits(max_message_size=limit, bare_newlines=bare_newlines))
+        driver.feed_chunks(chunks)
+        replies = bytes(driver.replies)
+        go_ahead = b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        after = replies[replies.index(go_ahead) + len(go_ahead):]
+        assert after.startswith(DATA_REPLIES[outcome])
+        first = driver.messages()[0]
+        if outcome == "ok":
+            assert first == ("end", stored)
+        else:
+            assert first[0] == "aborted"
+            assert len(first[1]) <= limit

@@ -173,7 +173,7 @@ def test_bad_syntax_is_501(line, reply):
 @pytest.mark.parametrize("line, reply", [
     (b"MAIL TO:<a@b.test>\r\n", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
     (b"MAIL\r\n", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
-    (b"MAIL FROM:a@b.test\r\n", b"501 5.1.3 Syntax: the address must be enclosed in <>\r\n"),
+    (b"MAIL FROM:a@b.test\r\n", b"501 5.1.7 Syntax: the address must be enclosed in <>\r\n"),
 ])
 def test_bad_mail_syntax_is_501(line, reply):
     driver = greeted()

@@ -280,7 +280,9 @@ class ServerConnection:
             params = self._mail_params(params)
             sender = parse_path(path, allow_null=True)
         except PathError as e:
-            return self._error(R.Reply(e.code, e.enhanced, e.text))
+            # X.1.3 is a bad destination address; for the sender it is X.1.7 (RFC 3463)
+            enhanced = "5.1.7" if e.enhanced == "5.1.3" else e.enhanced
+            return self._error(R.Reply(e.code, enhanced, e.text))
         if not is_ascii(sender) and "SMTPUTF8" not in params:
             return self._error(R.NEEDS_SMTPUTF8)
         self._hold("mail", E.MailFrom(sender, params))
