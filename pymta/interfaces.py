@@ -96,6 +96,7 @@ class IPluginContext(Interface):
     domains = Attribute("Tuple of the local (final destination) domains, lower case")
     config_dir = Attribute("Directory of the config file: relative paths resolve here")
     reactor = Attribute("The reactor")
+    resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]")
 
     def resolve_path(path):
         """Return ``path`` made absolute relative to ``config_dir``."""

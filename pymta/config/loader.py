@@ -36,7 +36,8 @@ from zope.interface.exceptions import (BrokenImplementation, BrokenMethodImpleme
 from zope.interface.verify import verifyObject
 
 from pymta.config.errors import ConfigError, OptionError
-from pymta.config.model import Config, Limits, Listener, PluginInstance, Retry, Route
+from pymta.config.model import Config, DNSSettings, Limits, Listener, PluginInstance, Retry, Route
+from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.config.options import (Options, PluginContext, closest, describe_value,
                                   normalize_domain)
 from pymta.config.durations import format_duration
@@ -256,10 +257,14 @@ class _ConfigBuilder:
             plugins = top.table("plugins", {})
             backends = top.table("backends", None)
             routes = top.value("routes", None)
+            dns_table = top.table("dns", {})
             top.finish()
 
         hostname, domains, trusted = self._server(server)
-        self.context = PluginContext(hostname, domains, self.config_dir, self.reactor)
+        dns_settings = self._dns(dns_table)
+        resolver = DNSResolver(list(dns_settings.nameservers), dns_settings.timeout,
+                               dns_settings.attempts, reactor=self.reactor)
+        self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
         spool_dir, spool_sync = self._spool(spool)
         listener_list = self._listeners(listeners)
         limits_obj = self._limits(limits)
@@ -271,7 +276,7 @@ class _ConfigBuilder:
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync, stages=stage_map,
-            backends=backend_objs, routes=route_list)
+            backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
@@ -383,6 +388,25 @@ class _ConfigBuilder:
                 values[field.name] = getattr(opts, reader)(field.name, default, **bounds)
             opts.finish()
         return Limits(**values)
+
+    def _dns(self, table: dict[str, Any]) -> DNSSettings:
+        defaults = DNSSettings()
+        with self.section("dns"):
+            opts = Options(table)
+            servers = opts.list_str("nameservers", default=[])
+            timeout = opts.duration("timeout", defaults.timeout, above=0)
+            attempts = opts.int("attempts", defaults.attempts, minimum=1, maximum=10)
+            opts.finish()
+            for index, server in enumerate(servers):
+                try:
+                    host, port = parse_nameserver(server)
+                    ipaddress.ip_address(host)
+                    if not 0 < port < 65536:
+                        raise ValueError
+                except ValueError:
+                    raise OptionError(f"nameservers[{index}]", f"expected an IP address with an "
+                                      f"optional :port, got {server!r}") from None
+        return DNSSettings(tuple(servers), timeout, attempts)
 
     def _queue(self, table: dict[str, Any]) -> Retry:
         defaults = Retry()

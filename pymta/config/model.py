@@ -54,6 +54,14 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class DNSSettings:
+    #: "host" or "host:port" ("[v6]:port"); empty = the system's /etc/resolv.conf
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 5.0        # seconds per attempt
+    attempts: int = 2
+
+
+@dataclass(frozen=True)
 class Route:
     #: "*" (everything), "example.org" / "@example.org" (a domain), or "user@example.org"
     match: str
@@ -97,6 +105,9 @@ class Config:
     #: backend name -> IDeliveryBackend provider
     backends: dict[str, Any] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    dns: DNSSettings = field(default_factory=DNSSettings)
+    #: the shared pymta.dns.resolver.DNSResolver built from ``dns``
+    resolver: Any = None
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import OptionError
+from pymta.config.model import domain_key
 from pymta.interfaces import IPluginContext
 
 __all__ = ["Options", "PluginContext", "describe_value", "normalize_domain", "closest"]
@@ -111,13 +112,15 @@ class PluginContext:
     #: directory of the config file: relative paths resolve here
     config_dir: builtins.str
     reactor: Any = None
+    #: the shared pymta.dns.resolver.DNSResolver (from [dns])
+    resolver: Any = None
 
     def resolve_path(self, path: builtins.str) -> builtins.str:
         """``path`` made absolute relative to :attr:`config_dir` (``~`` is expanded)."""
         return os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(path)))
 
     def is_local_domain(self, domain: builtins.str) -> builtins.bool:
-        return domain.lower().rstrip(".") in self.domains
+        return domain_key(domain) in self.domains
 
 
 class Options:

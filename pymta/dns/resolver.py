@@ -1,0 +1,128 @@
+"""The shared DNS resolver: explicit MX/A/AAAA/TXT/PTR lookups on twisted.names.
+
+One :class:`DNSResolver` per server, built from the ``[dns]`` config table
+(nameservers and timeouts), handed to every component that needs DNS, so
+that tests can point all of them at a loopback DNS server and sites at
+their own resolver.
+
+Results are plain Python values; failures are :class:`DNSError` with a
+``temporary`` flag: NXDOMAIN and "no such record" are *not* errors (they
+give an empty list), SERVFAIL, refused and timeouts are temporary errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.names import client, dns, error
+
+
+@dataclass(frozen=True)
+class MX:
+    preference: int
+    host: str
+
+
+class DNSError(Exception):
+    def __init__(self, name: str, rtype: str, reason: str, temporary: bool = True) -> None:
+        super().__init__(f"{rtype} lookup of {name} failed: {reason}")
+        self.name, self.rtype, self.reason, self.temporary = name, rtype, reason, temporary
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """ "192.0.2.1", "192.0.2.1:5353", "[2001:db8::1]:53", "::1" → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 53
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
+
+
+class DNSResolver:
+    """Asynchronous lookups with configurable nameservers and timeout."""
+
+    def __init__(self, nameservers: list[str] | None = None, timeout: float = 5.0,
+                 attempts: int = 2, reactor=None) -> None:
+        self.nameservers = [parse_nameserver(s) for s in nameservers] if nameservers else None
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self._reactor = reactor
+        self._client: client.Resolver | None = None
+
+    @property
+    def _resolver(self) -> client.Resolver:
+        """The twisted.names client, made on first use (no timers or sockets at config time)."""
+        if self._client is None:
+            timeouts = tuple([self.timeout] * self.attempts)
+            if self.nameservers:
+                self._client = client.Resolver(servers=self.nameservers, timeout=timeouts,
+                                               reactor=self._reactor)
+            else:
+                self._client = client.Resolver(resolv="/etc/resolv.conf", timeout=timeouts,
+                                               reactor=self._reactor)
+        return self._client
+
+    # -------------------------------------------------------------- lookups
+    def _query(self, method: str, name: str, rtype: str, convert) -> Deferred:
+        d = getattr(self._resolver, method)(name)
+
+        def ok(result):
+            answers, _authority, _additional = result
+            return convert(answers)
+
+        def failed(failure):
+            if failure.check(error.DNSNameError):
+                return []                      # NXDOMAIN
+            if failure.check(error.DNSServerError):
+                raise DNSError(name, rtype, "server failure (SERVFAIL)")
+            if failure.check(error.DNSQueryRefusedError):
+                raise DNSError(name, rtype, "query refused")
+            if failure.check(error.DNSFormatError, error.DNSNotImplementedError, error.DNSUnknownError):
+                raise DNSError(name, rtype, failure.getErrorMessage() or "bad answer")
+            if failure.check(error.DNSQueryTimeoutError, TimeoutError):
+                raise DNSError(name, rtype, "timeout")
+            raise DNSError(name, rtype, failure.getErrorMessage() or repr(failure.value))
+
+        return d.addCallbacks(ok, failed)
+
+    @staticmethod
+    def _records(answers, rtype_code):
+        return [a.payload for a in answers if a.type == rtype_code]
+
+    def mx(self, name: str) -> Deferred:
+        """Fires with [MX(preference, host)] sorted by preference; [] if none.
+
+        A null MX (RFC 7505) comes back as [MX(0, "")]."""
+        def convert(answers):
+            out = [MX(p.preference, str(p.name).rstrip(".").lower())
+                   for p in self._records(answers, dns.MX)]
+            return sorted(out, key=lambda m: m.preference)
+        return self._query("lookupMailExchange", name, "MX", convert)
+
+    def a(self, name: str) -> Deferred:
+        """Fires with [IPv4 address strings]."""
+        return self._query("lookupAddress", name, "A",
+                           lambda ans: [p.dottedQuad() for p in self._records(ans, dns.A)])
+
+    def aaaa(self, name: str) -> Deferred:
+        """Fires with [IPv6 address strings]."""
+        import socket
+        return self._query("lookupIPV6Address", name, "AAAA",
+                           lambda ans: [socket.inet_ntop(socket.AF_INET6, p.address)
+                                        for p in self._records(ans, dns.AAAA)])
+
+    def txt(self, name: str) -> Deferred:
+        """Fires with [text]: each TXT record's strings joined (RFC 7208 3.3), bytes decoded as latin-1."""
+        return self._query("lookupText", name, "TXT",
+                           lambda ans: [b"".join(p.data).decode("latin-1")
+                                        for p in self._records(ans, dns.TXT)])
+
+    def ptr(self, name: str) -> Deferred:
+        """Fires with [host names] for a reverse name (e.g. 4.3.2.1.in-addr.arpa)."""
+        return self._query("lookupPointer", name, "PTR",
+                           lambda ans: [str(p.name).rstrip(".").lower()
+                                        for p in self._records(ans, dns.PTR)])
