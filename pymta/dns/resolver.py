@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import client, dns, error
 
@@ -83,7 +84,7 @@ class DNSResolver:
                 raise DNSError(name, rtype, "query refused")
             if failure.check(error.DNSFormatError, error.DNSNotImplementedError, error.DNSUnknownError):
                 raise DNSError(name, rtype, failure.getErrorMessage() or "bad answer")
-            if failure.check(error.DNSQueryTimeoutError, TimeoutError):
+            if failure.check(error.DNSQueryTimeoutError, defer.TimeoutError, TimeoutError):
                 raise DNSError(name, rtype, "timeout")
             raise DNSError(name, rtype, failure.getErrorMessage() or repr(failure.value))
 

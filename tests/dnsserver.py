@@ -1,0 +1,113 @@
+"""A loopback authoritative DNS server for the tests (twisted.names, in a subprocess).
+
+Zones are given as a dict  {name: [(type, value), ...]}  with values:
+  A/AAAA: "192.0.2.1" / "2001:db8::1"   MX: (preference, "host")   TXT: "text" or ["part", "part"]
+  CNAME/PTR/NS: "target"   and the special type "SERVFAIL" (any value) or "TIMEOUT" (never answers).
+Names not listed get NXDOMAIN.  Usage::
+
+    with LoopbackDNS({"example.test": [("MX", (10, "mx.example.test"))], ...}) as dns:
+        config nameservers = [f"127.0.0.1:{dns.port}"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+class LoopbackDNS:
+    def __init__(self, zone: dict[str, list[tuple[str, object]]]) -> None:
+        self.zone = zone
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LoopbackDNS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "LoopbackDNS":
+        fd, self._zonefile = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: [[t, v] for t, v in recs] for k, recs in self.zone.items()}, f)
+        self.proc = subprocess.Popen([sys.executable, __file__, self._zonefile],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"DNS server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        if getattr(self, "_zonefile", None):
+            os.unlink(self._zonefile)
+            self._zonefile = None
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _serve(zonefile: str) -> None:
+    from twisted.internet import defer, reactor
+    from twisted.names import dns, error, server
+
+    with open(zonefile) as f:
+        zone = {k.lower().rstrip("."): v for k, v in json.load(f).items()}
+
+    def payload(rtype: str, value, ttl: int = 60):
+        if rtype == "A":
+            return dns.Record_A(value, ttl)
+        if rtype == "AAAA":
+            return dns.Record_AAAA(value, ttl)
+        if rtype == "MX":
+            return dns.Record_MX(value[0], value[1].encode(), ttl)
+        if rtype == "TXT":
+            parts = value if isinstance(value, list) else [value]
+            return dns.Record_TXT(*[p.encode("latin-1") for p in parts], ttl=ttl)
+        if rtype == "CNAME":
+            return dns.Record_CNAME(value.encode(), ttl)
+        if rtype == "PTR":
+            return dns.Record_PTR(value.encode(), ttl)
+        if rtype == "NS":
+            return dns.Record_NS(value.encode(), ttl)
+        raise ValueError(rtype)
+
+    class ZoneResolver:
+        def query(self, query, timeout=None):
+            name = query.name.name.decode().lower().rstrip(".")
+            records = zone.get(name)
+            if records is None:
+                return defer.fail(error.DomainError(name))
+            kinds = {t for t, _ in records}
+            if "TIMEOUT" in kinds:
+                return defer.Deferred()          # never answers
+            if "SERVFAIL" in kinds:
+                return defer.fail(RuntimeError(f"SERVFAIL for {name}"))  # answered as SERVFAIL
+            answers = []
+            wanted = dns.QUERY_TYPES.get(query.type, dns.EXT_QUERIES.get(query.type, ""))
+            for rtype, value in records:
+                if rtype == wanted or query.type == dns.ALL_RECORDS or rtype == "CNAME":
+                    rr = payload(rtype, value)
+                    answers.append(dns.RRHeader(query.name.name, rr.TYPE, dns.IN, 60, rr, auth=True))
+            return defer.succeed((answers, [], []))
+
+    factory = server.DNSServerFactory(authorities=[ZoneResolver()])
+    protocol = dns.DNSDatagramProtocol(factory)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    reactor.listenTCP(port.getHost().port, factory, interface="127.0.0.1")
+    print(f"PORT {port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
