@@ -30,6 +30,10 @@ class Verdict:
     rewrite: tuple[str, ...] | None = None
     #: message stage only: header fields to prepend, as (name, value) pairs.
     headers: tuple[tuple[str, str], ...] = field(default=())
+    #: message stage only: positions (in ``message.headers()``) of header
+    #: fields to remove from the stored message, e.g. a forged
+    #: Authentication-Results claiming our authserv-id (RFC 8601 5).
+    drop_headers: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.code is not None:
@@ -48,9 +52,10 @@ class Verdict:
 
     # -- constructors a plugin author uses -------------------------------
     @classmethod
-    def accept(cls, text: str | None = None, *, rewrite=None, headers=()) -> "Verdict":
+    def accept(cls, text: str | None = None, *, rewrite=None, headers=(), drop_headers=()) -> "Verdict":
         return cls(Kind.ACCEPT, None, None, text,
-                   tuple(rewrite) if rewrite is not None else None, tuple(headers))
+                   tuple(rewrite) if rewrite is not None else None, tuple(headers),
+                   tuple(drop_headers))
 
     @classmethod
     def reject(cls, text: str = "Rejected", code: int = 550, enhanced: str = "5.7.1") -> "Verdict":

@@ -23,8 +23,8 @@ PLUGIN_FAILURE = Verdict(Kind.DEFER, 451, "4.3.5", "Server configuration problem
 
 
 def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any) -> Verdict | Deferred:
-    """Return the first decided verdict (or DUNNO); headers of undecided ones are kept."""
-    return _run(plugins, 0, method, args, ())
+    """Return the first decided verdict (or DUNNO); header changes of undecided ones are kept."""
+    return _run(plugins, 0, method, args, ((), ()))
 
 
 def _run(plugins, start, method, args, headers) -> Verdict | Deferred:
@@ -41,7 +41,7 @@ def _run(plugins, start, method, args, headers) -> Verdict | Deferred:
                 verdict = _checked(plugin, method, verdict)
                 if verdict is None:
                     return PLUGIN_FAILURE
-                merged = headers + verdict.headers
+                merged = _merge(headers, verdict)
                 if verdict.decided:
                     return _with_headers(verdict, merged)
                 return _run(plugins, i + 1, method, args, merged)
@@ -55,7 +55,7 @@ def _run(plugins, start, method, args, headers) -> Verdict | Deferred:
         verdict = _checked(plugin, method, result)
         if verdict is None:
             return PLUGIN_FAILURE
-        headers = headers + verdict.headers
+        headers = _merge(headers, verdict)
         if verdict.decided:
             return _with_headers(verdict, headers)
     return _with_headers(DUNNO, headers)
@@ -71,7 +71,14 @@ def _checked(plugin: PluginInstance, method: str, result: Any) -> Verdict | None
     return None
 
 
-def _with_headers(verdict: Verdict, headers: tuple) -> Verdict:
-    if headers == verdict.headers:
+def _merge(acc: tuple, verdict: Verdict) -> tuple:
+    """Header additions and removals of every plugin that ran, in order."""
+    added, dropped = acc
+    return added + verdict.headers, dropped + verdict.drop_headers
+
+
+def _with_headers(verdict: Verdict, acc: tuple) -> Verdict:
+    added, dropped = acc
+    if added == verdict.headers and dropped == verdict.drop_headers:
         return verdict
-    return dataclasses.replace(verdict, headers=headers)
+    return dataclasses.replace(verdict, headers=added, drop_headers=tuple(sorted(set(dropped))))

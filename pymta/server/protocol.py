@@ -252,6 +252,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._abort_writer()
             self._message_verdict(verdict)
             return
+        if verdict.drop_headers:
+            try:
+                writer.drop_headers(verdict.drop_headers)
+            except OSError as e:
+                log.error("{queue_id}: queue file write error: {error}", queue_id=writer.queue_id, error=e)
+                self._abort_writer()
+                self._message_verdict(QUEUE_WRITE_ERROR)
+                return
         envelope = self._envelope(writer, txn, verdict)
         self._writer = None
         d = writer.commit(envelope)
