@@ -34,9 +34,10 @@ class Driver:
     """
 
     def __init__(self, limits: Limits | None = None, *, hostname: str = "mx.test",
-                 policy: dict | None = None, greet: bool = True, auto: bool = True) -> None:
+                 policy: dict[type, Answer] | None = None, greet: bool = True,
+                 auto: bool = True) -> None:
         self.conn = ServerConnection(hostname, limits or Limits())
-        self.policy: dict = dict(policy or {})
+        self.policy: dict[type, Answer] = dict(policy or {})
         self.auto = auto
         self.events: list = []
         self.replies = bytearray()

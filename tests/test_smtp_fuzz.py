@@ -15,7 +15,7 @@ from pymta.smtp.body import MAX_TEXT_LINE, DataReader, LineChecker
 from pymta.verdict import Verdict
 from smtp_driver import Driver, one_byte_chunks, reply_lines
 
-FUZZ = settings(max_examples=300, deadline=None,
+FUZZ = settings(max_examples=400, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 REPLY_LINE = re.compile(rb"[2-5][0-9][0-9][ -][\x20-\x7e\x80-\xff]*\Z")

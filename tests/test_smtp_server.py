@@ -13,7 +13,7 @@ import pytest
 from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp._state import State
-from pymta.smtp.server import MAX_COMMAND_LINE, MAX_MAIL_LINE, MAX_RCPT_LINE, ServerConnection
+from pymta.smtp.server import Features, MAX_COMMAND_LINE, MAX_MAIL_LINE, MAX_RCPT_LINE, ServerConnection
 from pymta.verdict import Kind, Verdict
 from smtp_driver import Driver, reply_codes, reply_lines, session
 
@@ -95,7 +95,7 @@ def test_ehlo_lists_exactly_the_offered_extensions():
 
 def test_ehlo_advertises_the_configured_size_and_extra_extensions():
     driver = Driver(Limits(max_message_size=1000))
-    driver.conn.extra_extensions.append("STARTTLS")
+    driver.conn.features = Features(starttls=True)
     assert driver.feed(b"ehlo client.test\r\n") == (
         b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
         b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 STARTTLS\r\n")

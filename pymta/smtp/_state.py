@@ -23,6 +23,8 @@ class State(enum.Enum):
     DATA = "data"              # reading DATA content
     BDAT_CHUNK = "bdat_chunk"  # reading the octets of a BDAT chunk
     BDAT_MORE = "bdat_more"    # a non-LAST BDAT chunk was accepted
+    TLS_PENDING = "tls_pending"  # 220 to STARTTLS sent; waiting for the TLS layer
+    AUTH = "auth"              # a SASL challenge (334) was sent; reading the response line
     CLOSED = "closed"
 
 
@@ -57,8 +59,11 @@ TRANSITIONS: dict[str, dict[State, object]] = {
     "EXPN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
     "TURN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
     "ETRN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
-    "STARTTLS": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
-    "AUTH": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    # RFC 3207 / RFC 4954: before a mail transaction only
+    "STARTTLS": {State.READY: "starttls", State.HELO: "starttls", State.MAIL: R.IN_TRANSACTION,
+                 State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
+    "AUTH": {State.READY: R.NEED_HELO, State.HELO: "auth", State.MAIL: R.IN_TRANSACTION,
+             State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
 }
 
 # Where an answered decision leads: (on accept, on refusal).  None = unchanged.
@@ -67,4 +72,5 @@ AFTER_VERDICT: dict[str, tuple[State, State | None]] = {
     "mail": (State.MAIL, None),
     "rcpt": (State.RCPT, None),
     "message": (State.HELO, State.HELO),
+    "auth": (State.HELO, State.HELO),
 }

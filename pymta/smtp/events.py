@@ -73,5 +73,25 @@ class MessageAborted:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """220 to STARTTLS is queued: write it, start TLS, then call ``conn.tls_started()``.
+
+    Everything the client sent after the STARTTLS line in plaintext has been
+    discarded (RFC 3207 4.2; CVE-2011-0411)."""
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """*decision*: SASL credentials (RFC 4954, PLAIN RFC 4616, LOGIN).
+
+    Answer ACCEPT (235), REJECT (535 5.7.8 by default) or DEFER (454)."""
+    mechanism: str
+    username: str
+    password: str
+    #: PLAIN authorization identity ("" when none was given)
+    authzid: str = ""
+
+
+@dataclass(frozen=True)
 class Quit:
     """The client said QUIT; 221 is queued and the machine is CLOSED."""

@@ -27,7 +27,9 @@ class Reply:
         out = []
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+            text = f"{self.code}{sep}{prefix}{line}"
+            # "334 " keeps its space: an empty SASL challenge (RFC 4954 4)
+            out.append((text if self.code == 334 else text.rstrip(" ")) + "\r\n")
         return "".join(out).encode("utf-8")
 
     @property
@@ -69,6 +71,19 @@ BARE_NEWLINE_DATA = Reply(550, "5.6.11", "Error: message contains bare <CR> or <
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Error: message has lines longer than 998 octets (RFC 5322 2.1.1)")
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires the SMTPUTF8 parameter on MAIL")
 NO_PARAMS_AFTER_HELO = Reply(555, "5.5.4", "Error: MAIL/RCPT parameters need EHLO")
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: not allowed during a mail transaction")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_UNKNOWN_MECH = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication aborted")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode the authentication response")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 SHUTDOWN = Reply(421, "4.3.2", "Service shutting down")

@@ -18,7 +18,10 @@ transition is listed in :mod:`pymta.smtp._state`.
 
 from __future__ import annotations
 
+import binascii
+from base64 import b64decode
 from collections import deque
+from dataclasses import dataclass
 
 from pymta.config.model import Limits
 from pymta.smtp import events as E
@@ -29,13 +32,29 @@ from pymta.smtp.address import (PathError, is_ascii, parse_params, parse_path,
 from pymta.smtp.body import DataReader, LineChecker
 from pymta.verdict import Kind, Verdict
 
+@dataclass(frozen=True)
+class Features:
+    """What this listener offers beyond the base protocol (issue: submission)."""
+    #: a certificate is configured: STARTTLS may be offered
+    starttls: bool = False
+    #: the connection is already encrypted (implicit TLS, port 465)
+    tls_active: bool = False
+    #: SASL mechanisms offered with AUTH, e.g. ("PLAIN", "LOGIN"); () = no AUTH
+    auth_mechanisms: tuple[str, ...] = ()
+    #: AUTH allowed before TLS (otherwise 538 5.7.11)
+    auth_plaintext: bool = False
+    #: MAIL refused before TLS / before AUTH (530): the submission port
+    require_tls: bool = False
+    require_auth: bool = False
+
+
 MAX_COMMAND_LINE = 512           # octets with CRLF (RFC 5321 4.5.3.1.4)
 # Extensions raise the limit for MAIL and RCPT: SIZE (RFC 1870) +26,
 # AUTH= (RFC 4954) +500, DSN ENVID/RET (RFC 3461) +110, BODY/SMTPUTF8 +30;
 # RCPT: DSN NOTIFY/ORCPT +500.
 MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 500 + 110 + 30
 MAX_RCPT_LINE = MAX_COMMAND_LINE + 500
-_LONGEST_LINE = MAX_MAIL_LINE
+MAX_AUTH_LINE = 12288 + 2        # a SASL response line (RFC 4954 4)
 
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 _REFUSAL_DEFAULTS = {
@@ -43,7 +62,9 @@ _REFUSAL_DEFAULTS = {
     "mail": R.Reply(550, "5.7.1", "Sender address rejected"),
     "rcpt": R.Reply(550, "5.1.1", "Recipient address rejected"),
     "message": R.Reply(554, "5.7.1", "Message rejected"),
+    "auth": R.AUTH_FAILED,
 }
+_AUTH_DEFER = R.AUTH_TEMPFAIL
 _DEFER_DEFAULT = R.Reply(451, "4.7.1", "Try again later")
 _DISCONNECT_DEFAULT = R.Reply(421, "4.7.0", "Closing connection")
 
@@ -56,11 +77,14 @@ def _printable(text: str) -> bool:
 
 class ServerConnection:
     def __init__(self, hostname: str, limits: Limits | None = None,
-                 extensions: tuple[str, ...] = ()) -> None:
+                 features: Features | None = None) -> None:
         self.hostname = hostname
         self.limits = limits or Limits()
-        #: extra EHLO keywords offered by the server layer (STARTTLS, AUTH ...)
-        self.extra_extensions = list(extensions)
+        self.features = features or Features()
+        self.tls_active = self.features.tls_active
+        #: the authenticated user name once AUTH succeeded
+        self.auth_user: str | None = None
+        self._sasl: tuple[str, str | None] | None = None   # (mechanism, username so far)
         self.state = State.GREETING
         self.errors = 0
         self.pregreeted = False
@@ -210,9 +234,10 @@ class ServerConnection:
     # --------------------------------------------------------- command mode
     def _read_command(self) -> None:
         buf = self._in
+        limit = MAX_AUTH_LINE if self.state is State.AUTH else MAX_MAIL_LINE
         nl = buf.find(b"\n")
         if nl < 0:
-            if len(buf) > _LONGEST_LINE:
+            if len(buf) > limit:
                 # an over-long line: drop it as it comes, answer once at its end
                 self._discarding_line = True
                 keep = b"\r" if buf.endswith(b"\r") else b""
@@ -221,14 +246,23 @@ class ServerConnection:
             return
         line = bytes(buf[:nl + 1])
         del buf[:nl + 1]
-        if self._discarding_line or nl > _LONGEST_LINE:
+        if self._discarding_line or nl > limit:
             # the same answer whether the over-long line came whole or in pieces
             self._discarding_line = False
+            self._sasl_abort()
             self._error(R.LINE_TOO_LONG)
         elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            self._sasl_abort()
             self._error(R.BARE_NEWLINE_CMD)
+        elif self.state is State.AUTH:
+            self._sasl_response(line[:-2])
         else:
             self._dispatch(line[:-2], len(line))
+
+    def _sasl_abort(self) -> None:
+        self._sasl = None
+        if self.state is State.AUTH:
+            self.state = State.HELO
 
     def _dispatch(self, raw: bytes, length: int) -> None:
         try:
@@ -270,6 +304,10 @@ class ServerConnection:
         self._hold("hello", E.Hello(verb, name))
 
     def _cmd_mail(self, arg: str) -> None:
+        if self.features.require_tls and not self.tls_active:
+            return self._error(R.MUST_STARTTLS)
+        if self.features.require_auth and self.auth_user is None:
+            return self._error(R.AUTH_REQUIRED)
         if arg[:5].upper() != "FROM:":
             return self._error(R.Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
         try:
@@ -413,6 +451,95 @@ class ServerConnection:
     def _cmd_bdat_refuse(self, arg: str, reply: R.Reply) -> None:
         self._cmd_bdat(arg, refusal=reply)
 
+    # ------------------------------------------------------------ STARTTLS
+    def _cmd_starttls(self, arg: str) -> None:
+        if arg.strip(" "):
+            return self._error(R.Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.tls_active:
+            return self._error(R.TLS_ACTIVE)
+        if not self.features.starttls:
+            return self._error(R.NOT_IMPLEMENTED)
+        self._out.append(R.TLS_READY.render())
+        # RFC 3207 4.2: whatever the client pipelined after STARTTLS was sent
+        # in plaintext and is never executed; all session knowledge is reset.
+        self._in.clear()
+        self._reset_transaction("STARTTLS")
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self.state = State.TLS_PENDING
+        self._emit(E.StartTLS())
+
+    def tls_started(self) -> None:
+        """The TLS layer is in place: expect a fresh EHLO."""
+        if self.state is not State.TLS_PENDING:
+            raise RuntimeError("tls_started() without STARTTLS")
+        self._in.clear()
+        self.tls_active = True
+        self.state = State.READY
+
+    # ---------------------------------------------------------------- AUTH
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.features.auth_mechanisms) and (self.tls_active or self.features.auth_plaintext)
+
+    def _cmd_auth(self, arg: str) -> None:
+        if self.auth_user is not None:
+            return self._error(R.AUTH_ALREADY)
+        if not self.features.auth_mechanisms:
+            return self._error(R.NOT_IMPLEMENTED)
+        if not self.auth_offered:
+            return self._error(R.AUTH_NEEDS_TLS)
+        parts = arg.split(" ")
+        if not parts[0] or len(parts) > 2:
+            return self._error(R.Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        mechanism = parts[0].upper()
+        if mechanism not in self.features.auth_mechanisms:
+            return self._error(R.AUTH_UNKNOWN_MECH)
+        initial = parts[1] if len(parts) == 2 else None
+        self._sasl = (mechanism, None)
+        if initial is None:
+            self.state = State.AUTH
+            self._out.append(R.Reply(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6").render())
+            return None
+        self._sasl_step(b"" if initial == "=" else initial.encode("ascii", "replace"))
+
+    def _sasl_response(self, line: bytes) -> None:
+        if line == b"*":
+            self._sasl_abort()
+            return self._error(R.AUTH_CANCELLED)
+        self._sasl_step(line)
+
+    def _sasl_step(self, encoded: bytes) -> None:
+        mechanism, username = self._sasl
+        try:
+            decoded = b64decode(encoded, validate=True)
+            text = decoded.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl_abort()
+            return self._error(R.AUTH_BAD_BASE64)
+        if mechanism == "PLAIN":
+            fields = text.split("\0")
+            if len(fields) != 3 or not fields[1]:
+                self._sasl_abort()
+                return self._error(R.Reply(501, "5.5.2", "Invalid PLAIN response (RFC 4616)"))
+            authzid, username, password = fields
+            return self._authenticate(mechanism, username, password, authzid)
+        if username is None:          # LOGIN, user name step
+            if not text:
+                self._sasl_abort()
+                return self._error(R.Reply(501, "5.5.2", "Empty user name"))
+            self._sasl = (mechanism, text)
+            self.state = State.AUTH
+            self._out.append(R.Reply(334, None, "UGFzc3dvcmQ6").render())
+            return None
+        return self._authenticate(mechanism, username, text, "")
+
+    def _authenticate(self, mechanism: str, username: str, password: str, authzid: str) -> None:
+        self._sasl = None
+        self.state = State.HELO
+        self._hold("auth", E.Authenticate(mechanism, username, password, authzid))
+
     def _cmd_rset(self, arg: str) -> None:
         if arg.strip(" "):
             return self._error(R.Reply(501, "5.5.4", "Syntax: RSET"))
@@ -524,7 +651,10 @@ class ServerConnection:
             self.state = accept_state
             getattr(self, "_accepted_" + kind)(event, verdict, payload)
             return
-        default = _DEFER_DEFAULT if verdict.kind is Kind.DEFER else _REFUSAL_DEFAULTS[kind]
+        if verdict.kind is Kind.DEFER:
+            default = _AUTH_DEFER if kind == "auth" else _DEFER_DEFAULT
+        else:
+            default = _REFUSAL_DEFAULTS[kind]
         self._reply(self._verdict_reply(verdict, default))
         if refuse_state is not None:
             self.state = refuse_state
@@ -548,9 +678,16 @@ class ServerConnection:
             self._out.append(R.Reply(250, None, self.hostname).render())
             return
         lines = [self.hostname, "PIPELINING", f"SIZE {self.limits.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN",
-                 *self.extra_extensions]
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN"]
+        if self.features.starttls and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH " + " ".join(self.features.auth_mechanisms))
         self._out.append(R.multiline(250, lines))
+
+    def _accepted_auth(self, event: E.Authenticate, verdict: Verdict, payload) -> None:
+        self.auth_user = event.username
+        self._reply(R.AUTH_OK)
 
     def _accepted_mail(self, event: E.MailFrom, verdict: Verdict, payload) -> None:
         self.sender = event.sender

@@ -1,0 +1,119 @@
+"""Every transition of the SMTP client in one table (as h11's _state.py).
+
+The client is driven from two sides:
+
+* the caller's **actions** (``ClientConnection.start_tls()``,
+  ``start_transaction()``, ``send_body()`` ...) — ``ACTIONS`` says in which
+  states each one is allowed; anything else is a programming error
+  (:class:`pymta.smtp.client.ClientError`);
+* the server's **replies** — each command the client sends puts an
+  :class:`Expect` on a FIFO queue (RFC 2920: replies come in command order);
+  a complete reply is handed to the handler ``REPLY_HANDLERS[expect]``, which
+  names the next state.  While a reply is awaited, ``TIMEOUTS[expect]`` names
+  the :class:`pymta.smtp.client.ClientTimeouts` field that applies
+  (RFC 5321 4.5.3.2).
+
+``NEXT_STATE`` lists where each handler may lead, so the table can be read
+(and is tested) without reading the handlers.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.Enum):
+    GREETING = "greeting"            # connected, waiting for the 220 banner
+    HELLO = "hello"                  # EHLO or HELO sent
+    READY = "ready"                  # session established, no transaction, nothing outstanding
+    STARTTLS = "starttls"            # STARTTLS sent
+    TLS_HANDSHAKE = "tls_handshake"  # 220 to STARTTLS: the caller switches the transport to TLS
+    AUTH = "auth"                    # AUTH exchange under way
+    TRANSACTION = "transaction"      # MAIL/RCPT/DATA replies outstanding, no content being sent
+    BODY = "body"                    # the caller is sending the message content
+    FINISHING = "finishing"          # end of content sent; waiting for the final reply
+    QUIT = "quit"                    # QUIT sent
+    CLOSED = "closed"
+
+
+class Expect(enum.Enum):
+    """The reply a sent command waits for."""
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+    RSET = "RSET"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    DOT = "end of DATA"
+    BDAT = "BDAT"
+    QUIT = "QUIT"
+
+
+#: caller action -> states in which it is allowed
+ACTIONS: dict[str, frozenset[State]] = {
+    "start_tls": frozenset({State.READY}),
+    "tls_started": frozenset({State.TLS_HANDSHAKE}),
+    "authenticate": frozenset({State.READY}),
+    "start_transaction": frozenset({State.READY}),
+    "send_body": frozenset({State.BODY}),
+    "end_body": frozenset({State.BODY}),
+    "quit": frozenset(State) - {State.CLOSED},
+}
+
+#: expected reply -> handler method of ClientConnection (``_on_<name>``)
+REPLY_HANDLERS: dict[Expect, str] = {
+    Expect.GREETING: "greeting",
+    Expect.EHLO: "ehlo",
+    Expect.HELO: "helo",
+    Expect.STARTTLS: "starttls",
+    Expect.AUTH: "auth",
+    Expect.RSET: "transaction_reply",
+    Expect.MAIL: "transaction_reply",
+    Expect.RCPT: "transaction_reply",
+    Expect.DATA: "data",
+    Expect.DOT: "final",
+    Expect.BDAT: "final",
+    Expect.QUIT: "quit",
+}
+
+#: where each reply handler may lead (documentation, checked by the tests)
+NEXT_STATE: dict[str, frozenset[State]] = {
+    # 2xx: EHLO; otherwise the session failed (QUIT sent)
+    "greeting": frozenset({State.HELLO, State.CLOSED}),
+    # 2xx: ready; 5xx: HELO instead; otherwise failed
+    "ehlo": frozenset({State.READY, State.HELLO, State.CLOSED}),
+    "helo": frozenset({State.READY, State.CLOSED}),
+    # 220: the caller starts TLS; otherwise back to READY (the caller decides)
+    "starttls": frozenset({State.TLS_HANDSHAKE, State.READY}),
+    # 334: next step; 235 or failure: READY
+    "auth": frozenset({State.AUTH, State.READY}),
+    # non-pipelined: the next command goes out; the transaction may end early
+    "transaction_reply": frozenset({State.TRANSACTION, State.BODY, State.READY}),
+    # 354: content; otherwise the transaction ends
+    "data": frozenset({State.BODY, State.FINISHING, State.READY}),
+    "final": frozenset({State.READY}),
+    "quit": frozenset({State.CLOSED}),
+}
+
+#: expected reply -> ClientTimeouts field (RFC 5321 4.5.3.2 defaults there)
+TIMEOUTS: dict[Expect, str] = {
+    Expect.GREETING: "greeting",
+    Expect.EHLO: "helo",
+    Expect.HELO: "helo",
+    Expect.STARTTLS: "starttls",
+    Expect.AUTH: "auth",
+    Expect.RSET: "rset",
+    Expect.MAIL: "mail",
+    Expect.RCPT: "rcpt",
+    Expect.DATA: "data_init",
+    Expect.DOT: "data_done",
+    Expect.BDAT: "data_done",
+    Expect.QUIT: "quit",
+}
+
+#: commands that may be sent without waiting for the previous reply (RFC 2920 3.1);
+#: DATA and BDAT may end a pipelined group
+PIPELINABLE = frozenset({Expect.RSET, Expect.MAIL, Expect.RCPT, Expect.DATA, Expect.BDAT})
