@@ -16,6 +16,7 @@ that is checked with ``zope.interface.verify.verifyObject`` at start-up.
 
 from __future__ import annotations
 
+from twisted.cred.checkers import ICredentialsChecker
 from zope.interface import Attribute, Interface
 
 
@@ -103,6 +104,8 @@ class IPluginContext(Interface):
 
 
 STAGES = {
+    # SMTP AUTH: twisted.cred credential checkers (IUsernamePassword), tried in order
+    "auth": ICredentialsChecker,
     "connect": IConnectPolicy,
     "helo": IHeloPolicy,
     "mail": ISenderPolicy,

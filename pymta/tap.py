@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -40,6 +42,35 @@ class ListenerService(StreamServerEndpointService):
             raise SystemExit(1)
 
 
+class TLSReload(Service):
+    """SIGHUP re-reads the certificates; sessions in progress keep theirs."""
+
+    def __init__(self, tls, reactor) -> None:
+        self.tls = tls
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            self.tls.reload()
+        except Exception as e:
+            log.error("TLS reload failed, keeping the previous certificates: {error}", error=e)
+        else:
+            log.info("TLS certificates reloaded")
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = ("Run the pymta mail transfer agent. Without --config it listens on "
@@ -59,7 +90,9 @@ def load(options) -> Config:
 def build_service(config: Config, reactor) -> MultiService:
     from pymta.server.factory import (ConnectionCounter, ServerContext, SessionShutdown,
                                       SMTPServerFactory)
+    from pymta.server.auth import AuthFailureDelay, build_portal
     from pymta.server.policy import SessionPolicy
+    from pymta.server.tls import server_tls
     from pymta.spool.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
 
@@ -67,13 +100,20 @@ def build_service(config: Config, reactor) -> MultiService:
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor)
     scheduler.setServiceParent(top)          # started first: recovers the spool
+    tls = server_tls(config.tls) if config.tls is not None else None
     context = ServerContext(config=config, policy=SessionPolicy(config), spool=spool,
-                            scheduler=scheduler, reactor=reactor)
+                            scheduler=scheduler, reactor=reactor, tls=tls,
+                            portal=build_portal(p.obj for p in config.stages.get("auth", ())),
+                            auth_failures=AuthFailureDelay(config.limits.auth_failure_delay))
+    if tls is not None:
+        TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()
     for listener in config.listeners:
         endpoint = serverFromString(reactor, listener.endpoint)
-        ListenerService(listener, endpoint,
-                        SMTPServerFactory(context, listener, counter)).setServiceParent(top)
+        factory = SMTPServerFactory(context, listener, counter)
+        if listener.implicit_tls:
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        ListenerService(listener, endpoint, factory).setServiceParent(top)
     SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),

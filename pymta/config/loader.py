@@ -28,7 +28,6 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, NoReturn
 
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 from twisted.plugin import getPlugins, pluginPackagePaths
 from zope.interface.exceptions import (BrokenImplementation, BrokenMethodImplementation,
@@ -37,6 +36,7 @@ from zope.interface.verify import verifyObject
 
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.model import Config, DNSSettings, Limits, Listener, PluginInstance, Retry, Route
+from pymta.config.listeners import DEFAULT_LISTENERS, ROLES, read_listeners, read_tls
 from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.config.options import (Options, PluginContext, closest, describe_value,
                                   normalize_domain)
@@ -47,13 +47,11 @@ __all__ = ["load_config", "default_config", "discover_plugins", "PluginDiscovery
            "EMBEDDED_SOURCE", "ROLES", "SPOOL_SYNC_MODES"]
 
 EMBEDDED_SOURCE = "<embedded default>"
-ROLES = ("mx", "submission", "submissions")
 SPOOL_SYNC_MODES = ("fsync", "syncfs")
 
 DEFAULT_DOMAINS = ["localhost"]
 DEFAULT_TRUSTED_NETWORKS = ["127.0.0.0/8", "::1/128"]
 DEFAULT_SPOOL_DIR = "var/spool"
-DEFAULT_LISTENERS = [{"name": "mx", "endpoint": "tcp:2525:interface=127.0.0.1", "role": "mx"}]
 DEFAULT_STAGES: dict[str, list[str]] = {stage: [] for stage in STAGES} | {"rcpt": ["localdomain"]}
 DEFAULT_BACKENDS = {"local": {"use": "maildir", "base": "var/mail"}}
 
@@ -70,6 +68,7 @@ _LIMIT_READERS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_errors": ("int", _COUNT),
     "bare_newlines": ("str", {"choices": ("reject", "normalize")}),
     "pregreet_wait": ("duration", {"minimum": 0}),
+    "auth_failure_delay": ("duration", {"minimum": 0}),
 }
 
 
@@ -258,6 +257,7 @@ class _ConfigBuilder:
             backends = top.table("backends", None)
             routes = top.value("routes", None)
             dns_table = top.table("dns", {})
+            tls_table = top.table("tls", None)
             top.finish()
 
         hostname, domains, trusted = self._server(server)
@@ -266,17 +266,18 @@ class _ConfigBuilder:
                                dns_settings.attempts, reactor=self.reactor)
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
         spool_dir, spool_sync = self._spool(spool)
-        listener_list = self._listeners(listeners)
+        tls = read_tls(self, tls_table)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
         backend_objs = self._backends(DEFAULT_BACKENDS if backends is None else backends)
         route_list = self._routes(routes, domains, backend_objs)
         stage_map = self._stages(stages, plugins)
+        listener_list = read_listeners(self, listeners, tls, bool(stage_map.get("auth")))
         return Config(
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync, stages=stage_map,
-            backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver)
+            backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
@@ -337,46 +338,6 @@ class _ConfigBuilder:
         return directory, sync
 
     # -- [[listeners]] --------------------------------------------------------
-    def _listeners(self, value: Any) -> tuple[Listener, ...]:
-        if value is None:
-            value = DEFAULT_LISTENERS
-        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            self.fail("listeners", "expected an array of tables ([[listeners]] sections), "
-                                   f"got {describe_value(value)}")
-        if not value:
-            self.fail("listeners", "at least one listener is required")
-        listeners: list[Listener] = []
-        names: dict[str, int] = {}
-        for index, table in enumerate(value):
-            prefix = f"listeners[{index}]"
-            with self.section(prefix):
-                opts = Options(table)
-                name = opts.str("name", default=f"listener-{index}")
-                endpoint = opts.str("endpoint")
-                role = opts.str("role", default="mx", choices=ROLES)
-                opts.finish()
-            if name in names:
-                self.fail(f"{prefix}.name", f"duplicate listener name {name!r} "
-                                            f"(also listeners[{names[name]}])")
-            names[name] = index
-            problem = self._endpoint_problem(endpoint)
-            if problem:
-                self.fail(f"{prefix}.endpoint", problem)
-            listeners.append(Listener(name=name, endpoint=endpoint, role=role))
-        return tuple(listeners)
-
-    def _endpoint_problem(self, description: str) -> str | None:
-        """Why ``description`` is not a server endpoint string (parsed, never listened on)."""
-        try:
-            serverFromString(self.reactor, description)
-        except Exception as e:
-            detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            if isinstance(e, (IndexError, KeyError)) and description.strip().startswith("systemd:"):
-                detail = (f"no socket inherited from systemd with that index or name ({detail}); "
-                          "is the service socket-activated?")
-            return f"invalid endpoint {description!r}: {detail}"
-        return None
-
     # -- [limits] and [queue] -------------------------------------------------
     def _limits(self, table: dict[str, Any]) -> Limits:
         values: dict[str, Any] = {}

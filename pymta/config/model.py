@@ -30,6 +30,33 @@ class Listener:
     endpoint: str
     #: "mx" (port 25), "submission" (587), "submissions" (465)
     role: str = "mx"
+    #: STARTTLS offered (needs [tls])
+    starttls: bool = False
+    #: TLS from the first byte (RFC 8314, port 465)
+    implicit_tls: bool = False
+    #: SMTP AUTH offered (needs [stages] auth checkers)
+    auth: bool = False
+    #: AUTH allowed before TLS (otherwise 538 5.7.11)
+    auth_plaintext: bool = False
+    #: MAIL refused (530) until STARTTLS / until AUTH
+    require_tls: bool = False
+    require_auth: bool = False
+
+
+@dataclass(frozen=True)
+class CertificatePaths:
+    certificate: str
+    key: str
+    chain: str | None = None
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    default: CertificatePaths
+    #: server name (SNI) -> its own certificate
+    sni: dict[str, CertificatePaths] = field(default_factory=dict)
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None   # None: pymta.server.tls.MODERN_CIPHERS
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,7 @@ class Limits:
     max_errors: int = 20                          # errors per session before 421 and close
     bare_newlines: str = "reject"                 # "reject" | "normalize"
     pregreet_wait: float = 0.0                    # seconds to listen before the banner
+    auth_failure_delay: float = 1.0               # first failed AUTH from an IP waits this long; doubles, max 30 s
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,7 @@ class Config:
     backends: dict[str, Any] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     dns: DNSSettings = field(default_factory=DNSSettings)
+    tls: TLSSettings | None = None
     #: the shared pymta.dns.resolver.DNSResolver built from ``dns``
     resolver: Any = None
 

@@ -26,6 +26,9 @@ class ServerContext:
     spool: Any          # pymta.spool.store.Spool
     scheduler: Any      # pymta.spool.scheduler.DeliveryScheduler
     reactor: Any
+    tls: Any = None             # pymta.server.tls.ServerTLS when [tls] is configured
+    portal: Any = None          # twisted.cred Portal when [stages] auth has checkers
+    auth_failures: Any = None   # pymta.server.auth.AuthFailureDelay
 
 
 class _Refusal(Protocol):

@@ -13,16 +13,23 @@ import itertools
 import time
 from typing import TYPE_CHECKING
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from pymta.envelope import Envelope
+from pymta.server.auth import IAuthenticatedUser
 from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
-from pymta.smtp.server import ServerConnection
+from pymta.server.tls import describe as describe_tls
+from pymta.smtp.server import Features, ServerConnection
 from pymta.verdict import Kind, Verdict
 
 if TYPE_CHECKING:
@@ -32,8 +39,11 @@ log = Logger(namespace="pymta.smtpd")
 _session_ids = itertools.count(1)
 
 QUEUE_WRITE_ERROR = Verdict(Kind.DEFER, 451, "4.3.0", "Error: queue file write error")
+AUTH_FAILED = Verdict(Kind.REJECT, 535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPFAIL = Verdict(Kind.DEFER, 454, "4.7.0", "Temporary authentication failure")
 
 
+@implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol, TimeoutMixin):
     factory: "SMTPServerFactory"
 
@@ -57,7 +67,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                listener=self.factory.listener.name, role=self.factory.listener.role,
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
-        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits)
+        listener = self.factory.listener
+        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, Features(
+            starttls=listener.starttls and ctx.tls is not None,
+            tls_active=listener.implicit_tls,
+            auth_mechanisms=("PLAIN", "LOGIN") if listener.auth and ctx.portal is not None else (),
+            auth_plaintext=listener.auth_plaintext,
+            require_tls=listener.require_tls, require_auth=listener.require_auth))
         self.setTimeout(ctx.config.limits.idle_timeout)
         log.info("connect from {client}", client=self.client)
         wait = ctx.config.limits.pregreet_wait
@@ -96,6 +112,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._abort_writer()
         self.factory.connection_closed(self)
         log.info("disconnect from {client}", client=self.client)
+
+    def handshakeCompleted(self) -> None:
+        self.session.tls = describe_tls(self.transport.getHandle())
+        log.info("TLS established with {client}: {version} with cipher {cipher}", client=self.client,
+                 version=self.session.tls["version"], cipher=self.session.tls["cipher"])
 
     def timeoutConnection(self) -> None:
         log.info("timeout after {state} from {client}", state=self.conn.state.value, client=self.client)
@@ -287,6 +308,52 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def _on_quit(self, ev: E.Quit) -> None:
         pass
 
+    def _on_starttls(self, ev: E.StartTLS) -> None:
+        # the 220 goes out in plaintext, everything after it through TLS
+        self.transport.write(self.conn.data_to_send())
+        self.transport.startTLS(self.factory.context.tls)
+        self.conn.tls_started()
+        self.session.helo = None
+        self.session.esmtp = False
+        self.session.auth_user = None
+        self.transaction = None
+
+    def _on_authenticate(self, ev: E.Authenticate) -> None:
+        ctx = self.factory.context
+        ip = self.session.client_ip
+        if ev.authzid and ev.authzid != ev.username:
+            # no proxy authorization: PLAIN's authzid must be empty or the user
+            self._decide(self._auth_failed(ev, "authorization identity differs"), self._answer)
+            return
+        credentials = UsernamePassword(ev.username.encode("utf-8"), ev.password.encode("utf-8"))
+
+        def ok(result):
+            _iface, avatar, _logout = result
+            user = avatar.decode("utf-8") if isinstance(avatar, bytes) else str(avatar)
+            ctx.auth_failures.succeeded(ip)
+            self.session.auth_user = user
+            log.info("{client}: sasl_method={mechanism}, sasl_username={user}", client=self.client,
+                     mechanism=ev.mechanism, user=user)
+            return Verdict.accept()
+
+        def failed(failure):
+            if failure.check(UnauthorizedLogin):
+                return self._auth_failed(ev, "invalid credentials")
+            log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
+                        client=self.client, mechanism=ev.mechanism, user=ev.username)
+            return AUTH_TEMPFAIL
+
+        d = ctx.portal.login(credentials, None, IAuthenticatedUser)
+        self._decide(d.addCallbacks(ok, failed), self._answer)
+
+    def _auth_failed(self, ev: E.Authenticate, why: str) -> Deferred:
+        ctx = self.factory.context
+        delay = ctx.auth_failures.failed(self.session.client_ip, ctx.reactor.seconds())
+        log.info("{client}: SASL {mechanism} authentication failed for user {user}: {why} "
+                 "(answering in {delay:.1f}s)", client=self.client, mechanism=ev.mechanism,
+                 user=ev.username, why=why, delay=delay)
+        return deferLater(ctx.reactor, delay, lambda: AUTH_FAILED)
+
     # ------------------------------------------------------------- helpers
     def _envelope(self, writer, txn: Transaction, verdict: Verdict) -> Envelope:
         ctx = self.factory.context
@@ -332,4 +399,6 @@ _HANDLERS = {
     E.MessageAborted: SMTPServerProtocol._on_message_aborted,
     E.MessageEnd: SMTPServerProtocol._on_message_end,
     E.Quit: SMTPServerProtocol._on_quit,
+    E.StartTLS: SMTPServerProtocol._on_starttls,
+    E.Authenticate: SMTPServerProtocol._on_authenticate,
 }

@@ -1,0 +1,55 @@
+"""SMTP AUTH through twisted.cred: the realm, the portal, the failure delay."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from zope.interface import Interface, implementer
+
+MAX_DELAY = 30.0
+FORGET_AFTER = 900.0        # a client's failures are forgotten after 15 quiet minutes
+TRACKED_CLIENTS = 10000     # memory bound
+
+
+class IAuthenticatedUser(Interface):
+    """The avatar of an authenticated SMTP session: its user name (str)."""
+
+
+@implementer(IRealm)
+class SubmissionRealm:
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        if IAuthenticatedUser not in interfaces:
+            raise NotImplementedError("pymta only hands out IAuthenticatedUser avatars")
+        return IAuthenticatedUser, avatar_id, lambda: None
+
+
+def build_portal(checkers: Iterable[ICredentialsChecker]) -> Portal | None:
+    """A Portal over the configured checkers, or None when AUTH has no checker."""
+    checkers = list(checkers)
+    if not checkers:
+        return None
+    return Portal(SubmissionRealm(), checkers)
+
+
+class AuthFailureDelay:
+    """How long to wait before answering a failed AUTH: grows with failures per client IP."""
+
+    def __init__(self, base: float) -> None:
+        self.base = base
+        self._clients: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def failed(self, ip: str, now: float) -> float:
+        count, last = self._clients.pop(ip, (0, now))
+        if now - last > FORGET_AFTER:
+            count = 0
+        count += 1
+        self._clients[ip] = (count, now)
+        while len(self._clients) > TRACKED_CLIENTS:
+            self._clients.popitem(last=False)
+        return min(self.base * 2 ** (count - 1), MAX_DELAY) if self.base > 0 else 0.0
+
+    def succeeded(self, ip: str) -> None:
+        self._clients.pop(ip, None)
