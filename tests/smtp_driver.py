@@ -12,10 +12,10 @@ from typing import Union
 
 from pymta.config.model import Limits
 from pymta.smtp import events as E
-from pymta.smtp.server import ServerConnection
+from pymta.smtp.server import Features, ServerConnection
 from pymta.verdict import Verdict
 
-DECISIONS = (E.Hello, E.MailFrom, E.RcptTo, E.MessageEnd)
+DECISIONS = (E.Hello, E.MailFrom, E.RcptTo, E.MessageEnd, E.Authenticate, E.Etrn)
 SENTINELS = (E.NEED_DATA, E.PAUSED, E.CLOSED)
 
 #: what the policy answers for one decision event: a verdict, a function of the
@@ -35,8 +35,8 @@ class Driver:
 
     def __init__(self, limits: Limits | None = None, *, hostname: str = "mx.test",
                  policy: dict[type, Answer] | None = None, greet: bool = True,
-                 auto: bool = True) -> None:
-        self.conn = ServerConnection(hostname, limits or Limits())
+                 auto: bool = True, features: Features | None = None) -> None:
+        self.conn = ServerConnection(hostname, limits or Limits(), features)
         self.policy: dict[type, Answer] = dict(policy or {})
         self.auto = auto
         self.events: list = []
@@ -71,6 +71,9 @@ class Driver:
                 self._collect()
                 return event
             self.events.append(event)
+            if isinstance(event, E.StartTLS):
+                self._collect()          # the 220 leaves in plaintext, then TLS is in place
+                self.conn.tls_started()
             if isinstance(event, DECISIONS) and self.auto:
                 self.conn.answer(self._verdict_for(event))
             self._collect()

@@ -73,7 +73,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             tls_active=listener.implicit_tls,
             auth_mechanisms=("PLAIN", "LOGIN") if listener.auth and ctx.portal is not None else (),
             auth_plaintext=listener.auth_plaintext,
-            require_tls=listener.require_tls, require_auth=listener.require_auth))
+            require_tls=listener.require_tls, require_auth=listener.require_auth,
+            etrn=hasattr(ctx.scheduler, "flush")))
         self.setTimeout(ctx.config.limits.idle_timeout)
         log.info("connect from {client}", client=self.client)
         wait = ctx.config.limits.pregreet_wait
@@ -346,6 +347,17 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         d = ctx.portal.login(credentials, None, IAuthenticatedUser)
         self._decide(d.addCallbacks(ok, failed), self._answer)
 
+    def _on_etrn(self, ev: E.Etrn) -> None:
+        if not self.session.trusted:
+            log.info("reject: ETRN {node} from {client}: not a trusted client", node=ev.node,
+                     client=self.client)
+            self._answer(Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client"))
+            return
+        count = self.factory.context.scheduler.flush(ev.node)
+        log.info("ETRN {node} from {client}: {count} messages scheduled now", node=ev.node,
+                 client=self.client, count=count)
+        self._answer(Verdict.accept(f"Queuing started for {ev.node}: {count} message(s)"))
+
     def _auth_failed(self, ev: E.Authenticate, why: str) -> Deferred:
         ctx = self.factory.context
         delay = ctx.auth_failures.failed(self.session.client_ip, ctx.reactor.seconds())
@@ -401,4 +413,5 @@ _HANDLERS = {
     E.Quit: SMTPServerProtocol._on_quit,
     E.StartTLS: SMTPServerProtocol._on_starttls,
     E.Authenticate: SMTPServerProtocol._on_authenticate,
+    E.Etrn: SMTPServerProtocol._on_etrn,
 }

@@ -58,7 +58,9 @@ TRANSITIONS: dict[str, dict[State, object]] = {
     # recognised, not offered here
     "EXPN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
     "TURN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
-    "ETRN": {s: R.NOT_IMPLEMENTED for s in COMMAND_STATES},
+    # RFC 1985: outside a mail transaction
+    "ETRN": {State.READY: R.NEED_HELO, State.HELO: "etrn", State.MAIL: R.IN_TRANSACTION,
+             State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
     # RFC 3207 / RFC 4954: before a mail transaction only
     "STARTTLS": {State.READY: "starttls", State.HELO: "starttls", State.MAIL: R.IN_TRANSACTION,
                  State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
@@ -73,4 +75,5 @@ AFTER_VERDICT: dict[str, tuple[State, State | None]] = {
     "rcpt": (State.RCPT, None),
     "message": (State.HELO, State.HELO),
     "auth": (State.HELO, State.HELO),
+    "etrn": (State.HELO, State.HELO),
 }

@@ -93,5 +93,14 @@ class Authenticate:
 
 
 @dataclass(frozen=True)
+class Etrn:
+    """*decision*: ETRN (RFC 1985) for ``node``: a domain, or "@domain" for its subdomains too.
+
+    Answer ACCEPT (250, the text says what was started) or refuse (459 for a
+    client that may not ask)."""
+    node: str
+
+
+@dataclass(frozen=True)
 class Quit:
     """The client said QUIT; 221 is queued and the machine is CLOSED."""

@@ -27,7 +27,7 @@ from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
 from pymta.smtp._state import AFTER_VERDICT, TRANSITIONS, State
-from pymta.smtp.address import (PathError, is_ascii, parse_params, parse_path,
+from pymta.smtp.address import (PathError, is_ascii, parse_domain, parse_params, parse_path,
                                 split_path_and_params, xtext_decode)
 from pymta.smtp.body import DataReader, LineChecker
 from pymta.verdict import Kind, Verdict
@@ -46,6 +46,8 @@ class Features:
     #: MAIL refused before TLS / before AUTH (530): the submission port
     require_tls: bool = False
     require_auth: bool = False
+    #: ETRN (RFC 1985) advertised and accepted for decision
+    etrn: bool = False
 
 
 MAX_COMMAND_LINE = 512           # octets with CRLF (RFC 5321 4.5.3.1.4)
@@ -63,6 +65,7 @@ _REFUSAL_DEFAULTS = {
     "rcpt": R.Reply(550, "5.1.1", "Recipient address rejected"),
     "message": R.Reply(554, "5.7.1", "Message rejected"),
     "auth": R.AUTH_FAILED,
+    "etrn": R.Reply(459, "4.7.1", "Error: ETRN not allowed from this client"),
 }
 _AUTH_DEFER = R.AUTH_TEMPFAIL
 _DEFER_DEFAULT = R.Reply(451, "4.7.1", "Try again later")
@@ -540,6 +543,22 @@ class ServerConnection:
         self.state = State.HELO
         self._hold("auth", E.Authenticate(mechanism, username, password, authzid))
 
+    # ---------------------------------------------------------------- ETRN
+    def _cmd_etrn(self, arg: str) -> None:
+        if not self.features.etrn:
+            return self._error(R.NOT_IMPLEMENTED)
+        node = arg.strip(" ")
+        if node.startswith("#"):
+            return self._error(R.Reply(458, "4.5.0", "Error: named queues are not supported"))
+        try:
+            parse_domain(node[1:] if node.startswith("@") else node)
+        except PathError:
+            return self._error(R.Reply(501, "5.5.4", "Syntax: ETRN domain"))
+        self._hold("etrn", E.Etrn(node.lower()))
+
+    def _accepted_etrn(self, event: E.Etrn, verdict: Verdict, payload) -> None:
+        self._reply(R.Reply(250, "2.0.0", verdict.text or "Queuing started"))
+
     def _cmd_rset(self, arg: str) -> None:
         if arg.strip(" "):
             return self._error(R.Reply(501, "5.5.4", "Syntax: RSET"))
@@ -683,6 +702,8 @@ class ServerConnection:
             lines.append("STARTTLS")
         if self.auth_offered:
             lines.append("AUTH " + " ".join(self.features.auth_mechanisms))
+        if self.features.etrn:
+            lines.append("ETRN")
         self._out.append(R.multiline(250, lines))
 
     def _accepted_auth(self, event: E.Authenticate, verdict: Verdict, payload) -> None:
