@@ -66,3 +66,27 @@ maildir = PluginRegistration(
 mbox = PluginRegistration(
     "mbox", "pymta.delivery.mbox:MboxBackend",
     "Deliver into mbox files")
+passwdfile = PluginRegistration(
+    "passwdfile", "pymta.auth.passwdfile:PasswordFileChecker",
+    "SMTP AUTH users from an argon2id password file (maintained with pymta passwd)")
+sender_login = PluginRegistration(
+    "sender_login", "pymta.policy.sender_login:SenderLoginPolicy",
+    "Authenticated users may send only as the addresses a map gives them")
+spf = PluginRegistration(
+    "spf", "pymta.policy.spf:SPFPolicy",
+    "SPF (RFC 7208) checks of HELO and MAIL FROM, Received-SPF header")
+authres = PluginRegistration(
+    "authres", "pymta.policy.authres:AuthenticationResults",
+    "Authentication-Results header (RFC 8601); removes forged ones claiming our authserv-id")
+dnsbl = PluginRegistration(
+    "dnsbl", "pymta.policy.dnsbl:DNSBL",
+    "Refuse clients listed in DNS block lists")
+ratelimit = PluginRegistration(
+    "ratelimit", "pymta.policy.ratelimit:RateLimit",
+    "Connections, messages and recipients per client IP and per user in a time window")
+relay = PluginRegistration(
+    "relay", "pymta.relay.backend:RelayBackend",
+    "Deliver over SMTP to the MX hosts of each recipient domain")
+smarthost = PluginRegistration(
+    "smarthost", "pymta.relay.backend:SmarthostBackend",
+    "Deliver over SMTP to a fixed next hop (TLS, AUTH)")

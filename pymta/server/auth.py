@@ -6,7 +6,10 @@ from collections import OrderedDict
 from typing import Iterable
 
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import fail, maybeDeferred
 from zope.interface import Interface, implementer
 
 MAX_DELAY = 30.0
@@ -26,12 +29,39 @@ class SubmissionRealm:
         return IAuthenticatedUser, avatar_id, lambda: None
 
 
+@implementer(ICredentialsChecker)
+class CheckerChain:
+    """The configured checkers in order: the first that knows the user decides.
+
+    (A twisted.cred Portal keeps one checker per credentials interface, so
+    several ``[stages] auth`` plugins are chained here.)  A checker that says
+    UnauthorizedLogin passes the question on; any other failure stops the
+    chain (a temporary error, 454).
+    """
+
+    def __init__(self, checkers: list) -> None:
+        self.checkers = checkers
+        self.credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials):
+        candidates = [c for c in self.checkers
+                      if any(i.providedBy(credentials) for i in c.credentialInterfaces)]
+
+        def attempt(index: int):
+            if index >= len(candidates):
+                return fail(UnauthorizedLogin("authentication failed"))
+            d = maybeDeferred(candidates[index].requestAvatarId, credentials)
+            return d.addErrback(lambda f: f.trap(UnauthorizedLogin) and attempt(index + 1))
+
+        return attempt(0)
+
+
 def build_portal(checkers: Iterable[ICredentialsChecker]) -> Portal | None:
-    """A Portal over the configured checkers, or None when AUTH has no checker."""
+    """A Portal over the configured checkers (tried in order), or None without any."""
     checkers = list(checkers)
     if not checkers:
         return None
-    return Portal(SubmissionRealm(), checkers)
+    return Portal(SubmissionRealm(), [checkers[0] if len(checkers) == 1 else CheckerChain(checkers)])
 
 
 class AuthFailureDelay:
