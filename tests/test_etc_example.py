@@ -57,7 +57,7 @@ def test_aliases_and_routes_from_example(etc_server):
     # bob@example.org is routed to the mbox backend
     mbox = var / "mbox" / "example.org" / "bob"
     deadline = time.monotonic() + 10
-    while not mbox.exists() and time.monotonic() < deadline:
+    while not (mbox.exists() and b"Subject: sales\n" in mbox.read_bytes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert b"Subject: sales\n" in mbox.read_bytes()
 

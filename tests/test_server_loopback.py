@@ -352,7 +352,8 @@ backend = "local"
         s.sendmail("a@example.org", ["kim@mbox.example.test"], b"Subject: m\r\n\r\nFrom here\r\n>From there\r\n")
     path = srv.dir / "mboxes" / "mbox.example.test" / "kim"
     deadline = time.monotonic() + 10
-    while not path.exists() and time.monotonic() < deadline:
+    # the file exists (locked) before the message is appended: wait for the whole of it
+    while not (path.exists() and b">>From there\n" in path.read_bytes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     data = path.read_bytes()
     assert data.startswith(b"From a@example.org ")
