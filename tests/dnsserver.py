@@ -3,7 +3,9 @@
 Zones are given as a dict  {name: [(type, value), ...]}  with values:
   A/AAAA: "192.0.2.1" / "2001:db8::1"   MX: (preference, "host")   TXT: "text" or ["part", "part"]
   CNAME/PTR/NS: "target"   and the special type "SERVFAIL" (any value) or "TIMEOUT" (never answers).
-Names not listed get NXDOMAIN.  Usage::
+A record may carry a TTL as a third item, ("A", "127.0.0.2", 5); the default is 60 seconds.
+Names not listed get NXDOMAIN.  ``queries()`` lists the (name, type) questions received so far.
+Usage::
 
     with LoopbackDNS({"example.test": [("MX", (10, "mx.example.test"))], ...}) as dns:
         config nameservers = [f"127.0.0.1:{dns.port}"]
@@ -35,8 +37,10 @@ class LoopbackDNS:
     def start(self) -> "LoopbackDNS":
         fd, self._zonefile = tempfile.mkstemp(suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump({k: [[t, v] for t, v in recs] for k, recs in self.zone.items()}, f)
-        self.proc = subprocess.Popen([sys.executable, __file__, self._zonefile],
+            json.dump({k: [list(rec) for rec in recs] for k, recs in self.zone.items()}, f)
+        self._querylog = self._zonefile + ".queries"
+        open(self._querylog, "w").close()
+        self.proc = subprocess.Popen([sys.executable, __file__, self._zonefile, self._querylog],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -51,18 +55,27 @@ class LoopbackDNS:
         if getattr(self, "_zonefile", None):
             os.unlink(self._zonefile)
             self._zonefile = None
+        if getattr(self, "_querylog", None):
+            os.unlink(self._querylog)
+            self._querylog = None
+
+    def queries(self) -> list[tuple[str, str]]:
+        """The (name, type) of every question the server received, in order."""
+        with open(self._querylog) as f:
+            return [tuple(line.rstrip("\n").split(" ", 1)) for line in f if line.strip()]
 
     @property
     def nameserver(self) -> str:
         return f"127.0.0.1:{self.port}"
 
 
-def _serve(zonefile: str) -> None:
+def _serve(zonefile: str, querylog: str | None = None) -> None:
     from twisted.internet import defer, reactor
     from twisted.names import dns, error, server
 
     with open(zonefile) as f:
         zone = {k.lower().rstrip("."): v for k, v in json.load(f).items()}
+    log = open(querylog, "a", buffering=1) if querylog else None
 
     def payload(rtype: str, value, ttl: int = 60):
         if rtype == "A":
@@ -85,29 +98,40 @@ def _serve(zonefile: str) -> None:
     class ZoneResolver:
         def query(self, query, timeout=None):
             name = query.name.name.decode().lower().rstrip(".")
+            if log is not None:
+                log.write(f"{name} {dns.QUERY_TYPES.get(query.type, query.type)}\n")
             records = zone.get(name)
             if records is None:
                 return defer.fail(error.DomainError(name))
-            kinds = {t for t, _ in records}
+            kinds = {rec[0] for rec in records}
             if "TIMEOUT" in kinds:
                 return defer.Deferred()          # never answers
             if "SERVFAIL" in kinds:
                 return defer.fail(RuntimeError(f"SERVFAIL for {name}"))  # answered as SERVFAIL
             answers = []
             wanted = dns.QUERY_TYPES.get(query.type, dns.EXT_QUERIES.get(query.type, ""))
-            for rtype, value in records:
+            for rtype, value, *rest in records:
                 if rtype == wanted or query.type == dns.ALL_RECORDS or rtype == "CNAME":
-                    rr = payload(rtype, value)
-                    answers.append(dns.RRHeader(query.name.name, rr.TYPE, dns.IN, 60, rr, auth=True))
+                    ttl = rest[0] if rest else 60
+                    rr = payload(rtype, value, ttl)
+                    answers.append(dns.RRHeader(query.name.name, rr.TYPE, dns.IN, ttl, rr, auth=True))
             return defer.succeed((answers, [], []))
 
     factory = server.DNSServerFactory(authorities=[ZoneResolver()])
-    protocol = dns.DNSDatagramProtocol(factory)
-    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-    reactor.listenTCP(port.getHost().port, factory, interface="127.0.0.1")
+    from twisted.internet.error import CannotListenError
+    for _ in range(50):          # UDP and TCP on the same port number: retry if TCP's is taken
+        protocol = dns.DNSDatagramProtocol(factory)
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        try:
+            reactor.listenTCP(port.getHost().port, factory, interface="127.0.0.1")
+            break
+        except CannotListenError:
+            port.stopListening()
+    else:
+        raise RuntimeError("no free port for both UDP and TCP")
     print(f"PORT {port.getHost().port}", flush=True)
     reactor.run()
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -8,6 +8,13 @@ their own resolver.
 Results are plain Python values; failures are :class:`DNSError` with a
 ``temporary`` flag: NXDOMAIN and "no such record" are *not* errors (they
 give an empty list), SERVFAIL, refused and timeouts are temporary errors.
+A name that cannot be put into a query (an empty label, a label over 63
+octets) is a permanent error.
+
+The ``*_with_ttl`` variants fire with an :class:`Answer`: the same values
+plus how long they may be cached (the smallest TTL of the answer records;
+for "no such name/record" the negative-caching TTL of the zone's SOA,
+RFC 2308 5, or :data:`NEGATIVE_TTL` when the server sent none).
 """
 
 from __future__ import annotations
@@ -23,6 +30,18 @@ from twisted.names import client, dns, error
 class MX:
     preference: int
     host: str
+
+
+#: seconds a negative answer is cached when the server sent no SOA record
+NEGATIVE_TTL = 300
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The values of one lookup and for how many seconds they may be cached."""
+
+    values: list
+    ttl: int
 
 
 class DNSError(Exception):
@@ -68,16 +87,30 @@ class DNSResolver:
         return self._client
 
     # -------------------------------------------------------------- lookups
-    def _query(self, method: str, name: str, rtype: str, convert) -> Deferred:
-        d = getattr(self._resolver, method)(name)
+    def _query(self, method: str, name: str, rtype: str, convert, with_ttl: bool = False) -> Deferred:
+        try:
+            d = getattr(self._resolver, method)(name)
+        except (UnicodeError, ValueError) as e:
+            # the name cannot be encoded into a query (empty or over-long label)
+            return defer.fail(DNSError(name, rtype, f"invalid domain name: {e}", temporary=False))
+        rtype_code = getattr(dns, rtype)
 
         def ok(result):
-            answers, _authority, _additional = result
-            return convert(answers)
+            answers, authority, _additional = result
+            values = convert(answers)
+            if not with_ttl:
+                return values
+            ttls = [a.ttl for a in answers if a.type in (rtype_code, dns.CNAME)]
+            if values and ttls:
+                return Answer(values, int(min(ttls)))
+            return Answer(values, _negative_ttl(authority))
 
         def failed(failure):
             if failure.check(error.DNSNameError):
-                return []                      # NXDOMAIN
+                if not with_ttl:
+                    return []                  # NXDOMAIN
+                message = failure.value.args[0] if failure.value.args else None
+                return Answer([], _negative_ttl(getattr(message, "authority", ())))
             if failure.check(error.DNSServerError):
                 raise DNSError(name, rtype, "server failure (SERVFAIL)")
             if failure.check(error.DNSQueryRefusedError):
@@ -106,8 +139,15 @@ class DNSResolver:
 
     def a(self, name: str) -> Deferred:
         """Fires with [IPv4 address strings]."""
-        return self._query("lookupAddress", name, "A",
-                           lambda ans: [p.dottedQuad() for p in self._records(ans, dns.A)])
+        return self._query("lookupAddress", name, "A", self._a_values)
+
+    def a_with_ttl(self, name: str) -> Deferred:
+        """Fires with an :class:`Answer` of IPv4 address strings (DNSBL lookups)."""
+        return self._query("lookupAddress", name, "A", self._a_values, with_ttl=True)
+
+    @classmethod
+    def _a_values(cls, answers) -> list[str]:
+        return [p.dottedQuad() for p in cls._records(answers, dns.A)]
 
     def aaaa(self, name: str) -> Deferred:
         """Fires with [IPv6 address strings]."""
@@ -118,12 +158,26 @@ class DNSResolver:
 
     def txt(self, name: str) -> Deferred:
         """Fires with [text]: each TXT record's strings joined (RFC 7208 3.3), bytes decoded as latin-1."""
-        return self._query("lookupText", name, "TXT",
-                           lambda ans: [b"".join(p.data).decode("latin-1")
-                                        for p in self._records(ans, dns.TXT)])
+        return self._query("lookupText", name, "TXT", self._txt_values)
+
+    def txt_with_ttl(self, name: str) -> Deferred:
+        """Fires with an :class:`Answer` of TXT texts (joined as by :meth:`txt`)."""
+        return self._query("lookupText", name, "TXT", self._txt_values, with_ttl=True)
+
+    @classmethod
+    def _txt_values(cls, answers) -> list[str]:
+        return [b"".join(p.data).decode("latin-1") for p in cls._records(answers, dns.TXT)]
 
     def ptr(self, name: str) -> Deferred:
         """Fires with [host names] for a reverse name (e.g. 4.3.2.1.in-addr.arpa)."""
         return self._query("lookupPointer", name, "PTR",
                            lambda ans: [str(p.name).rstrip(".").lower()
                                         for p in self._records(ans, dns.PTR)])
+
+
+def _negative_ttl(authority) -> int:
+    """RFC 2308 5: a negative answer is cached for min(SOA TTL, SOA MINIMUM)."""
+    for record in authority or ():
+        if getattr(record, "type", None) == dns.SOA:
+            return int(min(record.ttl, record.payload.minimum))
+    return NEGATIVE_TTL

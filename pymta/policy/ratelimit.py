@@ -1,0 +1,168 @@
+"""The ``ratelimit`` plugin: connections, messages and recipients per client and user.
+
+List one instance in the stages it should count (connect, mail, rcpt; put it
+before the recipient validators in rcpt)::
+
+    [plugins.ratelimit]
+    window = "1m"
+    connections_per_ip = 60      # connect stage: 421 4.7.0 and the connection is closed
+    messages_per_ip = 100        # MAIL: 451 4.7.1
+    messages_per_user = 500      #   (authenticated sessions count per user, not per IP)
+    recipients_per_ip = 500      # RCPT: 451 4.5.3
+    recipients_per_user = 2000
+
+A limit of 0 (the default) means unlimited.  Counting is a sliding window
+(the previous fixed window's count weighted by how much of it still
+overlaps, plus the current one's): at most N accepted events in any span of
+``window``, give or take the approximation, with two numbers per key.  Only
+events the plugin lets through are counted, so a refused client that keeps
+trying is not locked out for longer.  Keys whose windows are over are
+dropped on the next sweep (at most once per window), and at most
+``max_keys`` keys are kept (the least recently used go first), so memory
+stays bounded.  Trusted networks are exempt unless ``exempt_trusted = false``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.config.durations import format_duration
+from pymta.config.options import Options
+from pymta.interfaces import IConnectPolicy, IRecipientPolicy, ISenderPolicy
+from pymta.session import Session, Transaction
+from pymta.verdict import DUNNO, Verdict
+
+__all__ = ["RateLimit", "SlidingWindowCounter"]
+
+log = Logger(namespace="pymta.ratelimit")
+
+
+class SlidingWindowCounter:
+    """Events per key in a sliding window of ``window`` seconds, memory bounded."""
+
+    def __init__(self, window: float, max_keys: int = 100_000, clock=time.monotonic) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.window = window
+        self.max_keys = max_keys
+        self.clock = clock
+        #: key -> [window index, count in that window, count in the one before]
+        self._counts: OrderedDict[Any, list] = OrderedDict()
+        self._last_sweep = -1
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def _index(self, now: float) -> int:
+        return math.floor(now / self.window)
+
+    def current(self, key: Any) -> float:
+        """The estimated number of events for ``key`` in the window ending now."""
+        now = self.clock()
+        index = self._index(now)
+        slot = self._counts.get(key)
+        if slot is None:
+            return 0.0
+        self._roll(slot, index)
+        overlap = 1.0 - (now / self.window - index)
+        return slot[2] * overlap + slot[1]
+
+    def allow(self, key: Any, limit: int) -> bool:
+        """Count one event for ``key`` unless that would exceed ``limit``; say whether it did."""
+        self._sweep()
+        if self.current(key) + 1 > limit:
+            return False
+        index = self._index(self.clock())
+        slot = self._counts.get(key)
+        if slot is None:
+            slot = self._counts[key] = [index, 0, 0]
+        self._roll(slot, index)
+        slot[1] += 1
+        self._counts.move_to_end(key)
+        while len(self._counts) > self.max_keys:
+            self._counts.popitem(last=False)
+        return True
+
+    @staticmethod
+    def _roll(slot: list, index: int) -> None:
+        if slot[0] == index:
+            return
+        slot[2] = slot[1] if slot[0] == index - 1 else 0
+        slot[1] = 0
+        slot[0] = index
+
+    def _sweep(self) -> None:
+        """Drop keys whose last event is more than a window behind (once per window)."""
+        index = self._index(self.clock())
+        if index == self._last_sweep:
+            return
+        self._last_sweep = index
+        stale = [key for key, slot in self._counts.items() if slot[0] < index - 1]
+        for key in stale:
+            del self._counts[key]
+
+
+@implementer(IConnectPolicy, ISenderPolicy, IRecipientPolicy)
+class RateLimit:
+    def __init__(self, options: dict[str, Any], context: Any) -> None:
+        opts = Options(options)
+        self.window = opts.duration("window", default=60.0, above=0)
+        self.limits = {name: opts.int(name, default=0, minimum=0) for name in (
+            "connections_per_ip", "messages_per_ip", "messages_per_user",
+            "recipients_per_ip", "recipients_per_user")}
+        self.exempt_trusted = opts.bool("exempt_trusted", default=True)
+        max_keys = opts.int("max_keys", default=100_000, minimum=1)
+        opts.finish()
+        clock = getattr(context.reactor, "seconds", None) or time.monotonic
+        self.counters = {kind: SlidingWindowCounter(self.window, max_keys, clock)
+                         for kind in ("connections", "messages", "recipients")}
+
+    def _exempt(self, session: Session) -> bool:
+        return self.exempt_trusted and session.trusted
+
+    def _limit(self, kind: str, session: Session) -> tuple[Any, int, str]:
+        """(key, limit, who) for this session: per user when authenticated, else per IP."""
+        if session.auth_user:
+            return ("user", session.auth_user), self.limits[f"{kind}_per_user"], \
+                f"user {session.auth_user}"
+        return ("ip", session.client_ip), self.limits[f"{kind}_per_ip"], f"[{session.client_ip}]"
+
+    def _window_text(self) -> str:
+        return format_duration(self.window)
+
+    def check_connect(self, session: Session) -> Verdict:
+        limit = self.limits["connections_per_ip"]
+        if not limit or self._exempt(session):
+            return DUNNO
+        if self.counters["connections"].allow(("ip", session.client_ip), limit):
+            return DUNNO
+        log.info("ratelimit: too many connections from [{ip}]", ip=session.client_ip)
+        return Verdict.disconnect(f"Too many connections from [{session.client_ip}] "
+                                  f"(at most {limit} per {self._window_text()}); try again later",
+                                  421, "4.7.0")
+
+    def check_sender(self, session: Session, transaction: Transaction) -> Verdict:
+        key, limit, who = self._limit("messages", session)
+        if not limit or self._exempt(session):
+            return DUNNO
+        if self.counters["messages"].allow(key, limit):
+            return DUNNO
+        log.info("ratelimit: too many messages from {who}", who=who)
+        return Verdict.defer(f"Too many messages from {who} (at most {limit} per "
+                             f"{self._window_text()}); try again later", 451, "4.7.1")
+
+    def check_recipient(self, session: Session, transaction: Transaction, recipient: str) -> Verdict:
+        key, limit, who = self._limit("recipients", session)
+        if not limit or self._exempt(session):
+            return DUNNO
+        if self.counters["recipients"].allow(key, limit):
+            return DUNNO
+        log.info("ratelimit: too many recipients from {who}", who=who)
+        return Verdict.defer(f"Too many recipients from {who} (at most {limit} per "
+                             f"{self._window_text()}); try again later", 451, "4.5.3")
