@@ -71,6 +71,32 @@ class TLSReload(Service):
             log.info("TLS certificates reloaded")
 
 
+def _dns_port_noise(event) -> bool:
+    """A per-query UDP port of the DNS client opening or closing (twisted.names logs each)."""
+    fmt = event.get("log_format") or ""
+    text = fmt if "{" not in fmt else ""
+    if not text and event.get("message"):
+        text = " ".join(str(m) for m in event["message"])
+    if text.startswith(("Starting protocol <twisted.names.dns.", "Stopping protocol <twisted.names.dns.")):
+        return True
+    return text.startswith(("(UDP Port ", "DNSDatagramProtocol starting on"))
+
+
+class QuietDNSPorts(Service):
+    """Drops the two log lines Twisted writes for every DNS query's UDP port."""
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.logger import FilteringLogObserver, PredicateResult, globalLogPublisher
+
+        def predicate(event):
+            return PredicateResult.no if _dns_port_noise(event) else PredicateResult.maybe
+
+        for observer in list(globalLogPublisher._observers):
+            globalLogPublisher.removeObserver(observer)
+            globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = ("Run the pymta mail transfer agent. Without --config it listens on "
@@ -126,6 +152,7 @@ def build_service(config: Config, reactor) -> MultiService:
             factory = TLSMemoryBIOFactory(tls, False, factory)
         ListenerService(listener, endpoint, factory).setServiceParent(top)
     SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
+    QuietDNSPorts().setServiceParent(top)
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)

@@ -14,6 +14,7 @@ from pymta.config.model import Config, Listener
 from pymta.server.policy import SessionPolicy
 from pymta.server.protocol import SMTPServerProtocol
 from pymta.smtp.replies import Reply
+from pymta.smtp.server import Features
 
 log = Logger(namespace="pymta.smtpd")
 
@@ -59,6 +60,14 @@ class SMTPServerFactory(Factory):
         self.context = context
         self.listener = listener
         self.counter = counter
+        #: what every session of this listener offers (shared, immutable)
+        self.features = Features(
+            starttls=listener.starttls and context.tls is not None,
+            tls_active=listener.implicit_tls,
+            auth_mechanisms=("PLAIN", "LOGIN") if listener.auth and context.portal is not None else (),
+            auth_plaintext=listener.auth_plaintext,
+            require_tls=listener.require_tls, require_auth=listener.require_auth,
+            etrn=True)
 
     def buildProtocol(self, addr):
         limits = self.context.config.limits

@@ -29,7 +29,7 @@ from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
 from pymta.server.tls import describe as describe_tls
-from pymta.smtp.server import Features, ServerConnection
+from pymta.smtp.server import ServerConnection
 from pymta.verdict import Kind, Verdict
 
 if TYPE_CHECKING:
@@ -67,14 +67,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                listener=self.factory.listener.name, role=self.factory.listener.role,
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
-        listener = self.factory.listener
-        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, Features(
-            starttls=listener.starttls and ctx.tls is not None,
-            tls_active=listener.implicit_tls,
-            auth_mechanisms=("PLAIN", "LOGIN") if listener.auth and ctx.portal is not None else (),
-            auth_plaintext=listener.auth_plaintext,
-            require_tls=listener.require_tls, require_auth=listener.require_auth,
-            etrn=hasattr(ctx.scheduler, "flush")))
+        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, self.factory.features)
         self.setTimeout(ctx.config.limits.idle_timeout)
         log.info("connect from {client}", client=self.client)
         wait = ctx.config.limits.pregreet_wait
@@ -397,9 +390,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _log_reject(self, stage: str, verdict: Verdict, **fields) -> None:
         detail = " ".join(f"{k}=<{v}>" for k, v in fields.items()) or "-"
+        text = " / ".join((verdict.text or "").splitlines())   # one log line per event
         log.info("NOQUEUE: reject: {stage} from {client}: {code} {enhanced} {text}; {detail}",
                  stage=stage, client=self.client, code=verdict.code, enhanced=verdict.enhanced,
-                 text=verdict.text, detail=detail)
+                 text=text, detail=detail)
 
 
 _HANDLERS = {
