@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from prerequisites import find_tool
-from servers import _STARTED, BENCH_DIR, TEST_DOMAIN, BenchServer, ServerStartError, log_tail
+from servers import _STARTED, BENCH_DIR, TEST_DOMAIN, BenchServer, ServerStartError, TlsFiles, log_tail
 
 MASTER_CF = """\
 # written by bench/postfix_instance.py: no chroot, one loopback listener
@@ -82,6 +82,18 @@ virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 """
 
+#: added to main.cf when the instance is given a certificate: STARTTLS offered, not required
+MAIN_CF_TLS = """\
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {certificate}
+smtpd_tls_key_file = {key}
+"""
+
+#: added to master.cf with a certificate: smtpd asks tlsmgr for its PRNG seed and ticket keys
+MASTER_CF_TLS = """\
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+"""
+
 
 def run_with_terminal(cmd: list[str], timeout: float = 60.0) -> tuple[int, str]:
     """Run a postfix command with a pty as stdout/stderr: without a terminal (or a
@@ -117,13 +129,17 @@ def run_with_terminal(cmd: list[str], timeout: float = 60.0) -> tuple[int, str]:
 
 
 class PostfixMaildir(BenchServer):
-    """Postfix (smtpd -> queue -> virtual) delivering into a Maildir under the work dir."""
+    """Postfix (smtpd -> queue -> virtual) delivering into a Maildir under the work dir.
+
+    With `tls`, smtpd offers STARTTLS with that certificate (security level "may").
+    """
 
     name = "postfix"
     start_timeout = 30.0
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, tls: TlsFiles | None = None) -> None:
         super().__init__(work_dir)
+        self.tls = tls
         self.config_dir = work_dir / "etc"
         self.queue_dir = work_dir / "queue"
         self.data_dir = work_dir / "data"
@@ -167,11 +183,16 @@ class PostfixMaildir(BenchServer):
                 raise ServerStartError(
                     f"the Postfix peer delivers as user 'nobody', who cannot enter {parent} "
                     f"(mode {mode & 0o777:o}); use a work dir whose parents are world-searchable")
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
-        (self.config_dir / "main.cf").write_text(MAIN_CF.format(
+        master_cf = MASTER_CF.format(listen=f"127.0.0.1:{self.port}")
+        main_cf = MAIN_CF.format(
             config=self.config_dir, queue=self.queue_dir, data=self.data_dir, work=self.work_dir,
             mail=self.maildir_base, domain=TEST_DOMAIN, uid=nobody.pw_uid, gid=nobody.pw_gid,
-            max_size=70_000_000))
+            max_size=70_000_000)
+        if self.tls is not None:
+            master_cf += MASTER_CF_TLS
+            main_cf += MAIN_CF_TLS.format(certificate=self.tls.certificate, key=self.tls.key)
+        (self.config_dir / "master.cf").write_text(master_cf)
+        (self.config_dir / "main.cf").write_text(main_cf)
 
     def start(self) -> None:
         _STARTED.append(self)

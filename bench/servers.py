@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prerequisites import find_tool
@@ -31,6 +32,14 @@ MAX_MESSAGE_SIZE = 60_000_000
 #: listen(2) backlog given to every server we configure (Twisted's default is 50,
 #: asyncio's 100): the same for all, so bursts of connects are not a backlog contest.
 LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate and its private key (PEM files) a server offers with STARTTLS."""
+
+    certificate: Path
+    key: Path
 
 
 class ServerStartError(RuntimeError):
@@ -243,11 +252,15 @@ class AiosmtpdMaildir(BenchServer):
 
 
 class Pymta(BenchServer):
-    """pymta under twistd, spool synced with the given mode ("fsync" or "syncfs")."""
+    """pymta under twistd, spool synced with the given mode ("fsync" or "syncfs").
 
-    def __init__(self, work_dir: Path, sync: str = "fsync") -> None:
+    With `tls`, the config gets a [tls] table, so its mx listener offers STARTTLS.
+    """
+
+    def __init__(self, work_dir: Path, sync: str = "fsync", tls: TlsFiles | None = None) -> None:
         super().__init__(work_dir)
         self.sync = sync
+        self.tls = tls
         self.name = "pymta" if sync == "fsync" else f"pymta/{sync}"
         self.config_path = work_dir / "pymta.toml"
         self.spool_dir = work_dir / "spool"
@@ -281,7 +294,16 @@ max_connections_per_ip = 20000
 [backends.local]
 use = "maildir"
 base = "{self.maildir_base}"
-""")
+""" + self.tls_table())
+
+    def tls_table(self) -> str:
+        if self.tls is None:
+            return ""
+        return f"""
+[tls]
+certificate = "{self.tls.certificate}"
+key = "{self.tls.key}"
+"""
 
     def command(self) -> list[str]:
         return [self.twistd(), "-n", "--pidfile=", "pymta", "--config", str(self.config_path)]
