@@ -6,12 +6,14 @@ import hashlib
 import io
 import json
 import os
+import queue
 import random
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from twisted.python.failure import Failure
 from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
-from pymta.spool.store import Spool, SpoolError
+from pymta.spool.store import MEMORY_BODY_LIMIT, Spool, SpoolError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +65,16 @@ class ManualThreadPool:
             self.run_one()
             count += 1
         return count
+
+    def kinds(self) -> list[str]:
+        """What each held job does: the request class of its batch (_Commit, _Update, _Remove)."""
+        return [type(args[0][0]).__name__ for _, _, args, _ in self.jobs]
+
+    def run_kind(self, kind: str) -> None:
+        """Run the first held job of this kind, leaving the others waiting."""
+        index = self.kinds().index(kind)
+        self.jobs.insert(0, self.jobs.pop(index))
+        self.run_one()
 
 
 class FakeReactor(Clock):
@@ -109,9 +121,11 @@ def commit_message(spool: Spool, body: bytes, envelope: Envelope | None = None) 
     return envelope
 
 
-@pytest.fixture
-def spool(tmp_path) -> Spool:
-    return Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+@pytest.fixture(params=["memory", "file"])
+def spool(tmp_path, request) -> Spool:
+    """Bodies held in memory until commit (the default), or in a temp file from the start."""
+    limit = MEMORY_BODY_LIMIT if request.param == "memory" else 0
+    return Spool(str(tmp_path / "spool"), reactor=FakeReactor(), memory_limit=limit)
 
 
 # -- queue ids ---------------------------------------------------------------------
@@ -256,17 +270,19 @@ def test_commits_arriving_during_a_flush_join_the_next_one(tmp_path):
         writer.write(b"2")
         later.append(writer.commit(make_envelope()))
     update = spool.update(make_envelope(queue_id=first.queue_id))   # after d1 in order
+    assert len(pool.jobs) == 1              # the update waits for the commit it follows
     pool.run_one()
     result_of(d1)
     assert not any(d.called for d in later + [update])
-    assert pool.run_all() == 1
+    # one batch for the three later commits; the update in its own pipeline
+    assert pool.run_all() == 2
     for d in later + [update]:
         result_of(d)
 
 
 def test_one_failed_request_does_not_fail_its_batch(tmp_path):
     pool = ManualThreadPool()
-    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool), memory_limit=0)
     blocker = spool.new_message()
     blocker.write(b"0")
     blocker.commit(make_envelope())
@@ -284,10 +300,12 @@ def test_one_failed_request_does_not_fail_its_batch(tmp_path):
     assert spool_files(spool)["tmp"] == []
 
 
-def test_abort_discards_the_body_and_is_idempotent(spool):
+@pytest.mark.parametrize("memory_limit", [MEMORY_BODY_LIMIT, 0])
+def test_abort_discards_the_body_and_is_idempotent(tmp_path, memory_limit):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), memory_limit=memory_limit)
     writer = spool.new_message()
     writer.write(b"spam")
-    assert os.path.exists(writer.path)
+    assert os.path.exists(writer.path) == (memory_limit == 0)
     writer.abort()
     writer.abort()
     assert not os.path.exists(writer.path)
@@ -367,6 +385,226 @@ def test_update_of_a_removed_message_fails_instead_of_resurrecting_it(spool):
     assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
 
 
+# -- small bodies in memory ------------------------------------------------------------
+
+def test_a_small_body_touches_no_file_until_its_commit(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    body = b"Subject: small\r\n\r\nhello\r\n"
+    calls = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: calls.append(a[0]) or real_open(*a, **k))
+    writer = spool.new_message()
+    writer.write(body[:9])
+    writer.write(body[9:])
+    view = writer.view()
+    assert view.path is None and view.size == len(body)
+    assert view.headers() == [("Subject", "small")]
+    assert calls == [] and spool_files(spool)["tmp"] == []
+    envelope = make_envelope()
+    result_of(writer.commit(envelope))
+    assert calls                                   # the flush wrote the files
+    assert Path(spool.body_path(writer.queue_id)).read_bytes() == body
+    assert envelope.size == len(body)
+    assert spool_files(spool)["tmp"] == []
+
+
+def test_a_body_spills_into_its_temp_file_past_the_limit(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), memory_limit=100)
+    writer = spool.new_message()
+    writer.write(b"a" * 60)
+    writer.write(b"b" * 40)                        # exactly the limit: still in memory
+    assert writer.in_memory and not os.path.exists(writer.path)
+    writer.write(b"c")                             # one byte over: spilled
+    assert not writer.in_memory
+    with writer.view().open() as fp:
+        assert fp.read() == b"a" * 60 + b"b" * 40 + b"c"
+    assert Path(writer.path).read_bytes() == b"a" * 60 + b"b" * 40 + b"c"
+    writer.write(b"d" * 1000)                      # and streams there from now on
+    envelope = make_envelope()
+    result_of(writer.commit(envelope))
+    assert Path(spool.body_path(writer.queue_id)).read_bytes() == b"a" * 60 + b"b" * 40 + b"c" + b"d" * 1000
+    assert envelope.size == 1101
+    assert Spool(spool.directory, reactor=FakeReactor()).recover() == [envelope]
+
+
+def test_a_colliding_queue_id_fails_that_commit_only(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    existing = spool.new_message()
+    existing.write(b"already committed")
+    d_existing = existing.commit(make_envelope())
+    pool.run_all()
+    result_of(d_existing)
+    blocker = spool.new_message()
+    blocker.write(b"0")
+    blocker.commit(make_envelope())
+    good, in_tmp, in_queue = spool.new_message(), spool.new_message(), spool.new_message()
+    in_queue.queue_id = existing.queue_id           # the impossible: an id in use
+    Path(in_tmp.path).write_bytes(b"someone else's")
+    ds = []
+    for writer in (good, in_tmp, in_queue):
+        writer.write(b"new " + writer.queue_id.encode())
+        ds.append(writer.commit(make_envelope()))
+    pool.run_all()
+    result_of(ds[0])
+    for d in ds[1:]:
+        with pytest.raises(SpoolError):
+            result_of(d)
+    assert Path(in_tmp.path).read_bytes() == b"someone else's"        # not ours: left alone
+    assert Path(spool.body_path(existing.queue_id)).read_bytes() == b"already committed"
+    assert spool.load(existing.queue_id).size == len(b"already committed")
+    assert sorted(spool.queue_ids()) == sorted([existing.queue_id, blocker.queue_id, good.queue_id])
+
+
+def test_a_batch_fsyncs_its_files_on_several_threads_at_once(tmp_path, monkeypatch):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    threads = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        threads.add(threading.current_thread().name)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    blocker = spool.new_message()
+    blocker.commit(make_envelope())
+    bodies = {}
+    ds = []
+    for n in range(40):
+        writer = spool.new_message()
+        bodies[writer.queue_id] = b"message %d\r\n" % n * (n + 1)
+        writer.write(bodies[writer.queue_id])
+        ds.append(writer.commit(make_envelope()))
+    pool.run_one()
+    threads.clear()
+    pool.run_one()                                 # the batch of 40
+    assert len(threads) > 1
+    for d in ds:
+        result_of(d)
+    for queue_id, body in bodies.items():
+        assert Path(spool.body_path(queue_id)).read_bytes() == body
+        assert spool.load(queue_id).size == len(body)
+
+
+# -- removals and updates never hold up commits ------------------------------------------
+
+def test_commits_complete_while_a_removal_and_an_update_wait(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    first = spool.new_message()
+    first.write(b"first")
+    one = make_envelope()
+    first.commit(one)
+    second = spool.new_message()
+    second.write(b"second")
+    two = make_envelope()
+    second.commit(two)
+    pool.run_all()
+    removed = spool.remove(one.queue_id)
+    two.recipients[0].attempts = 1
+    updated = spool.update(two)
+    assert sorted(pool.kinds()) == ["_Remove", "_Update"]
+    committed = []
+    for n in range(3):                             # the removal and the update are stalled
+        writer = spool.new_message()
+        writer.write(b"more %d" % n)
+        d = writer.commit(make_envelope())
+        pool.run_kind("_Commit")
+        committed.append(result_of(d) is None)
+    assert committed == [True, True, True]
+    assert not removed.called and not updated.called
+    assert one.queue_id in spool.queue_ids()
+    pool.run_all()
+    result_of(removed)
+    result_of(updated)
+    assert one.queue_id not in spool.queue_ids()
+    assert spool.load(two.queue_id).recipients[0].attempts == 1
+
+
+def test_removal_uses_no_durability_barrier(spool, monkeypatch):
+    envelope = commit_message(spool, b"delivered")
+    import pymta.spool.store as store
+
+    def no_barrier(*args):
+        raise AssertionError("removal asked for a barrier")
+    monkeypatch.setattr(store, "_fsync_directory", no_barrier)
+    monkeypatch.setattr(os, "fsync", no_barrier)
+    result_of(spool.remove(envelope.queue_id))
+    assert spool_files(spool)["queue"] == []
+
+
+def test_a_removal_waits_for_the_pending_update_of_its_message(tmp_path):
+    pool = ManualThreadPool()
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
+    writer = spool.new_message()
+    writer.write(b"two routes")
+    envelope = make_envelope()
+    writer.commit(envelope)
+    pool.run_all()
+    envelope.recipients[0].attempts = 1
+    updated = spool.update(envelope)               # the first route's result
+    removed = spool.remove(envelope.queue_id)      # the second route finished the message
+    assert pool.kinds() == ["_Update"]             # the removal is not started yet
+    pool.run_one()
+    result_of(updated)
+    assert pool.kinds() == ["_Remove"]
+    pool.run_one()
+    result_of(removed)
+    assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}   # nothing resurrected
+
+
+def test_a_stalled_removal_thread_holds_up_no_commit(tmp_path, monkeypatch):
+    """The real thing: a thread pool of the spool's own, a removal blocked in its thread."""
+    from twisted.python.threadpool import ThreadPool
+
+    calls = queue.Queue()
+
+    class ThreadedReactor(Clock):
+        def callFromThread(self, f, *args, **kwargs):
+            calls.put((f, args, kwargs))
+
+    def wait_for(d, timeout=10.0):
+        box = []
+        d.addBoth(box.append)
+        deadline = time.monotonic() + timeout
+        while not box:
+            f, args, kwargs = calls.get(timeout=max(0.01, deadline - time.monotonic()))
+            f(*args, **kwargs)
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return box[0]
+
+    threadpool = ThreadPool(0, 3, "test-spool")
+    threadpool.start()
+    release = threading.Event()
+    try:
+        spool = Spool(str(tmp_path / "spool"), reactor=ThreadedReactor(), threadpool=threadpool)
+        writer = spool.new_message()
+        writer.write(b"delivered")
+        delivered = make_envelope()
+        wait_for(writer.commit(delivered))
+        real_removals = spool._apply_removals
+
+        def stalled_removals(batch):
+            assert release.wait(10)
+            return real_removals(batch)
+        spool._apply_removals = stalled_removals
+        removed = spool.remove(delivered.queue_id)
+        for n in range(20):
+            writer = spool.new_message()
+            writer.write(b"message %d" % n)
+            wait_for(writer.commit(make_envelope()))
+        assert not removed.called
+        assert len(spool.queue_ids()) == 21
+        release.set()
+        wait_for(removed)
+        assert len(spool.queue_ids()) == 20
+    finally:
+        release.set()
+        threadpool.stop()
+
+
+
 # -- recovery ------------------------------------------------------------------------------
 
 def test_recover_discards_uncommitted_messages(tmp_path):
@@ -374,7 +612,7 @@ def test_recover_discards_uncommitted_messages(tmp_path):
     spool = Spool(directory, reactor=FakeReactor())
     committed = commit_message(spool, b"committed\r\n")
     crashed = spool.new_message()          # DATA was arriving when the process died
-    crashed.write(b"half a mess")
+    crashed.write(b"half a mess" * (MEMORY_BODY_LIMIT // 10))    # spilled into tmp/
     crashed._file.flush()
     # a commit that died between writing the envelope temp and renaming:
     Path(directory, "tmp", crashed.queue_id + ".7.env").write_text("{}")

@@ -28,6 +28,7 @@ from pymta.server.auth import IAuthenticatedUser
 from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
+from pymta.spool.store import SpoolError
 from pymta.server.tls import describe as describe_tls
 from pymta.smtp.server import ServerConnection
 from pymta.verdict import Kind, Verdict
@@ -227,7 +228,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         try:
             self._writer = self.factory.context.spool.new_message()
             self.transaction.queue_id = self._writer.queue_id
-        except OSError as e:
+        except (OSError, SpoolError) as e:
             log.error("cannot create a queue file: {error}", error=e)
             self._write_failed = True
 

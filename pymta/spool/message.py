@@ -2,12 +2,14 @@
 
 :class:`MessageView` is what data-stage filters (``IMessageFilter``) see
 before the message is committed; :class:`SpooledMessage` is what delivery
-backends get from the scheduler.  Both read the single body file in the
-spool: nothing here holds a whole message in memory.
+backends get from the scheduler.  Both read the one copy of the body the
+spool keeps (a small body being received is held in memory until its commit,
+see :mod:`pymta.spool.writer`): nothing here reads a large body into memory.
 """
 
 from __future__ import annotations
 
+import io
 import re
 from typing import BinaryIO
 
@@ -66,15 +68,25 @@ def parse_headers(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[st
 
 
 class MessageView:
-    """A received body on disk, for inspection before it is committed."""
+    """A received body, for inspection before it is committed.
 
-    def __init__(self, path: str, size: int):
+    The body is the file ``path``, or, while the spool holds a small body in
+    memory, the bytes ``memory`` (``path`` is then None): read it with
+    :meth:`open` or :meth:`headers`, which work the same either way.
+    """
+
+    def __init__(self, path: str | None, size: int, memory: bytes | bytearray | None = None):
+        if path is None and memory is None:
+            raise ValueError("a MessageView needs a body file or the body in memory")
         self.path = path
+        self._memory = memory
         #: bytes of the body as received (after dot-unstuffing)
         self.size = size
 
     def open(self) -> BinaryIO:
         """The body as received, as a binary file (the caller closes it)."""
+        if self._memory is not None:
+            return io.BytesIO(bytes(self._memory))
         return open(self.path, "rb")
 
     def headers(self) -> list[tuple[str, str]]:
@@ -83,7 +95,8 @@ class MessageView:
             return parse_headers(fp)
 
     def __repr__(self) -> str:
-        return f"<MessageView {self.path} {self.size} bytes>"
+        where = "in memory" if self._memory is not None else self.path
+        return f"<MessageView {where} {self.size} bytes>"
 
 
 class SpooledMessage:

@@ -2,7 +2,7 @@
 
 Layout under the spool directory (all mode 0700)::
 
-    tmp/<ID>.msg          body being received (not committed)
+    tmp/<ID>.msg          body being received or committed (not committed yet)
     tmp/<ID>.<n>.env      envelope being written (not committed)
     queue/<ID>.msg        committed body: the bytes as received, once per message
     queue/<ID>.env        committed envelope (JSON, see pymta.envelope)
@@ -12,21 +12,32 @@ A message is committed when ``queue/<ID>.env`` exists: the envelope is the
 last thing made visible, after the body it names is on disk.  A body without
 an envelope is garbage from an interrupted transaction.
 
-Every change to ``queue/`` (commit, envelope update, removal) goes through one
-flush pipeline that runs off the reactor thread and batches (group commit):
-while one flush runs, new requests wait; when it ends they all go to disk
-together in the next flush, and each request's Deferred fires when its batch
-is durable.  One flush:
+Receiving (:class:`pymta.spool.writer.SpoolWriter`) holds a small body in
+memory, so the reactor thread makes no file-system call for typical mail; a
+large body spills into ``tmp/<ID>.msg`` as it arrives.
 
-* ``sync="fsync"``: fsync every body and envelope temp file, rename them into
-  ``queue/`` (body first), then one fsync of ``queue/``.
-* ``sync="syncfs"``: write everything, rename, then one ``syncfs(2)`` for the
-  whole file system.  When the batch replaces existing envelopes (updates),
-  one more ``syncfs`` runs before the renames, so that a crash cannot leave a
-  committed message with a half-written envelope.
+Changes to ``queue/`` go through three pipelines that run off the reactor
+thread, in the spool's own threads (not the reactor's pool, where local
+deliveries run), so that none waits behind another:
 
-Because the pipeline is sequential, requests for one message are applied in
-the order they were made.
+* **commits** (group commit): while one flush runs, new commits wait; when
+  it ends they all go to disk together in the next flush, and each commit's
+  Deferred fires when its batch is durable.  One flush, ``sync="fsync"``:
+  write and fsync every body and envelope temp file (several at once, so
+  that the file system can merge them into one journal commit), rename them
+  into ``queue/`` (body first), then one fsync of ``queue/``.
+  ``sync="syncfs"``: write everything, rename, then one ``syncfs(2)`` for the
+  whole file system.
+* **updates** (replaced envelopes, same batching): write (and fsync) the new
+  envelopes, replace the old ones, then one fsync of ``queue/``; with
+  ``syncfs``, one ``syncfs`` before the renames too, so that a crash cannot
+  leave a committed message with a half-written envelope.
+* **removals**: unlink the envelope, then the body, without any barrier.  A
+  crash before the unlinks reach the disk brings the message back at the
+  next start, and it is delivered again: at least once is the contract.
+
+Requests for one message are applied in the order they were made: an update
+or removal waits for the message's earlier commit, update or removal.
 """
 
 from __future__ import annotations
@@ -36,17 +47,21 @@ import ctypes.util
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pymta.envelope import Envelope
-from pymta.spool.message import MessageView, SpooledMessage
+from pymta.spool.message import SpooledMessage
+from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 from pymta.spool.queueid import is_queue_id, new_queue_id
+# re-exported: the writer's names were defined here before it had its own module
+from pymta.spool.writer import (COPY_CHUNK, MEMORY_BODY_LIMIT, WRITE_BUFFER, SpoolError,  # noqa: F401
+                                SpoolWriter, header_field_spans, open_exclusive)
 
 log = Logger()
 
@@ -58,12 +73,8 @@ CORRUPT_DIR = "corrupt"
 BODY_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".env"
 
-#: Python-side buffer of a body file being received
-WRITE_BUFFER = 64 * 1024
-
-
-class SpoolError(Exception):
-    """A spool operation could not be carried out (the message names it)."""
+#: files written and fsynced at once within one flush (fsync mode)
+PARALLEL_FSYNCS = 4
 
 
 def _fsync_directory(path: str) -> None:
@@ -92,16 +103,29 @@ def _encode_envelope(envelope: Envelope) -> bytes:
                       separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-# -- requests travelling through the flush pipeline ---------------------------
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- requests travelling through the pipelines ----------------------------------
 
 @dataclass
 class _Commit:
     queue_id: str
-    body_file: BinaryIO
+    #: tmp/<ID>.msg: the spilled body file, or where the in-memory body goes
     body_tmp: str
+    #: the open spilled body file, or None
+    body_file: BinaryIO | None
+    #: the body held in memory, or None
+    body_memory: bytearray | None
     envelope_data: bytes
     done: defer.Deferred = field(default_factory=defer.Deferred)
     envelope_tmp: str = ""
+    #: does body_tmp hold this request's body (so that a failure must remove it)?
+    body_written: bool = False
 
 
 @dataclass
@@ -121,82 +145,21 @@ class _Remove:
 _Request = Any  # _Commit | _Update | _Remove
 
 
-class SpoolWriter:
-    """A message being received: the body streams into a temp file."""
-
-    def __init__(self, spool: "Spool", queue_id: str, path: str, file: BinaryIO):
-        self._spool = spool
-        self.queue_id = queue_id
-        self.path = path
-        self._file: BinaryIO | None = file
-        #: body bytes written so far
-        self.size = 0
-        self._committing = False
-
-    def write(self, data: bytes) -> None:
-        """Append a chunk of the body (buffered, on the reactor thread)."""
-        if self._file is None or self._committing:
-            raise SpoolError(f"{self.queue_id}: write after commit or abort")
-        self._file.write(data)
-        self.size += len(data)
-
-    def view(self) -> MessageView:
-        """The body so far, for data-stage filters (flushes the Python buffer)."""
-        if self._file is None:
-            raise SpoolError(f"{self.queue_id}: view after commit or abort")
-        if not self._committing:
-            self._file.flush()
-        return MessageView(self.path, self.size)
-
-    def commit(self, envelope: Envelope) -> defer.Deferred:
-        """Make body and envelope durable; the Deferred fires (with None) when they are.
-
-        ``envelope.queue_id`` is set to this writer's id if empty (it must
-        not name another message) and ``envelope.size`` to the body size.
-        The envelope is serialised now: later changes to the object need
-        :meth:`Spool.update`.  On failure the Deferred errbacks and the
-        message is not in the spool.
-        """
-        if self._file is None or self._committing:
-            raise SpoolError(f"{self.queue_id}: commit after commit or abort")
-        if not envelope.queue_id:
-            envelope.queue_id = self.queue_id
-        elif envelope.queue_id != self.queue_id:
-            raise SpoolError(f"envelope names queue id {envelope.queue_id}, "
-                             f"but the body was spooled as {self.queue_id}")
-        envelope.size = self.size
-        request = _Commit(self.queue_id, self._file, self.path, _encode_envelope(envelope))
-        self._committing = True
-        result = self._spool._submit(request)
-
-        def forget(outcome):
-            self._file = None
-            return outcome
-        return result.addBoth(forget)
-
-    def abort(self) -> None:
-        """Discard the body (idempotent; ignored once commit() was called)."""
-        if self._file is None or self._committing:
-            return
-        file, self._file = self._file, None
-        try:
-            file.close()
-        finally:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-    def __repr__(self) -> str:
-        return f"<SpoolWriter {self.queue_id} {self.size} bytes>"
-
-
 class Spool:
     """Durable message store; see the module docstring for layout and ordering."""
 
-    def __init__(self, directory: str, reactor=None, sync: str = "fsync"):
+    def __init__(self, directory: str, reactor=None, sync: str = "fsync",
+                 memory_limit: int = MEMORY_BODY_LIMIT, threadpool=None):
+        """``memory_limit``: bodies up to this many bytes are held in memory until
+        their commit (0: every body streams into its temp file from the
+        start).  ``threadpool``: where the pipelines run; by default a pool
+        of the spool's own, or the reactor's pool for a reactor that cannot
+        run and stop one (a test clock).
+        """
         if sync not in SYNC_MODES:
             raise ValueError(f"spool sync mode must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        if memory_limit < 0:
+            raise ValueError(f"spool memory limit must not be negative, not {memory_limit}")
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._reactor = reactor
@@ -215,8 +178,18 @@ class Spool:
                      directory=self.directory)
             sync = "fsync"
         self.sync = sync
-        self._waiting: list[_Request] = []
-        self._flushing = False
+        self.memory_limit = memory_limit
+        if threadpool is None:
+            threadpool = pipeline_threadpool(reactor, 3, "pymta.spool")
+        self._fsync_workers: ThreadPoolExecutor | None = None
+        # (looked up per batch, so that tests can wrap the methods)
+        self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._flush(batch),
+                                      self._name_temp_files)
+        self._updates = BatchPipeline(reactor, threadpool, lambda batch: self._flush_updates(batch),
+                                      self._name_temp_files)
+        self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._apply_removals(batch))
+        #: queue id -> Deferred that fires when the last change submitted for it is applied
+        self._changes: dict[str, defer.Deferred] = {}
         self._temp_counter = 0
 
     # -- paths -------------------------------------------------------------
@@ -230,20 +203,37 @@ class Spool:
     # -- receiving -----------------------------------------------------------
 
     def new_message(self) -> SpoolWriter:
-        """Allocate a queue id and open its temp body file."""
+        """Allocate a queue id for a message being received.
+
+        The id generator is unique within the process, so this makes no
+        file-system call while the body fits in memory; the commit creates
+        the body file with ``O_EXCL`` and refuses an id already in the queue,
+        should the impossible happen.  With ``memory_limit`` 0 the temp body
+        file is created here (SpoolError if it cannot be).
+        """
+        if self.memory_limit > 0:
+            queue_id = new_queue_id()
+            return SpoolWriter(self, queue_id, os.path.join(self.tmp_dir, queue_id + BODY_SUFFIX),
+                               self.memory_limit)
         for _ in range(100):
             queue_id = new_queue_id()
             if os.path.exists(self.envelope_path(queue_id)):
                 continue
-            path = os.path.join(self.tmp_dir, queue_id + BODY_SUFFIX)
+            writer = SpoolWriter(self, queue_id, os.path.join(self.tmp_dir, queue_id + BODY_SUFFIX), 0)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                writer._spill()
             except FileExistsError:
                 continue
             except OSError as e:
-                raise SpoolError(f"cannot create spool file {path}: {e.strerror}") from e
-            return SpoolWriter(self, queue_id, path, os.fdopen(fd, "wb", buffering=WRITE_BUFFER))
+                raise SpoolError(f"cannot create spool file {writer.path}: {e.strerror}") from e
+            return writer
         raise SpoolError(f"spool {self.directory}: could not allocate a unique queue id")
+
+    def _commit(self, queue_id: str, body_tmp: str, body_file: BinaryIO | None,
+                body_memory: bytearray | None, envelope: Envelope) -> defer.Deferred:
+        """SpoolWriter.commit's request: make the body and ``envelope`` durable."""
+        return self._submit(_Commit(queue_id, body_tmp, body_file, body_memory,
+                                    _encode_envelope(envelope)))
 
     # -- committed messages --------------------------------------------------
 
@@ -255,7 +245,12 @@ class Spool:
         return self._submit(_Update(envelope.queue_id, _encode_envelope(envelope)))
 
     def remove(self, queue_id: str) -> defer.Deferred:
-        """Durably delete a message: the envelope first, then the body."""
+        """Delete a delivered message: the envelope first, then the body.
+
+        No durability barrier: should a crash undo the removal, the message
+        is delivered again (at least once).  The Deferred fires when both
+        files are unlinked.
+        """
         return self._submit(_Remove(queue_id))
 
     def queue_ids(self) -> list[str]:
@@ -361,127 +356,102 @@ class Spool:
                 log.error("{queue_id}: cannot move {path} to {target}: {error}",
                           queue_id=queue_id, path=path, target=target, error=e.strerror)
 
-    # -- the flush pipeline (group commit) -------------------------------------
+    # -- the pipelines -------------------------------------------------------------
 
     def _submit(self, request: _Request) -> defer.Deferred:
-        self._waiting.append(request)
-        if not self._flushing:
-            self._start_flush()
+        """Hand a request to its pipeline, after the earlier changes of its message."""
+        pipeline = (self._commits if isinstance(request, _Commit)
+                    else self._updates if isinstance(request, _Update) else self._removals)
+        queue_id = request.queue_id
+        earlier = self._changes.get(queue_id)
+        settled = defer.Deferred()
+        self._changes[queue_id] = settled
+
+        def applied(outcome):
+            if self._changes.get(queue_id) is settled:
+                del self._changes[queue_id]
+            settled.callback(None)
+            return outcome
+        request.done.addBoth(applied)
+        if earlier is None:
+            pipeline.submit(request)
+        else:
+            def start(_) -> None:
+                pipeline.submit(request)
+            earlier.addCallback(start)
         return request.done
 
-    def _start_flush(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._flushing = True
+    def _name_temp_files(self, batch: list[_Commit | _Update]) -> None:
         for request in batch:
-            if not isinstance(request, _Remove):
-                self._temp_counter += 1
-                request.envelope_tmp = os.path.join(
-                    self.tmp_dir, f"{request.queue_id}.{self._temp_counter}{ENVELOPE_SUFFIX}")
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._flush, batch)
-        d.addBoth(self._flushed, batch)
+            self._temp_counter += 1
+            request.envelope_tmp = os.path.join(
+                self.tmp_dir, f"{request.queue_id}.{self._temp_counter}{ENVELOPE_SUFFIX}")
 
-    def _flushed(self, outcome, batch: list[_Request]) -> None:
-        self._flushing = False
-        if self._waiting:
-            self._start_flush()
-        for request in batch:
-            if isinstance(outcome, Failure):
-                error = outcome
-            else:
-                error = outcome.get(id(request))
-            if error is None:
-                request.done.callback(None)
-            else:
-                request.done.errback(error)
+    def _write_each(self, batch: list[_Request], write: Callable[[_Request, bool], None],
+                    errors: dict[int, Failure], fsync: bool) -> None:
+        """``write(request, fsync)`` for every request; several at once when fsyncing.
 
-    def _flush(self, batch: list[_Request]) -> dict[int, Failure]:
-        """Apply one batch durably (runs in a pool thread).
-
-        Returns the failures of single requests by ``id(request)``; raising
-        fails the whole batch.
+        Concurrent fsyncs let the file system merge them into one journal
+        commit.  A SpoolError from ``write`` fails that request only.
         """
-        errors: dict[int, Failure] = {}
-        fsync = self.sync == "fsync"
-
-        def failed(request: _Request, error: BaseException, doing: str) -> None:
-            spool_error = SpoolError(f"{request.queue_id}: {doing}: {error}")
-            spool_error.__cause__ = error
-            errors[id(request)] = Failure(spool_error)
-
-        # 1. the data: body files and envelope temps
-        for request in batch:
-            if isinstance(request, _Commit):
+        def write_all(requests: list[_Request]) -> None:
+            for request in requests:
                 try:
-                    request.body_file.flush()
-                    if fsync:
-                        os.fsync(request.body_file.fileno())
-                    request.body_file.close()
-                except OSError as e:
-                    failed(request, e, f"writing {request.body_tmp}")
-                    continue
-            if isinstance(request, (_Commit, _Update)):
-                try:
-                    self._write_file(request.envelope_tmp, request.envelope_data, fsync)
-                except OSError as e:
-                    failed(request, e, f"writing {request.envelope_tmp}")
-        if not fsync and any(isinstance(r, _Update) and id(r) not in errors for r in batch):
-            self._call_syncfs()  # replaced envelopes must never be half written
-        # 2. the names, in request order; body before envelope
-        for request in batch:
-            if id(request) in errors:
-                continue
-            try:
-                if isinstance(request, _Commit):
-                    os.rename(request.body_tmp, self.body_path(request.queue_id))
-                    os.rename(request.envelope_tmp, self.envelope_path(request.queue_id))
-                elif isinstance(request, _Update):
-                    if not os.path.exists(self.body_path(request.queue_id)):
-                        raise FileNotFoundError(f"message {request.queue_id} is not in the spool")
-                    os.replace(request.envelope_tmp, self.envelope_path(request.queue_id))
-                else:
-                    for path in (self.envelope_path(request.queue_id), self.body_path(request.queue_id)):
-                        try:
-                            os.unlink(path)
-                        except FileNotFoundError:
-                            pass
-            except OSError as e:
-                failed(request, e, "updating the queue directory")
-        # clean up what failed requests left behind
-        for request in batch:
-            if id(request) in errors:
-                for path in (getattr(request, "envelope_tmp", None), getattr(request, "body_tmp", None)):
-                    if path:
-                        try:
-                            os.unlink(path)
-                        except OSError:
-                            pass
-                if isinstance(request, _Commit):
-                    try:
-                        request.body_file.close()
-                    except OSError:
-                        pass
-        # 3. one barrier for the whole batch
+                    write(request, fsync)
+                except SpoolError as e:
+                    errors[id(request)] = Failure(e)
+
+        lanes = min(PARALLEL_FSYNCS, len(batch)) if fsync else 1
+        if lanes <= 1:
+            write_all(batch)
+            return
+        if self._fsync_workers is None:
+            self._fsync_workers = ThreadPoolExecutor(PARALLEL_FSYNCS - 1,
+                                                     thread_name_prefix="pymta.spool.fsync")
+        others = [self._fsync_workers.submit(write_all, batch[lane::lanes])
+                  for lane in range(1, lanes)]
         try:
-            if fsync:
-                _fsync_directory(self.queue_dir)
-            else:
-                self._call_syncfs()
-        except OSError:
-            # nothing in this batch is known to be durable: take back the
-            # new messages, whose senders are about to be told 4xx
-            for request in batch:
-                if isinstance(request, _Commit) and id(request) not in errors:
-                    for path in (self.envelope_path(request.queue_id), self.body_path(request.queue_id)):
-                        try:
-                            os.unlink(path)
-                        except OSError:
-                            pass
-            raise
-        return errors
+            write_all(batch[0::lanes])
+        finally:
+            problems = [future.exception() for future in others]   # waits for every lane
+        for problem in problems:
+            if problem is not None:
+                raise problem
 
     @staticmethod
-    def _write_file(path: str, data: bytes, fsync: bool) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def _failed(request: _Request, error: BaseException, doing: str) -> SpoolError:
+        spool_error = SpoolError(f"{request.queue_id}: {doing}: {error}")
+        spool_error.__cause__ = error
+        return spool_error
+
+    def _write_commit(self, request: _Commit, fsync: bool) -> None:
+        """The data of one commit: its body file and envelope temp file."""
+        try:
+            if request.body_memory is not None:
+                fd = open_exclusive(request.body_tmp)
+                request.body_written = True
+                self._write_fd(fd, request.body_memory, fsync)
+            else:
+                request.body_written = True
+                request.body_file.flush()
+                if fsync:
+                    os.fsync(request.body_file.fileno())
+                request.body_file.close()
+        except OSError as e:
+            raise self._failed(request, e, f"writing {request.body_tmp}")
+        self._write_envelope(request, fsync)
+
+    def _write_envelope(self, request: _Commit | _Update, fsync: bool) -> None:
+        try:
+            fd = os.open(request.envelope_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+            self._write_fd(fd, request.envelope_data, fsync)
+        except OSError as e:
+            raise self._failed(request, e, f"writing {request.envelope_tmp}")
+
+    @staticmethod
+    def _write_fd(fd: int, data: bytes | bytearray, fsync: bool) -> None:
+        """Write all of ``data`` to ``fd``, fsync it if asked, close it."""
         try:
             view = memoryview(data)
             while view:
@@ -491,6 +461,97 @@ class Spool:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _flush(self, batch: list[_Commit]) -> dict[int, Failure]:
+        """Commit one batch durably (runs in a pool thread).
+
+        Returns the failures of single requests by ``id(request)``; raising
+        fails the whole batch.
+        """
+        errors: dict[int, Failure] = {}
+        fsync = self.sync == "fsync"
+        # 1. the data: body files and envelope temps
+        self._write_each(batch, self._write_commit, errors, fsync)
+        # 2. the names, in request order; body before envelope
+        for request in batch:
+            if id(request) in errors:
+                continue
+            try:
+                if os.path.lexists(self.envelope_path(request.queue_id)):
+                    raise FileExistsError(f"queue id {request.queue_id} is already in the spool")
+                os.rename(request.body_tmp, self.body_path(request.queue_id))
+                os.rename(request.envelope_tmp, self.envelope_path(request.queue_id))
+            except OSError as e:
+                errors[id(request)] = Failure(self._failed(request, e, "updating the queue directory"))
+        # clean up what failed requests left behind
+        for request in batch:
+            if id(request) in errors:
+                if request.body_file is not None:
+                    try:
+                        request.body_file.close()
+                    except OSError:
+                        pass
+                if request.body_written:
+                    _unlink_quietly(request.body_tmp)
+                _unlink_quietly(request.envelope_tmp)
+        # 3. one barrier for the whole batch
+        try:
+            self._barrier(fsync)
+        except OSError:
+            # nothing in this batch is known to be durable: take back the
+            # new messages, whose senders are about to be told 4xx
+            for request in batch:
+                if id(request) not in errors:
+                    _unlink_quietly(self.envelope_path(request.queue_id))
+                    _unlink_quietly(self.body_path(request.queue_id))
+            raise
+        return errors
+
+    def _flush_updates(self, batch: list[_Update]) -> dict[int, Failure]:
+        """Replace the envelopes of one batch durably (runs in a pool thread)."""
+        errors: dict[int, Failure] = {}
+        fsync = self.sync == "fsync"
+        try:
+            self._write_each(batch, self._write_envelope, errors, fsync)
+            if not fsync and len(errors) < len(batch):
+                self._call_syncfs()  # replaced envelopes must never be half written
+        except BaseException:
+            for request in batch:
+                _unlink_quietly(request.envelope_tmp)
+            raise
+        for request in batch:
+            if id(request) in errors:
+                _unlink_quietly(request.envelope_tmp)
+                continue
+            try:
+                if not os.path.exists(self.body_path(request.queue_id)):
+                    raise FileNotFoundError(f"message {request.queue_id} is not in the spool")
+                os.replace(request.envelope_tmp, self.envelope_path(request.queue_id))
+            except OSError as e:
+                errors[id(request)] = Failure(self._failed(request, e, "updating the queue directory"))
+                _unlink_quietly(request.envelope_tmp)
+        self._barrier(fsync)
+        return errors
+
+    def _apply_removals(self, batch: list[_Remove]) -> dict[int, Failure]:
+        """Unlink envelope then body of each message; no barrier (runs in a pool thread)."""
+        errors: dict[int, Failure] = {}
+        for request in batch:
+            for path in (self.envelope_path(request.queue_id), self.body_path(request.queue_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    errors[id(request)] = Failure(self._failed(request, e, f"removing {path}"))
+                    break
+        return errors
+
+    def _barrier(self, fsync: bool) -> None:
+        if fsync:
+            _fsync_directory(self.queue_dir)
+        else:
+            self._call_syncfs()
 
     def _call_syncfs(self) -> None:
         fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)

@@ -1,0 +1,239 @@
+"""A message being received into the spool: :class:`SpoolWriter`.
+
+A small body (up to the spool's ``memory_limit``, 64 KiB by default) is held
+in memory while it arrives: receiving it makes no file-system call on the
+reactor thread, and the spool's flush thread creates, writes and fsyncs the
+file at commit.  A body that outgrows the limit spills into
+``tmp/<ID>.msg`` and streams there from then on.  Either way the body exists
+once, and ``250`` is still only given once it is durable
+(:meth:`SpoolWriter.commit`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING, BinaryIO
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pymta.envelope import Envelope
+from pymta.spool.message import _FIELD_NAME, HEADER_READ_LIMIT, MessageView
+
+if TYPE_CHECKING:
+    from pymta.spool.store import Spool
+
+log = Logger(namespace="pymta.spool.store")
+
+#: Python-side buffer of a body file being received
+WRITE_BUFFER = 64 * 1024
+#: bodies up to this size are held in memory until commit (Spool's default)
+MEMORY_BODY_LIMIT = 64 * 1024
+#: chunk size when moving the rest of a body (drop_headers)
+COPY_CHUNK = 256 * 1024
+
+
+class SpoolError(Exception):
+    """A spool operation could not be carried out (the message names it)."""
+
+
+def header_field_spans(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` of the header fields at the top of ``fp``.
+
+    Field *n* here is field *n* of :func:`pymta.spool.message.parse_headers`
+    (same line rules, same read limit); a range covers the field's first line
+    and its continuation lines, line endings included.
+    """
+    spans: list[list[int]] = []
+    consumed = 0
+    while consumed < limit:
+        line = fp.readline(limit - consumed)
+        if not line:
+            break
+        start = consumed
+        consumed += len(line)
+        if consumed >= limit and not line.endswith(b"\n"):
+            break                              # cut by the limit: not a whole line
+        content = line.rstrip(b"\r\n")
+        if not content:
+            break                              # end of the header section
+        if content[:1] in (b" ", b"\t"):
+            if spans:
+                spans[-1][1] = consumed        # continuation of the previous field
+                continue
+            break
+        if _FIELD_NAME.match(content) is None:
+            break                              # not a header field: the body begins
+        spans.append([start, consumed])
+    return [(start, end) for start, end in spans]
+
+
+def open_exclusive(path: str) -> int:
+    """Create ``path`` for writing (0600); FileExistsError if it exists."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+class SpoolWriter:
+    """A message being received: the body in memory while small, else in a temp file."""
+
+    def __init__(self, spool: "Spool", queue_id: str, path: str, memory_limit: int):
+        self._spool = spool
+        self.queue_id = queue_id
+        #: the body file while uncommitted (``tmp/<ID>.msg``); it exists only
+        #: once the body spilled out of memory (see :attr:`in_memory`)
+        self.path = path
+        self._memory_limit = memory_limit
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        #: body bytes written so far
+        self.size = 0
+        self._open = True
+        self._committing = False
+
+    @property
+    def in_memory(self) -> bool:
+        """Is the body (still) held in memory rather than in ``path``?"""
+        return self._memory is not None
+
+    def write(self, data: bytes) -> None:
+        """Append a chunk of the body (on the reactor thread).
+
+        Raises OSError if the body has to spill into its temp file and the
+        file cannot be created or written.
+        """
+        if not self._open or self._committing:
+            raise SpoolError(f"{self.queue_id}: write after commit or abort")
+        memory = self._memory
+        if memory is not None:
+            if len(memory) + len(data) <= self._memory_limit:
+                memory += data
+                self.size += len(data)
+                return
+            self._spill()
+        self._file.write(data)
+        self.size += len(data)
+
+    def _spill(self) -> None:
+        """Move the body from memory into ``tmp/<ID>.msg``; it streams there from now on."""
+        file = os.fdopen(open_exclusive(self.path), "wb", buffering=WRITE_BUFFER)
+        try:
+            if self._memory:
+                file.write(self._memory)
+        except BaseException:
+            file.close()
+            os.unlink(self.path)
+            raise
+        self._file, self._memory = file, None
+
+    def view(self) -> MessageView:
+        """The body so far, for data-stage filters (served from memory, or the file)."""
+        if not self._open:
+            raise SpoolError(f"{self.queue_id}: view after commit or abort")
+        if self._memory is not None:
+            return MessageView(None, self.size, memory=self._memory)
+        if not self._committing:
+            self._file.flush()
+        return MessageView(self.path, self.size)
+
+    def drop_headers(self, indices: tuple[int, ...]) -> None:
+        """Remove the header fields at these positions (as numbered by ``view().headers()``).
+
+        The body is rewritten in place (in memory, or the temp file): the kept
+        fields, then the rest of the body byte for byte; :attr:`size` shrinks
+        accordingly.  Positions past the last field are logged and ignored.
+        Raises OSError if the file cannot be rewritten (the message must then
+        be refused: its body is in an unknown state).
+        """
+        if not self._open or self._committing:
+            raise SpoolError(f"{self.queue_id}: drop_headers after commit or abort")
+        wanted = sorted({int(i) for i in indices})
+        if not wanted:
+            return
+        if self._memory is not None:
+            spans = header_field_spans(io.BytesIO(self._memory))
+        else:
+            self._file.flush()
+            with open(self.path, "rb") as reader:
+                spans = header_field_spans(reader)
+        unknown = [i for i in wanted if not 0 <= i < len(spans)]
+        if unknown:
+            log.warn("{queue_id}: cannot drop header fields {unknown}: the message has "
+                     "{count} header fields", queue_id=self.queue_id, unknown=unknown,
+                     count=len(spans))
+        drop = [spans[i] for i in wanted if 0 <= i < len(spans)]
+        if not drop:
+            return
+        if self._memory is not None:
+            for start, end in reversed(drop):
+                del self._memory[start:end]
+            self.size = len(self._memory)
+            return
+        # the byte ranges to keep after the first dropped field, moved left in order
+        keep = [(end, drop[k + 1][0]) for k, (_, end) in enumerate(drop[:-1])]
+        keep.append((drop[-1][1], self.size))
+        write_at = drop[0][0]
+        fd = self._file.fileno()             # write-only: reading goes through a second descriptor
+        with open(self.path, "rb") as reader:
+            for start, end in keep:
+                position = start
+                while position < end:
+                    chunk = os.pread(reader.fileno(), min(COPY_CHUNK, end - position), position)
+                    if not chunk:
+                        raise OSError(f"{self.path}: unexpected end of file at {position}")
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.pwrite(fd, view, write_at)
+                        view = view[written:]
+                        write_at += written
+                    position += len(chunk)
+        os.ftruncate(fd, write_at)
+        self.size = write_at
+        self._file.seek(write_at)
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        """Make body and envelope durable; the Deferred fires (with None) when they are.
+
+        ``envelope.queue_id`` is set to this writer's id if empty (it must
+        not name another message) and ``envelope.size`` to the body size.
+        The envelope is serialised now: later changes to the object need
+        :meth:`Spool.update`.  On failure the Deferred errbacks and the
+        message is not in the spool.
+        """
+        if not self._open or self._committing:
+            raise SpoolError(f"{self.queue_id}: commit after commit or abort")
+        if not envelope.queue_id:
+            envelope.queue_id = self.queue_id
+        elif envelope.queue_id != self.queue_id:
+            raise SpoolError(f"envelope names queue id {envelope.queue_id}, "
+                             f"but the body was spooled as {self.queue_id}")
+        envelope.size = self.size
+        self._committing = True
+        result = self._spool._commit(self.queue_id, self.path, self._file, self._memory,
+                                      envelope)
+
+        def forget(outcome):
+            self._open = False
+            self._file = self._memory = None
+            return outcome
+        return result.addBoth(forget)
+
+    def abort(self) -> None:
+        """Discard the body (idempotent; ignored once commit() was called)."""
+        if not self._open or self._committing:
+            return
+        self._open = False
+        file, self._file, self._memory = self._file, None, None
+        if file is None:
+            return                           # held in memory: nothing on disk
+        try:
+            file.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __repr__(self) -> str:
+        where = "in memory" if self._memory is not None else self.path
+        return f"<SpoolWriter {self.queue_id} {self.size} bytes {where}>"
