@@ -17,13 +17,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/twistd -n --pidfile= pymta $(ARGS)
 
-# External programs the tests drive (swaks).  Installed with apt when root;
-# otherwise they must already be on PATH (the tests say which one is missing).
+# External programs the tests drive: swaks, and Postfix as a real receiving MTA
+# (a private instance the tests start on a loopback port; debconf is preseeded
+# to "No configuration", so the system's own Postfix is not set up).  Installed
+# with apt when root; otherwise they must already be on PATH (the tests say
+# which one is missing).
 test-programs:
 	@if ! command -v swaks >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks >/dev/null; \
 	  else echo "swaks is missing: apt-get install swaks (as root)"; fi; \
+	fi
+	@if ! command -v postfix >/dev/null 2>&1 && [ ! -x /usr/sbin/postfix ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
+	  else echo "postfix is missing: apt-get install postfix (as root)"; fi; \
 	fi
 
 test: $(STAMP) test-programs

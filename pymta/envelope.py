@@ -37,9 +37,18 @@ class Recipient:
     last_result: str | None = None
     #: unix time the outcome was final (delivered/failed)
     finished_at: float | None = None
+    #: the remote SMTP server of the last result (DSN Remote-MTA), if any
+    remote_mta: str | None = None
+    #: RFC 3464 Diagnostic-Code of the last result ("smtp; 550 5.1.1 ..."), if any
+    diagnostic: str | None = None
+    #: a "delayed" DSN was sent for this recipient
+    delay_notified: bool = False
+    #: the final outcome needs no (more) DSN: sent, or not asked for
+    notified: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # shallow: every field is a plain value (asdict's deep copies cost on the hot path)
+        d = {f.name: getattr(self, f.name) for f in _RECIPIENT_FIELDS}
         d["notify"] = list(self.notify) if self.notify is not None else None
         return d
 
@@ -78,10 +87,15 @@ class Envelope:
     #: "Name: value\r\n" string (folded lines allowed).  The Received: line
     #: written by the server is the first one.
     prepend: list[str] = field(default_factory=list)
+    #: what this message is, when pymta made it: "bounce", "delay", "success" (DSNs to
+    #: the sender) or "postmaster" (a failed DSN sent to the postmaster instead); None
+    #: for mail received over SMTP.  A failed "postmaster" message is only logged.
+    notification: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in _ENVELOPE_FIELDS}
         d["recipients"] = [r.to_json() for r in self.recipients]
+        d["prepend"] = list(self.prepend)
         d["version"] = 1
         return d
 
@@ -98,3 +112,7 @@ class Envelope:
     @property
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
+
+
+_RECIPIENT_FIELDS = dataclasses.fields(Recipient)
+_ENVELOPE_FIELDS = dataclasses.fields(Envelope)

@@ -421,3 +421,24 @@ def test_end_to_end_from_spool_into_a_maildir(tmp_path):
     assert any("non-delivery notification NOT sent to <sender@example.net>" in line for line in lines)
     assert lines[-1] == f"{envelope.queue_id}: removed"
     assert h.spool.queue_ids() == []
+
+
+def test_a_backend_answering_at_once_does_not_nest_one_call_per_message(tmp_path):
+    import sys
+    first = defer.Deferred()
+    backend = RecordingBackend(first, *["defer"] * 600)
+    h = Harness(tmp_path, {"local": backend},
+                Retry(initial=300, maximum=600, lifetime=3600, concurrency=1))
+    h.scheduler.startService()
+    for n in range(601):
+        h.submit(rcpt(f"u{n}@example.org"))
+    h.reactor.advance(0)                  # one call in flight, 600 waiting in the run queue
+    assert len(backend.calls) == 1
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)            # fewer frames than a nesting per message needs
+    try:
+        first.callback([DeliveryResult.deferred("busy")])   # the rest answer synchronously
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(backend.calls) == 601
+    assert h.scheduler.in_flight == 0

@@ -377,11 +377,13 @@ class _ConfigBuilder:
             maximum = opts.duration("retry_max", defaults.maximum, above=0)
             lifetime = opts.duration("lifetime", defaults.lifetime, above=0)
             concurrency = opts.int("concurrency", defaults.concurrency, minimum=1)
+            delay_warning = opts.duration("delay_warning", defaults.delay_warning, minimum=0)
             opts.finish()
         if maximum < initial:
             self.fail("queue.retry_max", f"must be at least retry_initial "
                                          f"({format_duration(initial)}), got {format_duration(maximum)}")
-        return Retry(initial=initial, maximum=maximum, lifetime=lifetime, concurrency=concurrency)
+        return Retry(initial=initial, maximum=maximum, lifetime=lifetime, concurrency=concurrency,
+                     delay_warning=delay_warning)
 
     # -- [backends.*] and [[routes]] --------------------------------------------
     def _backends(self, tables: dict[str, Any]) -> dict[str, Any]:

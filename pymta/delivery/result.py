@@ -17,6 +17,12 @@ class DeliveryResult:
     text: str = "delivered"
     #: who took it: "maildir:/path", "mbox:/path", "mx.example.org[192.0.2.1]:25"
     relay: str = ""
+    #: the remote SMTP server that gave this result (DSN Remote-MTA), when there was one
+    remote_mta: str | None = None
+    #: RFC 3464 Diagnostic-Code, e.g. "smtp; 550 5.1.1 User unknown" (None: built from the text)
+    diagnostic: str | None = None
+    #: delivered to a next hop that took the DSN request (NOTIFY) over: no success DSN from us
+    notify_forwarded: bool = False
 
     @classmethod
     def delivered(cls, text: str = "delivered", relay: str = "") -> "DeliveryResult":

@@ -14,7 +14,8 @@ The client is driven from two sides:
   (RFC 5321 4.5.3.2).
 
 ``NEXT_STATE`` lists where each handler may lead, so the table can be read
-(and is tested) without reading the handlers.
+(and is tested) without reading the handlers.  Any reply may also end the
+session (CLOSED): a 421, or a 3xx where no command continues.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import enum
 
 
 class State(enum.Enum):
+    # members are singletons: hash by identity (C speed) rather than Enum's hash of the name
+    __hash__ = object.__hash__
+
     GREETING = "greeting"            # connected, waiting for the 220 banner
     HELLO = "hello"                  # EHLO or HELO sent
     READY = "ready"                  # session established, no transaction, nothing outstanding
@@ -38,6 +42,8 @@ class State(enum.Enum):
 
 class Expect(enum.Enum):
     """The reply a sent command waits for."""
+    __hash__ = object.__hash__
+
     GREETING = "greeting"
     EHLO = "EHLO"
     HELO = "HELO"
@@ -90,11 +96,14 @@ NEXT_STATE: dict[str, frozenset[State]] = {
     "starttls": frozenset({State.TLS_HANDSHAKE, State.READY}),
     # 334: next step; 235 or failure: READY
     "auth": frozenset({State.AUTH, State.READY}),
-    # non-pipelined: the next command goes out; the transaction may end early
-    "transaction_reply": frozenset({State.TRANSACTION, State.BODY, State.READY}),
+    # non-pipelined: the next command goes out; the transaction may end early;
+    # with the content pipelined behind RCPT (small BDAT) these replies arrive
+    # while it is being sent or after it (BODY, FINISHING unchanged)
+    "transaction_reply": frozenset({State.TRANSACTION, State.BODY, State.FINISHING, State.READY}),
     # 354: content; otherwise the transaction ends
     "data": frozenset({State.BODY, State.FINISHING, State.READY}),
-    "final": frozenset({State.READY}),
+    # READY; a server answering BDAT before all of its octets were sent leaves BODY
+    "final": frozenset({State.READY, State.BODY}),
     "quit": frozenset({State.CLOSED}),
 }
 
@@ -113,7 +122,3 @@ TIMEOUTS: dict[Expect, str] = {
     Expect.BDAT: "data_done",
     Expect.QUIT: "quit",
 }
-
-#: commands that may be sent without waiting for the previous reply (RFC 2920 3.1);
-#: DATA and BDAT may end a pipelined group
-PIPELINABLE = frozenset({Expect.RSET, Expect.MAIL, Expect.RCPT, Expect.DATA, Expect.BDAT})

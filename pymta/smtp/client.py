@@ -17,7 +17,8 @@ the content into chunks, and per-recipient results.  What the caller
 decides: whether to STARTTLS and AUTH (and it switches the transport to TLS),
 which transaction to run, and when to QUIT.
 
-Every transition is listed in :mod:`pymta.smtp._client_state`.
+Every transition is listed in :mod:`pymta.smtp._client_state`; the values
+and events are in :mod:`pymta.smtp.client_events` (and importable from here).
 """
 
 from __future__ import annotations
@@ -27,10 +28,18 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from pymta.smtp._client_state import (ACTIONS, PIPELINABLE, REPLY_HANDLERS, TIMEOUTS, Expect,
-                                      State)
+from pymta.smtp._client_state import ACTIONS, REPLY_HANDLERS, TIMEOUTS, Expect, State
 from pymta.smtp.address import xtext_encode
+from pymta.smtp.client_events import (ClientTimeouts, ServerReply, RecipientSpec,
+                                       MailTransaction, RecipientResult, Ready, TLSGranted,
+                                       TLSRefused, Authenticated, AuthRejected, BodyWanted,
+                                       TransactionDone, SessionFailed, Closed)
 from pymta.smtp.events import Sentinel
+
+__all__ = ["ClientConnection", "ClientError", "DotStuffer", "NEED_DATA", "CLOSED",
+           "ClientTimeouts", "ServerReply", "RecipientSpec", "MailTransaction", "RecipientResult",
+           "Ready", "TLSGranted", "TLSRefused", "Authenticated", "AuthRejected", "BodyWanted",
+           "TransactionDone", "SessionFailed", "Closed"]
 
 #: longest reply line accepted (RFC 5321 4.5.3.1.5 says 512; servers exceed it)
 MAX_REPLY_LINE = 4096
@@ -43,178 +52,13 @@ INLINE_BODY_LIMIT = 64 * 1024
 NEED_DATA = Sentinel("NEED_DATA")
 CLOSED = Sentinel("CLOSED")
 
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:[ \t]+|\Z)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: "250 text", "250-text", "250": the code (2xx-5xx) and what follows it
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|\Z)")
 
 
 class ClientError(RuntimeError):
     """The caller used the machine wrongly (an action in the wrong state): a bug, not input."""
-
-
-# -- values ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ClientTimeouts:
-    """Seconds to wait, per command (RFC 5321 4.5.3.2 where it gives a value)."""
-    connect: float = 30.0        # TCP connect (used by the transport layer)
-    greeting: float = 300.0      # 4.5.3.2.1 initial 220 message
-    helo: float = 300.0
-    starttls: float = 300.0      # STARTTLS reply and the TLS handshake
-    auth: float = 300.0
-    mail: float = 300.0          # 4.5.3.2.2
-    rcpt: float = 300.0          # 4.5.3.2.3
-    data_init: float = 120.0     # 4.5.3.2.4 DATA initiation (354)
-    data_block: float = 180.0    # 4.5.3.2.5 each block of content accepted by the transport
-    data_done: float = 600.0     # 4.5.3.2.6 DATA termination (also the BDAT LAST reply)
-    rset: float = 120.0
-    quit: float = 60.0
-
-
-@dataclass(frozen=True)
-class ServerReply:
-    """One (possibly multi-line) reply, or a result the client made up (``local``)."""
-    code: int
-    #: the text of each line, after "NNN " / "NNN-"
-    lines: tuple[str, ...]
-    #: made up by the client (connection lost, timeout, a requirement not met)
-    local: bool = False
-
-    @classmethod
-    def make(cls, code: int, enhanced: str, text: str) -> "ServerReply":
-        return cls(code, (f"{enhanced} {text}",), local=True)
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def enhanced(self) -> str | None:
-        """The RFC 3463 status code of the first line, when its class matches the reply."""
-        match = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if match and int(match.group(1)) == self.code // 100:
-            return f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
-        return None
-
-    @property
-    def text(self) -> str:
-        """The lines joined by spaces, without the repeated enhanced status code."""
-        enhanced = self.enhanced
-        parts = []
-        for line in self.lines:
-            if enhanced and line.startswith(enhanced):
-                line = line[len(enhanced):].lstrip(" \t")
-            parts.append(line)
-        return " ".join(p for p in parts if p)
-
-    def summary(self) -> str:
-        """``"550 5.1.1 text"`` (the enhanced code only if the server sent one)."""
-        enhanced = self.enhanced
-        return " ".join(str(p) for p in (self.code, enhanced, self.text) if p)
-
-
-@dataclass(frozen=True)
-class RecipientSpec:
-    address: str
-    #: RFC 3461 NOTIFY values, passed on when the server offers DSN
-    notify: tuple[str, ...] | None = None
-    #: RFC 3461 ORCPT as "addr-type;address" (decoded), passed on when the server offers DSN
-    orcpt: str | None = None
-
-
-@dataclass(frozen=True)
-class MailTransaction:
-    """What one mail transaction needs to know about the message."""
-    sender: str
-    recipients: tuple[RecipientSpec, ...]
-    #: octets of content the caller will send (before dot-stuffing): SIZE= and BDAT
-    size: int
-    #: BODY= as the message was declared when received ("8BITMIME", "7BIT" or None)
-    body: str | None = None
-    #: the content has octets above 127 (None: unknown, taken as yes when it matters)
-    eight_bit: bool | None = None
-    #: the message was received with SMTPUTF8 (passed on when offered)
-    smtputf8: bool = False
-    #: ... and really needs it: non-ASCII addresses or header fields (RFC 6531 3.4)
-    smtputf8_required: bool = False
-    #: RFC 3461 RET and ENVID (decoded), passed on when the server offers DSN
-    ret: str | None = None
-    envid: str | None = None
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """The reply that decides one recipient, and the command it answered."""
-    reply: ServerReply
-    command: str
-
-
-# -- events --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Ready:
-    """EHLO/HELO answered (again after STARTTLS): transactions, STARTTLS and AUTH may start."""
-    esmtp: bool
-    extensions: dict[str, str]
-    tls: bool
-
-
-@dataclass(frozen=True)
-class TLSGranted:
-    """220 to STARTTLS: switch the transport to TLS now, then call ``tls_started()``."""
-
-
-@dataclass(frozen=True)
-class TLSRefused:
-    """STARTTLS was refused; the session is READY again, in plaintext."""
-    reply: ServerReply
-
-
-@dataclass(frozen=True)
-class Authenticated:
-    reply: ServerReply
-
-
-@dataclass(frozen=True)
-class AuthRejected:
-    """AUTH failed; the session is READY, unauthenticated."""
-    reply: ServerReply
-
-
-@dataclass(frozen=True)
-class BodyWanted:
-    """Send the message content now: ``send_body()`` any number of times, then ``end_body()``."""
-
-
-@dataclass(frozen=True)
-class TransactionDone:
-    """One result per recipient, in order; the session is READY again (or closing)."""
-    results: tuple[RecipientResult, ...]
-    #: the server answered at least one command of this transaction.  When
-    #: False the connection failed before any reply (a stale connection): the
-    #: message was certainly not accepted and may go out on another connection.
-    answered: bool
-
-
-@dataclass(frozen=True)
-class SessionFailed:
-    """The session could not be set up (greeting, EHLO/HELO, STARTTLS or AUTH stage)."""
-    stage: str
-    reply: ServerReply | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class Closed:
-    """The machine is done: send what ``data_to_send()`` holds, then close."""
-    reason: str
 
 
 # -- content framing -------------------------------------------------------------
@@ -380,6 +224,11 @@ class ClientConnection:
     def _dispatch(self, reply: ServerReply) -> None:
         expect, index = self._expect.popleft()
         self.progress += 1
+        if reply.code // 100 == 3 and expect not in (Expect.DATA, Expect.AUTH):
+            # only DATA (354) and AUTH (334) continue: the replies are out of step
+            self._lost(f"protocol error: {reply.summary()!r} in reply to {expect.value}",
+                       enhanced="4.5.0")
+            return
         if reply.code == 421 and expect is not Expect.QUIT:
             # RFC 5321 3.8: the server is closing; whatever was outstanding is lost
             self._lost(f"server closing the connection: {reply.summary()}", reply=reply,
@@ -415,16 +264,18 @@ class ClientConnection:
                 raw = raw[:-1]
             if len(raw) > MAX_REPLY_LINE:
                 raise _Garbage(f"reply line longer than {MAX_REPLY_LINE} octets")
-            head = raw[:3]
-            sep = raw[3:4]
-            if not (len(head) == 3 and head.isdigit() and head[:1] in b"2345" and sep in (b"", b" ", b"-")):
+            match = _REPLY_LINE.match(raw)
+            if match is None:
                 raise _Garbage(f"invalid reply line {_show(raw)}")
-            code = int(head)
+            code = int(match.group(1))
             if self._reply_lines and code != self._reply_code:
                 raise _Garbage(f"reply code changed within a multi-line reply: {_show(raw)}")
             self._reply_code = code
-            self._reply_lines.append(_CONTROL.sub(" ", raw[4:].decode("utf-8", "replace")))
-            if sep == b"-":
+            text = raw[4:].decode("utf-8", "replace")
+            if not text.isprintable():
+                text = _CONTROL.sub(" ", text)
+            self._reply_lines.append(text)
+            if match.group(2) == b"-":
                 if len(self._reply_lines) >= MAX_REPLY_LINES:
                     raise _Garbage(f"multi-line reply of more than {MAX_REPLY_LINES} lines")
                 continue
@@ -606,7 +457,7 @@ class ClientConnection:
             if spec.ret in ("FULL", "HDRS"):
                 params.append(f"RET={spec.ret}")
             if spec.envid and spec.envid.isascii():
-                params.append(f"ENVID={xtext_encode(spec.envid)}")
+                params.append(f"ENVID={_xtext(spec.envid)}")
         return "".join([f"MAIL FROM:<{spec.sender}>", *(" " + p for p in params)])
 
     def _rcpt_line(self, rcpt: RecipientSpec) -> str:
@@ -617,7 +468,7 @@ class ClientConnection:
             if rcpt.orcpt:
                 addr_type, _, address = rcpt.orcpt.partition(";")
                 if addr_type and address and rcpt.orcpt.isascii():
-                    params.append(f"ORCPT={addr_type};{xtext_encode(address)}")
+                    params.append(f"ORCPT={addr_type};{_xtext(address)}")
         return "".join([f"RCPT TO:<{rcpt.address}>", *(" " + p for p in params)])
 
     def _on_transaction_reply(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -798,6 +649,14 @@ class _Garbage(Exception):
 def _show(raw: bytes) -> str:
     text = raw[:80].decode("utf-8", "replace")
     return repr(text + ("..." if len(raw) > 80 else ""))
+
+
+_XTEXT_PLAIN = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*\Z")
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext; most addresses need no escaping at all."""
+    return value if _XTEXT_PLAIN.match(value) else xtext_encode(value)
 
 
 def _parse_extensions(lines) -> dict[str, str]:
