@@ -127,6 +127,7 @@ def load(options) -> Config:
 def build_service(config: Config, reactor) -> MultiService:
     from pymta.server.factory import (ConnectionCounter, ServerContext, SessionShutdown,
                                       SMTPServerFactory)
+    from pymta.bounce.notifier import DeliveryNotifier
     from pymta.server.auth import AuthFailureDelay, build_portal
     from pymta.server.policy import SessionPolicy
     from pymta.server.tls import server_tls
@@ -135,7 +136,8 @@ def build_service(config: Config, reactor) -> MultiService:
 
     top = MultiService()
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync)
-    scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor)
+    scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
+                                  notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool
     tls = server_tls(config.tls) if config.tls is not None else None
     context = ServerContext(config=config, policy=SessionPolicy(config), spool=spool,

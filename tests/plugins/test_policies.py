@@ -62,3 +62,14 @@ class DeferAll:
 
     def deliver(self, message, recipients):
         return [DeliveryResult.deferred("held by the test backend") for _ in recipients]
+
+
+@implementer(IDeliveryBackend)
+class RefuseAll:
+    """A backend that fails every recipient permanently (550 5.1.1)."""
+
+    def __init__(self, options, context):
+        pass
+
+    def deliver(self, message, recipients):
+        return [DeliveryResult.failed("no such user here (test backend)") for _ in recipients]
