@@ -175,6 +175,18 @@ def count_in_log(path: Path, text: str) -> int:
         return 0
 
 
+def wait_until_idle(pid: int, quiet: float = 0.02, period: float = 0.5, timeout: float = 120) -> None:
+    """Until the process tree used less than ``quiet`` CPU seconds in ``period`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = tree_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(period)
+        now = tree_cpu_seconds(pid)
+        if now - last < quiet:
+            return
+        last = now
+
+
 def run_pymta(sink: Sink, count: int, body: bytes, concurrency: int, timeout: float) -> dict:
     """Queue ``count`` messages in pymta while the sink is down, then start it and ETRN."""
     work = WORK / "pymta"
@@ -236,7 +248,7 @@ backend = "sink"
         deferred = count_in_log(log_path, "status=deferred")
         if deferred < count:
             raise RuntimeError(f"only {deferred} of {count} deferred:\n{log_tail(log_path)}")
-        time.sleep(1.0)                      # let the envelope updates reach the disk
+        wait_until_idle(proc.pid)            # the 10,000 envelope updates reach the disk
         # 2. the sink comes up; ETRN starts the delivery of the whole queue at once
         sink.server.start()
         before = sink.count()
@@ -351,6 +363,7 @@ def run_postfix(sink: Sink, count: int, body_size: int, timeout: float) -> dict:
             raise RuntimeError(f"postfix holds {held} of {count} messages")
         before = sink.count()
         master = int((postfix.queue / "pid" / "master.pid").read_text().split()[0])
+        wait_until_idle(master)
         cpu_before = tree_cpu_seconds(master)
         start = time.monotonic()
         postfix.tool("postsuper", "-H", "ALL")

@@ -157,6 +157,13 @@ def test_a_refused_recipient_fails_and_the_others_are_delivered(setup):
     line = wait_for_log(pymta, rf"to=<{re.escape(REFUSED)}>.*status=bounced \(.*\)")
     assert "554 5.7.1 host mx.postfix.test[127.0.0.1]" in line
     assert "Recipient address rejected: no such user here (in reply to RCPT TO command)" in line
+    # the sender gets one RFC 3464 bounce, naming the remote MTA and its reply
+    [bounce] = pymta.delivered("alice@local.test", timeout=15)
+    assert bounce.startswith(b"Return-Path: <>\r\n") and b"report-type=delivery-status" in bounce
+    assert f"Final-Recipient: rfc822; {REFUSED}".encode() in bounce
+    assert b"Action: failed\r\nStatus: 5.7.1\r\nRemote-MTA: dns; mx.postfix.test" in bounce
+    assert b"Diagnostic-Code: smtp; 554 5.7.1 <" + REFUSED.encode() in bounce
+    assert b"frank@plain.postfix.test" not in bounce.split(b"Content-Description: Undelivered")[0]
 
 
 def test_several_messages_reuse_connections(setup):
