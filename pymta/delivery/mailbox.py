@@ -12,15 +12,16 @@ import os
 import socket
 import string
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Envelope, Recipient
+from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 
 log = Logger()
 
@@ -206,11 +207,35 @@ def unsafe_result(error: ValueError, relay: str) -> DeliveryResult:
 
 # -- the common part of the maildir and mbox backends ---------------------------
 
+@dataclass
+class DeliveryJob:
+    """One ``deliver(message, recipients)`` call waiting for the delivery thread."""
+
+    message: Any
+    recipients: list
+    results: list = field(default_factory=list)
+    done: defer.Deferred = field(default_factory=defer.Deferred)
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.envelope.queue_id
+
+
 class LocalMailboxBackend:
-    """Base of the local backends: options, path checks, thread-pool delivery.
+    """Base of the local backends: options, path checks, batched delivery in one thread.
 
     Subclasses set ``kind`` and ``extra_options`` and implement
-    :meth:`deliver_one`, which runs in a pool thread and may block.
+    :meth:`deliver_one`, which runs in the backend's delivery thread and may
+    block; a subclass that can share work between the deliveries of a batch
+    (Maildir: one fsync of each ``new/`` directory) overrides
+    :meth:`deliver_jobs` instead.
+
+    Deliveries go to one thread of the backend's own, in batches: while a
+    batch is being written, new deliveries wait and then go together
+    (:class:`pymta.spool.pipeline.BatchPipeline`).  One thread, not one per
+    concurrent delivery: file-system calls are short and each one releases
+    and retakes the interpreter lock, so more threads mostly add lock
+    hand-offs between them and the reactor thread.
     """
 
     kind = "local"
@@ -233,39 +258,58 @@ class LocalMailboxBackend:
                                       recipient_delimiter=delimiter)
         self.hostname = getattr(context, "hostname", None) or _local_hostname()
         self._reactor = getattr(context, "reactor", None)
+        self._pipeline: BatchPipeline | None = None
 
     @property
     def base(self) -> str:
         return self.locator.base
 
     def deliver(self, message, recipients):
-        """IDeliveryBackend: deliver in the reactor's thread pool."""
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        return deferToThreadPool(reactor, reactor.getThreadPool(),
-                                 self.deliver_sync, message, list(recipients))
+        """IDeliveryBackend: queue for the backend's delivery thread (see the class)."""
+        if self._pipeline is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            self._pipeline = BatchPipeline(reactor, pipeline_threadpool(reactor, 1, f"pymta.{self.kind}"),
+                                           self._apply_jobs)
+        job = DeliveryJob(message, list(recipients))
+        self._pipeline.submit(job)
+        return job.done.addCallback(lambda _: job.results)
+
+    def _apply_jobs(self, jobs: list[DeliveryJob]) -> dict:
+        """BatchPipeline's apply: every job gets its results (no job fails as a whole)."""
+        for job, results in zip(jobs, self.deliver_all([(job.message, job.recipients) for job in jobs])):
+            job.results = results
+        return {}
 
     def deliver_sync(self, message, recipients) -> list[DeliveryResult]:
         """Deliver on the calling thread (blocking); one result per recipient."""
+        return self.deliver_all([(message, list(recipients))])[0]
+
+    def deliver_all(self, jobs: list[tuple[Any, list]]) -> list[list[DeliveryResult]]:
+        """Deliver several messages on the calling thread; a list of results per job."""
         if not os.path.isdir(self.base):
             try:
                 ensure_directory(self.base)
             except OSError as e:
                 result = os_error_result(e, self.kind, f"creating {self.kind} base directory")
-                return [result] * len(recipients)
+                return [[result] * len(recipients) for _, recipients in jobs]
             log.info("created {kind} base directory {base}", kind=self.kind, base=self.base)
-        results = []
-        for recipient in recipients:
-            try:
-                results.append(self.deliver_one(message, recipient))
-            except Exception as e:  # a bug, not the recipient's fault: retry later
-                log.failure("{queue_id}: {kind} delivery to {to} failed",
-                            queue_id=message.envelope.queue_id, kind=self.kind,
-                            to=recipient.address)
-                results.append(DeliveryResult.deferred(
-                    f"{self.kind} delivery error: {e}", 451, "4.3.0", self.kind))
-        return results
+        return self.deliver_jobs(jobs)
+
+    def deliver_jobs(self, jobs: list[tuple[Any, list]]) -> list[list[DeliveryResult]]:
+        """Each recipient of each job through :meth:`deliver_one` (the base exists)."""
+        return [[self.guarded(self.deliver_one, message, recipient) for recipient in recipients]
+                for message, recipients in jobs]
+
+    def guarded(self, step, message, recipient, *args) -> Any:
+        """``step(message, recipient, *args)``; an exception (a bug) becomes a deferred result."""
+        try:
+            return step(message, recipient, *args)
+        except Exception as e:  # a bug, not the recipient's fault: retry later
+            log.failure("{queue_id}: {kind} delivery to {to} failed",
+                        queue_id=message.envelope.queue_id, kind=self.kind, to=recipient.address)
+            return DeliveryResult.deferred(f"{self.kind} delivery error: {e}", 451, "4.3.0", self.kind)
 
     def deliver_one(self, message, recipient) -> DeliveryResult:
         raise NotImplementedError

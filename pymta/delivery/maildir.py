@@ -3,7 +3,10 @@
 Each message is written to ``tmp/`` under a unique name
 (``<sec>.M<usec>P<pid>Q<n>.<host>``), fsynced, then linked into ``new/`` as
 ``<unique>,S=<size>`` and ``new/`` is fsynced: a reader never sees a partial
-file and a delivered file survives a crash.  The file holds
+file and a delivered file survives a crash.  Deliveries come in batches
+(see :class:`pymta.delivery.mailbox.LocalMailboxBackend`): each file is
+fsynced before its link, each ``new/`` directory once per batch, and no
+delivery of the batch is reported before its directory was.  The file holds
 ``Return-Path:``, ``Delivered-To:``, the spooled prepended fields
 (``Received:``) and the body exactly as received (CRLF line ends, which
 Dovecot and other readers accept).
@@ -22,6 +25,7 @@ import errno
 import itertools
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from zope.interface import implementer
@@ -36,6 +40,25 @@ CHUNK = 64 * 1024
 
 # errors of os.link that mean "this file system has no hard links": rename instead
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+
+
+@dataclass
+class _Linked:
+    """A file linked into ``new/`` whose directory is not fsynced yet."""
+
+    new_path: str
+    name: str
+    relay: str
+
+
+@dataclass
+class _Batch:
+    """What the deliveries of one batch share: paths already checked."""
+
+    #: address -> (maildir, extension), or the ValueError of an unsafe one
+    located: dict[str, tuple[str, str | None] | ValueError] = field(default_factory=dict)
+    #: target directory -> None when ready, or the result that refuses it
+    prepared: dict[str, DeliveryResult | None] = field(default_factory=dict)
 
 
 def maildir_hostname(hostname: str) -> str:
@@ -57,10 +80,50 @@ class MaildirBackend(LocalMailboxBackend):
         self._counter = itertools.count(1)
 
     def deliver_one(self, message, recipient) -> DeliveryResult:
+        return self.deliver_jobs([(message, [recipient])])[0][0]
+
+    def deliver_jobs(self, jobs):
+        """Write every file of the batch, then fsync each ``new/`` directory once."""
+        batch = _Batch()
+        staged = [[self.guarded(self._stage, message, recipient, batch) for recipient in recipients]
+                  for message, recipients in jobs]
+        unsynced: dict[str, OSError | None] = {}
+        for outcomes in staged:
+            for outcome in outcomes:
+                if isinstance(outcome, _Linked):
+                    unsynced.setdefault(os.path.dirname(outcome.new_path), None)
+        for directory in unsynced:
+            try:
+                fsync_directory(directory)
+            except OSError as e:
+                unsynced[directory] = e
+        return [[self._settle(outcome, unsynced) for outcome in outcomes] for outcomes in staged]
+
+    @staticmethod
+    def _settle(outcome, unsynced: dict[str, OSError | None]) -> DeliveryResult:
+        if not isinstance(outcome, _Linked):
+            return outcome
+        error = unsynced[os.path.dirname(outcome.new_path)]
+        if error is None:
+            return DeliveryResult.delivered(f"delivered to maildir as {outcome.name}", outcome.relay)
         try:
-            maildir, extension = self.locator.locate(recipient.address)
-        except ValueError as e:
-            return unsafe_result(e, self.kind)
+            os.unlink(outcome.new_path)   # not known to be durable: retried later, so not kept twice
+        except OSError:
+            pass
+        return os_error_result(error, outcome.relay, "writing")
+
+    def _stage(self, message, recipient, batch: _Batch) -> DeliveryResult | _Linked:
+        """Write one recipient's copy into its ``new/`` (not yet fsynced), or say why not."""
+        located = batch.located.get(recipient.address)
+        if located is None:
+            try:
+                located = self.locator.locate(recipient.address)
+            except ValueError as e:
+                located = e
+            batch.located[recipient.address] = located
+        if isinstance(located, ValueError):
+            return unsafe_result(located, self.kind)
+        maildir, extension = located
         target = maildir
         if extension and self.folders:
             try:
@@ -68,6 +131,19 @@ class MaildirBackend(LocalMailboxBackend):
             except ValueError as e:
                 return unsafe_result(e, f"{self.kind}:{maildir}")
         relay = f"{self.kind}:{target}"
+        if target not in batch.prepared:
+            batch.prepared[target] = self._prepare(maildir, target, relay)
+        refused = batch.prepared[target]
+        if refused is not None:
+            return refused
+        try:
+            name = self._store(message, recipient, target)
+        except OSError as e:
+            return os_error_result(e, relay, "writing")
+        return _Linked(os.path.join(target, "new", name), name, relay)
+
+    def _prepare(self, maildir: str, target: str, relay: str) -> DeliveryResult | None:
+        """Create the maildir (and folder) if needed and check it stays inside base."""
         try:
             self._ensure_maildir(maildir)
             if target != maildir:
@@ -78,11 +154,7 @@ class MaildirBackend(LocalMailboxBackend):
             return unsafe_result(e, relay)
         except OSError as e:
             return os_error_result(e, relay, "creating maildir")
-        try:
-            name = self._store(message, recipient, target)
-        except OSError as e:
-            return os_error_result(e, relay, "writing")
-        return DeliveryResult.delivered(f"delivered to maildir as {name}", relay)
+        return None
 
     # -- file system -----------------------------------------------------------
 
@@ -113,7 +185,11 @@ class MaildirBackend(LocalMailboxBackend):
         return f"{seconds}.M{micros}P{os.getpid()}Q{next(self._counter)}.{self._host}"
 
     def _store(self, message, recipient, target: str) -> str:
-        """Write the message into ``target``; returns the file name in ``new/``."""
+        """Write the message into ``target``; returns the file name in ``new/``.
+
+        The file is fsynced before it is linked; ``new/`` itself is not
+        (:meth:`deliver_jobs` does that once for the batch).
+        """
         while True:
             unique = self.unique_name()
             tmp_path = os.path.join(target, "tmp", unique)
@@ -149,5 +225,4 @@ class MaildirBackend(LocalMailboxBackend):
             except OSError:
                 pass
             raise
-        fsync_directory(os.path.join(target, "new"))
         return name
