@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
@@ -42,6 +43,32 @@ _session_ids = itertools.count(1)
 QUEUE_WRITE_ERROR = Verdict(Kind.DEFER, 451, "4.3.0", "Error: queue file write error")
 AUTH_FAILED = Verdict(Kind.REJECT, 535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Verdict(Kind.DEFER, 454, "4.7.0", "Temporary authentication failure")
+
+
+def write_now(transport, data: bytes) -> None:
+    """``transport.write(data)``, sending at once when nothing is queued before it.
+
+    Twisted's ``write`` only queues: the bytes leave on the reactor's next
+    pass, after two ``epoll_ctl`` calls to watch the socket for writing and
+    to stop again.  A reply is small and the socket's buffer is almost
+    always free, so for a plain TCP connection with nothing queued the
+    bytes go straight to ``send``; whatever the socket does not take (or
+    every byte, on an error, which the transport then finds and reports)
+    goes through ``transport.write`` as usual, so the order of bytes is
+    the same either way.  TLS connections and other transports always take
+    the usual path.
+    """
+    if (isinstance(transport, tcp.Connection) and transport.TLS is False and transport.connected
+            and not transport.disconnecting and not transport.dataBuffer
+            and not getattr(transport, "_tempDataBuffer", True)):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:          # would block, or a broken connection: Twisted's path decides
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IHandshakeListener)
@@ -141,7 +168,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._processing = False
         out = self.conn.data_to_send()
         if out:
-            self.transport.write(out)
+            write_now(self.transport, out)
         if self.conn.closed:
             self.setTimeout(None)
             self.transport.loseConnection()
