@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
+from pymta.logtext import speed_up_text_log
 
 log = Logger(namespace="pymta")
 
@@ -82,12 +83,19 @@ def _dns_port_noise(event) -> bool:
     return text.startswith(("(UDP Port ", "DNSDatagramProtocol starting on"))
 
 
-class QuietDNSPorts(Service):
-    """Drops the two log lines Twisted writes for every DNS query's UDP port."""
+class LogSetup(Service):
+    """The log as twistd set it up, made faster and quieter (at start).
+
+    twistd's text observer is replaced by :class:`pymta.logtext.ClassicTextObserver`
+    (same lines, less work per line), and the two lines Twisted writes for
+    every DNS query's UDP port are dropped.
+    """
 
     def startService(self) -> None:
         super().startService()
         from twisted.logger import FilteringLogObserver, PredicateResult, globalLogPublisher
+
+        speed_up_text_log(globalLogPublisher)
 
         def predicate(event):
             return PredicateResult.no if _dns_port_noise(event) else PredicateResult.maybe
@@ -154,7 +162,7 @@ def build_service(config: Config, reactor) -> MultiService:
             factory = TLSMemoryBIOFactory(tls, False, factory)
         ListenerService(listener, endpoint, factory).setServiceParent(top)
     SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
-    QuietDNSPorts().setServiceParent(top)
+    LogSetup().setServiceParent(top)
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
