@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from pymta.config.errors import OptionError
 from pymta.delivery.mailbox import local_delivery_headers, safe_mailbox_name
+from pymta.delivery import maildir as maildir_module
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.result import DEFERRED, DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
@@ -276,6 +277,49 @@ def test_permission_problem_defers_and_names_the_path(tmp_path, monkeypatch):
     assert result.status == DEFERRED
     assert "Permission denied" in result.text
     assert str(tmp_path / "mail" / "example.org" / "a" / "tmp") in result.text
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+def test_a_batch_fsyncs_each_new_directory_once(tmp_path, monkeypatch):
+    maildir_backend = backend(tmp_path)
+    maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org"), rcpt("b@example.org")])
+    synced = []
+    real = maildir_module.fsync_directory
+    monkeypatch.setattr(maildir_module, "fsync_directory", lambda path: (synced.append(path), real(path)))
+    first, second = make_message(tmp_path), make_message(tmp_path)
+    results = maildir_backend.deliver_all([
+        (first, [rcpt("a@example.org"), rcpt("b@example.org"), rcpt("a+Work@example.org")]),
+        (second, [rcpt("a@example.org"), rcpt("../x@example.org")]),
+    ])
+    assert [[r.status for r in job] for job in results] == [[DELIVERED] * 3, [DELIVERED, FAILED]]
+    mail = tmp_path / "mail" / "example.org"
+    # a/new twice, b/new and the folder once each: one fsync per directory
+    # (creating the folder also syncs the directories it was made in)
+    synced = [path for path in synced if path.endswith("/new")]
+    assert sorted(synced) == sorted(str(p / "new") for p in (mail / "a", mail / "b", mail / "a" / ".Work"))
+    assert len(new_files(mail / "a")) == 3 and len(new_files(mail / "a" / ".Work")) == 1
+
+
+def test_a_directory_that_cannot_be_synced_defers_its_deliveries_and_keeps_no_file(tmp_path, monkeypatch):
+    maildir_backend = backend(tmp_path)
+    maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org"), rcpt("b@example.org")])
+    mail = tmp_path / "mail" / "example.org"
+    before = {who: new_files(mail / who) for who in ("a", "b")}
+    real = maildir_module.fsync_directory
+
+    def failing(path):
+        if path == str(mail / "a" / "new"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        real(path)
+    monkeypatch.setattr(maildir_module, "fsync_directory", failing)
+    results = maildir_backend.deliver_all([(make_message(tmp_path), [rcpt("a@example.org")]),
+                                           (make_message(tmp_path), [rcpt("b@example.org"),
+                                                                     rcpt("a@example.org")])])
+    assert [[r.status for r in job] for job in results] == [[DEFERRED], [DELIVERED, DEFERRED]]
+    assert new_files(mail / "a") == before["a"]             # not durable: not left behind either
+    assert len(new_files(mail / "b")) == len(before["b"]) + 1
+    assert list((mail / "a" / "tmp").iterdir()) == []
 
 
 # -- through the reactor's thread pool ---------------------------------------------------

@@ -377,6 +377,74 @@ def test_remove_deletes_envelope_and_body(spool):
     assert spool_files(spool)["queue"] == [keep.queue_id + ".env", keep.queue_id + ".msg"]
 
 
+def free_names(spool: Spool) -> list[str]:
+    return sorted(os.listdir(os.path.join(spool.directory, "free")))
+
+
+def test_removed_files_are_recycled_by_the_next_commits(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    long_body = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    gone = commit_message(spool, long_body)
+    inodes = {os.stat(spool.envelope_path(gone.queue_id)).st_ino,
+              os.stat(spool.body_path(gone.queue_id)).st_ino}
+    result_of(spool.remove(gone.queue_id))
+    assert len(free_names(spool)) == 2 and spool.free_files == 2
+    assert {os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)} == inodes
+    # the next message takes both files: shorter than before, so they must be cut
+    short = b"Subject: short\r\n\r\nhi\r\n"
+    envelope = commit_message(spool, short)
+    assert free_names(spool) == [] and spool.free_files == 0
+    assert {os.stat(spool.envelope_path(envelope.queue_id)).st_ino,
+            os.stat(spool.body_path(envelope.queue_id)).st_ino} == inodes
+    with open(spool.body_path(envelope.queue_id), "rb") as fp:
+        assert fp.read() == short
+    assert spool.load(envelope.queue_id) == envelope
+    assert spool_files(spool)["tmp"] == []
+
+
+def test_an_update_keeps_the_replaced_envelope_for_reuse(spool):
+    envelope = commit_message(spool, b"Subject: x\r\n\r\nbody\r\n")
+    old_inode = os.stat(spool.envelope_path(envelope.queue_id)).st_ino
+    envelope.recipients[0].attempts = 1
+    result_of(spool.update(envelope))
+    [kept] = free_names(spool)
+    assert os.stat(os.path.join(spool.free_dir, kept)).st_ino == old_inode
+    assert os.stat(spool.envelope_path(envelope.queue_id)).st_ino != old_inode
+    assert spool.load(envelope.queue_id) == envelope
+
+
+def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr("pymta.spool.store.FREE_FILES_KEPT", 3)
+    monkeypatch.setattr("pymta.spool.store.RECYCLE_MAX_BYTES", 100)
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    big = commit_message(spool, b"Subject: big\r\n\r\n" + b"y" * 200)
+    result_of(spool.remove(big.queue_id))
+    assert len(free_names(spool)) == 1             # the envelope; the large body was deleted
+    for _ in range(3):
+        # (each commit takes two free files when there are any)
+        envelope = commit_message(spool, b"small")
+        result_of(spool.remove(envelope.queue_id))
+    assert len(free_names(spool)) <= 3
+
+
+def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    for envelope in [commit_message(spool, b"one"), commit_message(spool, b"two")]:
+        result_of(spool.remove(envelope.queue_id))
+    names = free_names(spool)
+    assert len(names) == 4
+    (Path(spool.free_dir) / "stranger.txt").write_bytes(b"?")
+    again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    assert again.recover() == []
+    assert again.free_files == 4 and free_names(again) == names
+    envelope = commit_message(again, b"three")
+    assert again.free_files == 2
+    result_of(again.remove(envelope.queue_id))
+    # new names continue after the highest one already there
+    assert len(free_names(again)) == 4
+    assert max(int(n) for n in free_names(again)) > max(int(n) for n in names)
+
+
 def test_update_of_a_removed_message_fails_instead_of_resurrecting_it(spool):
     envelope = commit_message(spool, b"x")
     result_of(spool.remove(envelope.queue_id))
