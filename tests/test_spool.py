@@ -445,6 +445,37 @@ def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path):
     assert max(int(n) for n in free_names(again)) > max(int(n) for n in names)
 
 
+def test_a_body_committed_from_memory_is_delivered_from_memory(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    body = b"Subject: kept\r\n\r\nhello\r\n"
+    envelope = commit_message(spool, body)
+    message = spool.message(envelope)
+    os.unlink(spool.body_path(envelope.queue_id))       # proof: the file is not read
+    with message.open_body() as fp:
+        assert fp.read() == body
+    assert message.headers() == [("Subject", "kept")]
+    result_of(spool.remove(envelope.queue_id, envelope.size))
+    with pytest.raises(FileNotFoundError):              # forgotten with the message
+        spool.message(envelope).open_body()
+
+
+def test_bodies_kept_in_memory_are_bounded_oldest_first(tmp_path, monkeypatch):
+    monkeypatch.setattr("pymta.spool.store.BODY_CACHE_BYTES", 16 * 100)
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    envelopes = [commit_message(spool, bytes([65 + n]) * 100) for n in range(20)]
+    in_memory = [e for e in envelopes if spool.message(e)._body is not None]
+    assert in_memory == envelopes[-16:]
+    for envelope in envelopes:                          # all of them read the same either way
+        with spool.message(envelope).open_body() as fp:
+            assert fp.read() == bytes([65 + envelopes.index(envelope)]) * 100
+
+
+def test_a_spilled_body_is_read_from_its_file(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), memory_limit=0)
+    envelope = commit_message(spool, b"Subject: file\r\n\r\nx\r\n")
+    assert spool.message(envelope)._body is None
+
+
 def test_update_of_a_removed_message_fails_instead_of_resurrecting_it(spool):
     envelope = commit_message(spool, b"x")
     result_of(spool.remove(envelope.queue_id))

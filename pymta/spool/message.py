@@ -100,11 +100,17 @@ class MessageView:
 
 
 class SpooledMessage:
-    """A committed message: its envelope and its body file."""
+    """A committed message: its envelope and its body file.
 
-    def __init__(self, envelope: Envelope, body_path: str):
+    ``body``: the same bytes as the file, when the spool still holds them
+    in memory (a small message just committed): reading them then makes no
+    file-system call.
+    """
+
+    def __init__(self, envelope: Envelope, body_path: str, body: bytes | bytearray | None = None):
         self.envelope = envelope
         self.body_path = body_path
+        self._body = body
 
     @property
     def queue_id(self) -> str:
@@ -112,6 +118,8 @@ class SpooledMessage:
 
     def open_body(self) -> BinaryIO:
         """The body as received (after dot-unstuffing), without ``envelope.prepend``."""
+        if self._body is not None:
+            return io.BytesIO(self._body)
         return open(self.body_path, "rb")
 
     def prepend_bytes(self) -> bytes:

@@ -371,7 +371,7 @@ class DeliveryScheduler(Service):
             notices = self._notices(message, self._now())
 
         def remove() -> defer.Deferred:
-            d = self.spool.remove(envelope.queue_id)
+            d = self.spool.remove(envelope.queue_id, envelope.size)
             d.addCallback(lambda _: log.info("{queue_id}: removed", queue_id=envelope.queue_id))
             return d
         self._after_notices(notices, envelope, "remove", remove)

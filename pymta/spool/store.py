@@ -15,7 +15,9 @@ an envelope is garbage from an interrupted transaction.
 
 Receiving (:class:`pymta.spool.writer.SpoolWriter`) holds a small body in
 memory, so the reactor thread makes no file-system call for typical mail; a
-large body spills into ``tmp/<ID>.msg`` as it arrives.
+large body spills into ``tmp/<ID>.msg`` as it arrives.  Once committed, such
+a body stays in memory (``BODY_CACHE_BYTES`` in all, oldest dropped first)
+until the message is removed, so that its delivery need not read it back.
 
 Changes to ``queue/`` go through three pipelines that run off the reactor
 thread, in the spool's own threads (not the reactor's pool, where local
@@ -94,6 +96,8 @@ PARALLEL_FSYNCS = 4
 FREE_FILES_KEPT = 1024
 #: larger files are deleted rather than kept for reuse
 RECYCLE_MAX_BYTES = 256 * 1024
+#: bodies committed from memory stay there for their delivery, up to this many bytes in all
+BODY_CACHE_BYTES = 8 * 1024 * 1024
 
 
 def _fsync_directory(path: str) -> None:
@@ -158,6 +162,8 @@ class _Update:
 @dataclass
 class _Remove:
     queue_id: str
+    #: the body's size if the caller knows it (else the removal looks)
+    size: int | None = None
     done: defer.Deferred = field(default_factory=defer.Deferred)
 
 
@@ -215,6 +221,9 @@ class Spool:
         self._free: deque[str] = deque()
         self._free_serial = itertools.count(1)
         self._take_stock_of_free_files()
+        # bodies committed from memory, kept for their first delivery (oldest first)
+        self._bodies: dict[str, bytearray] = {}
+        self._bodies_bytes = 0
 
     # -- paths -------------------------------------------------------------
 
@@ -256,26 +265,47 @@ class Spool:
     def _commit(self, queue_id: str, body_tmp: str, body_file: BinaryIO | None,
                 body_memory: bytearray | None, envelope: Envelope) -> defer.Deferred:
         """SpoolWriter.commit's request: make the body and ``envelope`` durable."""
-        return self._submit(_Commit(queue_id, body_tmp, body_file, body_memory,
+        done = self._submit(_Commit(queue_id, body_tmp, body_file, body_memory,
                                     _encode_envelope(envelope)))
+        if body_memory is not None and len(body_memory) <= BODY_CACHE_BYTES // 16:
+            def keep(result):
+                self._keep_body(queue_id, body_memory)
+                return result
+            done.addCallback(keep)
+        return done
+
+    def _keep_body(self, queue_id: str, body: bytearray) -> None:
+        """Hold a just-committed body for its delivery; the oldest go past the budget."""
+        self._bodies[queue_id] = body
+        self._bodies_bytes += len(body)
+        while self._bodies_bytes > BODY_CACHE_BYTES:
+            oldest = next(iter(self._bodies))
+            self._bodies_bytes -= len(self._bodies.pop(oldest))
+
+    def _forget_body(self, queue_id: str) -> None:
+        body = self._bodies.pop(queue_id, None)
+        if body is not None:
+            self._bodies_bytes -= len(body)
 
     # -- committed messages --------------------------------------------------
 
     def message(self, envelope: Envelope) -> SpooledMessage:
-        return SpooledMessage(envelope, self.body_path(envelope.queue_id))
+        return SpooledMessage(envelope, self.body_path(envelope.queue_id),
+                              self._bodies.get(envelope.queue_id))
 
     def update(self, envelope: Envelope) -> defer.Deferred:
         """Durably replace the stored envelope with ``envelope`` (serialised now)."""
         return self._submit(_Update(envelope.queue_id, _encode_envelope(envelope)))
 
-    def remove(self, queue_id: str) -> defer.Deferred:
+    def remove(self, queue_id: str, size: int | None = None) -> defer.Deferred:
         """Remove a delivered message: the envelope first, then the body (recycled, see above).
 
         No durability barrier: should a crash undo the removal, the message
         is delivered again (at least once).  The Deferred fires when both
         files are unlinked.
         """
-        return self._submit(_Remove(queue_id))
+        self._forget_body(queue_id)
+        return self._submit(_Remove(queue_id, size))
 
     def queue_ids(self) -> list[str]:
         """Ids of the committed messages, oldest first."""
@@ -629,7 +659,11 @@ class Spool:
         for request in batch:
             for path in (self.envelope_path(request.queue_id), self.body_path(request.queue_id)):
                 try:
-                    small = path.endswith(ENVELOPE_SUFFIX) or os.stat(path).st_size <= RECYCLE_MAX_BYTES
+                    if path.endswith(ENVELOPE_SUFFIX):
+                        small = True
+                    else:
+                        size = request.size if request.size is not None else os.stat(path).st_size
+                        small = size <= RECYCLE_MAX_BYTES
                     self._retire(path, keep=small)
                 except FileNotFoundError:
                     pass
