@@ -70,6 +70,12 @@ MESSAGE = (b"Authentication-Results: mx.example.org; spf=pass\r\n"
            b"body\r\n")
 
 
+def new_envelope() -> Envelope:
+    return Envelope(queue_id="", sender="a@example.org",
+                    recipients=[Recipient("b@example.org", "b@example.org", "local")],
+                    received_at=1_700_000_000.0)
+
+
 def test_drops_fields_with_their_continuation_lines(spool):
     writer = receive(spool, MESSAGE)
     assert [name for name, _ in writer.view().headers()] == [
@@ -114,9 +120,7 @@ def test_large_body_moved_byte_for_byte(spool):
 def test_drop_then_commit_keeps_the_spool_consistent(spool):
     writer = receive(spool, MESSAGE)
     writer.drop_headers((0, 2))
-    envelope = Envelope(queue_id="", sender="a@example.org",
-                        recipients=[Recipient("b@example.org", "b@example.org", "local")],
-                        received_at=1_700_000_000.0)
+    envelope = new_envelope()
     results = []
     writer.commit(envelope).addBoth(results.append)
     assert results == [None]
@@ -196,9 +200,7 @@ def test_drop_then_commit_from_memory_writes_the_dropped_body(tmp_path):
     writer = receive(spool, MESSAGE)
     assert writer.in_memory and os.listdir(os.path.join(spool.directory, "tmp")) == []
     writer.drop_headers((1, 3))
-    envelope = Envelope(queue_id="", sender="a@example.org",
-                        recipients=[Recipient("b@example.org", "b@example.org", "local")],
-                        received_at=1_700_000_000.0)
+    envelope = new_envelope()
     results = []
     writer.commit(envelope).addBoth(results.append)
     assert results == [None]
@@ -207,3 +209,40 @@ def test_drop_then_commit_from_memory_writes_the_dropped_body(tmp_path):
     assert [name for name, _ in parse_headers(io.BytesIO(stored))] == [
         "Authentication-Results", "Authentication-Results"]
     assert len(stored) == envelope.size
+
+
+def test_a_spilled_body_is_cut_by_the_commit_not_on_the_reactor_thread(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=SyncReactor(), memory_limit=0)
+    body = bytes(range(256)) * (2 * COPY_CHUNK // 256 + 3)
+    data = b"X-Drop: me\r\nX-Keep: yes\r\n\r\n" + body
+    writer = receive(spool, data)
+    writer.drop_headers((0,))
+    writer._file.flush()
+    with open(writer.path, "rb") as fp:
+        assert fp.read() == data                      # nothing moved yet
+    assert writer.size == len(data) - len(b"X-Drop: me\r\n")
+    writer.write(b"tail\r\n")                         # still appended at the end
+    envelope = new_envelope()
+    results = []
+    writer.commit(envelope).addBoth(results.append)
+    assert results == [None]
+    with open(spool.body_path(envelope.queue_id), "rb") as fp:
+        assert fp.read() == b"X-Keep: yes\r\n\r\n" + body + b"tail\r\n"
+    assert envelope.size == len(data) - len(b"X-Drop: me\r\n") + len(b"tail\r\n")
+
+
+def test_a_cut_that_fails_at_commit_fails_the_commit_and_leaves_nothing(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"), reactor=SyncReactor(), memory_limit=0)
+    writer = receive(spool, MESSAGE)
+    writer.drop_headers((0,))
+
+    def broken(*args):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr("pymta.spool.store.cut_ranges", broken)
+    envelope = new_envelope()
+    results = []
+    writer.commit(envelope).addBoth(results.append)
+    assert isinstance(results[0], Failure) and results[0].check(SpoolError)
+    assert "Input/output error" in str(results[0].value)
+    assert spool.queue_ids() == []
+    assert os.listdir(os.path.join(spool.directory, "tmp")) == []

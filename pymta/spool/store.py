@@ -77,7 +77,7 @@ from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 from pymta.spool.queueid import is_queue_id, new_queue_id
 # re-exported: the writer's names were defined here before it had its own module
 from pymta.spool.writer import (COPY_CHUNK, MEMORY_BODY_LIMIT, WRITE_BUFFER, SpoolError,  # noqa: F401
-                                SpoolWriter, header_field_spans, open_exclusive)
+                                SpoolWriter, cut_ranges, header_field_spans, open_exclusive)
 
 log = Logger()
 
@@ -145,6 +145,10 @@ class _Commit:
     #: the body held in memory, or None
     body_memory: bytearray | None
     envelope_data: bytes
+    #: header ranges to cut from the spilled body file before it is synced (drop_headers)
+    body_drop: list[tuple[int, int]] = field(default_factory=list)
+    #: the body's size once cut
+    body_size: int = 0
     done: defer.Deferred = field(default_factory=defer.Deferred)
     envelope_tmp: str = ""
     #: does body_tmp hold this request's body (so that a failure must remove it)?
@@ -263,10 +267,15 @@ class Spool:
         raise SpoolError(f"spool {self.directory}: could not allocate a unique queue id")
 
     def _commit(self, queue_id: str, body_tmp: str, body_file: BinaryIO | None,
-                body_memory: bytearray | None, envelope: Envelope) -> defer.Deferred:
-        """SpoolWriter.commit's request: make the body and ``envelope`` durable."""
+                body_memory: bytearray | None, envelope: Envelope,
+                body_drop: list[tuple[int, int]] | None = None) -> defer.Deferred:
+        """SpoolWriter.commit's request: make the body and ``envelope`` durable.
+
+        ``body_drop``: byte ranges of the spilled body file to cut first
+        (the file is then ``envelope.size`` bytes long).
+        """
         done = self._submit(_Commit(queue_id, body_tmp, body_file, body_memory,
-                                    _encode_envelope(envelope)))
+                                    _encode_envelope(envelope), list(body_drop or ()), envelope.size))
         if body_memory is not None and len(body_memory) <= BODY_CACHE_BYTES // 16:
             def keep(result):
                 self._keep_body(queue_id, body_memory)
@@ -548,6 +557,10 @@ class Spool:
                 self._write_fd(fd, request.body_memory, fsync, recycled)
             else:
                 request.body_written = True
+                if request.body_drop:
+                    dropped = sum(stop - start for start, stop in request.body_drop)
+                    cut_ranges(request.body_tmp, request.body_file, request.body_drop,
+                               request.body_size + dropped)
                 request.body_file.flush()
                 if fsync:
                     os.fsync(request.body_file.fileno())

@@ -69,6 +69,39 @@ def header_field_spans(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tup
     return [(start, end) for start, end in spans]
 
 
+def cut_ranges(path: str, file: BinaryIO, drop: list[tuple[int, int]], end: int) -> int:
+    """Remove the byte ranges ``drop`` (sorted, disjoint) from the file; returns its new length.
+
+    ``file`` is the open (write-only) body file at ``path``, ``end`` its
+    length; the bytes after each range move left in order, the file is
+    truncated and ``file`` positioned at the new end.  Raises OSError.
+    """
+    if not drop:
+        return end
+    file.flush()
+    # the byte ranges to keep after the first dropped field, moved left in order
+    keep = [(stop, drop[k + 1][0]) for k, (_, stop) in enumerate(drop[:-1])]
+    keep.append((drop[-1][1], end))
+    write_at = drop[0][0]
+    fd = file.fileno()                     # write-only: reading goes through a second descriptor
+    with open(path, "rb") as reader:
+        for start, stop in keep:
+            position = start
+            while position < stop:
+                chunk = os.pread(reader.fileno(), min(COPY_CHUNK, stop - position), position)
+                if not chunk:
+                    raise OSError(f"{path}: unexpected end of file at {position}")
+                view = memoryview(chunk)
+                while view:
+                    written = os.pwrite(fd, view, write_at)
+                    view = view[written:]
+                    write_at += written
+                position += len(chunk)
+    os.ftruncate(fd, write_at)
+    file.seek(write_at)
+    return write_at
+
+
 def open_exclusive(path: str) -> int:
     """Create ``path`` for writing (0600); FileExistsError if it exists."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -90,6 +123,8 @@ class SpoolWriter:
         self.size = 0
         self._open = True
         self._committing = False
+        #: header ranges of the body file to cut at commit (see drop_headers)
+        self._pending_drop: list[tuple[int, int]] = []
 
     @property
     def in_memory(self) -> bool:
@@ -133,17 +168,28 @@ class SpoolWriter:
         if self._memory is not None:
             return MessageView(None, self.size, memory=self._memory)
         if not self._committing:
+            self._apply_pending_drop()
             self._file.flush()
         return MessageView(self.path, self.size)
+
+    def _apply_pending_drop(self) -> None:
+        """Cut the ranges drop_headers left for the commit now, on this thread."""
+        if self._pending_drop:
+            dropped = sum(stop - start for start, stop in self._pending_drop)
+            self.size = cut_ranges(self.path, self._file, self._pending_drop, self.size + dropped)
+            self._pending_drop = []
 
     def drop_headers(self, indices: tuple[int, ...]) -> None:
         """Remove the header fields at these positions (as numbered by ``view().headers()``).
 
-        The body is rewritten in place (in memory, or the temp file): the kept
-        fields, then the rest of the body byte for byte; :attr:`size` shrinks
-        accordingly.  Positions past the last field are logged and ignored.
-        Raises OSError if the file cannot be rewritten (the message must then
-        be refused: its body is in an unknown state).
+        A body in memory is rewritten at once.  A body in its temp file may
+        be large: the fields are found now (only the header section is read)
+        and :attr:`size` shrinks at once, but moving the rest of the body
+        is left to the commit, in the spool's thread, not the reactor's (or
+        done here if the body is looked at again first, by :meth:`view` or
+        another ``drop_headers``).  Positions past the last field are logged
+        and ignored.  Raises OSError if the file cannot be read or rewritten
+        (the message must then be refused: its body is in an unknown state).
         """
         if not self._open or self._committing:
             raise SpoolError(f"{self.queue_id}: drop_headers after commit or abort")
@@ -153,6 +199,7 @@ class SpoolWriter:
         if self._memory is not None:
             spans = header_field_spans(io.BytesIO(self._memory))
         else:
+            self._apply_pending_drop()
             self._file.flush()
             with open(self.path, "rb") as reader:
                 spans = header_field_spans(reader)
@@ -169,27 +216,8 @@ class SpoolWriter:
                 del self._memory[start:end]
             self.size = len(self._memory)
             return
-        # the byte ranges to keep after the first dropped field, moved left in order
-        keep = [(end, drop[k + 1][0]) for k, (_, end) in enumerate(drop[:-1])]
-        keep.append((drop[-1][1], self.size))
-        write_at = drop[0][0]
-        fd = self._file.fileno()             # write-only: reading goes through a second descriptor
-        with open(self.path, "rb") as reader:
-            for start, end in keep:
-                position = start
-                while position < end:
-                    chunk = os.pread(reader.fileno(), min(COPY_CHUNK, end - position), position)
-                    if not chunk:
-                        raise OSError(f"{self.path}: unexpected end of file at {position}")
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.pwrite(fd, view, write_at)
-                        view = view[written:]
-                        write_at += written
-                    position += len(chunk)
-        os.ftruncate(fd, write_at)
-        self.size = write_at
-        self._file.seek(write_at)
+        self._pending_drop = drop
+        self.size -= sum(end - start for start, end in drop)
 
     def commit(self, envelope: Envelope) -> defer.Deferred:
         """Make body and envelope durable; the Deferred fires (with None) when they are.
@@ -210,7 +238,7 @@ class SpoolWriter:
         envelope.size = self.size
         self._committing = True
         result = self._spool._commit(self.queue_id, self.path, self._file, self._memory,
-                                      envelope)
+                                      envelope, self._pending_drop)
 
         def forget(outcome):
             self._open = False
