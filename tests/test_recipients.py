@@ -307,3 +307,15 @@ def test_aliasmap_keeps_previous_map_when_file_disappears(tmp_path, context, log
     clock.now += 1.0
     assert check(plugin, "a@example.net") == rewrite("one@example.org")
     assert any("cannot be read" in (e.get("log_format") or "") for e in logged)
+
+
+def test_aliasmap_reports_reloads_in_its_own_words_on_its_own_logger(tmp_path, context, logged):
+    plugin, clock = alias_map(tmp_path, context, "a@example.net: one@example.org\n")
+    (tmp_path / "aliases").write_text("a@example.net: two\nb@example.net: three\n")
+    clock.now += 1.0
+    assert plugin.reload_if_changed() is True
+    [event] = [e for e in logged if "reloaded" in (e.get("log_format") or "")]
+    assert event["log_format"] == "alias map {path} reloaded: {count} entries"
+    assert (event["path"], event["count"]) == (str(tmp_path / "aliases"), 2)
+    assert event["log_namespace"] == "pymta.policy.recipients.AliasMap"
+    assert event["log_source"] is plugin

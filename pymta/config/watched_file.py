@@ -14,6 +14,11 @@ Typical use::
                              errors=(MyMapError,))
     ...
     table = self._file.current()   # reloads first if the file changed
+
+A plugin that words its reload messages itself subclasses WatchedFile and
+overrides :meth:`~WatchedFile.report_unreadable`,
+:meth:`~WatchedFile.report_not_reloaded` and
+:meth:`~WatchedFile.report_reloaded`.
 """
 
 from __future__ import annotations
@@ -87,8 +92,7 @@ class WatchedFile(Generic[T]):
             signature = ("unreadable", e.errno)
             if signature != self._signature:
                 self._signature = signature
-                self.log.error("{what} {path} cannot be read ({problem}); keeping the previous contents",
-                               what=self.what, path=self.path, problem=e.strerror or str(e))
+                self.report_unreadable(e)
             return False
         if signature == self._signature:
             return False
@@ -96,10 +100,27 @@ class WatchedFile(Generic[T]):
         try:
             value = self._load(self.path)
         except self._errors as e:
-            problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            self.log.error("{what} {path} not reloaded, keeping the previous contents: {problem}",
-                           what=self.what, path=self.path, problem=problem)
+            self.report_not_reloaded(e)
             return False
         self._value = value
-        self.log.info("{what} {path} reloaded", what=self.what, path=self.path)
+        self.report_reloaded(value)
         return True
+
+    # How a reload is reported.  A subclass may override these to log in its
+    # plugin's own words (and on its plugin's logger); each is called once
+    # per change of the file, never per lookup.
+
+    def report_unreadable(self, error: OSError) -> None:
+        """The file cannot be stat()ed any more; the previous contents stay in use."""
+        self.log.error("{what} {path} cannot be read ({problem}); keeping the previous contents",
+                       what=self.what, path=self.path, problem=error.strerror or str(error))
+
+    def report_not_reloaded(self, error: BaseException) -> None:
+        """The changed file could not be read or parsed; the previous contents stay in use."""
+        problem = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        self.log.error("{what} {path} not reloaded, keeping the previous contents: {problem}",
+                       what=self.what, path=self.path, problem=problem)
+
+    def report_reloaded(self, value: T) -> None:
+        """The changed file was parsed; ``value`` is now in use."""
+        self.log.info("{what} {path} reloaded", what=self.what, path=self.path)

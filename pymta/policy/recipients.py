@@ -17,7 +17,6 @@ Addresses are compared case-insensitively, with the domain IDNA-encoded.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from zope.interface import implementer
 
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.options import Options, normalize_domain
+from pymta.config.watched_file import WatchedFile
 from pymta.delivery.mailbox import safe_folder_name, safe_mailbox_name
 from pymta.interfaces import IRecipientPolicy
 from pymta.verdict import DUNNO, Verdict
@@ -282,8 +282,25 @@ def load_alias_file(path: str) -> AliasTable:
     return parse_aliases(text.removeprefix("\ufeff"), path)
 
 
-def _file_signature(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+class _AliasFile(WatchedFile[AliasTable]):
+    """The alias file of one :class:`AliasMap`, reported on that map's logger in its words."""
+
+    def __init__(self, path: str, *, log: Logger, clock: Callable[[], float]):
+        self._map_log = log
+        super().__init__(path, load_alias_file, what="alias map", errors=(ConfigError,),
+                         clock=clock)
+
+    def report_unreadable(self, error: OSError) -> None:
+        self._map_log.error("alias map {path} cannot be read ({problem}); keeping the previous map",
+                            path=self.path, problem=error.strerror or str(error))
+
+    def report_not_reloaded(self, error: BaseException) -> None:
+        self._map_log.error("alias map not reloaded, keeping the previous map: {problem}",
+                            problem=str(error))
+
+    def report_reloaded(self, value: AliasTable) -> None:
+        self._map_log.info("alias map {path} reloaded: {count} entries", path=self.path,
+                           count=len(value.entries))
 
 
 @implementer(IRecipientPolicy)
@@ -306,14 +323,13 @@ class AliasMap:
     Aliases expand one level only: targets are not looked up again, so
     ``a -> b`` and ``b -> c`` delivers mail for ``a`` to ``b``.
 
-    The file is re-read when its mtime, size or inode changes (checked at
-    most once a second, on lookup).  A broken file at reload is logged and
-    the previous map stays in use; at start-up it is a ConfigError naming
-    the file and line.
+    The file is re-read when it changes (see
+    :class:`pymta.config.watched_file.WatchedFile`: mtime, ctime, size or
+    inode, checked at most once a second, on lookup).  A broken file at
+    reload is logged and the previous map stays in use; at start-up it is a
+    ConfigError naming the file and line.
     """
 
-    #: seconds between two checks of the file for changes
-    check_interval = 1.0
     log = Logger()
 
     def __init__(self, options: Mapping[str, Any], context: Any, *,
@@ -323,17 +339,18 @@ class AliasMap:
         self.delimiters = _read_delimiter(opts)
         self.unmatched = opts.str("unmatched", default="reject", choices=("reject", "dunno"))
         opts.finish()
-        self._clock = clock
         try:
-            self._signature: Any = _file_signature(os.stat(self.path))
-            self.table = load_alias_file(self.path)
+            self._file = _AliasFile(self.path, log=self.log, clock=clock)
         except OSError as e:
             raise OptionError("file", f"cannot read {self.path}: {e.strerror or e}") from None
-        self._checked_at = clock()
+
+    @property
+    def table(self) -> AliasTable:
+        """The map in force (as last loaded)."""
+        return self._file.value
 
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
-        self.reload_if_changed()
-        table = self.table
+        table = self._file.current()
         local, domain = split_address(recipient)
         if domain not in table.domains:
             return DUNNO
@@ -352,30 +369,5 @@ class AliasMap:
         return DUNNO
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file if it changed (at most once per check_interval); True if reloaded."""
-        now = self._clock()
-        if now - self._checked_at < self.check_interval:
-            return False
-        self._checked_at = now
-        try:
-            signature: Any = _file_signature(os.stat(self.path))
-        except OSError as e:
-            signature = ("unreadable", e.errno)
-            if signature != self._signature:
-                self._signature = signature
-                self.log.error("alias map {path} cannot be read ({problem}); keeping the previous map",
-                               path=self.path, problem=e.strerror or str(e))
-            return False
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        try:
-            table = load_alias_file(self.path)
-        except (OSError, ConfigError) as e:
-            self.log.error("alias map not reloaded, keeping the previous map: {problem}",
-                           problem=str(e))
-            return False
-        self.table = table
-        self.log.info("alias map {path} reloaded: {count} entries", path=self.path,
-                      count=len(table.entries))
-        return True
+        """Re-read the file if it changed (at most once a second); True if reloaded."""
+        return self._file.reload_if_changed()
