@@ -6,9 +6,7 @@ import email
 import email.policy
 
 import pytest
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
 
 from pymta.bounce import dsn
 from pymta.bounce.notifier import DeliveryNotifier, postmaster_address, wants
@@ -19,7 +17,8 @@ from pymta.spool.message import SpooledMessage
 from pymta.spool.scheduler import DeliveryScheduler
 from pymta.spool.store import Spool
 
-START = 1_700_000_000.0
+from schedulerkit import START, FakeReactor
+
 BODY = b"From: Alice <alice@example.net>\r\nSubject: the report\r\nMessage-ID: <m1@example.net>\r\n\r\nHello,\r\nsee you.\r\n"
 
 
@@ -216,28 +215,6 @@ def test_postmaster_address_from_config():
 
 
 # -- the scheduler hooks ------------------------------------------------------------------------
-
-class SyncThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class FakeReactor(Clock):
-    def __init__(self):
-        super().__init__()
-        self.advance(START)
-
-    def getThreadPool(self):
-        return SyncThreadPool()
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
 
 class ScriptedBackend:
     """Answers by recipient address: a callable(address) -> DeliveryResult; records bodies."""

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
 
 from pymta.config.model import Retry
 from pymta.delivery.result import DeliveryResult
@@ -18,7 +16,7 @@ from pymta.envelope import DELIVERED, PENDING, Envelope, Recipient
 from pymta.spool.scheduler import DeliveryScheduler, RetrySchedule, format_delay
 from pymta.spool.store import Spool
 
-START = 1_700_000_000.0
+from schedulerkit import START, FakeReactor
 
 
 # -- RetrySchedule ------------------------------------------------------------------
@@ -61,28 +59,6 @@ def test_delay_is_printed_like_postfix():
 
 
 # -- test doubles ---------------------------------------------------------------------
-
-class SyncThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class FakeReactor(Clock):
-    def __init__(self):
-        super().__init__()
-        self.advance(START)
-
-    def getThreadPool(self):
-        return SyncThreadPool()
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
 
 class RecordingBackend:
     """Answers each call with the next scripted outcome; records what it got."""
