@@ -15,11 +15,12 @@ the last message:
   while the sink is still down: every message is tried once and deferred.
   Then the sink starts, and the clock starts at ``ETRN`` (RFC 1985), which
   makes the whole queue due at once.
-* Postfix: a private instance (own config, queue and log directories, as in
-  postfix_instance.py) receives the messages over SMTP from ``smtp-source``
-  and puts them on hold; the clock starts at ``postsuper -H ALL`` (hold to
-  deferred) + ``postqueue -f`` (flush), with ``relayhost =
-  [127.0.0.1]:<sink>`` and Postfix's default delivery tuning.
+* Postfix: a private instance (own config, queue and log directories, set
+  up by tests/postfixkit.py as for bench/postfix_instance.py) receives the
+  messages over SMTP from ``smtp-source`` and puts them on hold; the clock
+  starts at ``postsuper -H ALL`` (hold to deferred) + ``postqueue -f``
+  (flush), with ``relayhost = [127.0.0.1]:<sink>`` and Postfix's default
+  delivery tuning.
 
 Besides messages/second, the CPU time of each MTA's process tree over the
 measured interval is divided by the messages (Postfix: master and its
@@ -48,13 +49,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from postfix_instance import run_with_terminal  # noqa: E402
 from prerequisites import PrerequisiteError, ensure_postfix, find_tool  # noqa: E402
 from procstat import tree_cpu_seconds  # noqa: E402
 from servers import BENCH_DIR, REPO_ROOT, SmtpSink, free_port, log_tail  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.append(str(REPO_ROOT / "tests"))
 
+from postfixkit import PrivatePostfix  # noqa: E402
 from pymta.envelope import Envelope, Recipient  # noqa: E402
 from pymta.spool.queueid import new_queue_id  # noqa: E402
 
@@ -63,49 +65,8 @@ RESULTS = BENCH_DIR / "results"
 SENDER = "sender@bench.localhost"
 RECIPIENT = "user@relay.bench.test"
 
-POSTFIX_MASTER_CF = """\
-# written by bench/relay.py
-{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-POSTFIX_MAIN_CF = """\
-# written by bench/relay.py: relays everything to the sink; default delivery tuning
-compatibility_level = 3.6
-config_directory = {config}
-queue_directory = {queue}
-data_directory = {data}
-maillog_file_prefixes = {work}
-maillog_file = {work}/maillog
-myhostname = postfix.bench.localhost
-mydomain = bench.localhost
-myorigin = $myhostname
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{sink}
-alias_maps =
-alias_database =
-biff = no
+#: main.cf lines of the Postfix peer, besides the common ones and its relayhost (the sink)
+POSTFIX_SETTINGS = """\
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 # everything received is put on hold until the measurement starts
@@ -285,64 +246,30 @@ backend = "sink"
 
 # -- Postfix -------------------------------------------------------------------------------
 
-class PostfixRelay:
+class PostfixRelay(PrivatePostfix):
+    """A private Postfix relaying everything to the sink, with its default delivery tuning."""
+
     def __init__(self, sink_port: int) -> None:
-        self.work = WORK / "postfix"
-        self.config = self.work / "etc"
-        self.queue = self.work / "queue"
-        self.port = free_port()
+        super().__init__(WORK / "postfix", free_port(), find_tool("postfix") or "postfix")
         self.sink_port = sink_port
 
-    def postfix(self, *args: str) -> tuple[int, str]:
-        return run_with_terminal([find_tool("postfix") or "postfix", "-c", str(self.config), *args])
-
     def tool(self, name: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([find_tool(name) or name, "-c", str(self.config), *args],
+        return subprocess.run([find_tool(name) or name, "-c", str(self.config_dir), *args],
                               capture_output=True, text=True, timeout=120)
 
     def start(self) -> None:
-        import grp
-        import pwd
-        for directory in (self.config, self.queue, self.work / "data"):
-            directory.mkdir(parents=True)
-        owner = pwd.getpwnam("postfix")
-        os.chown(self.work / "data", owner.pw_uid, grp.getgrnam("postfix").gr_gid)
-        (self.config / "master.cf").write_text(POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
-        (self.config / "main.cf").write_text(POSTFIX_MAIN_CF.format(
-            config=self.config, queue=self.queue, data=self.work / "data", work=self.work,
-            sink=self.sink_port))
-        for step in ("check", "start"):
-            code, output = self.postfix(step)
-            if code != 0:
-                raise RuntimeError(f"postfix {step} failed:\n{output}\n{log_tail(self.work / 'maillog')}")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if b"220" in _banner(self.port):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"postfix did not answer on port {self.port}")
+        self.configure(hostname="postfix.bench.localhost", mydomain="bench.localhost",
+                       relayhost=f"[127.0.0.1]:{self.sink_port}", settings=POSTFIX_SETTINGS,
+                       services=("smtp", "relay"))
+        super().start()
+        self.wait_for_banner()
 
     def queued(self) -> int:
         return sum(len(files) for sub in ("maildrop", "incoming", "active", "deferred", "hold")
-                   for _, _, files in os.walk(self.queue / sub))
+                   for _, _, files in os.walk(self.queue_dir / sub))
 
     def held(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.queue / "hold"))
-
-    def stop(self) -> None:
-        if (self.config / "main.cf").exists():
-            self.postfix("stop")
-
-
-def _banner(port: int) -> bytes:
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            data = s.recv(200)
-            s.sendall(b"QUIT\r\n")
-            return data
-    except OSError:
-        return b""
+        return sum(len(files) for _, _, files in os.walk(self.queue_dir / "hold"))
 
 
 def run_postfix(sink: Sink, count: int, body_size: int, timeout: float) -> dict:
@@ -362,7 +289,8 @@ def run_postfix(sink: Sink, count: int, body_size: int, timeout: float) -> dict:
         if held != count:
             raise RuntimeError(f"postfix holds {held} of {count} messages")
         before = sink.count()
-        master = int((postfix.queue / "pid" / "master.pid").read_text().split()[0])
+        master = postfix.master_pid
+        assert master is not None, "postfix is not running"
         wait_until_idle(master)
         cpu_before = tree_cpu_seconds(master)
         start = time.monotonic()
