@@ -88,6 +88,10 @@ class PymtaServer:
                     s.settimeout(5)
                     if s.recv(100).startswith(b"220"):
                         s.sendall(b"QUIT\r\n")
+                        # wait for the server to close this probe, so that it no longer
+                        # counts against the test's own connections (limits)
+                        while s.recv(100):
+                            pass
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 
 class LoopbackDNS:

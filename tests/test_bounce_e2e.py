@@ -10,7 +10,7 @@ PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
 
 
 def test_permanent_failure_bounces_to_sender(make_server):
-    srv = make_server(f'''
+    srv = make_server('''
 [backends.local]
 use = "maildir"
 base = "mail"

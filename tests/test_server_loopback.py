@@ -6,8 +6,6 @@ import json
 import smtplib
 import subprocess
 import time
-from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 

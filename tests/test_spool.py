@@ -25,23 +25,12 @@ from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
 from pymta.spool.store import MEMORY_BODY_LIMIT, Spool, SpoolError
+from schedulerkit import SyncThreadPool
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # -- a reactor stand-in: Clock plus a thread pool the test controls ---------------
-
-class SyncThreadPool:
-    """Runs 'threaded' work at once, on the calling thread."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
 
 class ManualThreadPool:
     """Holds 'threaded' work until the test runs it, like a busy pool thread."""

@@ -10,7 +10,6 @@ once the spool says the message is durable.
 from __future__ import annotations
 
 import itertools
-import time
 from typing import TYPE_CHECKING
 
 from twisted.cred.credentials import UsernamePassword
