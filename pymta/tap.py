@@ -143,7 +143,8 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.spool.store import Spool
 
     top = MultiService()
-    spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync)
+    spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
+                  memory_limit=config.spool_memory_limit)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
                                   notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool

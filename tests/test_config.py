@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactor
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 
 import pymta.plugins
 from pymta.config.durations import format_duration, parse_duration
@@ -23,6 +24,9 @@ from pymta.config.options import Options, PluginContext
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.mbox import MboxBackend
 from pymta.policy.recipients import AliasMap, LocalDomainRecipients, StaticRecipients
+from pymta.spool.scheduler import DeliveryScheduler
+from pymta.spool.writer import MEMORY_BODY_LIMIT
+from pymta.tap import build_service
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"
@@ -82,6 +86,7 @@ def test_embedded_default(tmp_path, monkeypatch):
     assert config.listeners == (Listener("mx", "tcp:2525:interface=127.0.0.1", "mx"),)
     assert config.spool_dir == str(tmp_path / "var" / "spool")
     assert config.spool_sync == "fsync"
+    assert config.spool_memory_limit == MEMORY_BODY_LIMIT == 64 * 1024
     assert config.limits == Limits() and config.retry == Retry()
     assert config.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                        ipaddress.ip_network("::1/128"))
@@ -167,6 +172,7 @@ def test_example_config_loads(tmp_path):
 def test_example_config_documents_every_key():
     text = (ETC / "pymta.toml").read_text(encoding="utf-8")
     keys = {"hostname", "domains", "trusted_networks", "plugin_path", "directory", "sync",
+            "memory_limit",
             "name", "endpoint", "role", "retry_initial", "retry_max", "lifetime", "concurrency",
             "connect", "helo", "mail", "rcpt", "data", "use", "match", "backend",
             "file", "recipient_delimiter", "unmatched", "addresses", "senders", "base",
@@ -178,6 +184,26 @@ def test_example_config_documents_every_key():
     for table in ("[server]", "[spool]", "[[listeners]]", "[limits]", "[queue]", "[stages]",
                   "[plugins.", "[backends.", "[[routes]]"):
         assert table in text
+
+
+class ThreadedMemoryReactor(MemoryReactor):
+    """A MemoryReactor that lends the spool an (unstarted) thread pool."""
+
+    def getThreadPool(self) -> ThreadPool:
+        return ThreadPool(0, 1, "test")
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("", MEMORY_BODY_LIMIT), ("memory_limit = 0", 0), ("memory_limit = 1048576", 1048576)])
+def test_spool_memory_limit_reaches_the_spool(tmp_path, setting, expected):
+    path = write(tmp_path / "pymta.toml", f"[spool]\ndirectory = 'spool'\n{setting}\n")
+    reactor = ThreadedMemoryReactor()
+    config = load_config(str(path), reactor)
+    assert config.spool_memory_limit == expected
+    service = build_service(config, reactor)
+    [scheduler] = [s for s in service if isinstance(s, DeliveryScheduler)]
+    assert scheduler.spool.directory == str(tmp_path / "spool")
+    assert scheduler.spool.memory_limit == expected
 
 
 # -- durations and options ----------------------------------------------------
@@ -303,6 +329,11 @@ def test_not_utf8(tmp_path):
      "must be at least retry_initial (2h), got 1h"),
     ("[spool]\nsync = 'sync'\n", "spool.sync", "expected one of 'fsync', 'syncfs', got string 'sync'"),
     ("[spool]\ndirectory = 7\n", "spool.directory", "expected a string, got integer 7"),
+    ("[spool]\nmemory_limit = -1\n", "spool.memory_limit", "must be at least 0, got -1"),
+    ("[spool]\nmemory_limit = '64k'\n", "spool.memory_limit", "expected an integer, got string '64k'"),
+    ("[spool]\nmemory_limit = 1.5\n", "spool.memory_limit", "expected an integer, got float 1.5"),
+    ("[spool]\nmemory_limit = true\n", "spool.memory_limit", "expected an integer, got boolean true"),
+    ("[spool]\nmemory_limt = 0\n", "spool.memory_limt", "unknown key (did you mean 'memory_limit'?)"),
     ("[server]\ndomains = 'example.org'\n", "server.domains",
      "expected an array of strings, got string 'example.org'"),
     ("[server]\ndomains = ['example.org', 'exa mple.org']\n", "server.domains[1]",

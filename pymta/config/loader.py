@@ -265,7 +265,7 @@ class _ConfigBuilder:
         resolver = DNSResolver(list(dns_settings.nameservers), dns_settings.timeout,
                                dns_settings.attempts, reactor=self.reactor)
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
-        spool_dir, spool_sync = self._spool(spool)
+        spool_dir, spool_sync, spool_memory_limit = self._spool(spool)
         tls = read_tls(self, tls_table)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
@@ -276,7 +276,8 @@ class _ConfigBuilder:
         return Config(
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
-            limits=limits_obj, retry=retry, spool_sync=spool_sync, stages=stage_map,
+            limits=limits_obj, retry=retry, spool_sync=spool_sync,
+            spool_memory_limit=spool_memory_limit, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls)
 
     # -- [server] -------------------------------------------------------------
@@ -329,13 +330,14 @@ class _ConfigBuilder:
         return hostname, tuple(domains), tuple(trusted)
 
     # -- [spool] --------------------------------------------------------------
-    def _spool(self, table: dict[str, Any]) -> tuple[str, str]:
+    def _spool(self, table: dict[str, Any]) -> tuple[str, str, int]:
         with self.section("spool"):
             opts = Options(table)
             directory = opts.path("directory", self.context, default=DEFAULT_SPOOL_DIR)
             sync = opts.str("sync", default="fsync", choices=SPOOL_SYNC_MODES)
+            memory_limit = opts.int("memory_limit", Config.spool_memory_limit, minimum=0)
             opts.finish()
-        return directory, sync
+        return directory, sync, memory_limit
 
     # -- [[listeners]] --------------------------------------------------------
     # -- [limits] and [queue] -------------------------------------------------

@@ -129,6 +129,10 @@ class Config:
     retry: Retry = field(default_factory=Retry)
     #: spool durability: "fsync" (per file + directory) or "syncfs" (one syncfs per batch)
     spool_sync: str = "fsync"
+    #: bodies up to this many bytes stay in memory until their commit; larger
+    #: ones (and every body, with 0) stream into a temp file in the spool
+    #: (pymta.spool.writer.MEMORY_BODY_LIMIT is the same default)
+    spool_memory_limit: int = 64 * 1024
     #: stage name -> plugins in order ("connect", "helo", "mail", "rcpt", "data")
     stages: dict[str, tuple[PluginInstance, ...]] = field(default_factory=dict)
     #: backend name -> IDeliveryBackend provider
