@@ -78,7 +78,7 @@ class Retry:
     initial: float = 300.0          # first retry after this many seconds
     maximum: float = 4200.0         # backoff cap
     lifetime: float = 5 * 86400.0   # give up (bounce) after this long in the queue
-    concurrency: int = 8            # deliveries running at once
+    concurrency: int = 32           # deliveries (backend calls) in progress at once
     delay_warning: float = 4 * 3600.0   # "delayed" DSN after this long in the queue (0: never)
 
 
