@@ -119,6 +119,22 @@ def spool(tmp_path, request) -> Spool:
 
 # -- queue ids ---------------------------------------------------------------------
 
+def test_a_forked_child_does_not_repeat_its_parents_queue_ids():
+    generator = QueueIdGenerator(clock=lambda: 1_700_000_000_000_000_000)   # a frozen clock
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                       # the child: same clock, same microsecond
+        os.write(writer, "".join(generator.next() for _ in range(20)).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    with os.fdopen(reader, "rb") as fp:
+        child = fp.read().decode()
+    child_ids = {child[i:i + LENGTH] for i in range(0, len(child), LENGTH)}
+    parent_ids = {generator.next() for _ in range(20)}
+    assert len(child_ids) == 20 and not child_ids & parent_ids
+
+
 def test_queue_ids_are_unique_sortable_and_filename_safe():
     ids = [new_queue_id() for _ in range(5000)]
     assert len(set(ids)) == len(ids)

@@ -19,9 +19,12 @@ collision, so uniqueness never rests on chance alone.
 from __future__ import annotations
 
 import re
+import os
+import random
 import secrets
 import threading
 import time
+import weakref
 
 #: Crockford base32 (no I, L, O, U): uppercase alphanumerics, ASCII order = value order
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -66,7 +69,16 @@ class QueueIdGenerator:
         self._clock = clock
         self._lock = threading.Lock()
         self._last_micros = 0
+        # the random part only separates processes: a PRNG seeded from the
+        # system's, not a getrandom(2) call per id (two, with rejection);
+        # reseeded in a forked child, which must not repeat its parent
+        self._reseed()
+        reseed = weakref.WeakMethod(self._reseed)
+        os.register_at_fork(after_in_child=lambda: (method := reseed()) is not None and method())
+
+    def _reseed(self) -> None:
         self._counter = secrets.randbelow(32 ** COUNTER_CHARS)
+        self._random = random.Random(secrets.randbits(128))
 
     def next(self) -> str:
         with self._lock:
@@ -81,9 +93,10 @@ class QueueIdGenerator:
                 micros += 1
             self._last_micros = micros
             counter = self._counter
+            noise = self._random.getrandbits(5 * RANDOM_CHARS)
         return (_encode(micros, TIME_CHARS)
                 + _encode(counter, COUNTER_CHARS)
-                + _encode(secrets.randbelow(32 ** RANDOM_CHARS), RANDOM_CHARS))
+                + _encode(noise, RANDOM_CHARS))
 
 
 _default = QueueIdGenerator()
