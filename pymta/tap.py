@@ -20,6 +20,7 @@ from twisted.python import usage
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 from pymta.logtext import speed_up_text_log
+from pymta.spool.diskworker import DiskWorker
 
 log = Logger(namespace="pymta")
 
@@ -105,6 +106,22 @@ class LogSetup(Service):
             globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
 
 
+class DiskWorkerService(Service):
+    """Starts the disk worker's child process with the server, ends it last."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def startService(self) -> None:
+        super().startService()
+        self.worker.start().addErrback(
+            lambda f: log.failure("the disk worker process did not start", f))
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.worker.stop()
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = ("Run the pymta mail transfer agent. Without --config it listens on "
@@ -143,8 +160,12 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.spool.store import Spool
 
     top = MultiService()
+    worker = None
+    if config.spool_disk_work == "process":
+        worker = DiskWorker(reactor)
+        DiskWorkerService(worker).setServiceParent(top)   # started before the scheduler delivers
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
-                  memory_limit=config.spool_memory_limit)
+                  memory_limit=config.spool_memory_limit, worker=worker)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
                                   notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool

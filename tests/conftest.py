@@ -40,7 +40,7 @@ class PymtaServer:
     """A pymta process: ``twistd -n pymta --config <dir>/pymta.toml``."""
 
     def __init__(self, workdir: Path, extra_toml: str = "", domains=("example.test",),
-                 port: int | None = None, server_toml: str = "") -> None:
+                 port: int | None = None, server_toml: str = "", spool_toml: str = "") -> None:
         self.dir = workdir
         self.port = port or free_port()
         self.mail = workdir / "mail"
@@ -56,6 +56,7 @@ class PymtaServer:
 
             [spool]
             directory = "{self.spool}"
+            {spool_toml}
 
             [[listeners]]
             name = "mx"

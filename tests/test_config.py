@@ -87,6 +87,7 @@ def test_embedded_default(tmp_path, monkeypatch):
     assert config.spool_dir == str(tmp_path / "var" / "spool")
     assert config.spool_sync == "fsync"
     assert config.spool_memory_limit == MEMORY_BODY_LIMIT == 64 * 1024
+    assert config.spool_disk_work == "process"
     assert config.limits == Limits() and config.retry == Retry()
     assert config.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                        ipaddress.ip_network("::1/128"))
@@ -172,7 +173,7 @@ def test_example_config_loads(tmp_path):
 def test_example_config_documents_every_key():
     text = (ETC / "pymta.toml").read_text(encoding="utf-8")
     keys = {"hostname", "domains", "trusted_networks", "plugin_path", "directory", "sync",
-            "memory_limit",
+            "memory_limit", "disk_work",
             "name", "endpoint", "role", "retry_initial", "retry_max", "lifetime", "concurrency",
             "connect", "helo", "mail", "rcpt", "data", "use", "match", "backend",
             "file", "recipient_delimiter", "unmatched", "addresses", "senders", "base",
@@ -204,6 +205,22 @@ def test_spool_memory_limit_reaches_the_spool(tmp_path, setting, expected):
     [scheduler] = [s for s in service if isinstance(s, DeliveryScheduler)]
     assert scheduler.spool.directory == str(tmp_path / "spool")
     assert scheduler.spool.memory_limit == expected
+
+
+@pytest.mark.parametrize("setting, in_a_process", [
+    ("", True), ("disk_work = 'process'", True), ("disk_work = 'threads'", False)])
+def test_spool_disk_work_chooses_the_worker_process_or_threads(tmp_path, setting, in_a_process):
+    path = write(tmp_path / "pymta.toml", f"[spool]\ndirectory = 'spool'\n{setting}\n")
+    reactor = ThreadedMemoryReactor()
+    service = build_service(load_config(str(path), reactor), reactor)
+    [scheduler] = [s for s in service if isinstance(s, DeliveryScheduler)]
+    workers = [s for s in service if type(s).__name__ == "DiskWorkerService"]
+    assert (scheduler.spool._worker is not None) is in_a_process
+    assert len(workers) == int(in_a_process)
+    if in_a_process:
+        assert workers[0].worker is scheduler.spool._worker
+        # started before the scheduler, which recovers the spool and delivers at start
+        assert list(service).index(workers[0]) < list(service).index(scheduler)
 
 
 # -- durations and options ----------------------------------------------------
@@ -328,6 +345,8 @@ def test_not_utf8(tmp_path):
     ("[queue]\nretry_initial = '2h'\nretry_max = '1h'\n", "queue.retry_max",
      "must be at least retry_initial (2h), got 1h"),
     ("[spool]\nsync = 'sync'\n", "spool.sync", "expected one of 'fsync', 'syncfs', got string 'sync'"),
+    ("[spool]\ndisk_work = 'fork'\n", "spool.disk_work",
+     "expected one of 'process', 'threads', got string 'fork'"),
     ("[spool]\ndirectory = 7\n", "spool.directory", "expected a string, got integer 7"),
     ("[spool]\nmemory_limit = -1\n", "spool.memory_limit", "must be at least 0, got -1"),
     ("[spool]\nmemory_limit = '64k'\n", "spool.memory_limit", "expected an integer, got string '64k'"),

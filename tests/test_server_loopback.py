@@ -398,3 +398,53 @@ def test_swaks_helo_protocol_and_dot_body(server):
     assert r.returncode == 0, r.stdout + r.stderr
     [msg] = server.delivered("max@example.test")
     assert b"\r\nline\r\n.\r\n..two dots\r\nend\r\n" in msg
+
+
+# -- where the file work runs ([spool] disk_work) -------------------------------------------
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in __import__("pathlib").Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def gone(pids: set[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(__import__("os").path.exists(f"/proc/{p}") for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def send_one(port: int, to: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.sendmail("a@example.net", [to], b"Subject: where\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("disk_work", ["process", "threads"])
+def test_disk_work_in_a_child_process_or_in_threads(make_server, disk_work):
+    srv = make_server(spool_toml=f'disk_work = "{disk_work}"')
+    send_one(srv.port, "alice@example.test")
+    [message] = srv.delivered("alice@example.test")
+    assert message.endswith(b"Subject: where\r\n\r\nbody\r\n")
+    # the worker (and multiprocessing's resource tracker), or no child at all
+    assert bool(children_of(srv.proc.pid)) is (disk_work == "process")
+    assert "Traceback" not in srv.log_text()
+
+
+@pytest.mark.parametrize("stop", ["stop", "kill9"])
+def test_the_disk_worker_ends_with_the_server(make_server, stop):
+    srv = make_server()
+    send_one(srv.port, "bob@example.test")
+    assert srv.delivered("bob@example.test")
+    children = children_of(srv.proc.pid)
+    assert children
+    getattr(srv, stop)()
+    assert gone(children), f"disk worker {children} outlived the server ({stop})"

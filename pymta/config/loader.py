@@ -44,10 +44,12 @@ from pymta.config.durations import format_duration
 from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration
 
 __all__ = ["load_config", "default_config", "discover_plugins", "PluginDiscovery",
-           "EMBEDDED_SOURCE", "ROLES", "SPOOL_SYNC_MODES"]
+           "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK", "SPOOL_SYNC_MODES"]
 
 EMBEDDED_SOURCE = "<embedded default>"
 SPOOL_SYNC_MODES = ("fsync", "syncfs")
+#: where the spool's and local deliveries' file work runs (pymta.spool.diskworker)
+SPOOL_DISK_WORK = ("process", "threads")
 
 DEFAULT_DOMAINS = ["localhost"]
 DEFAULT_TRUSTED_NETWORKS = ["127.0.0.0/8", "::1/128"]
@@ -265,7 +267,7 @@ class _ConfigBuilder:
         resolver = DNSResolver(list(dns_settings.nameservers), dns_settings.timeout,
                                dns_settings.attempts, reactor=self.reactor)
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
-        spool_dir, spool_sync, spool_memory_limit = self._spool(spool)
+        spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
@@ -277,7 +279,7 @@ class _ConfigBuilder:
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
-            spool_memory_limit=spool_memory_limit, stages=stage_map,
+            spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls)
 
     # -- [server] -------------------------------------------------------------
@@ -330,14 +332,15 @@ class _ConfigBuilder:
         return hostname, tuple(domains), tuple(trusted)
 
     # -- [spool] --------------------------------------------------------------
-    def _spool(self, table: dict[str, Any]) -> tuple[str, str, int]:
+    def _spool(self, table: dict[str, Any]) -> tuple[str, str, int, str]:
         with self.section("spool"):
             opts = Options(table)
             directory = opts.path("directory", self.context, default=DEFAULT_SPOOL_DIR)
             sync = opts.str("sync", default="fsync", choices=SPOOL_SYNC_MODES)
             memory_limit = opts.int("memory_limit", Config.spool_memory_limit, minimum=0)
+            disk_work = opts.str("disk_work", default=Config.spool_disk_work, choices=SPOOL_DISK_WORK)
             opts.finish()
-        return directory, sync, memory_limit
+        return directory, sync, memory_limit, disk_work
 
     # -- [[listeners]] --------------------------------------------------------
     # -- [limits] and [queue] -------------------------------------------------

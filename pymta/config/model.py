@@ -133,6 +133,9 @@ class Config:
     #: ones (and every body, with 0) stream into a temp file in the spool
     #: (pymta.spool.writer.MEMORY_BODY_LIMIT is the same default)
     spool_memory_limit: int = 64 * 1024
+    #: where the spool's and local deliveries' file work runs: "process" (a
+    #: child process, pymta.spool.diskworker) or "threads" (in this process)
+    spool_disk_work: str = "process"
     #: stage name -> plugins in order ("connect", "helo", "mail", "rcpt", "data")
     stages: dict[str, tuple[PluginInstance, ...]] = field(default_factory=dict)
     #: backend name -> IDeliveryBackend provider

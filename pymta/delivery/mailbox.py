@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Envelope, Recipient
+from pymta.spool import diskworker
 from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 
 log = Logger()
@@ -259,28 +260,60 @@ class LocalMailboxBackend:
         self.hostname = getattr(context, "hostname", None) or _local_hostname()
         self._reactor = getattr(context, "reactor", None)
         self._pipeline: BatchPipeline | None = None
+        # what the disk worker's child needs to build the same backend
+        self.worker_spec = (type(self).__module__, type(self).__qualname__, dict(options), self.hostname,
+                            tuple(getattr(context, "domains", ())),
+                            getattr(context, "config_dir", None) or os.getcwd())
 
     @property
     def base(self) -> str:
         return self.locator.base
 
     def deliver(self, message, recipients):
-        """IDeliveryBackend: queue for the backend's delivery thread (see the class)."""
+        """IDeliveryBackend: queue for the backend's delivery thread (see the class).
+
+        When the server runs a disk worker (:mod:`pymta.spool.diskworker`),
+        the batches go to its child process instead of a thread.
+        """
         if self._pipeline is None:
             reactor = self._reactor
             if reactor is None:
                 from twisted.internet import reactor  # type: ignore[no-redef]
-            self._pipeline = BatchPipeline(reactor, pipeline_threadpool(reactor, 1, f"pymta.{self.kind}"),
-                                           self._apply_jobs)
+            worker = diskworker.active()
+            if worker is not None:
+                self._pipeline = BatchPipeline(reactor, None,
+                                               lambda jobs: self._apply_jobs_in_worker(worker, jobs))
+            else:
+                self._pipeline = BatchPipeline(reactor, pipeline_threadpool(reactor, 1, f"pymta.{self.kind}"),
+                                               self._apply_jobs)
         job = DeliveryJob(message, list(recipients))
         self._pipeline.submit(job)
         return job.done.addCallback(lambda _: job.results)
 
     def _apply_jobs(self, jobs: list[DeliveryJob]) -> dict:
         """BatchPipeline's apply: every job gets its results (no job fails as a whole)."""
-        for job, results in zip(jobs, self.deliver_all([(job.message, job.recipients) for job in jobs])):
-            job.results = results
+        self._settle_jobs(jobs, self.deliver_all([(job.message, job.recipients) for job in jobs]))
         return {}
+
+    def _apply_jobs_in_worker(self, worker, jobs: list[DeliveryJob]) -> defer.Deferred:
+        """The same, in the disk worker's child (a dead child defers the whole batch)."""
+        d = worker.call(diskworker.deliver_local, self.worker_spec,
+                        [(job.message, job.recipients) for job in jobs])
+
+        def failed(failure):
+            log.error("{kind} delivery batch failed in the disk worker: {error}", kind=self.kind,
+                      error=failure.getErrorMessage())
+            result = DeliveryResult.deferred(f"{self.kind} delivery error: {failure.getErrorMessage()}",
+                                             451, "4.3.0", self.kind)
+            return [[result] * len(job.recipients) for job in jobs]
+        d.addErrback(failed)
+        d.addCallback(lambda results: self._settle_jobs(jobs, results) or {})
+        return d
+
+    @staticmethod
+    def _settle_jobs(jobs: list[DeliveryJob], results: list[list[DeliveryResult]]) -> None:
+        for job, job_results in zip(jobs, results):
+            job.results = job_results
 
     def deliver_sync(self, message, recipients) -> list[DeliveryResult]:
         """Deliver on the calling thread (blocking); one result per recipient."""

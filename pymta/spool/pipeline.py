@@ -30,6 +30,8 @@ class BatchPipeline:
     ``prepare(batch)`` runs on the reactor thread just before a batch
     starts.  ``apply(batch)`` runs in a pool thread and returns the failures
     of single requests by ``id(request)``; raising fails the whole batch.
+    With ``threadpool`` None, ``apply`` is called on the reactor thread and
+    returns a Deferred of the same (it hands the batch to another process).
     """
 
     def __init__(self, reactor, threadpool, apply: Callable[[list], dict[int, Failure]],
@@ -51,7 +53,10 @@ class BatchPipeline:
         self._flushing = True
         if self._prepare is not None:
             self._prepare(batch)
-        d = deferToThreadPool(self._reactor, self._threadpool, self._apply, batch)
+        if self._threadpool is None:
+            d = defer.maybeDeferred(self._apply, batch)      # apply hands the batch on itself
+        else:
+            d = deferToThreadPool(self._reactor, self._threadpool, self._apply, batch)
         d.addBoth(self._applied, batch)
 
     def _applied(self, outcome, batch: list[Request]) -> None:

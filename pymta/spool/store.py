@@ -20,8 +20,9 @@ a body stays in memory (``BODY_CACHE_BYTES`` in all, oldest dropped first)
 until the message is removed, so that its delivery need not read it back.
 
 Changes to ``queue/`` go through three pipelines that run off the reactor
-thread, in the spool's own threads (not the reactor's pool, where local
-deliveries run), so that none waits behind another:
+thread, so that none waits behind another: in the child process of the
+server's disk worker (:mod:`pymta.spool.diskworker`), or in the spool's own
+threads (``threads`` mode, and tests):
 
 * **commits** (group commit): while one flush runs, new commits wait; when
   it ends they all go to disk together in the next flush, and each commit's
@@ -174,16 +175,54 @@ class _Remove:
 _Request = Any  # _Commit | _Update | _Remove
 
 
+def records_of_requests(kind: str, batch: list[_Request]) -> list[tuple]:
+    """The plain, picklable fields of a batch's requests (for the disk worker).
+
+    A spilled body's file is flushed and closed here: the worker opens it
+    again by its name.
+    """
+    if kind == "commits":
+        records = []
+        for r in batch:
+            spilled = r.body_file is not None
+            if spilled:
+                r.body_file.close()              # flushes Python's buffer
+                r.body_file = None
+            records.append((r.queue_id, r.body_tmp, spilled, r.body_memory, r.envelope_data,
+                            r.body_drop, r.body_size, r.envelope_tmp))
+        return records
+    if kind == "updates":
+        return [(r.queue_id, r.envelope_data, r.envelope_tmp) for r in batch]
+    return [(r.queue_id, r.size) for r in batch]
+
+
+def requests_from_records(kind: str, records: list[tuple]) -> list[_Request]:
+    """The requests again, from :func:`records_of_requests` (in the disk worker)."""
+    if kind == "commits":
+        requests = []
+        for (queue_id, body_tmp, spilled, memory, envelope_data, body_drop, body_size,
+             envelope_tmp) in records:
+            body_file = open(body_tmp, "r+b") if spilled else None
+            requests.append(_Commit(queue_id, body_tmp, body_file, memory, envelope_data,
+                                    list(body_drop), body_size, envelope_tmp=envelope_tmp))
+        return requests
+    if kind == "updates":
+        return [_Update(queue_id, data, envelope_tmp=tmp) for queue_id, data, tmp in records]
+    return [_Remove(queue_id, size) for queue_id, size in records]
+
+
 class Spool:
     """Durable message store; see the module docstring for layout and ordering."""
 
     def __init__(self, directory: str, reactor=None, sync: str = "fsync",
-                 memory_limit: int = MEMORY_BODY_LIMIT, threadpool=None):
+                 memory_limit: int = MEMORY_BODY_LIMIT, threadpool=None, worker=None):
         """``memory_limit``: bodies up to this many bytes are held in memory until
         their commit (0: every body streams into its temp file from the
         start).  ``threadpool``: where the pipelines run; by default a pool
         of the spool's own, or the reactor's pool for a reactor that cannot
-        run and stop one (a test clock).
+        run and stop one (a test clock).  ``worker``: a
+        :class:`pymta.spool.diskworker.DiskWorker`; the pipelines' file work
+        then runs in its child process instead of threads.
         """
         if sync not in SYNC_MODES:
             raise ValueError(f"spool sync mode must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
@@ -209,15 +248,23 @@ class Spool:
             sync = "fsync"
         self.sync = sync
         self.memory_limit = memory_limit
-        if threadpool is None:
-            threadpool = pipeline_threadpool(reactor, 3, "pymta.spool")
+        self._worker = worker
         self._fsync_workers: ThreadPoolExecutor | None = None
-        # (looked up per batch, so that tests can wrap the methods)
-        self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._flush(batch),
-                                      self._name_temp_files)
-        self._updates = BatchPipeline(reactor, threadpool, lambda batch: self._flush_updates(batch),
-                                      self._name_temp_files)
-        self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._apply_removals(batch))
+        if worker is not None:
+            self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch),
+                                          self._name_temp_files)
+            self._updates = BatchPipeline(reactor, None, lambda batch: self._in_worker("updates", batch),
+                                          self._name_temp_files)
+            self._removals = BatchPipeline(reactor, None, lambda batch: self._in_worker("removals", batch))
+        else:
+            if threadpool is None:
+                threadpool = pipeline_threadpool(reactor, 3, "pymta.spool")
+            # (looked up per batch, so that tests can wrap the methods)
+            self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._flush(batch),
+                                          self._name_temp_files)
+            self._updates = BatchPipeline(reactor, threadpool, lambda batch: self._flush_updates(batch),
+                                          self._name_temp_files)
+            self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._apply_removals(batch))
         #: queue id -> Deferred that fires when the last change submitted for it is applied
         self._changes: dict[str, defer.Deferred] = {}
         self._temp_counter = 0
@@ -504,6 +551,38 @@ class Spool:
                 pipeline.submit(request)
             earlier.addCallback(start)
         return request.done
+
+    # -- in the disk worker's process ---------------------------------------------
+
+    def _in_worker(self, kind: str, batch: list[_Request]) -> defer.Deferred:
+        """Apply a batch in the disk worker's child; fires with the failures by id(request)."""
+        from pymta.spool.diskworker import apply_spool_batch
+        d = self._worker.call(apply_spool_batch, self.directory, self.sync, kind,
+                              records_of_requests(kind, batch))
+
+        def mapped(errors: dict[int, str]) -> dict[int, Failure]:
+            return {id(batch[n]): Failure(SpoolError(text)) for n, text in errors.items()}
+
+        def failed(failure: Failure) -> Failure:
+            if kind == "commits":
+                # not known to be durable (the child may have died half-way):
+                # the senders are told 4xx, so the messages must not stay
+                for request in batch:
+                    _unlink_quietly(self.envelope_path(request.queue_id))
+                    _unlink_quietly(self.body_path(request.queue_id))
+                    _unlink_quietly(request.body_tmp)
+            return failure
+        return d.addCallbacks(mapped, failed)
+
+    def apply_batch(self, kind: str, batch: list[_Request]) -> dict[int, Failure]:
+        """Apply one pipeline batch on the calling thread (the disk worker's entry)."""
+        if kind == "commits":
+            return self._flush(batch)
+        if kind == "updates":
+            return self._flush_updates(batch)
+        if kind == "removals":
+            return self._apply_removals(batch)
+        raise ValueError(f"unknown spool batch kind {kind!r}")
 
     def _name_temp_files(self, batch: list[_Commit | _Update]) -> None:
         for request in batch:
