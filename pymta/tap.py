@@ -117,9 +117,9 @@ class DiskWorkerService(Service):
         self.worker.start().addErrback(
             lambda f: log.failure("the disk worker process did not start", f))
 
-    def stopService(self) -> None:
+    def stopService(self):
         super().stopService()
-        self.worker.stop()
+        return self.worker.stop()      # twistd waits for the calls in flight
 
 
 class Options(usage.Options):

@@ -3,57 +3,57 @@
 from __future__ import annotations
 
 import os
-import queue
 import time
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import Logger, globalLogPublisher
-from twisted.python.failure import Failure
 
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.result import DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
 from pymta.spool import diskworker
-from pymta.spool.diskworker import DiskWorker, apply_spool_batch
+from pymta.spool.diskworker import DiskWorker, DiskWorkerError, apply_spool_batch
 from pymta.spool.store import Spool, SpoolError
+from fakesmtp import run_reactor
 
 
-class PumpReactor:
-    """callFromThread queues; the test runs the queued calls until a Deferred fires."""
+def in_reactor(test):
+    """Run ``test(reactor, worker)`` under a private reactor with a started disk worker."""
+    def body(reactor):
+        worker = DiskWorker(reactor)
 
-    def __init__(self) -> None:
-        self.calls: queue.Queue = queue.Queue()
-
-    def callFromThread(self, f, *args, **kwargs) -> None:
-        self.calls.put((f, args, kwargs))
-
-    def wait(self, d: defer.Deferred, timeout: float = 30.0):
-        box: list = []
-        d.addBoth(box.append)
-        deadline = time.monotonic() + timeout
-        while not box:
-            f, args, kwargs = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
-            f(*args, **kwargs)
-        if isinstance(box[0], Failure):
-            box[0].raiseException()
-        return box[0]
+        @defer.inlineCallbacks
+        def run():
+            assert (yield worker.start()) is True
+            try:
+                result = yield defer.maybeDeferred(test, reactor, worker)
+            finally:
+                yield worker.stop()
+            assert diskworker.active() is None
+            return result
+        return run()
+    return run_reactor(body, timeout=60)
 
 
-@pytest.fixture
-def reactor() -> PumpReactor:
-    return PumpReactor()
+class Caught:
+    """A Failure held as a value (an errback returning a Failure would re-raise it)."""
+
+    def __init__(self, failure) -> None:
+        self.failure = failure
+
+    def check(self, *kinds):
+        return self.failure.check(*kinds)
+
+    def getErrorMessage(self) -> str:
+        return self.failure.getErrorMessage()
 
 
-@pytest.fixture
-def worker(reactor):
-    worker = DiskWorker(reactor)
-    assert reactor.wait(worker.start()) is True
-    yield worker
-    worker.stop()
-    assert diskworker.active() is None
+def outcome(d: defer.Deferred) -> defer.Deferred:
+    """The Deferred's result, or its failure as a :class:`Caught` value (to assert on)."""
+    return d.addErrback(Caught)
 
 
 # -- functions the child runs (importable by name there) --------------------------
@@ -69,24 +69,30 @@ def die() -> None:
 
 # -- calls ------------------------------------------------------------------------------
 
-def test_a_call_runs_in_another_process(reactor, worker):
-    assert diskworker.active() is worker
-    child = reactor.wait(worker.call(os.getpid))
-    assert child != os.getpid()
-    assert reactor.wait(worker.call(os.getpid)) == child          # one child for every call
+def test_a_call_runs_in_another_process():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        assert diskworker.active() is worker
+        child = yield worker.call(os.getpid)
+        assert child not in (os.getpid(), None) and child == worker.pid
+        assert (yield worker.call(os.getpid)) == child          # one child for every call
+    in_reactor(test)
 
 
-def test_an_exception_in_the_child_fails_the_call(reactor, worker):
-    with pytest.raises(ValueError, match="invalid literal"):
-        reactor.wait(worker.call(int, "not a number"))
-    assert reactor.wait(worker.call(int, "7")) == 7
+def test_an_exception_in_the_child_fails_the_call():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        failure = yield outcome(worker.call(int, "not a number"))
+        assert failure.check(ValueError) and "invalid literal" in failure.getErrorMessage()
+        assert (yield worker.call(int, "7")) == 7
+    in_reactor(test)
 
 
-def test_what_the_child_logs_is_logged_by_the_server(reactor, worker):
+def test_what_the_child_logs_is_logged_by_the_server():
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        assert reactor.wait(worker.call(log_and_add, 2, 3)) == 5
+        assert in_reactor(lambda reactor, worker: worker.call(log_and_add, 2, 3)) == 5
     finally:
         globalLogPublisher.removeObserver(events.append)
     [event] = [e for e in events if e.get("log_namespace") == "pymta.test.child"]
@@ -94,22 +100,29 @@ def test_what_the_child_logs_is_logged_by_the_server(reactor, worker):
     assert event["text"] == "adding 2 and 3"
 
 
-def test_a_dead_child_fails_its_call_and_the_next_call_starts_a_new_one(reactor, worker):
-    first = reactor.wait(worker.call(os.getpid))
-    with pytest.raises(BrokenProcessPool):
-        reactor.wait(worker.call(die))
-    second = reactor.wait(worker.call(os.getpid))
-    assert second not in (first, os.getpid())
+def test_a_dead_child_fails_its_call_and_the_next_call_starts_a_new_one():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        first = yield worker.call(os.getpid)
+        failure = yield outcome(worker.call(die))
+        assert failure.check(DiskWorkerError)
+        second = yield worker.call(os.getpid)
+        assert second not in (first, os.getpid())
+    in_reactor(test)
 
 
-def test_stop_ends_the_child(reactor):
-    worker = DiskWorker(reactor)
-    child = reactor.wait(worker.call(os.getpid))
-    worker.stop()
+def test_stop_ends_the_child():
+    pids = []
+
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        pids.append((yield worker.call(os.getpid)))
+    in_reactor(test)                                   # stops the worker at the end
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+    while Path(f"/proc/{pids[0]}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists()
+    assert not Path(f"/proc/{pids[0]}").exists() or \
+        Path(f"/proc/{pids[0]}/stat").read_text().split(") ")[1].startswith("Z")
 
 
 # -- the spool through the worker ---------------------------------------------------------
@@ -120,13 +133,14 @@ def envelope() -> Envelope:
                     received_at=1_700_000_000.0)
 
 
-def commit(reactor, spool: Spool, body: bytes, drop=()) -> Envelope:
+@defer.inlineCallbacks
+def commit(spool: Spool, body: bytes, drop=()):
     writer = spool.new_message()
     writer.write(body)
     if drop:
         writer.drop_headers(drop)
     env = envelope()
-    reactor.wait(writer.commit(env))
+    yield writer.commit(env)
     return env
 
 
@@ -134,40 +148,45 @@ def body_of(spool: Spool, env: Envelope) -> bytes:
     return Path(spool.body_path(env.queue_id)).read_bytes()
 
 
-def test_the_spool_commits_updates_and_removes_in_the_child(tmp_path, reactor, worker):
-    spool = Spool(str(tmp_path / "spool"), reactor=reactor, memory_limit=100, worker=worker)
-    small = commit(reactor, spool, b"Subject: small\r\n\r\nhi\r\n")
-    large_body = b"X-Drop: me\r\nSubject: large\r\n\r\n" + b"z" * 5000
-    large = commit(reactor, spool, large_body, drop=(0,))            # spilled, cut in the child
-    assert body_of(spool, small) == b"Subject: small\r\n\r\nhi\r\n"
-    assert body_of(spool, large) == large_body[len(b"X-Drop: me\r\n"):]
-    assert large.size == len(large_body) - len(b"X-Drop: me\r\n")
-    assert spool.load(small.queue_id) == small
-    small.recipients[0].attempts = 2
-    reactor.wait(spool.update(small))
-    assert spool.load(small.queue_id).recipients[0].attempts == 2
-    reactor.wait(spool.remove(small.queue_id, small.size))
-    assert spool.queue_ids() == [large.queue_id]
-    # the child recycled the files: free/ holds the old envelope (kept by the
-    # update), the removed message's envelope and body
-    assert len(os.listdir(tmp_path / "spool" / "free")) == 3
-    assert os.listdir(tmp_path / "spool" / "tmp") == []
-    # and a restarted spool finds everything committed
-    again = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
-    assert [e.queue_id for e in again.recover()] == [large.queue_id]
+def test_the_spool_commits_updates_and_removes_in_the_child(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, memory_limit=100, worker=worker)
+        small = yield commit(spool, b"Subject: small\r\n\r\nhi\r\n")
+        large_body = b"X-Drop: me\r\nSubject: large\r\n\r\n" + b"z" * 5000
+        large = yield commit(spool, large_body, drop=(0,))        # spilled, cut in the child
+        assert body_of(spool, small) == b"Subject: small\r\n\r\nhi\r\n"
+        assert body_of(spool, large) == large_body[len(b"X-Drop: me\r\n"):]
+        assert large.size == len(large_body) - len(b"X-Drop: me\r\n")
+        assert spool.load(small.queue_id) == small
+        small.recipients[0].attempts = 2
+        yield spool.update(small)
+        assert spool.load(small.queue_id).recipients[0].attempts == 2
+        yield spool.remove(small.queue_id, small.size)
+        assert spool.queue_ids() == [large.queue_id]
+        # the child recycled the files: free/ holds the old envelope (kept by
+        # the update), the removed message's envelope and body
+        assert len(os.listdir(tmp_path / "spool" / "free")) == 3
+        assert os.listdir(tmp_path / "spool" / "tmp") == []
+        # and a restarted spool finds everything committed
+        again = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        assert [e.queue_id for e in again.recover()] == [large.queue_id]
+    in_reactor(test)
 
 
-def test_a_failed_commit_in_the_child_fails_that_message_only(tmp_path, reactor, worker):
-    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
-    good = commit(reactor, spool, b"good")
-    writer = spool.new_message()
-    writer.write(b"duplicate id")
-    env = envelope()
-    env.queue_id = good.queue_id                                       # already in the spool
-    writer.queue_id = good.queue_id
-    with pytest.raises(SpoolError, match="already in the spool"):
-        reactor.wait(writer.commit(env))
-    assert spool.queue_ids() == [good.queue_id] and body_of(spool, good) == b"good"
+def test_a_failed_commit_in_the_child_fails_that_message_only(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        good = yield commit(spool, b"good")
+        writer = spool.new_message()
+        writer.write(b"duplicate id")
+        env = envelope()
+        env.queue_id = writer.queue_id = good.queue_id                 # already in the spool
+        failure = yield outcome(writer.commit(env))
+        assert failure.check(SpoolError) and "already in the spool" in failure.getErrorMessage()
+        assert spool.queue_ids() == [good.queue_id] and body_of(spool, good) == b"good"
+    in_reactor(test)
 
 
 class WorkerThatDiesAfterwards:
@@ -175,26 +194,29 @@ class WorkerThatDiesAfterwards:
 
     def call(self, function, *args):
         function(*args)
-        return defer.fail(BrokenProcessPool("the child died"))
+        return defer.fail(DiskWorkerError("the child died"))
 
 
-def test_a_commit_batch_whose_child_died_is_taken_back(tmp_path, reactor):
-    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=WorkerThatDiesAfterwards())
+def test_a_commit_batch_whose_child_died_is_taken_back(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), reactor=Clock(), worker=WorkerThatDiesAfterwards())
     writer = spool.new_message()
     writer.write(b"Subject: lost\r\n\r\nbody\r\n")
-    with pytest.raises(BrokenProcessPool):
-        reactor.wait(writer.commit(envelope()))
+    failure = outcome(writer.commit(envelope())).result
+    assert failure.check(DiskWorkerError)
     # written by the "child" but not known durable: the sender got 4xx, nothing stays
     assert spool.queue_ids() == []
     assert os.listdir(tmp_path / "spool" / "queue") == []
 
 
-def test_records_survive_the_trip_for_every_kind(tmp_path, reactor):
+def test_records_survive_the_trip_for_every_kind(tmp_path):
     """apply_spool_batch is what the child runs: here it runs in this process."""
-    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=WorkerThatRunsHere())
-    env = commit(reactor, spool, b"Subject: here\r\n\r\nx\r\n")
-    reactor.wait(spool.update(env))
-    reactor.wait(spool.remove(env.queue_id))
+    spool = Spool(str(tmp_path / "spool"), reactor=Clock(), worker=WorkerThatRunsHere())
+    writer = spool.new_message()
+    writer.write(b"Subject: here\r\n\r\nx\r\n")
+    env = envelope()
+    assert outcome(writer.commit(env)).result is None
+    assert outcome(spool.update(env)).result is None
+    assert outcome(spool.remove(env.queue_id)).result is None
     assert spool.queue_ids() == []
 
 
@@ -218,17 +240,19 @@ class Context:
         return os.path.join(self.config_dir, path)
 
 
-def test_maildir_delivers_in_the_child(tmp_path, reactor, worker):
-    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
-    env = commit(reactor, spool, b"Subject: to the maildir\r\n\r\nhello\r\n")
-    backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
-    results = reactor.wait(backend.deliver(spool.message(env), [Recipient("a@example.org", "a@example.org",
-                                                                          "local"),
-                                                                Recipient("../x@example.org", "x", "local")]))
-    assert [r.status for r in results] == [DELIVERED, FAILED]
-    [delivered] = list((tmp_path / "mail" / "example.org" / "a" / "new").iterdir())
-    content = delivered.read_bytes()
-    assert content.startswith(b"Return-Path: <a@example.org>\r\nDelivered-To: a@example.org\r\n")
-    assert content.endswith(b"Subject: to the maildir\r\n\r\nhello\r\n")
-    # the file was written by the child, not by this process
-    assert f"P{os.getpid()}Q" not in delivered.name
+def test_maildir_delivers_in_the_child(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        env = yield commit(spool, b"Subject: to the maildir\r\n\r\nhello\r\n")
+        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        results = yield backend.deliver(spool.message(env), [
+            Recipient("a@example.org", "a@example.org", "local"), Recipient("../x@example.org", "x", "local")])
+        assert [r.status for r in results] == [DELIVERED, FAILED]
+        [delivered] = list((tmp_path / "mail" / "example.org" / "a" / "new").iterdir())
+        content = delivered.read_bytes()
+        assert content.startswith(b"Return-Path: <a@example.org>\r\nDelivered-To: a@example.org\r\n")
+        assert content.endswith(b"Subject: to the maildir\r\n\r\nhello\r\n")
+        # the file was written by the child, not by this process
+        assert f"P{worker.pid}Q" in delivered.name and f"P{os.getpid()}Q" not in delivered.name
+    in_reactor(test)

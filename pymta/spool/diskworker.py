@@ -8,43 +8,54 @@ recv, the log line) waited for it to come back (bench/README.md has the
 measurements).  A child process has a GIL of its own: the reactor thread
 hands it a batch, goes on, and hears back when the batch is on disk.
 
-:class:`DiskWorker` runs picklable calls in one child process
-(``concurrent.futures.ProcessPoolExecutor``, "spawn": the child starts
-from a clean interpreter, not a copy of the running server) and returns a
-Deferred per call, fired on the reactor thread.  The functions the child
-runs live here too: :func:`apply_spool_batch` (the same
-:class:`pymta.spool.store.Spool` code the threads run, on the child's own
-``Spool`` for that directory) and :func:`deliver_local` (the same backend
-class, built in the child from its options).  What the child logs while
-running a call comes back with the result and is logged by the server, so
-nothing goes missing from the log file.
+:class:`DiskWorker` starts the child with ``reactor.spawnProcess`` (a fresh
+interpreter, not a copy of the running server) and talks to it over its
+stdin and stdout: each call is one length-prefixed pickle ``(serial,
+function, args)``, each answer one ``(serial, ok, result)``.  The reactor
+reads the answers like any other connection, so the server process runs no
+thread for this and each call costs it one write and one read.  The child
+runs each call in a thread of its own pool (a commit batch never waits
+behind a delivery batch) and answers as each finishes.
+
+The functions the child runs live here too: :func:`apply_spool_batch` (the
+same :class:`pymta.spool.store.Spool` code the threads run, on the child's
+own ``Spool`` for that directory) and :func:`deliver_local` (the same
+backend class, built in the child from its options).  What the child logs
+while running a call comes back with the answer and is logged by the
+server, so nothing goes missing from the log file.
 
 If the child dies, the calls in flight fail (the spool treats a failed
 commit batch as not durable: 4xx to the clients, its files removed) and
-the next call starts a new child.
+the next call starts a new child.  The child ends when the server closes
+its stdin, and also when the server dies (kill -9): parent-death signal and
+a watchdog.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import multiprocessing
 import os
+import pickle
 import signal
+import struct
 import sys
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogPublisher
 
 log = Logger()
 
 #: prctl(2) option: signal to get when the parent dies (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
+#: calls the child runs at once (threads of its pool)
+CHILD_THREADS = 4
+_HEADER = struct.Struct("!I")
 
 #: the worker the server started, if any (local backends look here)
 _active: "DiskWorker | None" = None
@@ -55,12 +66,19 @@ def active() -> "DiskWorker | None":
     return _active
 
 
+class DiskWorkerError(Exception):
+    """The disk worker's child process ended with calls in flight."""
+
+
 class DiskWorker:
-    """One child process running picklable calls; see the module docstring."""
+    """The child process and the calls in flight; see the module docstring."""
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor
-        self._executor: ProcessPoolExecutor | None = None
+        self._child: _ChildProtocol | None = None
+        self._pending: dict[int, defer.Deferred] = {}
+        self._serial = 0
+        self._stopping: defer.Deferred | None = None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -70,59 +88,162 @@ class DiskWorker:
         _active = self
         return self.call(_ready)
 
-    def stop(self) -> None:
-        """Let the calls in flight finish, then end the child."""
+    def stop(self) -> defer.Deferred:
+        """Close the child's input: it finishes the calls in flight and ends; fires then."""
         global _active
         if _active is self:
             _active = None
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+        child = self._child
+        if child is None:
+            return defer.succeed(None)
+        self._stopping = defer.Deferred()
+        child.transport.closeStdin()
+        return self._stopping
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_child_start, initargs=(os.getpid(),))
-        return self._executor
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, while it runs."""
+        return self._child.transport.pid if self._child is not None else None
+
+    def _spawn(self) -> "_ChildProtocol":
+        child = _ChildProtocol(self)
+        env = dict(os.environ)
+        # the child imports what the server imports (and pickled functions by name)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        code = "from pymta.spool.diskworker import child_main; child_main()"
+        self._reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code, str(os.getpid())],
+                                   env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        return child
 
     # -- calls -------------------------------------------------------------------
 
     def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """``function(*args)`` in the child; the Deferred fires with its result or errbacks."""
-        d = defer.Deferred()
+        if self._stopping is not None:
+            return defer.fail(DiskWorkerError("the disk worker is stopping"))
         try:
-            future = self._pool().submit(_run_logged, function, *args)
-        except (BrokenProcessPool, RuntimeError) as e:
-            self._executor = None              # the child is gone: the next call starts one
-            d.errback(e)
-            return d
-        future.add_done_callback(lambda f: self._reactor.callFromThread(self._settle, f, d))
+            frame = pickle.dumps((self._serial + 1, function, args), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            return defer.fail(e)
+        if self._child is None:
+            self._child = self._spawn()
+        self._serial += 1
+        d = self._pending[self._serial] = defer.Deferred()
+        self._child.transport.writeSequence([_HEADER.pack(len(frame)), frame])
         return d
 
-    def _settle(self, future: Future, d: defer.Deferred) -> None:
-        error = future.exception()
-        if error is not None:
-            if isinstance(error, BrokenProcessPool):
-                log.error("disk worker process died: {error}; starting a new one", error=error)
-                self._executor = None
-            d.errback(error)
+    def _answer(self, serial: int, ok: bool, payload: Any) -> None:
+        d = self._pending.pop(serial, None)
+        if d is None:
             return
-        result, lines = future.result()
+        if not ok:
+            d.errback(payload)
+            return
+        result, lines = payload
         for namespace, level_name, text in lines:
             Logger(namespace=namespace).emit(LogLevel.levelWithName(level_name), "{text}", text=text)
         d.callback(result)
 
+    def _ended(self, child: "_ChildProtocol", why: str) -> None:
+        if self._child is not child:
+            return
+        self._child = None
+        pending, self._pending = self._pending, {}
+        if pending and self._stopping is None:
+            log.error("disk worker process ended ({why}) with {count} calls in flight; "
+                      "the next call starts a new one", why=why, count=len(pending))
+        for d in pending.values():
+            d.errback(DiskWorkerError(f"the disk worker process ended ({why})"))
+        if self._stopping is not None:
+            stopping, self._stopping = self._stopping, None
+            stopping.callback(None)
+
+
+class _ChildProtocol(ProcessProtocol):
+    """The server's end of the child's pipes: answers on stdout, complaints on stderr."""
+
+    def __init__(self, worker: DiskWorker) -> None:
+        self.worker = worker
+        self._buffer = bytearray()
+        self._done = False
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if len(self._buffer) < _HEADER.size + length:
+                return
+            frame = bytes(self._buffer[_HEADER.size:_HEADER.size + length])
+            del self._buffer[:_HEADER.size + length]
+            try:
+                serial, ok, payload = pickle.loads(frame)
+            except Exception as e:          # cannot happen unless the child is broken
+                log.error("disk worker: unreadable answer: {error}", error=e)
+                continue
+            self.worker._answer(serial, ok, payload)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                log.warn("disk worker: {line}", line=line)
+
+    def outConnectionLost(self) -> None:
+        self._end("its output closed")
+
+    def processEnded(self, reason) -> None:
+        self._end(str(reason.value))
+
+    def _end(self, why: str) -> None:
+        if not self._done:
+            self._done = True
+            self.worker._ended(self, why)
+
 
 # -- in the child -----------------------------------------------------------------
+
+def child_main() -> None:
+    """The child's loop: read calls from stdin, run them in threads, answer on stdout."""
+    server_pid = int(sys.argv[1])
+    _child_start(server_pid)
+    calls = sys.stdin.buffer
+    answers = os.fdopen(os.dup(1), "wb")
+    sys.stdout = sys.stderr                # a stray print must not corrupt the answers
+    lock = threading.Lock()
+    globalLogPublisher.addObserver(_collect)
+
+    def run(serial: int, function: Callable[..., Any], args: tuple) -> None:
+        try:
+            reply = (serial, True, _run_logged(function, *args))
+            frame = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as e:
+            try:
+                frame = pickle.dumps((serial, False, e), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                frame = pickle.dumps((serial, False, RuntimeError(f"{type(e).__name__}: {e}")),
+                                     protocol=pickle.HIGHEST_PROTOCOL)
+        with lock:
+            answers.write(_HEADER.pack(len(frame)) + frame)
+            answers.flush()
+
+    with ThreadPoolExecutor(CHILD_THREADS, thread_name_prefix="pymta.diskworker") as pool:
+        while True:
+            header = calls.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                break                          # the server closed our input (or died)
+            (length,) = _HEADER.unpack(header)
+            frame = calls.read(length)
+            if len(frame) < length:
+                break
+            serial, function, args = pickle.loads(frame)
+            pool.submit(run, serial, function, args)
+
 
 def _child_start(server_pid: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server stops
     # the child itself, after the calls in flight
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The child must not outlive a server that was killed (kill -9 gives it
-    # no chance to stop us, and the executor's pipes keep us waiting): the
-    # kernel's parent-death signal where there is one, and a watchdog.
+    # The child must not outlive a server that was killed: the kernel's
+    # parent-death signal where there is one, and a watchdog.
     _die_with_parent()
     if os.getppid() != server_pid:
         os._exit(0)                        # the server is already gone
@@ -150,24 +271,30 @@ def _ready() -> bool:
     return True
 
 
+_collected = threading.local()
+
+
+def _collect(event: dict) -> None:
+    """Keep what a call logs, for its answer (the calling thread's list)."""
+    lines = getattr(_collected, "lines", None)
+    if lines is None:
+        return
+    text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
+    if text:
+        # without the "[namespace#level] " prefix the formatter put after the empty time
+        body = text.strip()
+        prefix_end = body.find("] ")
+        body = body[prefix_end + 2:] if body.startswith("[") and prefix_end > 0 else body
+        lines.append((event.get("log_namespace", "pymta"), event["log_level"].name, body))
+
+
 def _run_logged(function: Callable[..., Any], *args: Any) -> tuple[Any, list[tuple[str, str, str]]]:
     """Run ``function``; return its result and what it logged (namespace, level, text)."""
-    lines: list[tuple[str, str, str]] = []
-
-    def collect(event: dict) -> None:
-        text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
-        if text:
-            # without the "[namespace#level] " prefix the formatter put after the empty time
-            body = text.strip()
-            prefix_end = body.find("] ")
-            body = body[prefix_end + 2:] if body.startswith("[") and prefix_end > 0 else body
-            lines.append((event.get("log_namespace", "pymta"), event["log_level"].name, body))
-
-    globalLogPublisher.addObserver(collect)
+    _collected.lines = []
     try:
-        return function(*args), lines
+        return function(*args), _collected.lines
     finally:
-        globalLogPublisher.removeObserver(collect)
+        _collected.lines = None
 
 
 class _NoReactor:
@@ -179,6 +306,8 @@ class _NoReactor:
 
 _spools: dict[tuple[str, str], Any] = {}
 _backends: dict[str, Any] = {}
+#: calls run in several threads of the child: one Spool per directory, one backend per spec
+_made = threading.Lock()
 
 
 def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]) -> dict[int, str]:
@@ -189,10 +318,11 @@ def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]
     requests by position.  Raising fails the whole batch.
     """
     from pymta.spool.store import Spool, requests_from_records
-    spool = _spools.get((directory, sync))
-    if spool is None:
-        spool = _spools[(directory, sync)] = Spool(directory, reactor=_NoReactor(), sync=sync,
-                                                   threadpool=object())
+    with _made:
+        spool = _spools.get((directory, sync))
+        if spool is None:
+            spool = _spools[(directory, sync)] = Spool(directory, reactor=_NoReactor(), sync=sync,
+                                                       threadpool=object())
     requests = requests_from_records(kind, records)
     errors = spool.apply_batch(kind, requests)
     return {n: str(errors[id(request)].value) for n, request in enumerate(requests)
@@ -206,12 +336,17 @@ def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> list[list]:
     see :meth:`pymta.delivery.mailbox.LocalMailboxBackend.worker_spec`.
     """
     key = repr(spec)
-    backend = _backends.get(key)
-    if backend is None:
-        import importlib
-        from pymta.config.options import PluginContext
-        module, name, options, hostname, domains, config_dir = spec
-        cls = getattr(importlib.import_module(module), name)
-        context = PluginContext(hostname=hostname, domains=domains, config_dir=config_dir)
-        backend = _backends[key] = cls(dict(options), context)
+    with _made:
+        backend = _backends.get(key)
+        if backend is None:
+            backend = _backends[key] = _make_backend(spec)
     return backend.deliver_all(jobs)
+
+
+def _make_backend(spec: tuple) -> Any:
+    import importlib
+    from pymta.config.options import PluginContext
+    module, name, options, hostname, domains, config_dir = spec
+    cls = getattr(importlib.import_module(module), name)
+    context = PluginContext(hostname=hostname, domains=domains, config_dir=config_dir)
+    return cls(dict(options), context)
