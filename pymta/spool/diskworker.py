@@ -126,7 +126,11 @@ class DiskWorker:
         except Exception as e:
             return defer.fail(e)
         if self._child is None:
-            self._child = self._spawn()
+            try:
+                self._child = self._spawn()
+            except OSError as e:               # fork failed (process or memory limits)
+                log.error("cannot start the disk worker process: {error}", error=e)
+                return defer.fail(DiskWorkerError(f"cannot start the disk worker process: {e}"))
         self._serial += 1
         d = self._pending[self._serial] = defer.Deferred()
         self._child.transport.writeSequence([_HEADER.pack(len(frame)), frame])
