@@ -35,8 +35,8 @@ class ClassicTextObserver:
         self._out = out_file
         self._fallback = fallback
         self._lock = threading.Lock()     # events may come from pool threads too
-        self._second: int | None = None
-        self._stamp = ""
+        #: (second, its time stamp), replaced as one so that threads never mix them
+        self._stamp: tuple[int | None, str] = (None, "")
 
     def __call__(self, event: dict) -> None:
         text = self.format(event)
@@ -63,10 +63,11 @@ class ClassicTextObserver:
 
     def _timestamp(self, when: float) -> str:
         second = int(when)
-        if second != self._second:
-            self._stamp = time.strftime(TIME_FORMAT, time.localtime(second))
-            self._second = second
-        return self._stamp
+        cached_second, stamp = self._stamp
+        if second != cached_second:
+            stamp = time.strftime(TIME_FORMAT, time.localtime(second))
+            self._stamp = (second, stamp)
+        return stamp
 
 
 def _is_twistd_text_observer(observer: Any) -> bool:

@@ -12,6 +12,7 @@ import sys
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -106,20 +107,31 @@ class LogSetup(Service):
             globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
 
 
-class DiskWorkerService(Service):
-    """Starts the disk worker's child process with the server, ends it last."""
+class ServerServices(MultiService):
+    """The server's services, and its disk worker around them.
 
-    def __init__(self, worker) -> None:
+    The worker starts before the others (the scheduler recovers the spool
+    and delivers at once) and stops only once all of them have: a
+    MultiService stops its children together, and the scheduler and the
+    sessions still draining need the worker for their last commits,
+    updates and removals.
+    """
+
+    def __init__(self, worker=None) -> None:
+        super().__init__()
         self.worker = worker
 
     def startService(self) -> None:
+        if self.worker is not None:
+            self.worker.start().addErrback(
+                lambda f: log.failure("the disk worker process did not start", f))
         super().startService()
-        self.worker.start().addErrback(
-            lambda f: log.failure("the disk worker process did not start", f))
 
     def stopService(self):
-        super().stopService()
-        return self.worker.stop()      # twistd waits for the calls in flight
+        d = defer.maybeDeferred(super().stopService)
+        if self.worker is not None:
+            d.addBoth(lambda result: self.worker.stop().addCallback(lambda _: result))
+        return d                       # twistd waits for the calls in flight
 
 
 class Options(usage.Options):
@@ -159,11 +171,8 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.spool.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
 
-    top = MultiService()
-    worker = None
-    if config.spool_disk_work == "process":
-        worker = DiskWorker(reactor)
-        DiskWorkerService(worker).setServiceParent(top)   # started before the scheduler delivers
+    worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None
+    top = ServerServices(worker)
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
                   memory_limit=config.spool_memory_limit, worker=worker)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,

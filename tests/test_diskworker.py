@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer
+from twisted.application.service import Service
 from twisted.internet.task import Clock
 from twisted.logger import Logger, globalLogPublisher
 
@@ -17,7 +19,7 @@ from pymta.envelope import Envelope, Recipient
 from pymta.spool import diskworker
 from pymta.spool.diskworker import DiskWorker, DiskWorkerError, apply_spool_batch
 from pymta.spool.store import Spool, SpoolError
-from fakesmtp import run_reactor
+from fakesmtp import run_reactor, sleep
 
 
 def in_reactor(test):
@@ -118,11 +120,77 @@ def test_stop_ends_the_child():
     def test(reactor, worker):
         pids.append((yield worker.call(os.getpid)))
     in_reactor(test)                                   # stops the worker at the end
+    def ended() -> bool:                             # gone, or a zombie nobody reaped yet
+        try:
+            return Path(f"/proc/{pids[0]}/stat").read_text().split(") ")[1].startswith("Z")
+        except OSError:
+            return True
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pids[0]}").exists() and time.monotonic() < deadline:
+    while not ended() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{pids[0]}").exists() or \
-        Path(f"/proc/{pids[0]}/stat").read_text().split(") ")[1].startswith("Z")
+    assert ended()
+
+
+class Unpicklable(Exception):
+    """Pickles, but cannot be unpickled: __init__ wants two arguments."""
+
+    def __init__(self, key, problem):
+        super().__init__(f"{key}: {problem}")
+
+
+def raise_unpicklable() -> None:
+    Logger(namespace="pymta.test.child").error("about to fail")
+    raise Unpicklable("base", "broken")
+
+
+def scribble_on_stdout() -> str:
+    print("a stray print")
+    os.write(1, b"\xff" * 64)                   # C code or a subprocess writing to fd 1
+    return "still in step"
+
+
+def test_an_exception_that_cannot_travel_fails_the_call_and_its_logs_arrive():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        failure = yield outcome(worker.call(raise_unpicklable))
+        assert failure.check(DiskWorkerError)
+        assert "Unpicklable: base: broken" in failure.getErrorMessage()
+        assert (yield worker.call(int, "8")) == 8                  # still in step
+    try:
+        in_reactor(test)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["text"] for e in events if e.get("log_namespace") == "pymta.test.child"] == ["about to fail"]
+
+
+def test_writes_to_the_childs_stdout_do_not_break_the_answers():
+    assert in_reactor(lambda reactor, worker: worker.call(scribble_on_stdout)) == "still in step"
+
+
+def test_the_child_ignores_signals_meant_for_the_server():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        child = yield worker.call(os.getpid)
+        for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            os.kill(child, number)
+        yield sleep(reactor, 0.3)
+        assert (yield worker.call(os.getpid)) == child
+    in_reactor(test)
+
+
+def test_a_stopped_worker_stays_stopped():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        yield worker.call(os.getpid)
+        first, second = worker.stop(), worker.stop()
+        yield defer.gatherResults([first, second])
+        failure = yield outcome(worker.call(os.getpid))
+        assert failure.check(DiskWorkerError) and "stopped" in failure.getErrorMessage()
+        assert worker.pid is None
+    in_reactor(test)
 
 
 # -- the spool through the worker ---------------------------------------------------------
@@ -256,3 +324,54 @@ def test_maildir_delivers_in_the_child(tmp_path):
         # the file was written by the child, not by this process
         assert f"P{worker.pid}Q" in delivered.name and f"P{os.getpid()}Q" not in delivered.name
     in_reactor(test)
+
+
+# -- the server's services around the worker --------------------------------------------
+
+class RecordingWorker:
+    def __init__(self, events: list) -> None:
+        self.events = events
+        self.stopped = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self.events.append("worker start")
+        return defer.succeed(True)
+
+    def stop(self) -> defer.Deferred:
+        self.events.append("worker stop")
+        return self.stopped
+
+
+class DrainingService(Service):
+    """Stops only when the test says so (a scheduler waiting for deliveries)."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+        self.drained = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.events.append("service start")
+
+    def stopService(self):
+        super().stopService()
+        self.events.append("service stopping")
+        return self.drained
+
+
+def test_the_worker_starts_first_and_stops_after_every_other_service():
+    from pymta.tap import ServerServices
+    events: list[str] = []
+    worker = RecordingWorker(events)
+    top = ServerServices(worker)
+    service = DrainingService(events)
+    service.setServiceParent(top)
+    top.startService()
+    assert events == ["worker start", "service start"]
+    stopped = []
+    top.stopService().addCallback(stopped.append)
+    assert events[-1] == "service stopping" and "worker stop" not in events
+    service.drained.callback(None)                    # the scheduler has drained
+    assert events[-1] == "worker stop" and not stopped
+    worker.stopped.callback(None)                     # the child has finished its calls
+    assert len(stopped) == 1

@@ -418,6 +418,24 @@ def test_an_update_keeps_the_replaced_envelope_for_reuse(spool):
     assert spool.load(envelope.queue_id) == envelope
 
 
+def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
+    """A crash between an update's link into free/ and its replace leaves one file
+    under two names: the restarted spool must not write the next message into it."""
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    kept = commit_message(spool, b"Subject: kept\r\n\r\nmine\r\n")
+    envelope_before = open(spool.envelope_path(kept.queue_id), "rb").read()
+    assert spool._keep_old_envelope(kept.queue_id) is not None      # ... and then the crash
+    # a removal's rename that a crash left half done: the same body under both names
+    os.link(spool.body_path(kept.queue_id), os.path.join(spool.free_dir, "777"))
+    again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    assert [e.queue_id for e in again.recover()] == [kept.queue_id]
+    assert again.free_files == 0 and free_names(again) == []
+    other = commit_message(again, b"Subject: other\r\n\r\nnot yours\r\n")
+    assert open(again.envelope_path(kept.queue_id), "rb").read() == envelope_before
+    assert open(again.body_path(kept.queue_id), "rb").read() == b"Subject: kept\r\n\r\nmine\r\n"
+    assert again.load(other.queue_id) == other
+
+
 def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr("pymta.spool.store.FREE_FILES_KEPT", 3)
     monkeypatch.setattr("pymta.spool.store.RECYCLE_MAX_BYTES", 100)

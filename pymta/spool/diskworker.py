@@ -42,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -53,9 +54,13 @@ log = Logger()
 
 #: prctl(2) option: signal to get when the parent dies (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
-#: calls the child runs at once (threads of its pool)
-CHILD_THREADS = 4
-_HEADER = struct.Struct("!I")
+#: calls the child runs at once: more than ever come (3 spool pipelines and
+#: one per local backend, each with one call in flight), so none waits
+CHILD_THREADS = 32
+#: every frame: payload length, call serial
+_HEADER = struct.Struct("!IQ")
+#: a longer frame means the pipe is out of step (something else wrote to it)
+MAX_FRAME = 1 << 30
 
 #: the worker the server started, if any (local backends look here)
 _active: "DiskWorker | None" = None
@@ -79,6 +84,7 @@ class DiskWorker:
         self._pending: dict[int, defer.Deferred] = {}
         self._serial = 0
         self._stopping: defer.Deferred | None = None
+        self._stopped = False
 
     # -- life cycle ------------------------------------------------------------
 
@@ -89,16 +95,23 @@ class DiskWorker:
         return self.call(_ready)
 
     def stop(self) -> defer.Deferred:
-        """Close the child's input: it finishes the calls in flight and ends; fires then."""
+        """Close the child's input: it finishes the calls in flight and ends; fires then.
+
+        For good: later calls fail rather than start a new child.
+        """
         global _active
         if _active is self:
             _active = None
+        self._stopped = True
         child = self._child
         if child is None:
             return defer.succeed(None)
-        self._stopping = defer.Deferred()
-        child.transport.closeStdin()
-        return self._stopping
+        if self._stopping is None:
+            self._stopping = defer.Deferred()
+            child.transport.closeStdin()
+        waiting = defer.Deferred()
+        self._stopping.addBoth(lambda result: (waiting.callback(None), result)[1])
+        return waiting
 
     @property
     def pid(self) -> int | None:
@@ -119,12 +132,14 @@ class DiskWorker:
 
     def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """``function(*args)`` in the child; the Deferred fires with its result or errbacks."""
-        if self._stopping is not None:
-            return defer.fail(DiskWorkerError("the disk worker is stopping"))
+        if self._stopped:
+            return defer.fail(DiskWorkerError("the disk worker is stopped"))
         try:
-            frame = pickle.dumps((self._serial + 1, function, args), protocol=pickle.HIGHEST_PROTOCOL)
+            frame = pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             return defer.fail(e)
+        if len(frame) > MAX_FRAME:
+            return defer.fail(DiskWorkerError(f"call of {len(frame)} bytes is too large for the disk worker"))
         if self._child is None:
             try:
                 self._child = self._spawn()
@@ -133,20 +148,24 @@ class DiskWorker:
                 return defer.fail(DiskWorkerError(f"cannot start the disk worker process: {e}"))
         self._serial += 1
         d = self._pending[self._serial] = defer.Deferred()
-        self._child.transport.writeSequence([_HEADER.pack(len(frame)), frame])
+        self._child.transport.writeSequence([_HEADER.pack(len(frame), self._serial), frame])
         return d
 
-    def _answer(self, serial: int, ok: bool, payload: Any) -> None:
+    def _answer(self, serial: int, frame: bytes) -> None:
         d = self._pending.pop(serial, None)
         if d is None:
             return
-        if not ok:
-            d.errback(payload)
+        try:
+            ok, payload, lines = pickle.loads(frame)
+        except Exception as e:                 # the child checks; should not happen
+            d.errback(DiskWorkerError(f"unreadable answer from the disk worker: {e!r}"))
             return
-        result, lines = payload
         for namespace, level_name, text in lines:
             Logger(namespace=namespace).emit(LogLevel.levelWithName(level_name), "{text}", text=text)
-        d.callback(result)
+        if ok:
+            d.callback(payload)
+        else:
+            d.errback(payload)
 
     def _ended(self, child: "_ChildProtocol", why: str) -> None:
         if self._child is not child:
@@ -169,27 +188,30 @@ class _ChildProtocol(ProcessProtocol):
     def __init__(self, worker: DiskWorker) -> None:
         self.worker = worker
         self._buffer = bytearray()
+        self._errors = b""
         self._done = False
 
     def outReceived(self, data: bytes) -> None:
         self._buffer += data
         while len(self._buffer) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(self._buffer)
+            length, serial = _HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                log.error("disk worker: its answers are out of step (frame of {length} bytes); "
+                          "ending it", length=length)
+                self._buffer.clear()
+                self.transport.signalProcess("KILL")
+                return
             if len(self._buffer) < _HEADER.size + length:
                 return
             frame = bytes(self._buffer[_HEADER.size:_HEADER.size + length])
             del self._buffer[:_HEADER.size + length]
-            try:
-                serial, ok, payload = pickle.loads(frame)
-            except Exception as e:          # cannot happen unless the child is broken
-                log.error("disk worker: unreadable answer: {error}", error=e)
-                continue
-            self.worker._answer(serial, ok, payload)
+            self.worker._answer(serial, frame)
 
     def errReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
+        *lines, self._errors = (self._errors + data).split(b"\n")
+        for line in lines:
             if line.strip():
-                log.warn("disk worker: {line}", line=line)
+                log.warn("disk worker: {line}", line=line.decode("utf-8", "replace"))
 
     def outConnectionLost(self) -> None:
         self._end("its output closed")
@@ -211,22 +233,16 @@ def child_main() -> None:
     _child_start(server_pid)
     calls = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
-    sys.stdout = sys.stderr                # a stray print must not corrupt the answers
+    # nothing else may write to the answer pipe: not print(), not C code, not a subprocess
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     lock = threading.Lock()
     globalLogPublisher.addObserver(_collect)
 
     def run(serial: int, function: Callable[..., Any], args: tuple) -> None:
-        try:
-            reply = (serial, True, _run_logged(function, *args))
-            frame = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException as e:
-            try:
-                frame = pickle.dumps((serial, False, e), protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                frame = pickle.dumps((serial, False, RuntimeError(f"{type(e).__name__}: {e}")),
-                                     protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _answer_frame(function, args)
         with lock:
-            answers.write(_HEADER.pack(len(frame)) + frame)
+            answers.write(_HEADER.pack(len(frame), serial) + frame)
             answers.flush()
 
     with ThreadPoolExecutor(CHILD_THREADS, thread_name_prefix="pymta.diskworker") as pool:
@@ -234,18 +250,48 @@ def child_main() -> None:
             header = calls.read(_HEADER.size)
             if len(header) < _HEADER.size:
                 break                          # the server closed our input (or died)
-            (length,) = _HEADER.unpack(header)
+            length, serial = _HEADER.unpack(header)
             frame = calls.read(length)
             if len(frame) < length:
                 break
-            serial, function, args = pickle.loads(frame)
+            function, args = pickle.loads(frame)
             pool.submit(run, serial, function, args)
 
 
+def _answer_frame(function: Callable[..., Any], args: tuple) -> bytes:
+    """The pickled ``(ok, result or exception, log lines)`` of one call.
+
+    An exception goes back as itself if the server can unpickle it again,
+    else as a DiskWorkerError naming it (with its traceback).
+    """
+    _collected.lines = []
+    try:
+        ok, payload = True, function(*args)
+    except BaseException as e:
+        ok, payload = False, e
+    finally:
+        lines, _collected.lines = _collected.lines, None
+    try:
+        frame = pickle.dumps((ok, payload, lines), protocol=pickle.HIGHEST_PROTOCOL)
+        if not ok:
+            pickle.loads(frame)                # some exceptions pickle but do not unpickle
+        return frame
+    except Exception as e:
+        if ok:
+            payload = DiskWorkerError(f"the result of {getattr(function, '__name__', function)} "
+                                      f"cannot be sent back: {e!r}")
+        else:
+            detail = "".join(traceback.format_exception(payload)).rstrip()
+            payload = DiskWorkerError(f"{type(payload).__name__}: {payload}\n{detail}")
+        return pickle.dumps((False, payload, lines), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _child_start(server_pid: int) -> None:
-    # Ctrl-C in a terminal reaches the whole process group: the server stops
-    # the child itself, after the calls in flight
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Signals for the whole process group (Ctrl-C, a hang-up, systemd's
+    # SIGTERM to the control group) are for the server: it stops the child
+    # itself, after the calls in flight, by closing its input.
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
     # The child must not outlive a server that was killed: the kernel's
     # parent-death signal where there is one, and a watchdog.
     _die_with_parent()
@@ -285,20 +331,13 @@ def _collect(event: dict) -> None:
         return
     text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
     if text:
-        # without the "[namespace#level] " prefix the formatter put after the empty time
-        body = text.strip()
+        # without the "[namespace#level] " prefix the formatter put after the
+        # empty time, nor the tabs it put after each newline (the server's
+        # log writer puts them again)
+        body = text.strip().replace("\n\t", "\n")
         prefix_end = body.find("] ")
         body = body[prefix_end + 2:] if body.startswith("[") and prefix_end > 0 else body
         lines.append((event.get("log_namespace", "pymta"), event["log_level"].name, body))
-
-
-def _run_logged(function: Callable[..., Any], *args: Any) -> tuple[Any, list[tuple[str, str, str]]]:
-    """Run ``function``; return its result and what it logged (namespace, level, text)."""
-    _collected.lines = []
-    try:
-        return function(*args), _collected.lines
-    finally:
-        _collected.lines = None
 
 
 class _NoReactor:

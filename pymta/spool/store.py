@@ -63,6 +63,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,6 +155,8 @@ class _Commit:
     envelope_tmp: str = ""
     #: does body_tmp hold this request's body (so that a failure must remove it)?
     body_written: bool = False
+    #: the spilled body is in body_tmp, closed (sent to the disk worker): open it again
+    reopen: bool = False
 
 
 @dataclass
@@ -202,9 +205,9 @@ def requests_from_records(kind: str, records: list[tuple]) -> list[_Request]:
         requests = []
         for (queue_id, body_tmp, spilled, memory, envelope_data, body_drop, body_size,
              envelope_tmp) in records:
-            body_file = open(body_tmp, "r+b") if spilled else None
-            requests.append(_Commit(queue_id, body_tmp, body_file, memory, envelope_data,
-                                    list(body_drop), body_size, envelope_tmp=envelope_tmp))
+            requests.append(_Commit(queue_id, body_tmp, None, memory, envelope_data,
+                                    list(body_drop), body_size, envelope_tmp=envelope_tmp,
+                                    reopen=spilled))
         return requests
     if kind == "updates":
         return [_Update(queue_id, data, envelope_tmp=tmp) for queue_id, data, tmp in records]
@@ -250,6 +253,7 @@ class Spool:
         self.memory_limit = memory_limit
         self._worker = worker
         self._fsync_workers: ThreadPoolExecutor | None = None
+        self._fsync_workers_made = threading.Lock()
         if worker is not None:
             self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch),
                                           self._name_temp_files)
@@ -469,15 +473,31 @@ class Spool:
     # -- recycled files --------------------------------------------------------------
 
     def _take_stock_of_free_files(self) -> None:
-        """Fill the free list from free/ (start-up); names continue after the highest."""
+        """Fill the free list from free/ (start-up); names continue after the highest.
+
+        A name in free/ that is also a file in queue/ (a crash between an
+        update's link and its replace, or a rename that a crash left half
+        done) or that has another link is only unlinked: reusing it would
+        overwrite a committed message.
+        """
+        with os.scandir(self.queue_dir) as entries:
+            queued = {entry.inode() for entry in entries}
         highest = 0
-        for name in os.listdir(self.free_dir):
-            path = os.path.join(self.free_dir, name)
-            if not name.isdigit() or not os.path.isfile(path) or len(self._free) >= FREE_FILES_KEPT:
-                _unlink_quietly(path)
-                continue
-            self._free.append(name)
-            highest = max(highest, int(name))
+        with os.scandir(self.free_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                try:
+                    usable = (name.isdigit() and entry.is_file(follow_symlinks=False)
+                              and entry.inode() not in queued
+                              and entry.stat(follow_symlinks=False).st_nlink == 1)
+                except OSError:
+                    usable = False
+                if usable:
+                    highest = max(highest, int(name))
+                if not usable or len(self._free) >= FREE_FILES_KEPT:
+                    _unlink_quietly(entry.path)
+                    continue
+                self._free.append(name)
         self._free_serial = itertools.count(highest + 1)
 
     @property
@@ -512,20 +532,23 @@ class Spool:
         else:
             os.unlink(path)
 
-    def _keep_old_envelope(self, queue_id: str) -> None:
+    def _keep_old_envelope(self, queue_id: str) -> str | None:
         """Before an update replaces queue/<ID>.env: link the old file into free/.
 
         The link keeps its inode for reuse; the name in queue/ stays until
         the atomic replace, so the message is never without an envelope.
+        Returns the name in free/, which the caller puts on the free list
+        only once the replace is durable (until then the file is still the
+        message's envelope), or None.
         """
         if len(self._free) >= FREE_FILES_KEPT:
-            return
+            return None
         name = str(next(self._free_serial))
         try:
             os.link(self.envelope_path(queue_id), os.path.join(self.free_dir, name))
         except OSError:
-            return                             # no hard links here: the replace frees it
-        self._free.append(name)
+            return None                        # no hard links here: the replace frees it
+        return name
 
     # -- the pipelines -------------------------------------------------------------
 
@@ -557,20 +580,27 @@ class Spool:
     def _in_worker(self, kind: str, batch: list[_Request]) -> defer.Deferred:
         """Apply a batch in the disk worker's child; fires with the failures by id(request)."""
         from pymta.spool.diskworker import apply_spool_batch
-        d = self._worker.call(apply_spool_batch, self.directory, self.sync, kind,
-                              records_of_requests(kind, batch))
+        try:
+            records = records_of_requests(kind, batch)
+        except OSError as e:                   # closing a spilled body file failed
+            d = defer.fail(SpoolError(f"spool {kind}: {e}"))
+        else:
+            d = self._worker.call(apply_spool_batch, self.directory, self.sync, kind, records)
 
         def mapped(errors: dict[int, str]) -> dict[int, Failure]:
             return {id(batch[n]): Failure(SpoolError(text)) for n, text in errors.items()}
 
         def failed(failure: Failure) -> Failure:
-            if kind == "commits":
-                # not known to be durable (the child may have died half-way):
-                # the senders are told 4xx, so the messages must not stay
-                for request in batch:
+            # Not known to be durable (the child may have died half-way): the
+            # senders of new messages are told 4xx, so those must not stay.
+            # (Rare: this runs on the reactor thread.)
+            for request in batch:
+                if kind == "commits":
                     _unlink_quietly(self.envelope_path(request.queue_id))
                     _unlink_quietly(self.body_path(request.queue_id))
                     _unlink_quietly(request.body_tmp)
+                if kind in ("commits", "updates"):
+                    _unlink_quietly(request.envelope_tmp)
             return failure
         return d.addCallbacks(mapped, failed)
 
@@ -608,9 +638,10 @@ class Spool:
         if lanes <= 1:
             write_all(batch)
             return
-        if self._fsync_workers is None:
-            self._fsync_workers = ThreadPoolExecutor(PARALLEL_FSYNCS - 1,
-                                                     thread_name_prefix="pymta.spool.fsync")
+        with self._fsync_workers_made:       # commits and updates may get here at once
+            if self._fsync_workers is None:
+                self._fsync_workers = ThreadPoolExecutor(PARALLEL_FSYNCS - 1,
+                                                         thread_name_prefix="pymta.spool.fsync")
         others = [self._fsync_workers.submit(write_all, batch[lane::lanes])
                   for lane in range(1, lanes)]
         try:
@@ -636,6 +667,8 @@ class Spool:
                 self._write_fd(fd, request.body_memory, fsync, recycled)
             else:
                 request.body_written = True
+                if request.reopen:
+                    request.body_file = open(request.body_tmp, "r+b")
                 if request.body_drop:
                     dropped = sum(stop - start for start, stop in request.body_drop)
                     cut_ranges(request.body_tmp, request.body_file, request.body_drop,
@@ -730,19 +763,27 @@ class Spool:
             for request in batch:
                 _unlink_quietly(request.envelope_tmp)
             raise
+        kept: list[str] = []
         for request in batch:
             if id(request) in errors:
                 _unlink_quietly(request.envelope_tmp)
                 continue
+            old = None
             try:
                 if not os.path.exists(self.body_path(request.queue_id)):
                     raise FileNotFoundError(f"message {request.queue_id} is not in the spool")
-                self._keep_old_envelope(request.queue_id)
+                old = self._keep_old_envelope(request.queue_id)
                 os.replace(request.envelope_tmp, self.envelope_path(request.queue_id))
             except OSError as e:
                 errors[id(request)] = Failure(self._failed(request, e, "updating the queue directory"))
                 _unlink_quietly(request.envelope_tmp)
+                if old is not None:                    # still the message's envelope
+                    _unlink_quietly(os.path.join(self.free_dir, old))
+                continue
+            if old is not None:
+                kept.append(old)
         self._barrier(fsync)
+        self._free.extend(kept)                        # replaced durably: reusable now
         return errors
 
     def _apply_removals(self, batch: list[_Remove]) -> dict[int, Failure]:
