@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from pymta.config.errors import OptionError
@@ -21,6 +20,7 @@ from pymta.delivery.result import DEFERRED, DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
 from pymta.interfaces import IDeliveryBackend
 from pymta.spool.message import SpooledMessage
+from schedulerkit import SyncThreadPool
 
 PREPEND = "Received: from client.example.net\r\n\tby mx.example.org with ESMTP id X; now\r\n"
 BODY = b"From: a@example.net\r\nSubject: hi\r\n\r\nline\r\n.dot\r\nFrom the start\r\n"
@@ -324,24 +324,19 @@ def test_a_directory_that_cannot_be_synced_defers_its_deliveries_and_keeps_no_fi
 
 # -- through the reactor's thread pool ---------------------------------------------------
 
-class SyncThreadPool:
+class CountingThreadPool(SyncThreadPool):
     def __init__(self):
         self.calls = 0
 
     def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
         self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+        super().callInThreadWithCallback(on_result, f, *args, **kwargs)
 
 
 class FakeReactor(Clock):
     def __init__(self):
         super().__init__()
-        self.pool = SyncThreadPool()
+        self.pool = CountingThreadPool()
 
     def getThreadPool(self):
         return self.pool
