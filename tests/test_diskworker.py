@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from twisted.internet import defer
 from twisted.application.service import Service
 from twisted.internet.task import Clock
