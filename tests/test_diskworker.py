@@ -192,6 +192,31 @@ def test_a_stopped_worker_stays_stopped():
     in_reactor(test)
 
 
+def test_a_child_that_does_not_finish_is_killed_after_the_stop_timeout():
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        child = yield worker.call(os.getpid)
+        worker.stop_timeout = 0.5
+        stuck = outcome(worker.call(time.sleep, 30))
+        started = time.monotonic()
+        yield worker.stop()
+        assert time.monotonic() - started < 10
+        failure = yield stuck
+        assert failure.check(DiskWorkerError)
+        return child
+    child = in_reactor(test)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[1].startswith("Z"):
+                break
+        except OSError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"child {child} still running")
+
+
 # -- the spool through the worker ---------------------------------------------------------
 
 def envelope() -> Envelope:

@@ -61,6 +61,8 @@ CHILD_THREADS = 32
 _HEADER = struct.Struct("!IQ")
 #: a longer frame means the pipe is out of step (something else wrote to it)
 MAX_FRAME = 1 << 30
+#: seconds stop() waits for the calls in flight before it kills the child
+STOP_TIMEOUT = 60.0
 
 #: the worker the server started, if any (local backends look here)
 _active: "DiskWorker | None" = None
@@ -77,6 +79,9 @@ class DiskWorkerError(Exception):
 
 class DiskWorker:
     """The child process and the calls in flight; see the module docstring."""
+
+    #: see STOP_TIMEOUT
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor
@@ -109,6 +114,11 @@ class DiskWorker:
         if self._stopping is None:
             self._stopping = defer.Deferred()
             child.transport.closeStdin()
+            # a child stuck (a hung disk, an NFS mount) must not hold up the
+            # server's shutdown for ever: what it had in flight fails, and a
+            # commit that did not answer is taken back like any failed batch
+            killer = self._reactor.callLater(self.stop_timeout, self._kill, child)
+            self._stopping.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
         waiting = defer.Deferred()
         self._stopping.addBoth(lambda result: (waiting.callback(None), result)[1])
         return waiting
@@ -150,6 +160,15 @@ class DiskWorker:
         d = self._pending[self._serial] = defer.Deferred()
         self._child.transport.writeSequence([_HEADER.pack(len(frame), self._serial), frame])
         return d
+
+    def _kill(self, child: "_ChildProtocol") -> None:
+        log.error("disk worker process did not end within {seconds} s of the stop; killing it",
+                  seconds=self.stop_timeout)
+        try:
+            child.transport.signalProcess("KILL")
+        except Exception:                      # already gone
+            pass
+        child._end("killed after the stop timeout")
 
     def _answer(self, serial: int, frame: bytes) -> None:
         d = self._pending.pop(serial, None)
