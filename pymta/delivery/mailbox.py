@@ -231,12 +231,14 @@ class LocalMailboxBackend:
     (Maildir: one fsync of each ``new/`` directory) overrides
     :meth:`deliver_jobs` instead.
 
-    Deliveries go to one thread of the backend's own, in batches: while a
-    batch is being written, new deliveries wait and then go together
-    (:class:`pymta.spool.pipeline.BatchPipeline`).  One thread, not one per
-    concurrent delivery: file-system calls are short and each one releases
-    and retakes the interpreter lock, so more threads mostly add lock
-    hand-offs between them and the reactor thread.
+    Deliveries go in batches: while a batch is being written, new
+    deliveries wait and then go together
+    (:class:`pymta.spool.pipeline.BatchPipeline`).  A batch runs in the
+    server's disk worker process (:mod:`pymta.spool.diskworker`) when there
+    is one, else in one thread of the backend's own: not one thread per
+    concurrent delivery, since each file-system call releases and retakes
+    the interpreter lock, and more threads mostly add lock hand-offs with
+    the reactor thread.
     """
 
     kind = "local"
