@@ -149,8 +149,6 @@ class _Commit:
     envelope_data: bytes
     #: header ranges to cut from the spilled body file before it is synced (drop_headers)
     body_drop: list[tuple[int, int]] = field(default_factory=list)
-    #: the body's size once cut
-    body_size: int = 0
     done: defer.Deferred = field(default_factory=defer.Deferred)
     envelope_tmp: str = ""
     #: does body_tmp hold this request's body (so that a failure must remove it)?
@@ -192,7 +190,7 @@ def records_of_requests(kind: str, batch: list[_Request]) -> list[tuple]:
                 r.body_file.close()              # flushes Python's buffer
                 r.body_file = None
             records.append((r.queue_id, r.body_tmp, spilled, r.body_memory, r.envelope_data,
-                            r.body_drop, r.body_size, r.envelope_tmp))
+                            r.body_drop, r.envelope_tmp))
         return records
     if kind == "updates":
         return [(r.queue_id, r.envelope_data, r.envelope_tmp) for r in batch]
@@ -203,11 +201,9 @@ def requests_from_records(kind: str, records: list[tuple]) -> list[_Request]:
     """The requests again, from :func:`records_of_requests` (in the disk worker)."""
     if kind == "commits":
         requests = []
-        for (queue_id, body_tmp, spilled, memory, envelope_data, body_drop, body_size,
-             envelope_tmp) in records:
+        for queue_id, body_tmp, spilled, memory, envelope_data, body_drop, envelope_tmp in records:
             requests.append(_Commit(queue_id, body_tmp, None, memory, envelope_data,
-                                    list(body_drop), body_size, envelope_tmp=envelope_tmp,
-                                    reopen=spilled))
+                                    list(body_drop), envelope_tmp=envelope_tmp, reopen=spilled))
         return requests
     if kind == "updates":
         return [_Update(queue_id, data, envelope_tmp=tmp) for queue_id, data, tmp in records]
@@ -272,10 +268,12 @@ class Spool:
         #: queue id -> Deferred that fires when the last change submitted for it is applied
         self._changes: dict[str, defer.Deferred] = {}
         self._temp_counter = 0
-        # names in free/ ready for reuse (deque: taken and given back by pipeline threads)
+        # names in free/ ready for reuse (deque: taken and given back by pipeline
+        # threads); with a disk worker, its child's spool keeps the list
         self._free: deque[str] = deque()
         self._free_serial = itertools.count(1)
-        self._take_stock_of_free_files()
+        if worker is None:
+            self._take_stock_of_free_files()
         # bodies committed from memory, kept for their first delivery (oldest first)
         self._bodies: dict[str, bytearray] = {}
         self._bodies_bytes = 0
@@ -323,10 +321,10 @@ class Spool:
         """SpoolWriter.commit's request: make the body and ``envelope`` durable.
 
         ``body_drop``: byte ranges of the spilled body file to cut first
-        (the file is then ``envelope.size`` bytes long).
+        (it is then ``envelope.size`` bytes long).
         """
         done = self._submit(_Commit(queue_id, body_tmp, body_file, body_memory,
-                                    _encode_envelope(envelope), list(body_drop or ()), envelope.size))
+                                    _encode_envelope(envelope), list(body_drop or ())))
         if body_memory is not None and len(body_memory) <= BODY_CACHE_BYTES // 16:
             def keep(result):
                 self._keep_body(queue_id, body_memory)
@@ -670,9 +668,7 @@ class Spool:
                 if request.reopen:
                     request.body_file = open(request.body_tmp, "r+b")
                 if request.body_drop:
-                    dropped = sum(stop - start for start, stop in request.body_drop)
-                    cut_ranges(request.body_tmp, request.body_file, request.body_drop,
-                               request.body_size + dropped)
+                    cut_ranges(request.body_tmp, request.body_file, request.body_drop)
                 request.body_file.flush()
                 if fsync:
                     os.fsync(request.body_file.fileno())

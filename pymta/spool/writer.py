@@ -69,16 +69,17 @@ def header_field_spans(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tup
     return [(start, end) for start, end in spans]
 
 
-def cut_ranges(path: str, file: BinaryIO, drop: list[tuple[int, int]], end: int) -> int:
+def cut_ranges(path: str, file: BinaryIO, drop: list[tuple[int, int]]) -> int:
     """Remove the byte ranges ``drop`` (sorted, disjoint) from the file; returns its new length.
 
-    ``file`` is the open (write-only) body file at ``path``, ``end`` its
-    length; the bytes after each range move left in order, the file is
-    truncated and ``file`` positioned at the new end.  Raises OSError.
+    ``file`` is the open (write-only) body file at ``path``; the bytes after
+    each range move left in order, the file is truncated and ``file``
+    positioned at the new end.  Raises OSError.
     """
+    file.flush()
+    end = os.fstat(file.fileno()).st_size
     if not drop:
         return end
-    file.flush()
     # the byte ranges to keep after the first dropped field, moved left in order
     keep = [(stop, drop[k + 1][0]) for k, (_, stop) in enumerate(drop[:-1])]
     keep.append((drop[-1][1], end))
@@ -175,8 +176,7 @@ class SpoolWriter:
     def _apply_pending_drop(self) -> None:
         """Cut the ranges drop_headers left for the commit now, on this thread."""
         if self._pending_drop:
-            dropped = sum(stop - start for start, stop in self._pending_drop)
-            self.size = cut_ranges(self.path, self._file, self._pending_drop, self.size + dropped)
+            self.size = cut_ranges(self.path, self._file, self._pending_drop)
             self._pending_drop = []
 
     def drop_headers(self, indices: tuple[int, ...]) -> None:
