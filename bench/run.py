@@ -179,6 +179,8 @@ def run_throughput(names: list[str], cases: list[LoadCase], args: argparse.Names
     finally:
         for server in running:
             server.stop()
+        for server in running:
+            server.remove_delivered()
 
 
 def run_footprint(names: list[str], args: argparse.Namespace, report: RunReport) -> None:
