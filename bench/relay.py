@@ -59,6 +59,7 @@ sys.path.append(str(REPO_ROOT / "tests"))
 from postfixkit import PrivatePostfix  # noqa: E402
 from pymta.envelope import Envelope, Recipient  # noqa: E402
 from pymta.spool.queueid import new_queue_id  # noqa: E402
+from pymta.spool.store import queue_file_content  # noqa: E402
 
 WORK = BENCH_DIR / ".work" / "relay"
 RESULTS = BENCH_DIR / "results"
@@ -122,10 +123,9 @@ def fill_pymta_spool(spool: Path, count: int, body: bytes) -> None:
                 "\tby pymta.bench.localhost (pymta) with ESMTP; bench\r\n")
     for _ in range(count):
         queue_id = new_queue_id()
-        (queue / f"{queue_id}.msg").write_bytes(body)
         envelope = Envelope(queue_id, SENDER, [Recipient(RECIPIENT, RECIPIENT, "sink")], now,
                             size=len(body), prepend=[received])
-        (queue / f"{queue_id}.env").write_text(json.dumps(envelope.to_json()))
+        (queue / f"{queue_id}.msg").write_bytes(queue_file_content(body, envelope))
     os.sync()
 
 
@@ -223,10 +223,10 @@ backend = "sink"
         done = sink.wait_for(before + count, timeout)
         result["cpu_ms_per_message"] = round(1000 * (tree_cpu_seconds(proc.pid) - cpu_before) / count, 3)
         deadline = time.monotonic() + 30
-        while list((spool / "queue").glob("*.env")) and time.monotonic() < deadline:
+        while list((spool / "queue").glob("*.msg")) and time.monotonic() < deadline:
             time.sleep(0.1)
         result["received_by_sink"] = sink.count() - before
-        result["left_in_queue"] = len(list((spool / "queue").glob("*.env")))
+        result["left_in_queue"] = len(list((spool / "queue").glob("*.msg")))
         if done is not None:
             result["seconds"] = round(done - start, 3)
             result["messages_per_second"] = round(count / (done - start), 1)

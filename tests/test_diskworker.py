@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,7 +18,7 @@ from pymta.delivery.result import DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
 from pymta.spool import diskworker
 from pymta.spool.diskworker import DiskWorker, DiskWorkerError, apply_spool_batch
-from pymta.spool.store import Spool, SpoolError
+from pymta.spool.store import TRAILER_BYTES, TRAILER_FORMAT, Spool, SpoolError
 from fakesmtp import run_reactor, sleep
 
 
@@ -237,7 +238,12 @@ def commit(spool: Spool, body: bytes, drop=()):
 
 
 def body_of(spool: Spool, env: Envelope) -> bytes:
-    return Path(spool.body_path(env.queue_id)).read_bytes()
+    """The body in the message's spool file (checking the envelope and trailer after it)."""
+    data = Path(spool.body_path(env.queue_id)).read_bytes()
+    body, embedded = data[:env.size], data[env.size:]
+    assert embedded.endswith(TRAILER_FORMAT % (len(embedded) - TRAILER_BYTES))
+    assert json.loads(embedded[:-TRAILER_BYTES])["queue_id"] == env.queue_id
+    return body
 
 
 def test_the_spool_commits_updates_and_removes_in_the_child(tmp_path):
@@ -256,9 +262,9 @@ def test_the_spool_commits_updates_and_removes_in_the_child(tmp_path):
         assert spool.load(small.queue_id).recipients[0].attempts == 2
         yield spool.remove(small.queue_id, small.size)
         assert spool.queue_ids() == [large.queue_id]
-        # the child recycled the files: free/ holds the old envelope (kept by
-        # the update), the removed message's envelope and body
-        assert len(os.listdir(tmp_path / "spool" / "free")) == 3
+        # the child recycled the files: free/ holds the removed message's
+        # file and the envelope its update wrote
+        assert len(os.listdir(tmp_path / "spool" / "free")) == 2
         assert os.listdir(tmp_path / "spool" / "tmp") == []
         # and a restarted spool finds everything committed
         again = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)

@@ -80,7 +80,7 @@ def test_spooled_messages_survive_kill9_and_are_delivered_after_restart(make_ser
             token = f"held-{i}"
             sent[token] = _body(token, 500 * i)
             s.sendmail("load@example.org", ["durable@example.test"], sent[token])
-    queued = list((server.spool / "queue").glob("*.env"))
+    queued = list((server.spool / "queue").glob("*.msg"))
     assert len(queued) == 20
     server.kill9()
     # same spool, now routed to a real Maildir

@@ -252,7 +252,7 @@ APPENDER = textwrap.dedent("""
         line = f"{marker} {n} ".encode() * 20 + b"\\r\\n"
         with open(body_path, "wb") as f:
             f.write(b"Subject: " + marker.encode() + b"\\r\\n\\r\\n" + line * 10000)
-        envelope = Envelope("Q", marker + "@example.net", [], 0.0)
+        envelope = Envelope("Q", marker + "@example.net", [], 0.0, size=os.path.getsize(body_path))
         [result] = backend.deliver_sync(SpooledMessage(envelope, body_path),
                                         [Recipient("x@example.org", "x@example.org", "local")])
         assert result.status == "delivered", result

@@ -3,11 +3,12 @@ retry times, and ETRN from a trusted client starts the delivery at once."""
 
 from __future__ import annotations
 
-import json
 import re
 import smtplib
 import textwrap
 import time
+
+from pymta.spool.store import load_queue_file
 
 from conftest import PymtaServer, free_port
 from dnsserver import LoopbackDNS
@@ -61,10 +62,11 @@ def test_relay_to_a_second_pymta_with_restart_and_etrn(tmp_path):
             # the receiver is down: deferred, with the next attempt on disk
             line = wait_for_log(sender, r"to=<bob@remote\.test>, relay=out, .*status=deferred \(.*\)")
             assert "Connection refused" in line and "451 4.4.1" in line
-            [envelope_file] = (sender.spool / "queue").glob("*.env")
+            [message_file] = (sender.spool / "queue").glob("*.msg")
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:     # the update is written just after the log line
-                next_attempt = json.loads(envelope_file.read_text())["recipients"][0]["next_attempt"]
+                envelope, _ = load_queue_file(str(message_file.parent), message_file.stem)
+                next_attempt = envelope.recipients[0].next_attempt
                 if next_attempt:
                     break
                 time.sleep(0.05)
@@ -88,7 +90,7 @@ def test_relay_to_a_second_pymta_with_restart_and_etrn(tmp_path):
             wait_for_log(sender, r"to=<bob@remote\.test>, relay=out\[mx\.remote\.test\[127\.0\.0\.1\]"
                                  r":\d+\], .*status=sent \(250 2\.0\.0 Ok: queued as \w+\)")
             wait_for_log(sender, r"\w+: removed")
-            assert list((sender.spool / "queue").glob("*.env")) == []
+            assert list((sender.spool / "queue").glob("*")) == []
         finally:
             sender.stop()
             receiver.stop()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import smtplib
 import subprocess
 import time
 
 import pytest
+
+from pymta.spool.store import load_queue_file
 
 from conftest import BACKEND_TOML, ROOT, require_program
 from smtpwire import Wire
@@ -163,7 +164,7 @@ def test_dsn_parameters_are_stored(make_server):
     w.cmd("DATA")
     code, text = w.cmd(b"Subject: dsn\r\n\r\nx\r\n.")
     queue_id = text.rsplit(" ", 1)[1]
-    env = json.loads((srv.spool / "queue" / f"{queue_id}.env").read_text())
+    env = load_queue_file(str(srv.spool / "queue"), queue_id)[0].to_json()
     assert env["ret"] == "HDRS" and env["envid"] == "abc+def"
     erin, frank = env["recipients"]
     assert erin["notify"] == ["SUCCESS", "FAILURE"] and erin["orcpt"] == "rfc822;erin@example.test"

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
-from pymta.spool.store import MEMORY_BODY_LIMIT, Spool, SpoolError
+from pymta.spool.store import MEMORY_BODY_LIMIT, TRAILER_BYTES, TRAILER_FORMAT, Spool, SpoolError
 from schedulerkit import SyncThreadPool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +100,53 @@ def result_of(d):
 def spool_files(spool: Spool) -> dict[str, list[str]]:
     return {sub: sorted(os.listdir(os.path.join(spool.directory, sub)))
             for sub in ("tmp", "queue", "corrupt")}
+
+
+#: the on-disk trailer of a committed message file, as the spool's format defines it
+TRAILER_PREFIX = b"pymta envelope "
+
+
+def split_message_file(path: str) -> tuple[bytes, bytes, bytes]:
+    """A committed queue/<ID>.msg as (body, envelope JSON, trailer); asserts the trailer is right.
+
+    The trailer is ``b"pymta envelope %010d\\n"`` with the envelope's length in
+    bytes; the envelope is one JSON line; the body is everything before it.
+    """
+    data = Path(path).read_bytes()
+    assert len(data) >= TRAILER_BYTES == 26, (path, len(data))
+    trailer = data[-TRAILER_BYTES:]
+    digits = trailer[len(TRAILER_PREFIX):-1]
+    assert trailer.startswith(TRAILER_PREFIX) and trailer.endswith(b"\n"), trailer
+    assert len(digits) == 10 and digits.isdigit(), trailer
+    length = int(digits)
+    assert trailer == TRAILER_FORMAT % length == b"pymta envelope %010d\n" % length
+    assert TRAILER_BYTES + length <= len(data), (trailer, len(data))
+    envelope_json = data[len(data) - TRAILER_BYTES - length:-TRAILER_BYTES]
+    assert envelope_json.endswith(b"\n") and envelope_json.count(b"\n") == 1, envelope_json
+    body = data[:len(data) - TRAILER_BYTES - length]
+    return body, envelope_json, trailer
+
+
+def embedded_envelope(path: str) -> Envelope:
+    """The envelope inside a committed message file (as committed, before any update)."""
+    _, envelope_json, _ = split_message_file(path)
+    return Envelope.from_json(json.loads(envelope_json.decode("utf-8")))
+
+
+def stored_body(spool: Spool, queue_id: str) -> bytes:
+    """The body in queue/<ID>.msg: its first envelope.size bytes, the rest checked too."""
+    body, envelope_json, _ = split_message_file(spool.body_path(queue_id))
+    embedded = Envelope.from_json(json.loads(envelope_json.decode("utf-8")))
+    assert embedded.queue_id == queue_id
+    assert len(body) == embedded.size == spool.load(queue_id).size
+    return body
+
+
+def message_file_bytes(body: bytes, envelope: Envelope) -> bytes:
+    """What queue/<ID>.msg holds for this body and envelope (to write damaged ones)."""
+    envelope_json = json.dumps(envelope.to_json(), ensure_ascii=False,
+                               separators=(",", ":")).encode("utf-8") + b"\n"
+    return body + envelope_json + b"pymta envelope %010d\n" % len(envelope_json)
 
 
 def commit_message(spool: Spool, body: bytes, envelope: Envelope | None = None) -> Envelope:
@@ -199,9 +247,13 @@ def test_commit_makes_body_and_envelope_durable_and_visible(spool):
     with message.open_body() as fp:
         assert fp.read() == body                       # one body, exact bytes, no prepend
     assert message.prepend_bytes() == b"Received: from client.example.net\r\n\tby mx.example.org; now\r\n"
-    stored = json.loads(Path(spool.envelope_path(writer.queue_id)).read_text())
-    assert Envelope.from_json(stored) == envelope
-    assert spool_files(spool)["tmp"] == []
+    # one file: the body, then the envelope, then the trailer; no envelope file of its own
+    stored_body_bytes, envelope_json, _ = split_message_file(spool.body_path(writer.queue_id))
+    assert stored_body_bytes == body
+    assert Envelope.from_json(json.loads(envelope_json)) == envelope
+    assert spool.load(writer.queue_id) == envelope
+    assert spool_files(spool) == {"tmp": [], "queue": [writer.queue_id + ".msg"], "corrupt": []}
+    assert not os.path.exists(spool.envelope_path(writer.queue_id))
 
 
 def test_commit_refuses_an_envelope_of_another_message(spool):
@@ -230,10 +282,13 @@ def test_commit_fires_only_when_its_batch_is_on_disk(tmp_path):
     fired = []
     d.addCallback(fired.append)
     assert fired == []
-    assert not os.path.exists(spool.envelope_path(writer.queue_id))   # not visible before the flush
+    assert not os.path.exists(spool.body_path(writer.queue_id))   # not visible before the flush
+    assert spool.queue_ids() == []
     pool.run_all()
     assert fired == [None]
-    assert os.path.exists(spool.envelope_path(writer.queue_id))
+    assert spool.queue_ids() == [writer.queue_id]
+    assert stored_body(spool, writer.queue_id) == b"body\r\n"
+    assert not os.path.exists(spool.envelope_path(writer.queue_id))   # no envelope file: it is inside
 
 
 def test_group_commit_batches_concurrent_commits(tmp_path):
@@ -369,17 +424,75 @@ def test_update_persists_per_recipient_state(spool):
     envelope.recipients[1].attempts = 2
     envelope.recipients[1].next_attempt = 1_700_000_900.0
     envelope.recipients[1].last_result = "451 4.4.1 no answer"
+    message_file = Path(spool.body_path(envelope.queue_id)).read_bytes()
     result_of(spool.update(envelope))
     assert spool.load(envelope.queue_id) == envelope
-    assert spool_files(spool)["tmp"] == []
+    # the update is queue/<ID>.env; the message file, its embedded envelope included, is untouched
+    assert spool_files(spool) == {"tmp": [], "corrupt": [],
+                                  "queue": [envelope.queue_id + ".env", envelope.queue_id + ".msg"]}
+    assert Envelope.from_json(json.loads(Path(spool.envelope_path(envelope.queue_id)).read_bytes())) == envelope
+    assert Path(spool.body_path(envelope.queue_id)).read_bytes() == message_file
+    assert embedded_envelope(spool.body_path(envelope.queue_id)).recipients[0].state == PENDING
 
 
-def test_remove_deletes_envelope_and_body(spool):
+def test_a_fresh_commit_round_trips_its_envelope_through_the_trailer(spool):
+    """load() of a message just committed reads the envelope back from the end of its file."""
+    bodies = [
+        b"",                                           # an empty body: the file is envelope + trailer
+        b"x",
+        b"Subject: tricky\r\n\r\nends like a trailer\npymta envelope 0000000003\n",
+        b"{\"queue_id\": \"0000000000000000\"}\n",       # looks like an envelope line
+        b"Subject: big\r\n\r\n" + bytes(range(256)) * 1000,
+    ]
+    envelopes = []
+    for n, body in enumerate(bodies):
+        envelope = make_envelope(
+            sender="j\u00fcrgen@example.net" if n % 2 else "sender@example.net",   # UTF-8: bytes, not chars
+            recipients=[Recipient("\u00e5sa@example.org", "\u00e5sa@example.org", "local"),
+                        Recipient("b@example.org", "b@example.org", "relay", notify=("FAILURE",))])
+        commit_message(spool, body, envelope)
+        envelopes.append(envelope)
+    for body, envelope in zip(bodies, envelopes):
+        path = spool.body_path(envelope.queue_id)
+        stored, envelope_json, trailer = split_message_file(path)
+        assert stored == body and envelope.size == len(body)
+        assert json.loads(envelope_json.decode("utf-8")) == envelope.to_json()
+        assert trailer == b"pymta envelope %010d\n" % len(envelope_json)
+        assert os.path.getsize(path) == len(body) + len(envelope_json) + 26
+        loaded = spool.load(envelope.queue_id)
+        assert loaded == envelope and loaded.sender == envelope.sender
+        with spool.message(loaded).open_body() as fp:     # readers stop where the body ends
+            assert fp.read() == body
+    assert Spool(spool.directory, reactor=FakeReactor()).recover() == envelopes
+
+
+def test_remove_deletes_the_message_file(spool):
     keep = commit_message(spool, b"keep")
     gone = commit_message(spool, b"gone")
     result_of(spool.remove(gone.queue_id))
     assert spool.queue_ids() == [keep.queue_id]
-    assert spool_files(spool)["queue"] == [keep.queue_id + ".env", keep.queue_id + ".msg"]
+    assert spool_files(spool) == {"tmp": [], "queue": [keep.queue_id + ".msg"], "corrupt": []}
+    assert spool.load(keep.queue_id) == keep
+    with pytest.raises(FileNotFoundError):
+        spool.load(gone.queue_id)
+
+
+def test_a_removal_after_an_update_removes_both_files(spool):
+    keep = commit_message(spool, b"keep")
+    gone = commit_message(spool, b"gone")
+    gone.recipients[0].attempts = 1
+    result_of(spool.update(gone))
+    assert spool_files(spool)["queue"] == sorted([keep.queue_id + ".msg", gone.queue_id + ".env",
+                                                  gone.queue_id + ".msg"])
+    inodes = {os.stat(spool.body_path(gone.queue_id)).st_ino,
+              os.stat(spool.envelope_path(gone.queue_id)).st_ino}
+    result_of(spool.remove(gone.queue_id, gone.size))
+    assert spool.queue_ids() == [keep.queue_id]
+    assert spool_files(spool) == {"tmp": [], "queue": [keep.queue_id + ".msg"], "corrupt": []}
+    # both files retired into free/ for reuse
+    assert spool.free_files == 2
+    assert {os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)} == inodes
+    assert Spool(spool.directory, reactor=FakeReactor()).recover() == [keep]
 
 
 def free_names(spool: Spool) -> list[str]:
@@ -390,32 +503,46 @@ def test_removed_files_are_recycled_by_the_next_commits(tmp_path):
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     long_body = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n"
     gone = commit_message(spool, long_body)
-    inodes = {os.stat(spool.envelope_path(gone.queue_id)).st_ino,
-              os.stat(spool.body_path(gone.queue_id)).st_ino}
+    inode = os.stat(spool.body_path(gone.queue_id)).st_ino
+    old_length = os.path.getsize(spool.body_path(gone.queue_id))
     result_of(spool.remove(gone.queue_id))
-    assert len(free_names(spool)) == 2 and spool.free_files == 2
-    assert {os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)} == inodes
-    # the next message takes both files: shorter than before, so they must be cut
+    # one file per message (no update): one file freed
+    assert len(free_names(spool)) == 1 and spool.free_files == 1
+    assert {os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)} == {inode}
+    # the next message takes it: shorter than before, so it must be cut
     short = b"Subject: short\r\n\r\nhi\r\n"
     envelope = commit_message(spool, short)
     assert free_names(spool) == [] and spool.free_files == 0
-    assert {os.stat(spool.envelope_path(envelope.queue_id)).st_ino,
-            os.stat(spool.body_path(envelope.queue_id)).st_ino} == inodes
-    with open(spool.body_path(envelope.queue_id), "rb") as fp:
-        assert fp.read() == short
+    assert os.stat(spool.body_path(envelope.queue_id)).st_ino == inode
+    assert os.path.getsize(spool.body_path(envelope.queue_id)) < old_length
+    body, envelope_json, _ = split_message_file(spool.body_path(envelope.queue_id))
+    assert body == short
+    assert Envelope.from_json(json.loads(envelope_json)) == envelope
     assert spool.load(envelope.queue_id) == envelope
-    assert spool_files(spool)["tmp"] == []
+    with spool.message(envelope).open_body() as fp:
+        assert fp.read() == short
+    assert spool_files(spool) == {"tmp": [], "queue": [envelope.queue_id + ".msg"], "corrupt": []}
+    assert Spool(spool.directory, reactor=FakeReactor()).recover() == [envelope]
 
 
 def test_an_update_keeps_the_replaced_envelope_for_reuse(spool):
     envelope = commit_message(spool, b"Subject: x\r\n\r\nbody\r\n")
-    old_inode = os.stat(spool.envelope_path(envelope.queue_id)).st_ino
+    message_inode = os.stat(spool.body_path(envelope.queue_id)).st_ino
     envelope.recipients[0].attempts = 1
     result_of(spool.update(envelope))
+    # the first update adds queue/<ID>.env: there was no envelope file to replace
+    assert free_names(spool) == [] and spool.free_files == 0
+    assert os.stat(spool.body_path(envelope.queue_id)).st_ino == message_inode
+    old_inode = os.stat(spool.envelope_path(envelope.queue_id)).st_ino
+    envelope.recipients[0].attempts = 2
+    result_of(spool.update(envelope))
     [kept] = free_names(spool)
+    assert spool.free_files == 1
     assert os.stat(os.path.join(spool.free_dir, kept)).st_ino == old_inode
     assert os.stat(spool.envelope_path(envelope.queue_id)).st_ino != old_inode
+    assert os.stat(spool.body_path(envelope.queue_id)).st_ino == message_inode
     assert spool.load(envelope.queue_id) == envelope
+    assert spool_files(spool)["tmp"] == []
 
 
 def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
@@ -423,31 +550,49 @@ def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
     under two names: the restarted spool must not write the next message into it."""
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     kept = commit_message(spool, b"Subject: kept\r\n\r\nmine\r\n")
+    kept.recipients[0].attempts = 1
+    result_of(spool.update(kept))                  # so that it has an envelope file to replace
     envelope_before = open(spool.envelope_path(kept.queue_id), "rb").read()
+    message_before = open(spool.body_path(kept.queue_id), "rb").read()
     assert spool._keep_old_envelope(kept.queue_id) is not None      # ... and then the crash
-    # a removal's rename that a crash left half done: the same body under both names
+    # a removal's rename that a crash left half done: the same message file under both names
     os.link(spool.body_path(kept.queue_id), os.path.join(spool.free_dir, "777"))
+    assert len(free_names(spool)) == 2
     again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
-    assert [e.queue_id for e in again.recover()] == [kept.queue_id]
+    assert again.recover() == [kept]
     assert again.free_files == 0 and free_names(again) == []
     other = commit_message(again, b"Subject: other\r\n\r\nnot yours\r\n")
+    other.recipients[0].attempts = 1
+    result_of(again.update(other))                 # and an update's temp file: not from those either
     assert open(again.envelope_path(kept.queue_id), "rb").read() == envelope_before
-    assert open(again.body_path(kept.queue_id), "rb").read() == b"Subject: kept\r\n\r\nmine\r\n"
+    assert open(again.body_path(kept.queue_id), "rb").read() == message_before
+    assert stored_body(again, kept.queue_id) == b"Subject: kept\r\n\r\nmine\r\n"
+    assert again.load(kept.queue_id) == kept
     assert again.load(other.queue_id) == other
 
 
 def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr("pymta.spool.store.FREE_FILES_KEPT", 3)
-    monkeypatch.setattr("pymta.spool.store.RECYCLE_MAX_BYTES", 100)
+    # (a message file holds its envelope too: a few hundred bytes with make_envelope())
+    monkeypatch.setattr("pymta.spool.store.RECYCLE_MAX_BYTES", 1000)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
-    big = commit_message(spool, b"Subject: big\r\n\r\n" + b"y" * 200)
+    big = commit_message(spool, b"Subject: big\r\n\r\n" + b"y" * 2000)
+    big.recipients[0].attempts = 1
+    result_of(spool.update(big))
+    envelope_inode = os.stat(spool.envelope_path(big.queue_id)).st_ino
     result_of(spool.remove(big.queue_id))
-    assert len(free_names(spool)) == 1             # the envelope; the large body was deleted
-    for _ in range(3):
-        # (each commit takes two free files when there are any)
-        envelope = commit_message(spool, b"small")
-        result_of(spool.remove(envelope.queue_id))
-    assert len(free_names(spool)) <= 3
+    # the updated envelope is kept; the large message file was deleted
+    assert [os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)] == [envelope_inode]
+    assert spool.free_files == 1
+    small = [commit_message(spool, b"small %d" % n) for n in range(4)]   # the first takes the free file
+    assert spool.free_files == 0
+    for envelope in small:
+        envelope.recipients[0].attempts = 1
+        result_of(spool.update(envelope))
+    for envelope in small:
+        result_of(spool.remove(envelope.queue_id))   # eight small files retired
+    assert len(free_names(spool)) == 3 and spool.free_files == 3
+    assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
 
 
 def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path):
@@ -455,16 +600,17 @@ def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path):
     for envelope in [commit_message(spool, b"one"), commit_message(spool, b"two")]:
         result_of(spool.remove(envelope.queue_id))
     names = free_names(spool)
-    assert len(names) == 4
+    assert len(names) == 2                         # one file per message
     (Path(spool.free_dir) / "stranger.txt").write_bytes(b"?")
     again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     assert again.recover() == []
-    assert again.free_files == 4 and free_names(again) == names
+    assert again.free_files == 2 and free_names(again) == names
     envelope = commit_message(again, b"three")
-    assert again.free_files == 2
+    assert again.free_files == 1
+    assert stored_body(again, envelope.queue_id) == b"three"
     result_of(again.remove(envelope.queue_id))
     # new names continue after the highest one already there
-    assert len(free_names(again)) == 4
+    assert len(free_names(again)) == 2
     assert max(int(n) for n in free_names(again)) > max(int(n) for n in names)
 
 
@@ -496,7 +642,13 @@ def test_bodies_kept_in_memory_are_bounded_oldest_first(tmp_path, monkeypatch):
 def test_a_spilled_body_is_read_from_its_file(tmp_path):
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), memory_limit=0)
     envelope = commit_message(spool, b"Subject: file\r\n\r\nx\r\n")
-    assert spool.message(envelope)._body is None
+    message = spool.message(envelope)
+    assert message._body is None
+    with message.open_body() as fp:                 # the body only: not the envelope after it
+        assert fp.read() == b"Subject: file\r\n\r\nx\r\n"
+    with message.open_body() as fp:
+        assert fp.read(4) == b"Subj" and fp.read(1000) == b"ect: file\r\n\r\nx\r\n" and fp.read() == b""
+    assert message.headers() == [("Subject", "file")]
 
 
 def test_update_of_a_removed_message_fails_instead_of_resurrecting_it(spool):
@@ -524,8 +676,8 @@ def test_a_small_body_touches_no_file_until_its_commit(tmp_path, monkeypatch):
     assert calls == [] and spool_files(spool)["tmp"] == []
     envelope = make_envelope()
     result_of(writer.commit(envelope))
-    assert calls                                   # the flush wrote the files
-    assert Path(spool.body_path(writer.queue_id)).read_bytes() == body
+    assert calls                                   # the flush wrote the file
+    assert stored_body(spool, writer.queue_id) == body
     assert envelope.size == len(body)
     assert spool_files(spool)["tmp"] == []
 
@@ -544,7 +696,8 @@ def test_a_body_spills_into_its_temp_file_past_the_limit(tmp_path):
     writer.write(b"d" * 1000)                      # and streams there from now on
     envelope = make_envelope()
     result_of(writer.commit(envelope))
-    assert Path(spool.body_path(writer.queue_id)).read_bytes() == b"a" * 60 + b"b" * 40 + b"c" + b"d" * 1000
+    assert stored_body(spool, writer.queue_id) == b"a" * 60 + b"b" * 40 + b"c" + b"d" * 1000
+    assert embedded_envelope(spool.body_path(writer.queue_id)) == envelope
     assert envelope.size == 1101
     assert Spool(spool.directory, reactor=FakeReactor()).recover() == [envelope]
 
@@ -557,6 +710,7 @@ def test_a_colliding_queue_id_fails_that_commit_only(tmp_path):
     d_existing = existing.commit(make_envelope())
     pool.run_all()
     result_of(d_existing)
+    existing_file = Path(spool.body_path(existing.queue_id)).read_bytes()
     blocker = spool.new_message()
     blocker.write(b"0")
     blocker.commit(make_envelope())
@@ -573,7 +727,9 @@ def test_a_colliding_queue_id_fails_that_commit_only(tmp_path):
         with pytest.raises(SpoolError):
             result_of(d)
     assert Path(in_tmp.path).read_bytes() == b"someone else's"        # not ours: left alone
-    assert Path(spool.body_path(existing.queue_id)).read_bytes() == b"already committed"
+    assert Path(spool.body_path(existing.queue_id)).read_bytes() == existing_file   # untouched
+    assert stored_body(spool, existing.queue_id) == b"already committed"
+    assert not os.path.exists(spool.envelope_path(existing.queue_id))
     assert spool.load(existing.queue_id).size == len(b"already committed")
     assert sorted(spool.queue_ids()) == sorted([existing.queue_id, blocker.queue_id, good.queue_id])
 
@@ -604,7 +760,7 @@ def test_a_batch_fsyncs_its_files_on_several_threads_at_once(tmp_path, monkeypat
     for d in ds:
         result_of(d)
     for queue_id, body in bodies.items():
-        assert Path(spool.body_path(queue_id)).read_bytes() == body
+        assert stored_body(spool, queue_id) == body
         assert spool.load(queue_id).size == len(body)
 
 
@@ -736,17 +892,18 @@ def test_recover_discards_uncommitted_messages(tmp_path):
     crashed = spool.new_message()          # DATA was arriving when the process died
     crashed.write(b"half a mess" * (MEMORY_BODY_LIMIT // 10))    # spilled into tmp/
     crashed._file.flush()
-    # a commit that died between writing the envelope temp and renaming:
-    Path(directory, "tmp", crashed.queue_id + ".7.env").write_text("{}")
-    # a commit whose body rename was persisted but whose envelope rename was not:
-    orphan_id = new_queue_id()
-    Path(directory, "queue", orphan_id + ".msg").write_bytes(b"orphan")
+    # an update that died between writing its envelope temp and renaming it:
+    Path(directory, "tmp", committed.queue_id + ".7.env").write_text("{}")
+    # a commit that died after writing its file (body, envelope, trailer) but before its rename:
+    unrenamed = make_envelope(queue_id=new_queue_id())
+    unrenamed.size = len(b"never committed")
+    Path(directory, "tmp", unrenamed.queue_id + ".msg").write_bytes(
+        message_file_bytes(b"never committed", unrenamed))
 
     envelopes = Spool(directory, reactor=FakeReactor()).recover()
-    assert [e.queue_id for e in envelopes] == [committed.queue_id]
-    assert spool_files(spool) == {"tmp": [], "queue": [committed.queue_id + ".env",
-                                                       committed.queue_id + ".msg"],
-                                  "corrupt": []}
+    assert envelopes == [committed]
+    assert spool_files(spool) == {"tmp": [], "queue": [committed.queue_id + ".msg"], "corrupt": []}
+    assert stored_body(spool, committed.queue_id) == b"committed\r\n"
 
 
 def test_recover_loads_envelopes_with_recipient_state_intact(tmp_path):
@@ -766,39 +923,165 @@ def test_recover_loads_envelopes_with_recipient_state_intact(tmp_path):
     assert [r.state for r in recovered[1].recipients] == [DELIVERED, PENDING, FAILED]
 
 
-def test_recover_finishes_a_commit_whose_body_rename_was_lost(tmp_path):
+def test_recover_deletes_the_envelope_a_crashed_removal_left_behind(tmp_path):
+    """A removal retires the message file first, then its updated envelope: a crash
+    between the two leaves queue/<ID>.env alone, which is no message."""
     directory = str(tmp_path / "spool")
     spool = Spool(directory, reactor=FakeReactor())
-    envelope = commit_message(spool, b"precious")
-    # envelope rename persisted, body rename not: the body is still in tmp/
-    os.rename(spool.body_path(envelope.queue_id), os.path.join(directory, "tmp", envelope.queue_id + ".msg"))
-    recovered = Spool(directory, reactor=FakeReactor()).recover()
-    assert recovered == [envelope]
-    assert Path(spool.body_path(envelope.queue_id)).read_bytes() == b"precious"
+    keep = commit_message(spool, b"keep")
+    keep.recipients[0].attempts = 1
+    result_of(spool.update(keep))
+    gone = commit_message(spool, b"delivered")
+    gone.recipients[0].state = DELIVERED
+    result_of(spool.update(gone))
+    real_retire = spool._retire
+    retired = []
+
+    def dies_before_the_envelope(path, keep):
+        if path == spool.envelope_path(gone.queue_id):
+            raise OSError(5, "the process died here")
+        retired.append(path)
+        return real_retire(path, keep)
+    spool._retire = dies_before_the_envelope
+    with pytest.raises(SpoolError):
+        result_of(spool.remove(gone.queue_id))
+    assert retired == [spool.body_path(gone.queue_id)]          # the message file went first
+    assert spool_files(spool)["queue"] == sorted([keep.queue_id + ".env", keep.queue_id + ".msg",
+                                                  gone.queue_id + ".env"])
+    assert spool.queue_ids() == [keep.queue_id]                  # not a message any more
+
+    again = Spool(directory, reactor=FakeReactor())
+    with capturedLogs() as events:
+        recovered = again.recover()
+    assert recovered == [keep]
+    assert spool_files(again) == {"tmp": [], "corrupt": [],
+                                  "queue": [keep.queue_id + ".env", keep.queue_id + ".msg"]}
+    texts = [formatEvent(event) for event in events]
+    assert any(gone.queue_id in text and "removed the envelope of a removed message" in text
+               for text in texts), texts
+    assert not any(keep.queue_id in text for text in texts), texts
+    assert again.load(keep.queue_id) == keep
 
 
-@pytest.mark.parametrize("damage", ["missing body", "short body", "bad json", "foreign id"])
-def test_recover_moves_corrupt_messages_aside(tmp_path, damage):
+def test_an_updated_envelope_wins_over_the_embedded_one_after_a_restart(tmp_path):
+    directory = str(tmp_path / "spool")
+    spool = Spool(directory, reactor=FakeReactor())
+    untouched = commit_message(spool, b"Subject: one\r\n\r\nuntouched\r\n")
+    envelope = commit_message(spool, b"Subject: two\r\n\r\nupdated\r\n", make_envelope(recipients=[
+        Recipient("a@example.org", "a@example.org", "local"),
+        Recipient("b@example.org", "b@example.org", "relay"),
+    ]))
+    committed = Envelope.from_json(envelope.to_json())
+    envelope.recipients[0].state = DELIVERED
+    envelope.recipients[0].attempts = 1
+    envelope.recipients[0].finished_at = 1_700_000_010.0
+    envelope.recipients[1].attempts = 1
+    envelope.recipients[1].next_attempt = 1_700_000_900.0
+    envelope.recipients[1].last_result = "451 4.4.1 no answer"
+    result_of(spool.update(envelope))
+    assert envelope != committed
+
+    again = Spool(directory, reactor=FakeReactor())
+    assert again.recover() == [untouched, envelope]
+    assert again.load(envelope.queue_id) == envelope
+    assert [r.state for r in again.load(envelope.queue_id).recipients] == [DELIVERED, PENDING]
+    # the message file still holds the envelope as committed: the .env replaces it
+    assert embedded_envelope(again.body_path(envelope.queue_id)) == committed
+    assert stored_body(again, envelope.queue_id) == b"Subject: two\r\n\r\nupdated\r\n"
+    with again.message(envelope).open_body() as fp:
+        assert fp.read() == b"Subject: two\r\n\r\nupdated\r\n"
+    # and a later update replaces the updated one, across another restart
+    envelope.recipients[1].state = FAILED
+    result_of(again.update(envelope))
+    assert Spool(directory, reactor=FakeReactor()).recover() == [untouched, envelope]
+
+
+def _damage(spool: Spool, bad: Envelope, good: Envelope, damage: str) -> None:
+    path = Path(spool.body_path(bad.queue_id))
+    data = path.read_bytes()
+    if damage == "truncated":                      # the end of the file lost: no trailer there
+        path.write_bytes(data[:-3])
+    elif damage == "trailer overwritten":
+        path.write_bytes(data[:-TRAILER_BYTES] + b"x" * TRAILER_BYTES)
+    elif damage == "trailer not zero-padded":     # the right length, not in the trailer's format
+        length = len(data) - TRAILER_BYTES - len(b"bad body")
+        path.write_bytes(data[:-TRAILER_BYTES] + b"pymta envelope %10d\n" % length)
+    elif damage == "trailer without newline":
+        path.write_bytes(data[:-1] + b" ")
+    elif damage == "trailer longer than the file":
+        path.write_bytes(data[:-TRAILER_BYTES] + b"pymta envelope %010d\n" % (len(data) + 1))
+    elif damage == "trailer length off by one":   # the envelope found from the end is cut
+        length = len(data) - TRAILER_BYTES - len(b"bad body")
+        path.write_bytes(data[:-TRAILER_BYTES] + b"pymta envelope %010d\n" % (length - 1))
+    elif damage == "too short for a trailer":
+        path.write_bytes(b"pymta envelope")
+    elif damage == "empty file":
+        path.write_bytes(b"")
+    elif damage == "short body":                   # a well-formed file, but the body is cut
+        path.write_bytes(message_file_bytes(b"bad", bad))
+    elif damage == "long body":
+        path.write_bytes(message_file_bytes(b"bad body!", bad))
+    elif damage == "bad json":
+        envelope_json = b'{"queue_id": \n'
+        path.write_bytes(b"bad body" + envelope_json + b"pymta envelope %010d\n" % len(envelope_json))
+    elif damage == "foreign id":
+        path.write_bytes(message_file_bytes(b"bad body", Envelope.from_json(
+            dict(bad.to_json(), queue_id=good.queue_id))))
+    elif damage == "bad updated json":
+        Path(spool.envelope_path(bad.queue_id)).write_bytes(b'{"queue_id": ')
+    elif damage == "updated foreign id":
+        Path(spool.envelope_path(bad.queue_id)).write_text(json.dumps(dict(bad.to_json(), queue_id=good.queue_id)))
+    elif damage == "updated wrong size":
+        Path(spool.envelope_path(bad.queue_id)).write_text(json.dumps(dict(bad.to_json(), size=bad.size + 1)))
+    else:
+        raise AssertionError(damage)
+
+
+#: damage to the message file, whether or not an update added queue/<ID>.env
+FILE_DAMAGE = ["truncated", "trailer overwritten", "trailer not zero-padded", "trailer without newline",
+               "trailer longer than the file", "trailer length off by one", "too short for a trailer",
+               "empty file", "short body", "long body"]
+#: damage to the embedded envelope: only while no update replaced it (the .env wins)
+EMBEDDED_DAMAGE = ["bad json", "foreign id"]
+#: damage to queue/<ID>.env
+UPDATED_DAMAGE = ["bad updated json", "updated foreign id", "updated wrong size"]
+
+
+@pytest.mark.parametrize("damage, updated", [
+    *[(damage, updated) for damage in FILE_DAMAGE for updated in (False, True)],
+    *[(damage, False) for damage in EMBEDDED_DAMAGE],
+    *[(damage, True) for damage in UPDATED_DAMAGE]])
+def test_recover_moves_corrupt_messages_aside(tmp_path, damage, updated):
     directory = str(tmp_path / "spool")
     spool = Spool(directory, reactor=FakeReactor())
     good = commit_message(spool, b"good")
     bad = commit_message(spool, b"bad body")
-    if damage == "missing body":
-        os.unlink(spool.body_path(bad.queue_id))
-    elif damage == "short body":
-        Path(spool.body_path(bad.queue_id)).write_bytes(b"bad")
-    elif damage == "bad json":
-        Path(spool.envelope_path(bad.queue_id)).write_bytes(b'{"queue_id": ')
-    else:
-        data = json.loads(Path(spool.envelope_path(bad.queue_id)).read_text())
-        data["queue_id"] = good.queue_id
-        Path(spool.envelope_path(bad.queue_id)).write_text(json.dumps(data))
-    recovered = Spool(directory, reactor=FakeReactor()).recover()
+    if updated:
+        for envelope in (good, bad):
+            envelope.recipients[0].attempts = 1
+            result_of(spool.update(envelope))
+    good_files = {name: Path(directory, "queue", name).read_bytes()
+                  for name in spool_files(spool)["queue"] if name.startswith(good.queue_id)}
+    bad_files = {name: Path(directory, "queue", name).read_bytes()
+                 for name in spool_files(spool)["queue"] if name.startswith(bad.queue_id)}
+    _damage(spool, bad, good, damage)
+    bad_files = {name: Path(directory, "queue", name).read_bytes() for name in bad_files}
+    again = Spool(directory, reactor=FakeReactor())
+    with capturedLogs() as events:
+        recovered = again.recover()
     assert recovered == [good]
+    # the damaged message is moved aside whole: its file, and its updated envelope if any
     corrupt = spool_files(spool)["corrupt"]
-    assert bad.queue_id + ".env" in corrupt
-    assert (bad.queue_id + ".msg" in corrupt) == (damage != "missing body")
+    assert corrupt == sorted(bad_files)
+    assert corrupt == ([bad.queue_id + ".env", bad.queue_id + ".msg"] if updated else [bad.queue_id + ".msg"])
+    assert {name: Path(directory, "corrupt", name).read_bytes() for name in corrupt} == bad_files
     assert spool.queue_ids() == [good.queue_id]
+    assert {name: Path(directory, "queue", name).read_bytes()
+            for name in spool_files(spool)["queue"]} == good_files
+    errors = [formatEvent(event) for event in events if event.get("log_level").name == "error"]
+    assert len(errors) == 1, errors
+    assert bad.queue_id in errors[0] and "corrupt" in errors[0]
+    assert again.load(good.queue_id) == good
 
 
 def test_syncfs_mode_commits_updates_and_recovers(tmp_path):
@@ -888,11 +1171,12 @@ def test_kill_9_never_loses_a_committed_message(tmp_path):
         assert not missing, f"round {round_number}: committed messages lost: {sorted(missing)}"
         for queue_id, (digest, size) in printed.items():
             envelope = recovered[queue_id]
-            body = Path(spool.body_path(queue_id)).read_bytes()
+            body = stored_body(spool, queue_id)
             assert (hashlib.sha256(body).hexdigest(), len(body)) == (digest, size), queue_id
             assert envelope.size == size
             assert envelope.recipients[0].state == PENDING
             assert envelope.recipients[0].address.startswith("r")
         assert spool_files(spool)["tmp"] == []
         assert spool_files(spool)["corrupt"] == []
+        assert all(name.endswith(".msg") for name in spool_files(spool)["queue"])   # no updates here
     assert len(printed) >= 60

@@ -12,8 +12,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pymta.envelope import Envelope, Recipient
-from pymta.spool.message import parse_headers
-from pymta.spool.store import COPY_CHUNK, MEMORY_BODY_LIMIT, Spool, SpoolError, header_field_spans
+from pymta.spool.message import open_body_file, parse_headers
+from pymta.spool.store import (COPY_CHUNK, MEMORY_BODY_LIMIT, Spool, SpoolError, header_field_spans,
+                               load_queue_file)
 
 
 class SyncReactor(Clock):
@@ -126,7 +127,7 @@ def test_drop_then_commit_keeps_the_spool_consistent(spool):
     assert results == [None]
     assert envelope.size == writer.size
     [recovered] = Spool(spool.directory, reactor=SyncReactor()).recover()   # size check passes
-    assert recovered.size == os.path.getsize(spool.body_path(envelope.queue_id))
+    assert recovered.size == load_queue_file(spool.queue_dir, envelope.queue_id)[1] == envelope.size
 
 
 def test_after_commit_or_abort_is_an_error(spool):
@@ -204,11 +205,11 @@ def test_drop_then_commit_from_memory_writes_the_dropped_body(tmp_path):
     results = []
     writer.commit(envelope).addBoth(results.append)
     assert results == [None]
-    with open(spool.body_path(envelope.queue_id), "rb") as f:
+    with open_body_file(spool.body_path(envelope.queue_id), envelope.size) as f:
         stored = f.read()
     assert [name for name, _ in parse_headers(io.BytesIO(stored))] == [
         "Authentication-Results", "Authentication-Results"]
-    assert len(stored) == envelope.size
+    assert len(stored) == envelope.size == load_queue_file(spool.queue_dir, envelope.queue_id)[1]
 
 
 def test_a_spilled_body_is_cut_by_the_commit_not_on_the_reactor_thread(tmp_path):
@@ -226,8 +227,9 @@ def test_a_spilled_body_is_cut_by_the_commit_not_on_the_reactor_thread(tmp_path)
     results = []
     writer.commit(envelope).addBoth(results.append)
     assert results == [None]
-    with open(spool.body_path(envelope.queue_id), "rb") as fp:
+    with open_body_file(spool.body_path(envelope.queue_id), envelope.size) as fp:
         assert fp.read() == b"X-Keep: yes\r\n\r\n" + body + b"tail\r\n"
+    assert load_queue_file(spool.queue_dir, envelope.queue_id) == (envelope, envelope.size)
     assert envelope.size == len(data) - len(b"X-Drop: me\r\n") + len(b"tail\r\n")
 
 

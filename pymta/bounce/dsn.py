@@ -28,6 +28,7 @@ from email.utils import formatdate
 from typing import BinaryIO
 
 from pymta.envelope import Envelope, Recipient
+from pymta.spool.message import open_body_file
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -173,20 +174,25 @@ def _status_part(action: str, hostname: str, envelope: Envelope, recipients: lis
 
 def compose(*, action: str, hostname: str, envelope: Envelope, recipients: list[Recipient],
             prepend: bytes, body_path: str, to: str, now: float, lifetime: float | None = None,
+            body_size: int | None = None,
             full: bool = False, return_limit: int = RETURN_SIZE_LIMIT,
             postmaster_copy: bool = False) -> Report:
     """The notification ``action`` about ``recipients`` of ``envelope``, addressed to ``to``.
 
     ``full`` asks for the whole original (a bounce without RET=HDRS); it is
     returned when it is at most ``return_limit`` octets, else only its
-    header section.
+    header section.  ``body_size``: the body is that many bytes from the
+    start of ``body_path`` (a spool file holds the envelope after it); None:
+    the whole file.
     """
     utf8 = envelope.smtputf8 or not to.isascii() or not envelope.sender.isascii() \
         or not all(r.address.isascii() and r.original.isascii() for r in recipients)
     boundary = f"{envelope.queue_id}.{uuid.uuid4().hex}/{hostname}"
-    size = len(prepend) + os.path.getsize(body_path)
+    if body_size is None:
+        body_size = os.path.getsize(body_path)
+    size = len(prepend) + body_size
     whole = full and size <= return_limit
-    with open(body_path, "rb") as fp:
+    with open_body_file(body_path, body_size) as fp:
         original = prepend + fp.read() if whole else _read_header_section(prepend, fp)
     if whole:
         original_type = "message/global" if envelope.smtputf8 else "message/rfc822"

@@ -157,8 +157,8 @@ class DeliveryNotifier:
             return []
         report = dsn.compose(action=action, hostname=self.hostname, envelope=envelope,
                              recipients=recipients, prepend=message.prepend_bytes(),
-                             body_path=message.body_path, to=to, now=now, lifetime=lifetime,
-                             full=full, return_limit=self.return_limit, postmaster_copy=postmaster)
+                             body_path=message.body_path, body_size=envelope.size, to=to, now=now,
+                             lifetime=lifetime, full=full, return_limit=self.return_limit, postmaster_copy=postmaster)
         kind = "postmaster" if postmaster else {dsn.FAILED: "bounce", dsn.DELAYED: "delay"}.get(
             action, "success")
         notice_envelope = Envelope(

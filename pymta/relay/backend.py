@@ -226,9 +226,10 @@ class _SMTPBackend:
 
         def job(session: ClientSession) -> defer.Deferred:
             if "content" not in state:
-                # the spool checks that envelope.size is the body file's size
-                size = message.envelope.size or None
-                state["content"] = MessageContent(message.prepend_bytes(), message.body_path, size)
+                # the body is envelope.size bytes from the start of the spool file
+                # (the spool checks it at start-up)
+                state["content"] = MessageContent(message.prepend_bytes(), message.body_path,
+                                                  message.envelope.size)
             content = state["content"]
             transaction = self._transaction(message, recipients, session, state, content.size)
             d = session.send(transaction, content)

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from pymta.relay.tls import TLSPolicy
 from pymta.smtp import client as C
+from pymta.spool.message import open_body_file
 
 log = Logger()
 
@@ -65,17 +66,22 @@ class SessionError(Exception):
 
 
 class MessageContent:
-    """The octets of a spooled message as sent: the prepended header fields, then the body file."""
+    """The octets of a spooled message as sent: the prepended header fields, then the body file.
+
+    ``body_size``: the body is that many bytes from the start of the file
+    (a spool file holds the envelope after it); None: the whole file.
+    """
 
     def __init__(self, prepend: bytes, body_path: str, body_size: int | None = None) -> None:
         self.prepend = prepend
         self.body_path = body_path
         if body_size is None:
             body_size = os.path.getsize(body_path)
+        self.body_size = body_size
         self.size = len(prepend) + body_size
 
     def open(self) -> BinaryIO:
-        return open(self.body_path, "rb")
+        return open_body_file(self.body_path, self.body_size)
 
 
 @implementer(IPushProducer)

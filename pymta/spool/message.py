@@ -23,6 +23,43 @@ HEADER_READ_LIMIT = 1024 * 1024
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
+class _Prefix(io.RawIOBase):
+    """The first ``size`` bytes of a file (the rest is not the body: see open_body_file)."""
+
+    def __init__(self, raw: BinaryIO, size: int) -> None:
+        self._raw = raw
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)
+        if len(view) > self._left:
+            view = view[:self._left]
+        count = self._raw.readinto(view) or 0
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def open_body_file(path: str, size: int) -> BinaryIO:
+    """The first ``size`` bytes of the file at ``path``, as a buffered binary file.
+
+    A committed spool file holds the message's envelope after its body
+    (:mod:`pymta.spool.store`): readers of the body stop at the envelope's
+    ``size``.
+    """
+    raw = open(path, "rb", buffering=0)
+    return io.BufferedReader(_Prefix(raw, size), 64 * 1024)  # type: ignore[return-value]
+
+
 def _decode(raw: bytes) -> str:
     """Header bytes as text: UTF-8 (RFC 6532), undecodable bytes replaced."""
     return raw.decode("utf-8", errors="replace")
@@ -100,7 +137,10 @@ class MessageView:
 
 
 class SpooledMessage:
-    """A committed message: its envelope and its body file.
+    """A committed message: its envelope and its spool file.
+
+    The body is the first ``envelope.size`` bytes of the file at
+    ``body_path`` (what follows is the envelope as committed).
 
     ``body``: the same bytes as the file, when the spool still holds them
     in memory (a small message just committed): reading them then makes no
@@ -120,7 +160,7 @@ class SpooledMessage:
         """The body as received (after dot-unstuffing), without ``envelope.prepend``."""
         if self._body is not None:
             return io.BytesIO(self._body)
-        return open(self.body_path, "rb")
+        return open_body_file(self.body_path, self.envelope.size)
 
     def prepend_bytes(self) -> bytes:
         """The header fields to write before the body (Received: first)."""

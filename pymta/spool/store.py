@@ -1,17 +1,24 @@
-"""The durable spool: one body file and one envelope file per message.
+"""The durable spool: one file per message, holding its body and its envelope.
 
 Layout under the spool directory (all mode 0700)::
 
-    tmp/<ID>.msg          body being received or committed (not committed yet)
-    tmp/<ID>.<n>.env      envelope being written (not committed)
-    queue/<ID>.msg        committed body: the bytes as received, once per message
-    queue/<ID>.env        committed envelope (JSON, see pymta.envelope)
+    tmp/<ID>.msg          message being received or committed (not committed yet)
+    tmp/<ID>.<n>.env      replacement envelope being written (not committed)
+    queue/<ID>.msg        committed message: the body as received (once per
+                          message), then its envelope as committed, then a
+                          trailer line giving the envelope's length
+    queue/<ID>.env        the envelope as last updated, once a delivery attempt
+                          changed it; it replaces the one inside <ID>.msg
     corrupt/              committed messages recover() could not load
     free/<n>              files of removed messages, kept for reuse (see below)
 
-A message is committed when ``queue/<ID>.env`` exists: the envelope is the
-last thing made visible, after the body it names is on disk.  A body without
-an envelope is garbage from an interrupted transaction.
+The envelope is JSON (see :mod:`pymta.envelope`), one line.  The trailer is
+``TRAILER_FORMAT``, fixed length, so that the envelope is found from the end
+of the file; the body is the first ``envelope.size`` bytes.  A message is
+committed when ``queue/<ID>.msg`` exists: it is renamed there, complete,
+after it was written and synced, so one file sync per message makes body
+and envelope durable together.  An ``<ID>.env`` without its ``<ID>.msg`` is
+what a crash left of a removal.
 
 Receiving (:class:`pymta.spool.writer.SpoolWriter`) holds a small body in
 memory, so the reactor thread makes no file-system call for typical mail; a
@@ -27,29 +34,30 @@ threads (``threads`` mode, and tests):
 * **commits** (group commit): while one flush runs, new commits wait; when
   it ends they all go to disk together in the next flush, and each commit's
   Deferred fires when its batch is durable.  One flush, ``sync="fsync"``:
-  write and fsync every body and envelope temp file (several at once, so
-  that the file system can merge them into one journal commit), rename them
-  into ``queue/`` (body first), then one fsync of ``queue/``.
+  write and fsync every message's temp file (several at once, so that the
+  file system can merge them into one journal commit), rename them into
+  ``queue/``, then one fsync of ``queue/``.
   ``sync="syncfs"``: write everything, rename, then one ``syncfs(2)`` for the
   whole file system.
 * **updates** (replaced envelopes, same batching): write (and fsync) the new
   envelopes, replace the old ones, then one fsync of ``queue/``; with
   ``syncfs``, one ``syncfs`` before the renames too, so that a crash cannot
   leave a committed message with a half-written envelope.
-* **removals**: unlink the envelope, then the body, without any barrier.  A
-  crash before the unlinks reach the disk brings the message back at the
-  next start, and it is delivered again: at least once is the contract.
+* **removals**: unlink the message file, then the updated envelope if there
+  is one, without any barrier.  A crash before the unlinks reach the disk
+  brings the message back at the next start, and it is delivered again: at
+  least once is the contract.
 
 Files are recycled: a removed message's files (and an envelope replaced by
 an update) are renamed into ``free/`` rather than deleted, up to
 ``FREE_FILES_KEPT`` of them no larger than ``RECYCLE_MAX_BYTES``, and the
-next commits take their body and envelope temp files from there: renamed
-into ``tmp/``, overwritten from the start, truncated to the new length and
+next commits and updates take their temp files from there: renamed into
+``tmp/``, overwritten from the start, truncated to the new length and
 fsynced like a new file.  A busy spool then allocates and frees no inodes,
-which is what creating and deleting two files per message costs most on
-ext4 (most of all without a journal, where every allocation scans past the
-inodes freed in the last seconds).  A recycled file never becomes visible in
-``queue/`` before it holds the new message, durably.
+which is what creating and deleting files costs most on ext4 (most of all
+without a journal, where every allocation scans past the inodes freed in the
+last minutes).  A recycled file never becomes visible in ``queue/`` before
+it holds the new message, durably.
 
 Requests for one message are applied in the order they were made: an update
 or removal waits for the message's earlier commit, update or removal.
@@ -92,6 +100,10 @@ FREE_DIR = "free"
 BODY_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".env"
 
+#: after the envelope in a committed message file: the envelope's length in bytes
+TRAILER_FORMAT = b"pymta envelope %010d\n"
+TRAILER_BYTES = len(TRAILER_FORMAT % 0)
+
 #: files written and fsynced at once within one flush (fsync mode)
 PARALLEL_FSYNCS = 4
 #: at most this many files of removed messages are kept in free/ for reuse
@@ -128,6 +140,76 @@ def _encode_envelope(envelope: Envelope) -> bytes:
                       separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+def _trailer(envelope_data: bytes) -> bytes:
+    return TRAILER_FORMAT % len(envelope_data)
+
+
+def _read_embedded_envelope(fd: int) -> tuple[bytes, int]:
+    """(the envelope inside a committed message file, the body's size); ValueError if damaged."""
+    file_size = os.fstat(fd).st_size
+    if file_size < TRAILER_BYTES:
+        raise ValueError(f"{file_size} bytes: too short to hold an envelope")
+    trailer = os.pread(fd, TRAILER_BYTES, file_size - TRAILER_BYTES)
+    prefix = TRAILER_FORMAT.split(b"%")[0]
+    digits = trailer[len(prefix):-1]
+    if not (trailer.startswith(prefix) and trailer.endswith(b"\n") and digits.isdigit()):
+        raise ValueError("no envelope trailer at its end")
+    length = int(digits)
+    body_size = file_size - TRAILER_BYTES - length
+    if body_size < 0:
+        raise ValueError(f"its trailer names an envelope of {length} bytes, longer than the file")
+    data = os.pread(fd, length, body_size)
+    if len(data) != length:
+        raise ValueError("short read of its envelope")
+    return data, body_size
+
+
+def _parse_envelope(data: bytes, queue_id: str) -> Envelope:
+    envelope = Envelope.from_json(json.loads(data.decode("utf-8")))
+    if envelope.queue_id != queue_id:
+        raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
+    return envelope
+
+
+def queue_file_content(body: bytes, envelope: Envelope) -> bytes:
+    """The bytes of a committed message file (for tools that fill a spool themselves)."""
+    data = _encode_envelope(envelope)
+    return bytes(body) + data + _trailer(data)
+
+
+def load_queue_file(queue_dir: str, queue_id: str) -> tuple[Envelope, int]:
+    """(the envelope, the body's size) of the committed message ``queue_id`` in ``queue_dir``.
+
+    The envelope is the updated one (``<ID>.env``) if there is one, else the
+    one inside ``<ID>.msg``.  A message file without an envelope inside,
+    whose ``<ID>.env`` gives its whole size as the body's, is a message of
+    the two-file layout of earlier versions, and read as such.  Raises
+    OSError, or ValueError for a damaged file.  Reads only: usable on the
+    spool of a running server.
+    """
+    fd = os.open(os.path.join(queue_dir, queue_id + BODY_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            data, body_size = _read_embedded_envelope(fd)
+            damage = None
+        except ValueError as e:
+            # A spool written by pymta before messages held their envelope:
+            # the file is all body, the envelope is <ID>.env (checked below).
+            data, body_size, damage = b"", os.fstat(fd).st_size, e
+    finally:
+        os.close(fd)
+    try:
+        with open(os.path.join(queue_dir, queue_id + ENVELOPE_SUFFIX), "rb") as fp:
+            data = fp.read()
+    except FileNotFoundError:
+        if damage is not None:
+            raise damage from None
+    envelope = _parse_envelope(data, queue_id)
+    if damage is not None and envelope.size != body_size:
+        raise damage
+    return envelope, body_size
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -140,7 +222,8 @@ def _unlink_quietly(path: str) -> None:
 @dataclass
 class _Commit:
     queue_id: str
-    #: tmp/<ID>.msg: the spilled body file, or where the in-memory body goes
+    #: tmp/<ID>.msg: the spilled body file, or where the in-memory body goes;
+    #: the envelope is written after the body, and the file renamed into queue/
     body_tmp: str
     #: the open spilled body file, or None
     body_file: BinaryIO | None
@@ -150,7 +233,6 @@ class _Commit:
     #: header ranges to cut from the spilled body file before it is synced (drop_headers)
     body_drop: list[tuple[int, int]] = field(default_factory=list)
     done: defer.Deferred = field(default_factory=defer.Deferred)
-    envelope_tmp: str = ""
     #: does body_tmp hold this request's body (so that a failure must remove it)?
     body_written: bool = False
     #: the spilled body is in body_tmp, closed (sent to the disk worker): open it again
@@ -190,7 +272,7 @@ def records_of_requests(kind: str, batch: list[_Request]) -> list[tuple]:
                 r.body_file.close()              # flushes Python's buffer
                 r.body_file = None
             records.append((r.queue_id, r.body_tmp, spilled, r.body_memory, r.envelope_data,
-                            r.body_drop, r.envelope_tmp))
+                            r.body_drop))
         return records
     if kind == "updates":
         return [(r.queue_id, r.envelope_data, r.envelope_tmp) for r in batch]
@@ -201,9 +283,9 @@ def requests_from_records(kind: str, records: list[tuple]) -> list[_Request]:
     """The requests again, from :func:`records_of_requests` (in the disk worker)."""
     if kind == "commits":
         requests = []
-        for queue_id, body_tmp, spilled, memory, envelope_data, body_drop, envelope_tmp in records:
+        for queue_id, body_tmp, spilled, memory, envelope_data, body_drop in records:
             requests.append(_Commit(queue_id, body_tmp, None, memory, envelope_data,
-                                    list(body_drop), envelope_tmp=envelope_tmp, reopen=spilled))
+                                    list(body_drop), reopen=spilled))
         return requests
     if kind == "updates":
         return [_Update(queue_id, data, envelope_tmp=tmp) for queue_id, data, tmp in records]
@@ -251,8 +333,7 @@ class Spool:
         self._fsync_workers: ThreadPoolExecutor | None = None
         self._fsync_workers_made = threading.Lock()
         if worker is not None:
-            self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch),
-                                          self._name_temp_files)
+            self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch))
             self._updates = BatchPipeline(reactor, None, lambda batch: self._in_worker("updates", batch),
                                           self._name_temp_files)
             self._removals = BatchPipeline(reactor, None, lambda batch: self._in_worker("removals", batch))
@@ -260,8 +341,7 @@ class Spool:
             if threadpool is None:
                 threadpool = pipeline_threadpool(reactor, 3, "pymta.spool")
             # (looked up per batch, so that tests can wrap the methods)
-            self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._flush(batch),
-                                          self._name_temp_files)
+            self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._flush(batch))
             self._updates = BatchPipeline(reactor, threadpool, lambda batch: self._flush_updates(batch),
                                           self._name_temp_files)
             self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._apply_removals(batch))
@@ -281,9 +361,11 @@ class Spool:
     # -- paths -------------------------------------------------------------
 
     def body_path(self, queue_id: str) -> str:
+        """The committed message's file: its body (``envelope.size`` bytes), then its envelope."""
         return os.path.join(self.queue_dir, queue_id + BODY_SUFFIX)
 
     def envelope_path(self, queue_id: str) -> str:
+        """Where an update puts the message's envelope (it then wins over the embedded one)."""
         return os.path.join(self.queue_dir, queue_id + ENVELOPE_SUFFIX)
 
     # -- receiving -----------------------------------------------------------
@@ -303,7 +385,7 @@ class Spool:
                                self.memory_limit)
         for _ in range(100):
             queue_id = new_queue_id()
-            if os.path.exists(self.envelope_path(queue_id)):
+            if os.path.exists(self.body_path(queue_id)):
                 continue
             writer = SpoolWriter(self, queue_id, os.path.join(self.tmp_dir, queue_id + BODY_SUFFIX), 0)
             try:
@@ -356,7 +438,7 @@ class Spool:
         return self._submit(_Update(envelope.queue_id, _encode_envelope(envelope)))
 
     def remove(self, queue_id: str, size: int | None = None) -> defer.Deferred:
-        """Remove a delivered message: the envelope first, then the body (recycled, see above).
+        """Remove a delivered message: its file, then its updated envelope (recycled, see above).
 
         No durability barrier: should a crash undo the removal, the message
         is delivered again (at least once).  The Deferred fires when both
@@ -371,16 +453,20 @@ class Spool:
             names = os.listdir(self.queue_dir)
         except FileNotFoundError:
             return []
-        return sorted(name[:-len(ENVELOPE_SUFFIX)] for name in names
-                      if name.endswith(ENVELOPE_SUFFIX) and is_queue_id(name[:-len(ENVELOPE_SUFFIX)]))
+        return sorted(name[:-len(BODY_SUFFIX)] for name in names
+                      if name.endswith(BODY_SUFFIX) and is_queue_id(name[:-len(BODY_SUFFIX)]))
 
     def load(self, queue_id: str) -> Envelope:
-        """Read one committed envelope (raises OSError or ValueError)."""
-        with open(self.envelope_path(queue_id), "rb") as fp:
-            envelope = Envelope.from_json(json.loads(fp.read().decode("utf-8")))
-        if envelope.queue_id != queue_id:
-            raise ValueError(f"envelope file names queue id {envelope.queue_id!r}")
-        return envelope
+        """Read one committed message's envelope (raises OSError or ValueError).
+
+        The updated one (``queue/<ID>.env``) if there is one, else the one
+        inside the message file.
+        """
+        return self._load_checked(queue_id)[0]
+
+    def _load_checked(self, queue_id: str) -> tuple[Envelope, int]:
+        """(the message's envelope, its body's size in the file)."""
+        return load_queue_file(self.queue_dir, queue_id)
 
     # -- start-up --------------------------------------------------------------
 
@@ -388,23 +474,13 @@ class Spool:
         """Clean up after a crash and return every committed envelope, oldest first.
 
         Runs at start-up, before anything else uses the spool, on the calling
-        thread.  Temp files are uncommitted and deleted; a body in ``queue/``
-        without an envelope is an interrupted commit and deleted too.  A
-        committed envelope that cannot be read, or whose body is missing,
-        unreadable or of the wrong size, is logged and moved (with its body)
-        to ``corrupt/``.
+        thread.  Temp files are uncommitted and deleted; an updated envelope
+        in ``queue/`` without its message file is what a crash left of a
+        removal, and deleted too.  A committed message whose envelope cannot
+        be read or whose body is not the size its envelope says is logged
+        and moved (with its updated envelope) to ``corrupt/``.
         """
         committed = set(self.queue_ids())
-        # A batch renames a message's body and then its envelope, and one
-        # directory fsync makes both durable.  Should a crash persist the
-        # envelope's rename but not the body's, the body (fsynced before the
-        # renames) is still in tmp/: finish the move.
-        for queue_id in committed:
-            body = self.body_path(queue_id)
-            orphan = os.path.join(self.tmp_dir, queue_id + BODY_SUFFIX)
-            if not os.path.exists(body) and os.path.exists(orphan):
-                os.rename(orphan, body)
-                log.info("{queue_id}: recovered body from the spool's tmp directory", queue_id=queue_id)
         for name in os.listdir(self.tmp_dir):
             path = os.path.join(self.tmp_dir, name)
             try:
@@ -417,9 +493,9 @@ class Spool:
                 log.info("spool: removed uncommitted temp file {path}", path=path)
         for name in os.listdir(self.queue_dir):
             stem, _, suffix = name.rpartition(".")
-            if "." + suffix == BODY_SUFFIX and is_queue_id(stem) and stem not in committed:
+            if "." + suffix == ENVELOPE_SUFFIX and is_queue_id(stem) and stem not in committed:
                 os.unlink(os.path.join(self.queue_dir, name))
-                log.info("{queue_id}: removed body of an uncommitted message", queue_id=stem)
+                log.info("{queue_id}: removed the envelope of a removed message", queue_id=stem)
             elif not (is_queue_id(stem) and "." + suffix in (BODY_SUFFIX, ENVELOPE_SUFFIX)):
                 log.warn("spool: ignoring unexpected file {path}",
                          path=os.path.join(self.queue_dir, name))
@@ -434,27 +510,21 @@ class Spool:
         return envelopes
 
     def _check_committed(self, queue_id: str) -> Envelope | str:
+        path = self.body_path(queue_id)
         try:
-            envelope = self.load(queue_id)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            return f"unreadable envelope {self.envelope_path(queue_id)}: {e}"
-        body = self.body_path(queue_id)
-        try:
-            fd = os.open(body, os.O_RDONLY)
+            envelope, size = self._load_checked(queue_id)
         except OSError as e:
-            return f"body {body}: {e.strerror}"
-        try:
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+            return f"{e.filename or path}: {e.strerror}"
+        except (ValueError, TypeError, KeyError) as e:
+            return f"unreadable envelope in {path}: {e}"
         if size != envelope.size:
-            return f"body {body} has {size} bytes, the envelope says {envelope.size}"
+            return f"{path} holds a body of {size} bytes, the envelope says {envelope.size}"
         return envelope
 
     def _quarantine(self, queue_id: str, problem: str) -> None:
         log.error("{queue_id}: corrupt spool entry, moved to {corrupt}: {problem}",
                   queue_id=queue_id, corrupt=self.corrupt_dir, problem=problem)
-        for path in (self.envelope_path(queue_id), self.body_path(queue_id)):
+        for path in (self.body_path(queue_id), self.envelope_path(queue_id)):
             if not os.path.exists(path):
                 continue
             target = os.path.join(self.corrupt_dir, os.path.basename(path))
@@ -594,10 +664,9 @@ class Spool:
             # (Rare: this runs on the reactor thread.)
             for request in batch:
                 if kind == "commits":
-                    _unlink_quietly(self.envelope_path(request.queue_id))
                     _unlink_quietly(self.body_path(request.queue_id))
                     _unlink_quietly(request.body_tmp)
-                if kind in ("commits", "updates"):
+                if kind == "updates":
                     _unlink_quietly(request.envelope_tmp)
             return failure
         return d.addCallbacks(mapped, failed)
@@ -612,7 +681,7 @@ class Spool:
             return self._apply_removals(batch)
         raise ValueError(f"unknown spool batch kind {kind!r}")
 
-    def _name_temp_files(self, batch: list[_Commit | _Update]) -> None:
+    def _name_temp_files(self, batch: list[_Update]) -> None:
         for request in batch:
             self._temp_counter += 1
             request.envelope_tmp = os.path.join(
@@ -657,46 +726,55 @@ class Spool:
         return spool_error
 
     def _write_commit(self, request: _Commit, fsync: bool) -> None:
-        """The data of one commit: its body file and envelope temp file."""
+        """The data of one commit: the message file, body then envelope and trailer."""
+        tail = (request.envelope_data, _trailer(request.envelope_data))
         try:
             if request.body_memory is not None:
                 fd, recycled = self._new_file(request.body_tmp)
                 request.body_written = True
-                self._write_fd(fd, request.body_memory, fsync, recycled)
+                self._write_fd(fd, (request.body_memory, *tail), fsync, recycled)
             else:
                 request.body_written = True
                 if request.reopen:
                     request.body_file = open(request.body_tmp, "r+b")
                 if request.body_drop:
                     cut_ranges(request.body_tmp, request.body_file, request.body_drop)
+                request.body_file.seek(0, os.SEEK_END)
+                for part in tail:
+                    request.body_file.write(part)
                 request.body_file.flush()
                 if fsync:
                     os.fsync(request.body_file.fileno())
                 request.body_file.close()
         except OSError as e:
             raise self._failed(request, e, f"writing {request.body_tmp}")
-        self._write_envelope(request, fsync)
 
-    def _write_envelope(self, request: _Commit | _Update, fsync: bool) -> None:
+    def _write_envelope(self, request: _Update, fsync: bool) -> None:
         try:
             fd, recycled = self._new_file(request.envelope_tmp)
-            self._write_fd(fd, request.envelope_data, fsync, recycled)
+            self._write_fd(fd, (request.envelope_data,), fsync, recycled)
         except OSError as e:
             raise self._failed(request, e, f"writing {request.envelope_tmp}")
 
     @staticmethod
-    def _write_fd(fd: int, data: bytes | bytearray, fsync: bool, recycled: bool = False) -> None:
-        """Write all of ``data`` to ``fd``, fsync it if asked, close it.
+    def _write_fd(fd: int, parts: tuple[bytes | bytearray, ...], fsync: bool,
+                  recycled: bool = False) -> None:
+        """Write ``parts`` one after the other to ``fd``, fsync it if asked, close it.
 
-        ``recycled``: the file held other bytes; cut it to ``data``'s length.
+        ``recycled``: the file held other bytes; cut it to what was written.
         """
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            views = [memoryview(part) for part in parts if len(part)]
+            total = sum(len(view) for view in views)
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
             if recycled:
-                os.ftruncate(fd, len(data))
+                os.ftruncate(fd, total)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -712,15 +790,15 @@ class Spool:
         fsync = self.sync == "fsync"
         # 1. the data: body files and envelope temps
         self._write_each(batch, self._write_commit, errors, fsync)
-        # 2. the names, in request order; body before envelope
+        # 2. the names, in request order
         for request in batch:
             if id(request) in errors:
                 continue
             try:
-                if os.path.lexists(self.envelope_path(request.queue_id)):
+                if (os.path.lexists(self.body_path(request.queue_id))
+                        or os.path.lexists(self.envelope_path(request.queue_id))):
                     raise FileExistsError(f"queue id {request.queue_id} is already in the spool")
                 os.rename(request.body_tmp, self.body_path(request.queue_id))
-                os.rename(request.envelope_tmp, self.envelope_path(request.queue_id))
             except OSError as e:
                 errors[id(request)] = Failure(self._failed(request, e, "updating the queue directory"))
         # clean up what failed requests left behind
@@ -733,7 +811,6 @@ class Spool:
                         pass
                 if request.body_written:
                     _unlink_quietly(request.body_tmp)
-                _unlink_quietly(request.envelope_tmp)
         # 3. one barrier for the whole batch
         try:
             self._barrier(fsync)
@@ -742,7 +819,6 @@ class Spool:
             # new messages, whose senders are about to be told 4xx
             for request in batch:
                 if id(request) not in errors:
-                    _unlink_quietly(self.envelope_path(request.queue_id))
                     _unlink_quietly(self.body_path(request.queue_id))
             raise
         return errors
@@ -783,10 +859,16 @@ class Spool:
         return errors
 
     def _apply_removals(self, batch: list[_Remove]) -> dict[int, Failure]:
-        """Retire envelope then body of each message; no barrier (runs in a pool thread)."""
+        """Retire each message's file, then its updated envelope; no barrier (runs in a pool thread).
+
+        The message file goes first: a crash between the two leaves an
+        envelope without its message, which recover() deletes, rather than
+        the message with its envelope as first committed, which would be
+        delivered again to every recipient.
+        """
         errors: dict[int, Failure] = {}
         for request in batch:
-            for path in (self.envelope_path(request.queue_id), self.body_path(request.queue_id)):
+            for path in (self.body_path(request.queue_id), self.envelope_path(request.queue_id)):
                 try:
                     if path.endswith(ENVELOPE_SUFFIX):
                         small = True
