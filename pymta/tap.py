@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
+from pymta.dns.reverse import ClientNames
 from pymta.logtext import speed_up_text_log
 from pymta.spool.diskworker import DiskWorker
 
@@ -182,7 +183,9 @@ def build_service(config: Config, reactor) -> MultiService:
     context = ServerContext(config=config, policy=SessionPolicy(config), spool=spool,
                             scheduler=scheduler, reactor=reactor, tls=tls,
                             portal=build_portal(p.obj for p in config.stages.get("auth", ())),
-                            auth_failures=AuthFailureDelay(config.limits.auth_failure_delay))
+                            auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
+                            client_names=(ClientNames(config.resolver, config.dns.hosts_file)
+                                          if config.dns.reverse_lookup else None))
     if tls is not None:
         TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()

@@ -736,3 +736,15 @@ def test_plugin_context_provides_interface(tmp_path):
     assert context.resolve_path("/abs/x") == "/abs/x"
     assert context.resolve_path("a/../b") == str(tmp_path / "b")
     assert os.path.isabs(context.resolve_path("~/x"))
+
+
+def test_client_name_lookup_settings(tmp_path):
+    assert load(tmp_path, "").dns.reverse_lookup is True
+    assert load(tmp_path, "").dns.hosts_file == "/etc/hosts"
+    write(tmp_path / "my-hosts", "192.0.2.1 gw.example.org\n")
+    config = load(tmp_path, '[dns]\nreverse_lookup = false\nhosts_file = "my-hosts"\n')
+    assert config.dns.reverse_lookup is False and config.dns.hosts_file == str(tmp_path / "my-hosts")
+    assert load(tmp_path, '[dns]\nhosts_file = ""\n').dns.hosts_file == ""
+    config_error(tmp_path, '[dns]\nhosts_file = "missing-hosts"\n', "dns.hosts_file",
+                 f"no such file: {tmp_path / 'missing-hosts'}")
+    config_error(tmp_path, '[dns]\nreverse_lookup = "yes"\n', "dns.reverse_lookup", "expected")

@@ -12,7 +12,7 @@ def test_etrn_trusted_and_untrusted(make_server):
     assert "ETRN" in lines
     code, text = w.cmd("ETRN example.org")
     assert code == 250 and text.startswith("2.0.0 Queuing started for example.org")
-    assert "ETRN example.org from unknown[127.0.0.1]" in trusted.log_text()
+    assert "ETRN example.org from localhost[127.0.0.1]" in trusted.log_text()
 
     untrusted = make_server(server_toml="trusted_networks = []")
     w = Wire(untrusted.port)

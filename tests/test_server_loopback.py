@@ -30,12 +30,12 @@ def test_smtplib_delivery_with_trace_headers(server):
     lines = head.split(b"\r\n")
     assert lines[0] == b"Return-Path: <sender@example.org>"
     assert lines[1] == b"Delivered-To: alice@example.test"
-    assert lines[2].startswith(b"Received: from client.example (unknown [127.0.0.1])")
+    assert lines[2].startswith(b"Received: from client.example (localhost [127.0.0.1])")
     assert b"by mx.example.test (pymta) with ESMTP id " in head
     assert b"for <alice@example.test>;" in head
     assert msg.endswith(b"Subject: hello\r\nMessage-ID: <1@example.test>\r\n\r\nline one\r\n.leading dot\r\n")
     log = server.log_text()
-    assert "client=unknown[127.0.0.1]" in log and "from=<sender@example.org>" in log
+    assert "client=localhost[127.0.0.1]" in log and "from=<sender@example.org>" in log
     assert "to=<alice@example.test>" in log and "status=sent" in log
 
 
@@ -79,7 +79,7 @@ def test_relay_denied_for_untrusted_client(make_server):
     w.cmd("MAIL FROM:<a@example.org>")
     assert w.cmd("RCPT TO:<victim@elsewhere.example>") == (554, "5.7.1 Relay access denied")
     assert w.cmd("RCPT TO:<bob@example.test>")[0] == 250
-    assert "NOQUEUE: reject: RCPT from unknown[127.0.0.1]" in srv.log_text()
+    assert "NOQUEUE: reject: RCPT from localhost[127.0.0.1]" in srv.log_text()
 
 
 def test_unsafe_mailbox_names_refused(server):

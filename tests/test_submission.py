@@ -89,7 +89,7 @@ def test_starttls_on_mx_then_delivery_records_tls(submission):
     [msg] = srv.delivered("alice@example.test")
     assert b"with ESMTPS id" in msg
     assert re.search(rb"\(using TLSv1\.[23] with cipher \S+\)", msg)
-    assert "TLS established with unknown[127.0.0.1]" in srv.log_text()
+    assert "TLS established with localhost[127.0.0.1]" in srv.log_text()
 
 
 def test_plaintext_pipelined_after_starttls_is_discarded(submission):

@@ -362,7 +362,13 @@ class _ConfigBuilder:
             servers = opts.list_str("nameservers", default=[])
             timeout = opts.duration("timeout", defaults.timeout, above=0)
             attempts = opts.int("attempts", defaults.attempts, minimum=1, maximum=10)
+            reverse_lookup = opts.bool("reverse_lookup", defaults.reverse_lookup)
+            hosts_file = opts.str("hosts_file", defaults.hosts_file, allow_empty=True)
             opts.finish()
+            if hosts_file:
+                hosts_file = self.resolve(hosts_file)
+                if hosts_file != defaults.hosts_file and not os.path.isfile(hosts_file):
+                    raise OptionError("hosts_file", f"no such file: {hosts_file}")
             for index, server in enumerate(servers):
                 try:
                     host, port = parse_nameserver(server)
@@ -372,7 +378,7 @@ class _ConfigBuilder:
                 except ValueError:
                     raise OptionError(f"nameservers[{index}]", f"expected an IP address with an "
                                       f"optional :port, got {server!r}") from None
-        return DNSSettings(tuple(servers), timeout, attempts)
+        return DNSSettings(tuple(servers), timeout, attempts, reverse_lookup, hosts_file)
 
     def _queue(self, table: dict[str, Any]) -> Retry:
         defaults = Retry()

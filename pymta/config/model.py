@@ -88,6 +88,10 @@ class DNSSettings:
     nameservers: tuple[str, ...] = ()
     timeout: float = 5.0        # seconds per attempt
     attempts: int = 2
+    #: look up each client's name (PTR, confirmed by A/AAAA); False: every client is "unknown"
+    reverse_lookup: bool = True
+    #: read before DNS for client names; "" for none
+    hosts_file: str = "/etc/hosts"
 
 
 @dataclass(frozen=True)

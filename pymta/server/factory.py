@@ -30,6 +30,7 @@ class ServerContext:
     tls: Any = None             # pymta.server.tls.ServerTLS when [tls] is configured
     portal: Any = None          # twisted.cred Portal when [stages] auth has checkers
     auth_failures: Any = None   # pymta.server.auth.AuthFailureDelay
+    client_names: Any = None    # pymta.dns.reverse.ClientNames ([dns] reverse_lookup), or None
 
 
 class _Refusal(Protocol):

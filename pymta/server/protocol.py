@@ -84,6 +84,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._greeted = False
         self._greet_call = None
+        self._starting = 0
+        self._lost = False
 
     # ------------------------------------------------------------ lifecycle
     def connectionMade(self) -> None:
@@ -96,12 +98,31 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                session_id=f"{next(_session_ids):x}")
         self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, self.factory.features)
         self.setTimeout(ctx.config.limits.idle_timeout)
-        log.info("connect from {client}", client=self.client)
+        # the connect stage waits for the client's name and the pregreet wait
+        self._starting = 1
+        if ctx.client_names is not None:
+            self._starting += 1
+            ctx.client_names.lookup(ip).addCallback(self._named)
         wait = ctx.config.limits.pregreet_wait
         if wait > 0:
-            self._greet_call = ctx.reactor.callLater(wait, self._connect_stage)
+            self._greet_call = ctx.reactor.callLater(wait, self._waited)
         else:
-            self._connect_stage()
+            self._started()
+
+    def _named(self, name: str) -> None:
+        self.session.client_name = name
+        self._started()
+
+    def _waited(self) -> None:
+        self._greet_call = None
+        self._started()
+
+    def _started(self) -> None:
+        self._starting -= 1
+        if self._starting or self._lost:
+            return
+        log.info("connect from {client}", client=self.client)
+        self._connect_stage()
 
     @property
     def client(self) -> str:
@@ -109,7 +130,6 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         return f"{s.client_name}[{s.client_ip}]:{s.client_port}" if s else "unknown"
 
     def _connect_stage(self) -> None:
-        self._greet_call = None
         self._decide(self.factory.context.policy.connect(self.session), self._connect_verdict)
 
     def _connect_verdict(self, verdict: Verdict) -> None:
@@ -124,6 +144,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._process()
 
     def connectionLost(self, reason=None) -> None:
+        self._lost = True
         self.setTimeout(None)
         if self._greet_call is not None and self._greet_call.active():
             self._greet_call.cancel()
