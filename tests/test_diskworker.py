@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -65,6 +66,10 @@ def log_and_add(a: int, b: int) -> int:
     return a + b
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def die() -> None:
     os._exit(3)
 
@@ -78,6 +83,20 @@ def test_a_call_runs_in_another_process():
         child = yield worker.call(os.getpid)
         assert child not in (os.getpid(), None) and child == worker.pid
         assert (yield worker.call(os.getpid)) == child          # one child for every call
+    in_reactor(test)
+
+
+def test_calls_larger_than_the_pipe_arrive_whole_and_in_order():
+    """A call goes straight into the pipe when nothing is queued; what the pipe
+    does not take, and every call after it, goes through the transport."""
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        large = bytes(range(256)) * (3 * 1024 * 1024 // 256)            # far over a pipe's 64 KiB
+        calls = [worker.call(sha256, large), worker.call(len, b"small"),
+                 worker.call(len, large), worker.call(log_and_add, 2, 3)]
+        digest, small, size, added = yield defer.gatherResults(calls)
+        assert digest == hashlib.sha256(large).hexdigest()
+        assert (small, size, added) == (5, len(large), 5)
     in_reactor(test)
 
 

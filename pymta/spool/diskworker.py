@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.process import ProcessWriter
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogPublisher
 
@@ -158,8 +159,31 @@ class DiskWorker:
                 return defer.fail(DiskWorkerError(f"cannot start the disk worker process: {e}"))
         self._serial += 1
         d = self._pending[self._serial] = defer.Deferred()
-        self._child.transport.writeSequence([_HEADER.pack(len(frame), self._serial), frame])
+        self._send(_HEADER.pack(len(frame), self._serial), frame)
         return d
+
+    def _send(self, header: bytes, frame: bytes) -> None:
+        """Write one call to the child's stdin, at once when nothing is queued before it.
+
+        The transport's ``write`` only queues: the bytes would leave on the
+        reactor's next pass, after it has served every other ready
+        connection, and the call (a commit batch that sessions wait on)
+        with them.  Whatever the pipe does not take now goes through the
+        transport as usual, so the order of bytes is the same either way.
+        """
+        transport = self._child.transport
+        writer = transport.pipes.get(0)
+        if (isinstance(writer, ProcessWriter) and writer.connected and not writer.disconnecting
+                and not writer.dataBuffer and not writer._tempDataBuffer):
+            try:
+                sent = os.writev(writer.fd, (header, frame))
+            except OSError:        # would block, or a broken pipe: the transport's path decides
+                sent = 0
+            if sent == len(header) + len(frame):
+                return
+            transport.write((header + frame)[sent:])
+            return
+        transport.writeSequence([header, frame])
 
     def _kill(self, child: "_ChildProtocol") -> None:
         log.error("disk worker process did not end within {seconds} s of the stop; killing it",
