@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
+from pymta.spool import store as store_module
 from pymta.spool.store import MEMORY_BODY_LIMIT, TRAILER_BYTES, TRAILER_FORMAT, Spool, SpoolError
 from schedulerkit import SyncThreadPool
 
@@ -1180,3 +1182,65 @@ def test_kill_9_never_loses_a_committed_message(tmp_path):
         assert spool_files(spool)["corrupt"] == []
         assert all(name.endswith(".msg") for name in spool_files(spool)["queue"])   # no updates here
     assert len(printed) >= 60
+
+
+def test_a_removed_file_is_reused_only_after_queue_is_synced(tmp_path, monkeypatch):
+    """Removals have no barrier: until queue/ is synced, a crash can bring the old
+    name back, so its file must not take another message's bytes before then."""
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    gone = commit_message(spool, b"Subject: old\r\n\r\nold secret\r\n")
+    old_inode = os.stat(spool.body_path(gone.queue_id)).st_ino
+    events = []
+    real_fsync_directory = store_module._fsync_directory
+    real_rename = os.rename
+
+    def fsync_directory(path):
+        events.append(("sync", os.path.basename(path)))
+        real_fsync_directory(path)
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        events.append(("rename", os.path.basename(os.path.dirname(src)), os.path.basename(os.path.dirname(dst))))
+    monkeypatch.setattr(store_module, "_fsync_directory", fsync_directory)
+    monkeypatch.setattr(os, "rename", rename)
+    result_of(spool.remove(gone.queue_id, gone.size))
+    assert spool.free_files == 1 and spool._free == deque()          # retired, not reusable yet
+    assert events == [("rename", "queue", "free")]
+    new = commit_message(spool, b"Subject: new\r\n\r\nnew\r\n")
+    # the queue/ sync came before the retired file was taken for the new message
+    assert events[1:3] == [("sync", "queue"), ("rename", "free", "tmp")]
+    assert os.stat(spool.body_path(new.queue_id)).st_ino == old_inode
+    assert stored_body(spool, new.queue_id) == b"Subject: new\r\n\r\nnew\r\n"
+
+
+def test_a_restarted_spool_syncs_queue_before_reusing_free_files(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    envelope = commit_message(spool, b"Subject: x\r\n\r\nx\r\n")
+    result_of(spool.remove(envelope.queue_id, envelope.size))
+    synced = []
+    real_fsync_directory = store_module._fsync_directory
+    monkeypatch.setattr(store_module, "_fsync_directory",
+                        lambda path: (synced.append(os.path.basename(path)), real_fsync_directory(path)))
+    again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    assert synced == ["queue"] and list(again._free) == free_names(again) and again.free_files == 1
+
+
+def test_syncfs_mode_syncs_a_recycled_file_before_naming_it_in_queue(tmp_path, monkeypatch):
+    """Overwritten blocks are not ordered before a rename: without the first sync a
+    crash could leave queue/<new> holding the removed message's bytes."""
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), sync="syncfs")
+    assert spool.sync == "syncfs"
+    gone = commit_message(spool, b"Subject: old\r\n\r\nold\r\n")
+    result_of(spool.remove(gone.queue_id, gone.size))
+    events = []
+    real_syncfs, real_rename = spool._call_syncfs, os.rename
+    monkeypatch.setattr(spool, "_call_syncfs", lambda: (events.append("syncfs"), real_syncfs()))
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        events.append(f"{os.path.basename(os.path.dirname(src))}->{os.path.basename(os.path.dirname(dst))}")
+    monkeypatch.setattr(os, "rename", rename)
+    new = commit_message(spool, b"Subject: new\r\n\r\nnew\r\n")
+    assert "free->tmp" in events                                       # it was recycled
+    assert events[events.index("free->tmp") + 1:] == ["syncfs", "tmp->queue", "syncfs"]
+    assert stored_body(spool, new.queue_id) == b"Subject: new\r\n\r\nnew\r\n"

@@ -57,7 +57,12 @@ fsynced like a new file.  A busy spool then allocates and frees no inodes,
 which is what creating and deleting files costs most on ext4 (most of all
 without a journal, where every allocation scans past the inodes freed in the
 last minutes).  A recycled file never becomes visible in ``queue/`` before
-it holds the new message, durably.
+it holds the new message, durably (with ``syncfs``, one more sync before
+the renames: overwritten blocks are not ordered before a rename).  And a
+removed message's file is reused only after a sync of ``queue/`` that began
+after its removal: until then a crash could bring its old name back, which
+must not then name another message's bytes.  (A crash on ext4 without a
+journal needs ``fsck`` before the next start, as for any program.)
 
 Requests for one message are applied in the order they were made: an update
 or removal waits for the message's earlier commit, update or removal.
@@ -240,6 +245,8 @@ class _Commit:
     body_written: bool = False
     #: the spilled body is in body_tmp, closed (sent to the disk worker): open it again
     reopen: bool = False
+    #: body_tmp is a recycled file, overwritten in place
+    recycled: bool = False
 
 
 @dataclass
@@ -354,6 +361,10 @@ class Spool:
         # names in free/ ready for reuse (deque: taken and given back by pipeline
         # threads); with a disk worker, its child's spool keeps the list
         self._free: deque[str] = deque()
+        # names retired into free/ whose removal from queue/ is not durable yet
+        # (no queue/ barrier since): reusable only after the next one
+        self._retired: list[str] = []
+        self._retired_lock = threading.Lock()
         self._free_serial = itertools.count(1)
         if worker is None:
             self._take_stock_of_free_files()
@@ -549,8 +560,11 @@ class Spool:
         A name in free/ that is also a file in queue/ (a crash between an
         update's link and its replace, or a rename that a crash left half
         done) or that has another link is only unlinked: reusing it would
-        overwrite a committed message.
+        overwrite a committed message.  queue/ is synced first: a removal
+        the previous process made (or a child that died) may not be durable
+        yet, and its file must not be reused until it is.
         """
+        _fsync_directory(self.queue_dir)
         with os.scandir(self.queue_dir) as entries:
             queued = {entry.inode() for entry in entries}
         highest = 0
@@ -574,7 +588,7 @@ class Spool:
     @property
     def free_files(self) -> int:
         """How many recycled files wait in free/ for reuse."""
-        return len(self._free)
+        return len(self._free) + len(self._retired)
 
     def _new_file(self, path: str) -> tuple[int, bool]:
         """A file to write at ``path`` (in tmp/): (descriptor, recycled?).
@@ -587,7 +601,10 @@ class Spool:
             try:
                 name = self._free.pop()
             except IndexError:
-                return open_exclusive(path), False
+                if not self._retired:
+                    return open_exclusive(path), False
+                self._release_retired(lambda: _fsync_directory(self.queue_dir))
+                continue
             try:
                 os.rename(os.path.join(self.free_dir, name), path)
             except FileNotFoundError:
@@ -596,10 +613,11 @@ class Spool:
 
     def _retire(self, path: str, keep: bool) -> None:
         """Take ``path`` out of queue/: into free/ when ``keep`` and there is room, else unlink."""
-        if keep and len(self._free) < FREE_FILES_KEPT:
+        if keep and self.free_files < FREE_FILES_KEPT:
             name = str(next(self._free_serial))
             os.rename(path, os.path.join(self.free_dir, name))
-            self._free.append(name)
+            with self._retired_lock:
+                self._retired.append(name)
         else:
             os.unlink(path)
 
@@ -612,7 +630,7 @@ class Spool:
         only once the replace is durable (until then the file is still the
         message's envelope), or None.
         """
-        if len(self._free) >= FREE_FILES_KEPT:
+        if self.free_files >= FREE_FILES_KEPT:
             return None
         name = str(next(self._free_serial))
         try:
@@ -735,6 +753,7 @@ class Spool:
             if request.body_memory is not None:
                 fd, recycled = self._new_file(request.body_tmp)
                 request.body_written = True
+                request.recycled = recycled
                 self._write_fd(fd, (request.body_memory, *tail), fsync, recycled)
             else:
                 request.body_written = True
@@ -793,6 +812,11 @@ class Spool:
         fsync = self.sync == "fsync"
         # 1. the data: body files and envelope temps
         self._write_each(batch, self._write_commit, errors, fsync)
+        if not fsync and any(r.recycled for r in batch if id(r) not in errors):
+            # Overwritten blocks are not ordered before a later rename (not
+            # even by a journal): a recycled file must be on disk with its
+            # new bytes before its name appears in queue/.
+            self._call_syncfs()
         # 2. the names, in request order
         for request in batch:
             if id(request) in errors:
@@ -887,10 +911,24 @@ class Spool:
         return errors
 
     def _barrier(self, fsync: bool) -> None:
-        if fsync:
-            _fsync_directory(self.queue_dir)
-        else:
-            self._call_syncfs()
+        self._release_retired(lambda: _fsync_directory(self.queue_dir) if fsync else self._call_syncfs())
+
+    def _release_retired(self, barrier: Callable[[], None]) -> None:
+        """Run ``barrier`` (a sync of queue/); then the files retired before it are reusable.
+
+        Removals have no barrier of their own: until queue/ is synced after
+        a file was renamed out of it, a crash can bring the old name back,
+        and it must not then name a file that holds another message.
+        """
+        with self._retired_lock:
+            covered, self._retired = self._retired, []
+        try:
+            barrier()
+        except BaseException:
+            with self._retired_lock:
+                self._retired[:0] = covered
+            raise
+        self._free.extend(covered)
 
     def _call_syncfs(self) -> None:
         fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
