@@ -748,3 +748,15 @@ def test_client_name_lookup_settings(tmp_path):
     config_error(tmp_path, '[dns]\nhosts_file = "missing-hosts"\n', "dns.hosts_file",
                  f"no such file: {tmp_path / 'missing-hosts'}")
     config_error(tmp_path, '[dns]\nreverse_lookup = "yes"\n', "dns.reverse_lookup", "expected")
+
+
+def test_an_unreadable_hosts_file_is_a_config_error(tmp_path):
+    if os.geteuid() == 0:
+        hosts = tmp_path / "a-directory"          # root reads any file: make it unreadable otherwise
+        hosts.mkdir()
+        problem = "cannot read it"
+    else:
+        hosts = write(tmp_path / "hosts", "192.0.2.1 a.test\n")
+        hosts.chmod(0)
+        problem = "cannot read it (Permission denied)"
+    config_error(tmp_path, f'[dns]\nhosts_file = "{hosts}"\n', "dns.hosts_file", problem)

@@ -17,7 +17,7 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from pymta.dns.resolver import DNSResolver
+from pymta.dns.resolver import DNSError, DNSResolver
 from pymta.dns.reverse import ClientNames, parse_hosts, well_formed_host_name
 from conftest import BACKEND_TOML
 from dnsserver import LoopbackDNS
@@ -190,3 +190,58 @@ def test_reverse_lookup_off_names_every_client_unknown(make_server):
     [message] = srv.delivered("bob@example.test")
     assert b"(unknown [127.0.0.1])" in message
     assert "connect from unknown[127.0.0.1]" in srv.log_text()
+
+
+class ScriptedResolver:
+    """ptr/a answers from dicts; a value that is an Exception fails the lookup."""
+
+    def __init__(self, ptr, a):
+        self.answers = {"PTR": ptr, "A": a}
+
+    def _answer(self, rtype, name):
+        value = self.answers[rtype].get(name, [])
+        return defer.fail(value) if isinstance(value, Exception) else defer.succeed(value)
+
+    def ptr(self, name):
+        return self._answer("PTR", name)
+
+    def a(self, name):
+        return self._answer("A", name)
+
+
+def test_non_ascii_and_address_like_ptr_names_give_unknown_without_a_traceback():
+    from twisted.names import dns as twisted_dns
+    from pymta.dns.resolver import _host_text
+    assert _host_text(twisted_dns.Name(b"\xffbad.Test.")) == "\\xffbad.test"
+    resolver = ScriptedResolver(
+        {"7.2.0.192.in-addr.arpa": ["\\xffbad.test", "192.0.2.7"]},
+        {"192.0.2.7": ["192.0.2.7"]})
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert ClientNames(resolver, None).lookup("192.0.2.7").result == "unknown"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [e for e in events if e.get("log_namespace") == "pymta.dns.reverse"]
+    assert len(mine) == 2 and all(e["log_level"].name == "warn" and "malformed" in e["log_format"]
+                                  for e in mine)
+    assert not [e for e in events if e.get("log_failure") is not None]
+    assert not well_formed_host_name("192.0.2.7") and not well_formed_host_name("host.123")
+
+
+def test_forward_lookups_of_several_names_run_at_once():
+    pending = {}
+
+    class Slow(ScriptedResolver):
+        def a(self, name):
+            pending[name] = defer.Deferred()
+            return pending[name]
+    resolver = Slow({"7.2.0.192.in-addr.arpa": ["one.test", "two.test", "three.test"]}, {})
+    found = []
+    ClientNames(resolver, None).lookup("192.0.2.7").addBoth(found.append)
+    assert sorted(pending) == ["one.test", "three.test", "two.test"]      # all asked already
+    pending["three.test"].callback(["192.0.2.7"])
+    pending["two.test"].callback(["192.0.2.7"])
+    assert found == []                                  # the first name's answer comes first
+    pending["one.test"].errback(DNSError("one.test", "A", "timeout"))
+    assert found == ["two.test"]

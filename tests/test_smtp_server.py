@@ -55,7 +55,7 @@ def test_greeting_is_the_first_thing_sent():
 
 
 def test_client_that_talks_before_the_greeting_is_refused_and_closed():
-    conn = ServerConnection("mx.test", Limits())
+    conn = ServerConnection("mx.test", Limits(pregreet_wait=1.0))
     conn.receive_data(b"EHLO early.test\r\n")
     assert conn.next_event() is E.NEED_DATA      # nothing is parsed before the banner
     conn.send_greeting()
@@ -63,6 +63,17 @@ def test_client_that_talks_before_the_greeting_is_refused_and_closed():
         b"554 5.5.1 Error: SMTP protocol synchronization (talked before greeting)\r\n")
     assert conn.next_event() is E.CLOSED
     assert conn.closed
+
+
+def test_without_the_pregreet_trap_early_bytes_wait_for_the_greeting():
+    """pregreet_wait = 0: the banner may still come late (the client's name is
+    looked up first); what the client sent meanwhile is answered after it."""
+    conn = ServerConnection("mx.test", Limits())
+    conn.receive_data(b"EHLO early.test\r\n")
+    assert conn.next_event() is E.NEED_DATA
+    conn.send_greeting()
+    assert conn.data_to_send() == b"220 mx.test ESMTP pymta\r\n"
+    assert not conn.closed
 
 
 def test_greeting_twice_is_a_programming_error():

@@ -367,8 +367,13 @@ class _ConfigBuilder:
             opts.finish()
             if hosts_file:
                 hosts_file = self.resolve(hosts_file)
-                if hosts_file != defaults.hosts_file and not os.path.isfile(hosts_file):
-                    raise OptionError("hosts_file", f"no such file: {hosts_file}")
+                if hosts_file != defaults.hosts_file:
+                    try:
+                        open(hosts_file, "rb").close()
+                    except OSError as e:
+                        problem = "no such file" if isinstance(e, FileNotFoundError) else \
+                            f"cannot read it ({e.strerror})"
+                        raise OptionError("hosts_file", f"{problem}: {hosts_file}") from None
             for index, server in enumerate(servers):
                 try:
                     host, port = parse_nameserver(server)

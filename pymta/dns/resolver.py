@@ -132,7 +132,7 @@ class DNSResolver:
 
         A null MX (RFC 7505) comes back as [MX(0, "")]."""
         def convert(answers):
-            out = [MX(p.preference, str(p.name).rstrip(".").lower())
+            out = [MX(p.preference, _host_text(p.name))
                    for p in self._records(answers, dns.MX)]
             return sorted(out, key=lambda m: m.preference)
         return self._query("lookupMailExchange", name, "MX", convert)
@@ -171,8 +171,14 @@ class DNSResolver:
     def ptr(self, name: str) -> Deferred:
         """Fires with [host names] for a reverse name (e.g. 4.3.2.1.in-addr.arpa)."""
         return self._query("lookupPointer", name, "PTR",
-                           lambda ans: [str(p.name).rstrip(".").lower()
+                           lambda ans: [_host_text(p.name)
                                         for p in self._records(ans, dns.PTR)])
+
+
+def _host_text(name) -> str:
+    """A domain name from an answer as text; bytes that are not ASCII as ``\\xNN``
+    (a name that is then not a host name, which its users refuse)."""
+    return name.name.decode("ascii", "backslashreplace").rstrip(".").lower()
 
 
 def _negative_ttl(authority) -> int:

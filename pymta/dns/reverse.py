@@ -16,8 +16,9 @@ asked of DNS).
 The file is re-read when it changes.
 
 A lookup never fails: its Deferred always fires with a name or "unknown",
-within the resolver's timeout and attempts (``[dns] timeout``, ``attempts``)
-for each of the two steps.
+after two steps at most (the PTR query, then the forward queries of its
+names all at once), each bounded by ``[dns] timeout`` x ``attempts`` for
+each nameserver tried.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ _HOST_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
 
 
 def well_formed_host_name(name: str) -> bool:
-    """Letters, digits, hyphens (and underscores) in dot-separated labels of up to 63: safe to log."""
-    return len(name) <= 253 and _HOST_NAME.fullmatch(name) is not None
+    """Letters, digits, hyphens (and underscores) in dot-separated labels of up to 63: safe to log.
+
+    A name whose last label is all digits looks like an address
+    ("192.0.2.7"), and is refused as Postfix refuses it.
+    """
+    return (len(name) <= 253 and _HOST_NAME.fullmatch(name) is not None
+            and not name.rpartition(".")[2].isdigit())
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -107,21 +113,24 @@ class ClientNames:
 
     @defer.inlineCallbacks
     def _confirm(self, names: list[str], address):
+        """The first of ``names`` whose address records hold ``address`` (asked all at once)."""
         forward = self.resolver.a if address.version == 4 else self.resolver.aaaa
+        candidates = []
         for name in names[:MAX_NAMES]:
-            if not well_formed_host_name(name):
+            if well_formed_host_name(name):
+                candidates.append(name)
+            else:
                 log.warn("{ip}: ignoring malformed host name {name!r} in its PTR records",
                          ip=str(address), name=name[:100])
-                continue
-            try:
-                addresses = yield forward(name)
-            except DNSError as e:
+        answers = yield defer.DeferredList([forward(name) for name in candidates], consumeErrors=True)
+        for name, (ok, result) in zip(candidates, answers):
+            if not ok:
                 log.info("{ip}: cannot confirm its host name {name}: {error}",
-                         ip=str(address), name=name, error=e)
-                continue
-            if any(_address(a) == address for a in addresses):
+                         ip=str(address), name=name, error=result.getErrorMessage())
+            elif any(_address(a) == address for a in result):
                 return name
-            log.warn("hostname {name} does not resolve to address {ip}", name=name, ip=str(address))
+            else:
+                log.warn("hostname {name} does not resolve to address {ip}", name=name, ip=str(address))
         return UNKNOWN
 
     @staticmethod

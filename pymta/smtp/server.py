@@ -123,7 +123,10 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self.state is State.GREETING:
+        if self.state is State.GREETING and self.limits.pregreet_wait > 0:
+            # talking first is refused only where the admin set the trap;
+            # otherwise (the banner waits for the client's name, or an
+            # asynchronous connect-stage plugin) the bytes wait their turn
             self.pregreeted = True
         self._in += data
 

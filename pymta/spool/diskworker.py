@@ -181,7 +181,8 @@ class DiskWorker:
                 sent = 0
             if sent == len(header) + len(frame):
                 return
-            transport.write((header + frame)[sent:])
+            transport.writeSequence([header[sent:], frame] if sent < len(header)
+                                    else [frame[sent - len(header):]])
             return
         transport.writeSequence([header, frame])
 
