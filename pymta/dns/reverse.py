@@ -10,10 +10,9 @@ logs and ``Received:`` fields then say, as Postfix does.
 
 The hosts file (``[dns] hosts_file``, ``/etc/hosts`` by default) is read
 first, as the system resolver would: an address listed there is called by
-its first name there, with no DNS query.  127.0.0.1 and ::1, when not
-listed there, are ``localhost`` (RFC 6303: their reverse names are never
-asked of DNS).
-The file is re-read when it changes.
+its first name there, with no DNS query; the file is re-read when it
+changes.  127.0.0.1 and ::1, when not listed there, are ``localhost`` (RFC
+6303: their reverse names are never asked of DNS).
 
 A lookup never fails: its Deferred always fires with a name or "unknown",
 after two steps at most (the PTR query, then the forward queries of its
