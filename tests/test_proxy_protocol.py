@@ -318,3 +318,23 @@ def test_data_after_the_header_in_the_same_read_reaches_smtp(limited):
     assert w.reply()[0] == 250
     assert w.cmd("QUIT")[0] == 221
     assert wait_for(lambda: "connect from unknown[127.0.0.2]:4444" in srv.log_text())
+
+
+@pytest.mark.parametrize("make_header", [v1_header, v2_header])
+def test_an_ipv6_client_behind_an_ipv4_proxy(limited, make_header):
+    srv = limited
+    w = Wire(srv.proxied_port, read_banner=False)
+    w.send(make_header(("2001:db8::7", 5555), ("2001:db8::25", 25)))
+    assert w.reply()[0] == 220
+    assert w.cmd("EHLO v6.example")[0] == 250
+    assert w.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert w.cmd("RCPT TO:<x@elsewhere.example>") == (554, "5.7.1 Relay access denied")
+    assert w.cmd("RCPT TO:<six@example.test>")[0] == 250
+    assert w.cmd("DATA")[0] == 354
+    w.send(BODY + b".\r\n")
+    assert w.reply()[0] == 250
+    w.cmd("QUIT")
+    w.close()
+    [msg] = srv.delivered("six@example.test")
+    assert b"(unknown [IPv6:2001:db8::7])" in msg.split(b"\r\n\r\n")[0]
+    assert wait_for(lambda: "connect from unknown[2001:db8::7]:5555" in srv.log_text())
