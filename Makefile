@@ -19,7 +19,9 @@ run: $(STAMP)
 
 # External programs the tests drive: swaks, and Postfix as a real receiving MTA
 # (a private instance the tests start on a loopback port; debconf is preseeded
-# to "No configuration", so the system's own Postfix is not set up).  Installed
+# to "No configuration", so the system's own Postfix is not set up), and HAProxy
+# as the load balancer in front of pymta (a private instance in the foreground,
+# own config, loopback ports; the PROXY protocol tests).  Installed
 # with apt when root; otherwise they must already be on PATH (the tests say
 # which one is missing).
 test-programs:
@@ -33,6 +35,11 @@ test-programs:
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
 	  else echo "postfix is missing: apt-get install postfix (as root)"; fi; \
+	fi
+	@if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
+	  else echo "haproxy is missing: apt-get install haproxy (as root)"; fi; \
 	fi
 
 test: $(STAMP) test-programs

@@ -11,7 +11,8 @@ from typing import Any
 
 @dataclass
 class Session:
-    #: client address and port as seen on the socket
+    #: client address and port: the socket's peer, or on a proxy_protocol listener
+    #: the client named in the load balancer's PROXY header
     client_ip: str
     client_port: int
     #: name of the listener (config) that accepted the connection and its role

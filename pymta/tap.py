@@ -168,6 +168,7 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.bounce.notifier import DeliveryNotifier
     from pymta.server.auth import AuthFailureDelay, build_portal
     from pymta.server.policy import SessionPolicy
+    from pymta.server.proxy import ProxyHeaderFactory
     from pymta.server.tls import server_tls
     from pymta.spool.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
@@ -194,6 +195,8 @@ def build_service(config: Config, reactor) -> MultiService:
         factory = SMTPServerFactory(context, listener, counter)
         if listener.implicit_tls:
             factory = TLSMemoryBIOFactory(tls, False, factory)
+        if listener.proxy_protocol:        # the header comes first, before any TLS
+            factory = ProxyHeaderFactory(factory, listener, reactor)
         ListenerService(listener, endpoint, factory).setServiceParent(top)
     SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
     LogSetup().setServiceParent(top)

@@ -376,9 +376,41 @@ def test_not_utf8(tmp_path):
     ("[[listeners]]\nname = 'a'\nendpoint = 'tcp:25'\n[[listeners]]\nname = 'a'\nendpoint = 'tcp:26'\n",
      "listeners[1].name", "duplicate listener name 'a' (also listeners[0])"),
     ("[[listeners]]\nendpoint = 'tcp:25'\nport = 25\n", "listeners[0].port", "unknown key"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_protocol = true\n", "listeners[0].proxy_networks",
+     "proxy_protocol = true needs proxy_networks: the addresses of the load balancers"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_protocol = true\nproxy_networks = []\n",
+     "listeners[0].proxy_networks", "proxy_protocol = true needs proxy_networks"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_networks = ['10.0.0.0/8']\n",
+     "listeners[0].proxy_networks", "set, but proxy_protocol is not true"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_protocol = true\nproxy_networks = ['10.0.0.1/8']\n",
+     "listeners[0].proxy_networks[0]", "not a network in CIDR notation: 10.0.0.1/8 has host bits set"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_protocol = 'yes'\n", "listeners[0].proxy_protocol",
+     "expected true or false"),
+    ("[[listeners]]\nendpoint = 'tcp:25'\nproxy_protocol = true\nproxy_networks = ['10.0.0.0/8']\n"
+     "proxy_timeout = 0\n", "listeners[0].proxy_timeout", "must be greater than"),
+    ("[[listeners]]\nendpoint = 'haproxy:tcp:25'\n", "listeners[0].endpoint",
+     "the haproxy: endpoint accepts a PROXY header from any peer; use the plain endpoint with "
+     "proxy_protocol = true and proxy_networks = [...]"),
 ])
 def test_key_errors(tmp_path, text, key, problem):
     config_error(tmp_path, text, key, problem)
+
+
+def test_proxy_protocol_listener(tmp_path):
+    config = load_config(str(write(tmp_path / "pymta.toml", """
+        [[listeners]]
+        name = "lb"
+        endpoint = "tcp:25"
+        proxy_protocol = true
+        proxy_networks = ["10.0.0.5/32", "2001:db8::/64"]
+        proxy_timeout = "3s"
+        """)), MemoryReactor())
+    [lb] = config.listeners
+    assert lb.proxy_protocol and lb.proxy_timeout == 3.0
+    assert [str(n) for n in lb.proxy_networks] == ["10.0.0.5/32", "2001:db8::/64"]
+    [default] = load_config(str(write(tmp_path / "pymta.toml", "[[listeners]]\nendpoint = 'tcp:25'\n")),
+                            MemoryReactor()).listeners
+    assert (default.proxy_protocol, default.proxy_networks, default.proxy_timeout) == (False, (), 5.0)
 
 
 def test_endpoint_check_does_not_listen(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 
 from pymta.config.model import CertificatePaths, Listener, TLSSettings
+from pymta.config.errors import OptionError
 from pymta.config.options import Options, describe_value
 
 ROLES = ("mx", "submission", "submissions")
@@ -94,14 +96,28 @@ def read_listeners(builder, value: Any, tls: TLSSettings | None, has_auth: bool)
             auth_plaintext = opts.bool("auth_plaintext", default=False)
             require_tls = opts.bool("require_tls", default=defaults["require_tls"])
             require_auth = opts.bool("require_auth", default=defaults["require_auth"])
+            proxy_protocol = opts.bool("proxy_protocol", default=False)
+            proxy_networks = _networks(opts.list_str("proxy_networks", default=[]), "proxy_networks")
+            proxy_timeout = opts.duration("proxy_timeout", Listener.proxy_timeout, above=0,
+                                          maximum=3600)
             opts.finish()
         if name in names:
             builder.fail(f"{prefix}.name", f"duplicate listener name {name!r} "
                                            f"(also listeners[{names[name]}])")
         names[name] = index
+        if endpoint.strip().lower().startswith("haproxy:"):
+            builder.fail(f"{prefix}.endpoint",
+                         "the haproxy: endpoint accepts a PROXY header from any peer; use the "
+                         "plain endpoint with proxy_protocol = true and proxy_networks = [...]")
         problem = endpoint_problem(builder.reactor, endpoint)
         if problem:
             builder.fail(f"{prefix}.endpoint", problem)
+        if proxy_protocol and not proxy_networks:
+            builder.fail(f"{prefix}.proxy_networks",
+                         "proxy_protocol = true needs proxy_networks: the addresses of the load "
+                         "balancers whose PROXY header is believed (for example [\"10.0.0.5/32\"])")
+        if proxy_networks and not proxy_protocol:
+            builder.fail(f"{prefix}.proxy_networks", "set, but proxy_protocol is not true")
         implicit = role == "submissions"
         if starttls is None:                 # mx: offer STARTTLS when there is a certificate
             starttls = tls is not None
@@ -119,8 +135,20 @@ def read_listeners(builder, value: Any, tls: TLSSettings | None, has_auth: bool)
         listeners.append(Listener(name=name, endpoint=endpoint, role=role,
                                   starttls=starttls and not implicit, implicit_tls=implicit,
                                   auth=auth, auth_plaintext=auth_plaintext,
-                                  require_tls=require_tls and not implicit, require_auth=require_auth))
+                                  require_tls=require_tls and not implicit, require_auth=require_auth,
+                                  proxy_protocol=proxy_protocol, proxy_networks=proxy_networks,
+                                  proxy_timeout=proxy_timeout))
     return tuple(listeners)
+
+
+def _networks(texts: list[str], key: str) -> tuple[Any, ...]:
+    networks = []
+    for index, text in enumerate(texts):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as e:
+            raise OptionError(f"{key}[{index}]", f"not a network in CIDR notation: {e}") from None
+    return tuple(networks)
 
 
 def endpoint_problem(reactor, description: str) -> str | None:

@@ -41,6 +41,12 @@ class Listener:
     #: MAIL refused (530) until STARTTLS / until AUTH
     require_tls: bool = False
     require_auth: bool = False
+    #: a PROXY protocol header (v1 or v2) comes first on every connection, from a
+    #: load balancer in proxy_networks; its client address is the session's
+    proxy_protocol: bool = False
+    proxy_networks: tuple[Any, ...] = ()
+    #: how long to wait for that header before closing the connection
+    proxy_timeout: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,9 @@ class SMTPServerFactory(Factory):
             etrn=True)
 
     def buildProtocol(self, addr):
+        # ``addr`` is the client: the socket's peer, or on a proxy_protocol listener
+        # the address from the PROXY header (pymta.server.proxy).  It is the one
+        # source of the session's address: counted here, given to the session.
         limits = self.context.config.limits
         ip = getattr(addr, "host", "")
         hostname = self.context.config.hostname
@@ -85,6 +88,7 @@ class SMTPServerFactory(Factory):
         self.counter.per_ip[ip] += 1
         self.counter.sessions.add(proto)
         proto._counted_ip = ip
+        proto.client_address = addr
         return proto
 
     def connection_closed(self, proto: SMTPServerProtocol) -> None:

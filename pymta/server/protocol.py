@@ -86,11 +86,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._greet_call = None
         self._starting = 0
         self._lost = False
+        #: the client's address (set by the factory from buildProtocol's ``addr``)
+        self.client_address = None
 
     # ------------------------------------------------------------ lifecycle
     def connectionMade(self) -> None:
         ctx = self.factory.context
-        peer = self.transport.getPeer()
+        # the client as the factory was told (on a proxy_protocol listener the address
+        # from the PROXY header, not the socket's peer)
+        peer = self.client_address if self.client_address is not None else self.transport.getPeer()
         ip = getattr(peer, "host", "unknown")
         self.session = Session(client_ip=ip, client_port=getattr(peer, "port", 0),
                                listener=self.factory.listener.name, role=self.factory.listener.role,
