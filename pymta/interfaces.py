@@ -110,7 +110,9 @@ class IPluginContext(Interface):
     domains = Attribute("Tuple of the local (final destination) domains, lower case")
     config_dir = Attribute("Directory of the config file: relative paths resolve here")
     reactor = Attribute("The reactor")
-    resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]")
+    resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]; "
+                         "for a session's lookups use session.dns instead (the same methods, "
+                         "within the session's DNS time budget) when it is not None")
 
     def resolve_path(path):
         """Return ``path`` made absolute relative to ``config_dir``."""

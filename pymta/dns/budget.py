@@ -73,8 +73,9 @@ class SessionResolver:
         self._waiting.append((d, name, rtype))
 
     def _finish(self, d: Deferred) -> None:
+        before = len(self._waiting)
         self._waiting = [w for w in self._waiting if w[0] is not d]
-        if not self._waiting:
+        if before and not self._waiting:
             self.spent += self.reactor.seconds() - self._busy_since
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()

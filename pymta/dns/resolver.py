@@ -108,7 +108,7 @@ class DNSResolver:
     def _query(self, method: str, name: str, rtype: str, convert, with_ttl: bool = False) -> Deferred:
         cached = self.cache.get(rtype, name)
         if isinstance(cached, DNSError):
-            return defer.fail(DNSError(name, rtype, f"{cached.reason} (cached)"))
+            return defer.fail(DNSError(name, rtype, f"{cached.reason}, cached"))
         if cached is not None:
             values, ttl = cached
             return defer.succeed(Answer(values, ttl) if with_ttl else values)
