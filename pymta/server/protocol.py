@@ -97,12 +97,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                listener=self.factory.listener.name, role=self.factory.listener.role,
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
-        resolver, budget = ctx.config.resolver, ctx.config.dns.session_budget
-        if resolver is not None and budget > 0:
-            self.session.dns = SessionResolver(resolver, budget, ctx.reactor,
-                                               label=f"{ip}:{self.session.client_port}")
-        else:
-            self.session.dns = resolver
+        self.session.dns = self._session_resolver()
         self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, self.factory.features)
         self.setTimeout(ctx.config.limits.idle_timeout)
         # the connect stage waits for the client's name and the pregreet wait; the
@@ -117,6 +112,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._greet_call = ctx.reactor.callLater(wait, self._waited)
         else:
             self._started()
+
+    def _session_resolver(self):
+        """The session's DNS lookups: the shared resolver within ``[dns] session_budget``."""
+        ctx = self.factory.context
+        resolver, budget = ctx.config.resolver, ctx.config.dns.session_budget
+        if resolver is None or budget <= 0:
+            return resolver
+        s = self.session
+        return SessionResolver(resolver, budget, ctx.reactor, label=f"{s.client_ip}:{s.client_port}")
 
     def _named(self, name: str) -> None:
         self.session.client_name = name
