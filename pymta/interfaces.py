@@ -27,6 +27,19 @@ class IConnectPolicy(Interface):
         """Return a Verdict for the connecting client (``session.helo`` is None)."""
 
 
+class IConnectPrefetch(Interface):
+    """Optional, for connect-stage plugins: start slow work (DNS queries) early.
+
+    ``prefetch_connect`` is called as soon as the connection is made, while
+    the client's name is still being looked up, so that both run at once;
+    ``check_connect`` follows when the name is known and may use what was
+    started (kept in ``session.notes``).
+    """
+
+    def prefetch_connect(session):
+        """Start what ``check_connect`` will need; return nothing."""
+
+
 class IHeloPolicy(Interface):
     """Decide on the HELO/EHLO name."""
 
@@ -97,7 +110,9 @@ class IPluginContext(Interface):
     domains = Attribute("Tuple of the local (final destination) domains, lower case")
     config_dir = Attribute("Directory of the config file: relative paths resolve here")
     reactor = Attribute("The reactor")
-    resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]")
+    resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]; "
+                         "for a session's lookups use session.dns instead (the same methods, "
+                         "within the session's DNS time budget) when it is not None")
 
     def resolve_path(path):
         """Return ``path`` made absolute relative to ``config_dir``."""

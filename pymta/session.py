@@ -33,6 +33,11 @@ class Session:
     session_id: str = ""
     #: free space for plugins to share per-session notes (not persisted)
     notes: dict[str, Any] = field(default_factory=dict)
+    #: DNS lookups for this session's checks: the shared resolver within the
+    #: session's time budget ([dns] session_budget; a
+    #: pymta.dns.budget.SessionResolver, same methods as
+    #: pymta.dns.resolver.DNSResolver); None outside a server session
+    dns: Any = field(default=None, repr=False)
 
     @property
     def relay_allowed(self) -> bool:

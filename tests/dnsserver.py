@@ -133,3 +133,62 @@ def _serve(zonefile: str, querylog: str | None = None) -> None:
 
 if __name__ == "__main__":
     _serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+
+
+class SilentNameserver:
+    """A nameserver that never answers: a loopback UDP socket that reads and drops.
+
+    It stands for an unreachable one (a resolver that is down, a firewall
+    dropping port 53) and counts what it was asked: ``queries()`` lists the
+    (name, type) of every question received, in order.  Runs in a thread of
+    the test process.  Usage::
+
+        with SilentNameserver() as ns:
+            config nameservers = [ns.nameserver]
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self._stopped = threading.Event()
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._queries: list[tuple[str, str]] = []
+        self._thread = threading.Thread(target=self._drop, name="silent-dns", daemon=True)
+
+    def __enter__(self) -> "SilentNameserver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def queries(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._queries)
+
+    def _drop(self) -> None:
+        from twisted.names import dns
+        while not self._stopped.is_set():
+            try:
+                data = self._sock.recv(65535)
+            except TimeoutError:
+                continue
+            message = dns.Message()
+            try:
+                message.fromStr(data)
+            except Exception:
+                continue
+            with self._lock:
+                for q in message.queries:
+                    self._queries.append((q.name.name.decode("ascii", "replace").lower(),
+                                          dns.QUERY_TYPES.get(q.type, str(q.type))))

@@ -782,6 +782,17 @@ def test_client_name_lookup_settings(tmp_path):
     config_error(tmp_path, '[dns]\nreverse_lookup = "yes"\n', "dns.reverse_lookup", "expected")
 
 
+def test_dns_budget_and_cache_settings(tmp_path):
+    dns = load(tmp_path, "").dns
+    assert (dns.session_budget, dns.cache_entries, dns.failure_ttl) == (10.0, 10000, 30.0)
+    config = load(tmp_path, '[dns]\nsession_budget = "2s"\ncache_entries = 0\nfailure_ttl = 0\n')
+    assert (config.dns.session_budget, config.dns.cache_entries, config.dns.failure_ttl) == (2.0, 0, 0.0)
+    assert config.resolver.cache.entries == 0 and config.resolver.cache.failure_ttl == 0
+    config_error(tmp_path, '[dns]\nsession_budget = "soon"\n', "dns.session_budget", "expected a duration")
+    config_error(tmp_path, '[dns]\ncache_entries = -1\n', "dns.cache_entries", "")
+    config_error(tmp_path, '[dns]\nfailure_ttl = "2h"\n', "dns.failure_ttl", "")
+
+
 def test_an_unreadable_hosts_file_is_a_config_error(tmp_path):
     if os.geteuid() == 0:
         hosts = tmp_path / "a-directory"          # root reads any file: make it unreadable otherwise

@@ -191,3 +191,16 @@ def test_resolver_ttls_against_loopback_dns():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [["127.0.0.2"], 123, ["why"], 45, [], 300, ["127.0.0.2"],
                                       ["DNSError", False]]
+
+
+def test_prefetch_starts_the_lookups_at_connect_through_the_sessions_resolver():
+    shared = FakeResolver()
+    session_dns = FakeResolver(a={"7.2.0.192.bl.example": (["127.0.0.2"], 60)})
+    plugin, _clock = make({"zones": ["bl.example"]}, shared)
+    session = Session(client_ip="192.0.2.7", client_port=1, dns=session_dns)
+    plugin.prefetch_connect(session)
+    assert session_dns.queries == [("A", "7.2.0.192.bl.example"), ("TXT", "7.2.0.192.bl.example")]
+    verdict = fired(plugin.check_connect(session))      # what was started, not asked again
+    assert verdict.kind is Kind.REJECT and verdict.code == 554
+    assert len(session_dns.queries) == 2 and shared.queries == []
+    assert "dnsbl" not in session.notes

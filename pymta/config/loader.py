@@ -265,7 +265,9 @@ class _ConfigBuilder:
         hostname, domains, trusted = self._server(server)
         dns_settings = self._dns(dns_table)
         resolver = DNSResolver(list(dns_settings.nameservers), dns_settings.timeout,
-                               dns_settings.attempts, reactor=self.reactor)
+                               dns_settings.attempts, reactor=self.reactor,
+                               cache_entries=dns_settings.cache_entries,
+                               failure_ttl=dns_settings.failure_ttl)
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
         spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
@@ -364,6 +366,9 @@ class _ConfigBuilder:
             attempts = opts.int("attempts", defaults.attempts, minimum=1, maximum=10)
             reverse_lookup = opts.bool("reverse_lookup", defaults.reverse_lookup)
             hosts_file = opts.str("hosts_file", defaults.hosts_file, allow_empty=True)
+            session_budget = opts.duration("session_budget", defaults.session_budget, minimum=0)
+            cache_entries = opts.int("cache_entries", defaults.cache_entries, minimum=0)
+            failure_ttl = opts.duration("failure_ttl", defaults.failure_ttl, minimum=0, maximum=3600)
             opts.finish()
             if hosts_file:
                 hosts_file = self.resolve(hosts_file)
@@ -383,7 +388,8 @@ class _ConfigBuilder:
                 except ValueError:
                     raise OptionError(f"nameservers[{index}]", f"expected an IP address with an "
                                       f"optional :port, got {server!r}") from None
-        return DNSSettings(tuple(servers), timeout, attempts, reverse_lookup, hosts_file)
+        return DNSSettings(tuple(servers), timeout, attempts, reverse_lookup, hosts_file,
+                           session_budget, cache_entries, failure_ttl)
 
     def _queue(self, table: dict[str, Any]) -> Retry:
         defaults = Retry()

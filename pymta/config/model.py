@@ -98,6 +98,12 @@ class DNSSettings:
     reverse_lookup: bool = True
     #: read before DNS for client names; "" for none
     hosts_file: str = "/etc/hosts"
+    #: seconds one SMTP session may wait for DNS in all (its lookups together); 0 = no bound
+    session_budget: float = 10.0
+    #: answers kept by the resolver's cache at most; 0 = no cache
+    cache_entries: int = 10000
+    #: seconds a failed lookup (timeout, SERVFAIL) is remembered; 0 = not at all
+    failure_ttl: float = 30.0
 
 
 @dataclass(frozen=True)

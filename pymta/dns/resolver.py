@@ -15,6 +15,13 @@ The ``*_with_ttl`` variants fire with an :class:`Answer`: the same values
 plus how long they may be cached (the smallest TTL of the answer records;
 for "no such name/record" the negative-caching TTL of the zone's SOA,
 RFC 2308 5, or :data:`NEGATIVE_TTL` when the server sent none).
+
+Answers are cached (:mod:`pymta.dns.cache`): records and "no such
+name/record" for their TTL, temporary failures for ``failure_ttl``
+seconds, at most ``cache_entries`` entries.  Identical questions in flight
+are asked once (``twisted.names.client.Resolver`` shares them).  A
+session's lookups go through :class:`pymta.dns.budget.SessionResolver`,
+which bounds the time the session waits for all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import client, dns, error
+from twisted.python.failure import Failure
+
+from pymta.dns.cache import AnswerCache
 
 
 @dataclass(frozen=True)
@@ -66,12 +76,20 @@ class DNSResolver:
     """Asynchronous lookups with configurable nameservers and timeout."""
 
     def __init__(self, nameservers: list[str] | None = None, timeout: float = 5.0,
-                 attempts: int = 2, reactor=None) -> None:
+                 attempts: int = 2, reactor=None, cache_entries: int = 10000,
+                 failure_ttl: float = 30.0) -> None:
         self.nameservers = [parse_nameserver(s) for s in nameservers] if nameservers else None
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self._reactor = reactor
         self._client: client.Resolver | None = None
+        self.cache = AnswerCache(self._seconds, cache_entries, failure_ttl)
+
+    def _seconds(self) -> float:
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        return self._reactor.seconds()
 
     @property
     def _resolver(self) -> client.Resolver:
@@ -88,6 +106,12 @@ class DNSResolver:
 
     # -------------------------------------------------------------- lookups
     def _query(self, method: str, name: str, rtype: str, convert, with_ttl: bool = False) -> Deferred:
+        cached = self.cache.get(rtype, name)
+        if isinstance(cached, DNSError):
+            return defer.fail(DNSError(name, rtype, f"{cached.reason}, cached"))
+        if cached is not None:
+            values, ttl = cached
+            return defer.succeed(Answer(values, ttl) if with_ttl else values)
         try:
             d = getattr(self._resolver, method)(name)
         except (UnicodeError, ValueError) as e:
@@ -98,30 +122,23 @@ class DNSResolver:
         def ok(result):
             answers, authority, _additional = result
             values = convert(answers)
-            if not with_ttl:
-                return values
             ttls = [a.ttl for a in answers if a.type in (rtype_code, dns.CNAME)]
-            if values and ttls:
-                return Answer(values, int(min(ttls)))
-            return Answer(values, _negative_ttl(authority))
+            answer = Answer(values, int(min(ttls)) if values and ttls else _negative_ttl(authority))
+            self.cache.put(rtype, name, values, answer.ttl)
+            return answer if with_ttl else values
 
         def failed(failure):
             if failure.check(error.DNSNameError):
-                if not with_ttl:
-                    return []                  # NXDOMAIN
                 message = failure.value.args[0] if failure.value.args else None
-                return Answer([], _negative_ttl(getattr(message, "authority", ())))
-            if failure.check(error.DNSServerError):
-                raise DNSError(name, rtype, "server failure (SERVFAIL)")
-            if failure.check(error.DNSQueryRefusedError):
-                raise DNSError(name, rtype, "query refused")
-            if failure.check(error.DNSFormatError, error.DNSNotImplementedError, error.DNSUnknownError):
-                raise DNSError(name, rtype, failure.getErrorMessage() or "bad answer")
-            if failure.check(error.DNSQueryTimeoutError, defer.TimeoutError, TimeoutError):
-                raise DNSError(name, rtype, "timeout")
-            raise DNSError(name, rtype, failure.getErrorMessage() or repr(failure.value))
+                answer = Answer([], _negative_ttl(getattr(message, "authority", ())))
+                self.cache.put(rtype, name, [], answer.ttl)
+                return answer if with_ttl else []            # NXDOMAIN
+            problem = _problem(failure, name, rtype)
+            self.cache.put_failure(rtype, name, problem)
+            raise problem
 
-        return d.addCallbacks(ok, failed)
+        d.addCallbacks(ok, failed)
+        return _detached(d)
 
     @staticmethod
     def _records(answers, rtype_code):
@@ -173,6 +190,39 @@ class DNSResolver:
         return self._query("lookupPointer", name, "PTR",
                            lambda ans: [_host_text(p.name)
                                         for p in self._records(ans, dns.PTR)])
+
+
+def _detached(d: Deferred) -> Deferred:
+    """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running.
+
+    The query goes on for the other askers of the same name (twisted.names
+    shares identical queries in flight) and its outcome still reaches the
+    cache."""
+    out: Deferred = Deferred()
+
+    def deliver(result):
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        return None
+
+    d.addBoth(deliver)
+    return out
+
+
+def _problem(failure, name: str, rtype: str) -> DNSError:
+    """The temporary :class:`DNSError` for a failed query."""
+    if failure.check(error.DNSServerError):
+        return DNSError(name, rtype, "server failure (SERVFAIL)")
+    if failure.check(error.DNSQueryRefusedError):
+        return DNSError(name, rtype, "query refused")
+    if failure.check(error.DNSFormatError, error.DNSNotImplementedError, error.DNSUnknownError):
+        return DNSError(name, rtype, failure.getErrorMessage() or "bad answer")
+    if failure.check(error.DNSQueryTimeoutError, defer.TimeoutError, TimeoutError):
+        return DNSError(name, rtype, "timeout")
+    return DNSError(name, rtype, failure.getErrorMessage() or repr(failure.value))
 
 
 def _host_text(name) -> str:

@@ -17,7 +17,9 @@ changes.  127.0.0.1 and ::1, when not listed there, are ``localhost`` (RFC
 A lookup never fails: its Deferred always fires with a name or "unknown",
 after two steps at most (the PTR query, then the forward queries of its
 names all at once), each bounded by ``[dns] timeout`` x ``attempts`` for
-each nameserver tried.
+each nameserver tried, and both together by the session's DNS time budget
+(``[dns] session_budget``, :mod:`pymta.dns.budget`) when the session's
+resolver is given.
 """
 
 from __future__ import annotations
@@ -93,8 +95,12 @@ class ClientNames:
                 log.warn("hosts file {path} cannot be read ({error}); client names from DNS only",
                          path=hosts_file, error=e.strerror)
 
-    def lookup(self, ip: str) -> defer.Deferred:
-        """Fires with the client's confirmed name, or "unknown"; never errbacks."""
+    def lookup(self, ip: str, resolver=None) -> defer.Deferred:
+        """Fires with the client's confirmed name, or "unknown"; never errbacks.
+
+        ``resolver``: the session's (``session.dns``, which bounds the wait by
+        the session's DNS time budget); the shared one when None."""
+        resolver = resolver if resolver is not None else self.resolver
         address = _address(ip)
         if address is None:
             return defer.succeed(UNKNOWN)
@@ -105,15 +111,15 @@ class ClientNames:
         if address in _LOCALHOST:
             # served locally, never asked of DNS (RFC 6303 4.2, 4.3; RFC 6761 6.3)
             return defer.succeed("localhost")
-        d = self.resolver.ptr(address.reverse_pointer)
-        d.addCallback(self._confirm, address)
+        d = resolver.ptr(address.reverse_pointer)
+        d.addCallback(self._confirm, address, resolver)
         d.addErrback(self._failed, address)
         return d
 
     @defer.inlineCallbacks
-    def _confirm(self, names: list[str], address):
+    def _confirm(self, names: list[str], address, resolver):
         """The first of ``names`` whose address records hold ``address`` (asked all at once)."""
-        forward = self.resolver.a if address.version == 4 else self.resolver.aaaa
+        forward = resolver.a if address.version == 4 else resolver.aaaa
         candidates = []
         for name in names[:MAX_NAMES]:
             if well_formed_host_name(name):

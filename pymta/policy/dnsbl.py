@@ -7,7 +7,13 @@ client gets ``554 5.7.1 Service unavailable; client host [192.0.2.7] blocked
 using zen.spamhaus.org`` followed by the list's TXT text when it publishes
 one.  Answers are cached for their TTL (capped by ``max_cache_ttl``; "not
 listed" for the zone's negative TTL).  A lookup that fails or times out never
-refuses anybody: it is logged and the client is let through.
+refuses anybody: it is logged and the client is let through (as Postfix
+skips a DNSBL that does not answer).
+
+The queries start as soon as the connection is made (``prefetch_connect``),
+while the client's name is looked up, and go through the session's resolver
+(``session.dns``): when the session's DNS time budget runs out, a lookup
+still waiting counts as failed.
 
 Options::
 
@@ -36,7 +42,7 @@ from zope.interface import implementer
 from pymta.config.errors import OptionError
 from pymta.config.options import Options, describe_value, normalize_domain
 from pymta.dns.resolver import DNSError
-from pymta.interfaces import IConnectPolicy
+from pymta.interfaces import IConnectPolicy, IConnectPrefetch
 from pymta.session import Session
 from pymta.verdict import DUNNO, Verdict
 
@@ -47,6 +53,8 @@ log = Logger(namespace="pymta.dnsbl")
 DEFAULT_LISTED = ipaddress.ip_network("127.0.0.0/8")
 ERROR_CODES = ipaddress.ip_network("127.255.255.0/24")
 MAX_TEXT = 300
+#: session.notes key of the lookups started by prefetch_connect
+NOTE = "dnsbl"
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ def reverse_query_name(ip: str, zone: str) -> str:
     return ".".join(labels) + "." + zone
 
 
-@implementer(IConnectPolicy)
+@implementer(IConnectPolicy, IConnectPrefetch)
 class DNSBL:
     def __init__(self, options: dict[str, Any], context: Any) -> None:
         opts = Options(options)
@@ -102,15 +110,24 @@ class DNSBL:
     def _now(self) -> float:
         return self._clock()
 
+    # -- IConnectPrefetch ---------------------------------------------------
+    def prefetch_connect(self, session: Session) -> None:
+        session.notes[NOTE] = self._check(session)
+
     # -- IConnectPolicy -----------------------------------------------------
     def check_connect(self, session: Session):
+        started = session.notes.pop(NOTE, None)
+        return started if started is not None else self._check(session)
+
+    def _check(self, session: Session):
         if session.trusted:
             return DUNNO
         try:
             names = [reverse_query_name(session.client_ip, zone.name) for zone in self.zones]
         except ValueError:
             return DUNNO                 # not an IP client (e.g. a UNIX socket)
-        lookups = [self._lookup(zone, name) for zone, name in zip(self.zones, names)]
+        resolver = session.dns if session.dns is not None else self.resolver
+        lookups = [self._lookup(resolver, zone, name) for zone, name in zip(self.zones, names)]
         d = defer.gatherResults(lookups, consumeErrors=True)
 
         def decide(entries: list[_Entry | None]) -> Verdict:
@@ -135,18 +152,18 @@ class DNSBL:
             return None
         return entry
 
-    def _lookup(self, zone: Zone, name: str):
+    def _lookup(self, resolver, zone: Zone, name: str):
         ip_key = name[: -len(zone.name) - 1]
         entry = self.cached(zone.name, ip_key)
         if entry is not None:
             return defer.succeed(entry)
-        d = self.resolver.a_with_ttl(name)
+        d = resolver.a_with_ttl(name)
 
         def answered(answer):
             codes = tuple(v for v in answer.values if zone.listed(v))
             if not codes:
                 return self._store(zone.name, ip_key, _Entry(0, (), None), answer.ttl)
-            t = self.resolver.txt_with_ttl(name)
+            t = resolver.txt_with_ttl(name)
 
             def with_text(txt):
                 text = _clean(" ".join(txt.values)) or None

@@ -117,9 +117,10 @@ class SPFPolicy:
                                   clock=getattr(context.reactor, "seconds", None) or _wall_clock)
 
     # -- running checks -----------------------------------------------------
-    def _check(self, ip: str, domain: str, sender: str, helo: str) -> Deferred:
-        """check_host() bounded by ``timeout`` (4.6.4: a slow check is a temperror)."""
-        d = self.checker.check_host(ip, domain, sender, helo)
+    def _check(self, session: Session, domain: str, sender: str, helo: str) -> Deferred:
+        """check_host() bounded by ``timeout`` (4.6.4: a slow check is a temperror) and by
+        the session's DNS time budget (its lookups through ``session.dns``)."""
+        d = self.checker.check_host(session.client_ip, domain, sender, helo, lookup=session.dns)
         if self.reactor is not None:
             d.addTimeout(self.timeout, self.reactor)
 
@@ -145,7 +146,7 @@ class SPFPolicy:
         if started is not None and started[0] == hostname:
             return started[1]
         sender, domain = identity("", hostname)
-        shared = _Shared(self._check(session.client_ip, domain, sender, hostname))
+        shared = _Shared(self._check(session, domain, sender, hostname))
         session.notes[HELO_NOTE] = (hostname, shared)
         return shared
 
@@ -164,7 +165,7 @@ class SPFPolicy:
         null_sender = not transaction.sender
         helo_shared = self._helo_check(session, helo) if (self.helo_mode != "off" or null_sender) else None
         waits = [helo_shared.wait() if helo_shared is not None else defer.succeed(None)]
-        waits.append(helo_shared.wait() if null_sender else self._check(session.client_ip, domain, sender, helo))
+        waits.append(helo_shared.wait() if null_sender else self._check(session, domain, sender, helo))
         d = defer.gatherResults(waits, consumeErrors=True)
 
         def decide(results):

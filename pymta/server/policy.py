@@ -11,12 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from pymta.config.model import Config
 from pymta.envelope import Recipient
+from pymta.interfaces import IConnectPrefetch
 from pymta.server.chain import run_chain
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
+
+log = Logger(namespace="pymta.plugins")
 
 RELAY_DENIED = Verdict.reject("Relay access denied", 554, "5.7.1")
 USER_UNKNOWN = Verdict.reject("User unknown in local recipient table", 550, "5.1.1")
@@ -35,6 +39,16 @@ class SessionPolicy:
         domains = config.domains
         self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
             else (domains[0] if domains else config.hostname.lower())
+
+    def prefetch_connect(self, session: Session) -> None:
+        """Let the connect stage's plugins that can start their lookups now."""
+        for plugin in self.stages.get("connect", ()):
+            if IConnectPrefetch.providedBy(plugin.obj):
+                try:
+                    plugin.obj.prefetch_connect(session)
+                except Exception:
+                    log.failure("plugin {name} ({use}) failed in prefetch_connect",
+                                name=plugin.name, use=plugin.use)
 
     def connect(self, session: Session):
         return run_chain(self.stages.get("connect", ()), "check_connect", session)

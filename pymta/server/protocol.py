@@ -23,6 +23,7 @@ from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
+from pymta.dns.budget import SessionResolver
 from pymta.envelope import Envelope
 from pymta.server.auth import IAuthenticatedUser
 from pymta.server.received import received_header, with_protocol
@@ -100,18 +101,30 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                listener=self.factory.listener.name, role=self.factory.listener.role,
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
+        self.session.dns = self._session_resolver()
         self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, self.factory.features)
         self.setTimeout(ctx.config.limits.idle_timeout)
-        # the connect stage waits for the client's name and the pregreet wait
+        # the connect stage waits for the client's name and the pregreet wait; the
+        # connect plugins' DNS queries (DNSBL) start now, with the name's
+        ctx.policy.prefetch_connect(self.session)
         self._starting = 1
         if ctx.client_names is not None:
             self._starting += 1
-            ctx.client_names.lookup(ip).addCallback(self._named)
+            ctx.client_names.lookup(ip, self.session.dns).addCallback(self._named)
         wait = ctx.config.limits.pregreet_wait
         if wait > 0:
             self._greet_call = ctx.reactor.callLater(wait, self._waited)
         else:
             self._started()
+
+    def _session_resolver(self):
+        """The session's DNS lookups: the shared resolver within ``[dns] session_budget``."""
+        ctx = self.factory.context
+        resolver, budget = ctx.config.resolver, ctx.config.dns.session_budget
+        if resolver is None or budget <= 0:
+            return resolver
+        s = self.session
+        return SessionResolver(resolver, budget, ctx.reactor, label=f"{s.client_ip}:{s.client_port}")
 
     def _named(self, name: str) -> None:
         self.session.client_name = name

@@ -115,11 +115,17 @@ class SPFChecker:
         self.void_lookup_limit = void_lookup_limit
         self.clock = clock
 
-    def check_host(self, ip: str, domain: str, sender: str, helo: str = "") -> Deferred:
-        """Fire with an :class:`SPFResult`: DNS problems are results (temperror), not failures."""
-        return Deferred.fromCoroutine(self._check(ip, domain, sender, helo))
+    def check_host(self, ip: str, domain: str, sender: str, helo: str = "",
+                   lookup: SPFLookup | None = None) -> Deferred:
+        """Fire with an :class:`SPFResult`: DNS problems are results (temperror), not failures.
 
-    async def _check(self, ip_text: str, domain: str, sender: str, helo: str) -> SPFResult:
+        ``lookup``: asks this check's DNS questions instead of the checker's
+        (a session's resolver, bounded by its DNS time budget)."""
+        return Deferred.fromCoroutine(self._check(ip, domain, sender, helo,
+                                                  lookup if lookup is not None else self.lookup))
+
+    async def _check(self, ip_text: str, domain: str, sender: str, helo: str,
+                     lookup: SPFLookup) -> SPFResult:
         try:
             ip = _client_address(ip_text)
         except ValueError:
@@ -128,7 +134,8 @@ class SPFChecker:
         problem = _fqdn_problem(domain)
         if problem:
             return SPFResult("none", domain=domain, problem=problem)
-        run = _Evaluation(self, ip, sender, helo, upper_nibbles=any(c in "ABCDEF" for c in ip_text))
+        run = _Evaluation(self, lookup, ip, sender, helo,
+                          upper_nibbles=any(c in "ABCDEF" for c in ip_text))
         try:
             outcome = await run.check_host(domain, top=True)
         except _PermError as e:
@@ -170,6 +177,7 @@ class _Evaluation:
     """The state of one check_host(): counters and per-check caches."""
 
     checker: SPFChecker
+    lookup: SPFLookup
     ip: IPAddress
     sender: str
     helo: str
@@ -279,7 +287,7 @@ class _Evaluation:
     # -- DNS ------------------------------------------------------------------
     async def _query(self, method: str, name: str, count_void: bool, what: str) -> list:
         try:
-            values = await getattr(self.checker.lookup, method)(name)
+            values = await getattr(self.lookup, method)(name)
         except DNSError as e:
             if not e.temporary:
                 values = []
@@ -301,7 +309,7 @@ class _Evaluation:
             return self._validated
         validated: list[str] = []
         try:
-            names = await self.checker.lookup.ptr(_reverse_name(self.ip))
+            names = await self.lookup.ptr(_reverse_name(self.ip))
         except DNSError:
             names = []                   # 5.5: a PTR lookup error means no match
         for name in list(names)[:PER_MECHANISM_LIMIT]:
@@ -353,7 +361,7 @@ class _Evaluation:
             name = await self._target(spec, domain)
             if name is None:
                 return None
-            texts = await self.checker.lookup.txt(name)
+            texts = await self.lookup.txt(name)
             if len(texts) != 1 or not texts[0].isascii():
                 return None
             text = parse_explanation(texts[0])
