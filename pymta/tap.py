@@ -203,17 +203,23 @@ def build_service(config: Config, reactor) -> MultiService:
     return top
 
 
-def prepare_run_as(options, config: Config) -> None:
+def prepare_run_as(options, config: Config):
     """The directories for the user twistd switches to (``--uid``), before anything opens them.
 
     Runs as root when twistd does the switch: before the spool is opened
     (which would create its directories as root), and before twistd
-    daemonizes, so that a problem is one line on the terminal.  Files read
-    again later that the user cannot read are a warning in the log.
+    daemonizes, so that a problem is one line on the terminal.  Returns
+    the :class:`pymta.runas.RunAs`.
     """
     from pymta import runas
     run_as = runas.RunAs.from_twistd_options(options)
     runas.prepare_directories(config, run_as)
+    return run_as
+
+
+def warn_unreadable_later(config: Config, run_as) -> None:
+    """A warning for each file read again later (on change, on SIGHUP) that the user cannot read."""
+    from pymta import runas
     for what, path in runas.unreadable_later(_files_read_later(config), run_as):
         log.warn("{what} {path} is not readable by {user}, whom pymta runs as: "
                  "changes to it cannot be read after the start", what=what, path=path,
@@ -242,8 +248,10 @@ def makeService(options) -> MultiService:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(1)
     try:
-        prepare_run_as(options, config)
+        run_as = prepare_run_as(options, config)
     except StartupPermissionError as e:
         sys.stderr.write(f"pymta: {e}\n")
         raise SystemExit(1)
-    return build_service(config, reactor)
+    service = build_service(config, reactor)
+    warn_unreadable_later(config, run_as)
+    return service

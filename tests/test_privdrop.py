@@ -98,7 +98,8 @@ def workdir():
 class DroppingServer:
     """``twistd -n --pidfile= [--uid U --gid G] pymta --config CFG`` as a real process."""
 
-    def __init__(self, python: str, directory: Path, spool: Path, mail: Path) -> None:
+    def __init__(self, python: str, directory: Path, spool: Path, mail: Path,
+                 extra_toml: str = "") -> None:
         self.python = python
         self.dir = directory
         self.port = free_port()
@@ -122,7 +123,7 @@ class DroppingServer:
             [backends.local]
             use = "maildir"
             base = "{mail}"
-            """))
+            """) + textwrap.dedent(extra_toml))
         self.proc: subprocess.Popen | None = None
 
     def command(self, uid: str | None) -> list[str]:
@@ -215,7 +216,11 @@ def owners(top: Path) -> set[tuple[int, int]]:
 
 def test_runs_as_the_user_delivers_and_restarts(user, python, workdir):
     group = grp.getgrgid(user.pw_gid).gr_name
-    server = DroppingServer(python, workdir, workdir / "spool", workdir / "mail")
+    hosts = workdir / "hosts"                # read as root at start; the user cannot read it
+    hosts.write_text("127.0.0.1 localhost\n")
+    hosts.chmod(0o600)
+    server = DroppingServer(python, workdir, workdir / "spool", workdir / "mail",
+                            f'[dns]\nhosts_file = "{hosts}"\n')
     server.start(USER)
     try:
         assert ids_of(server.proc.pid) == ([user.pw_uid] * 4, [user.pw_gid] * 4)
@@ -230,7 +235,10 @@ def test_runs_as_the_user_delivers_and_restarts(user, python, workdir):
     assert owners(server.spool) == {(user.pw_uid, user.pw_gid)}
     assert owners(server.mail) == {(user.pw_uid, user.pw_gid)}
     assert b"Subject: first" in first[0].read_bytes()
-    assert f"set uid/gid {user.pw_uid}/{grp.getgrnam(group).gr_gid}" in server.log.read_text()
+    log = server.log.read_text()
+    assert f"set uid/gid {user.pw_uid}/{grp.getgrnam(group).gr_gid}" in log
+    assert (f"hosts file {hosts} is not readable by {USER} (uid {user.pw_uid}), whom pymta runs as: "
+            f"changes to it cannot be read after the start") in log
 
     server.start(USER)
     try:
@@ -302,3 +310,49 @@ def test_a_spool_owned_by_another_user_is_one_line_and_exit_1(user, python, work
         f"pymta: cannot use spool directory {spool}: owned by nobody (mode 0700), "
         f"needs to be writable by {USER} (uid {user.pw_uid})"]
     assert spool.stat().st_uid == nobody.pw_uid          # not taken from its owner
+
+
+# -- pymta.runas on its own (as root, no server) ----------------------------------
+
+def run_as_user(user) -> "RunAs":
+    from pymta.runas import RunAs
+    return RunAs(user.pw_uid, user.pw_gid, tuple(os.getgrouplist(USER, user.pw_gid)), switching=True)
+
+
+def test_a_root_directory_that_is_no_spool_is_not_given_away(user, workdir):
+    from pymta.runas import StartupPermissionError, prepare_spool
+    shared = workdir / "shared"              # a spool named by mistake: /var/spool
+    (shared / "cron").mkdir(parents=True)
+    with pytest.raises(StartupPermissionError) as raised:
+        prepare_spool(str(shared), run_as_user(user))
+    assert str(raised.value) == (f"cannot use spool directory {shared}: owned by root and not a "
+                                 f"pymta spool (no queue/ in it); make it a new directory, or give "
+                                 f"it to {USER} (uid {user.pw_uid})")
+    assert owners(shared) == {(0, 0)}
+
+
+def test_a_hard_link_to_a_root_file_in_the_users_spool_is_refused(user, workdir):
+    from pymta.runas import StartupPermissionError, prepare_spool
+    spool = workdir / "spool"
+    prepare_spool(str(spool), run_as_user(user))
+    assert owners(spool) == {(user.pw_uid, user.pw_gid)}
+    secret = workdir / "secret"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    os.link(secret, spool / "queue" / "1K1QT2ZFNA4BTFH9.msg")   # as the user could
+    with pytest.raises(StartupPermissionError, match="is owned by root and has other links"):
+        prepare_spool(str(spool), run_as_user(user))
+    assert secret.stat().st_uid == 0
+
+
+def test_root_files_of_a_root_spool_are_given_to_the_user(user, workdir):
+    from pymta.runas import prepare_spool
+    spool = workdir / "spool"
+    for name in ("queue", "free", "tmp"):
+        (spool / name).mkdir(parents=True, mode=0o700)
+    (spool / "queue" / "1K1QT2ZFNA4BTFH9.msg").write_bytes(b"body")
+    (spool / "queue" / "1K1QT2ZFNA4BTFH9.env").write_bytes(b"{}")
+    os.link(spool / "queue" / "1K1QT2ZFNA4BTFH9.env", spool / "free" / "7")  # as an update leaves it
+    prepare_spool(str(spool), run_as_user(user))
+    assert owners(spool) == {(user.pw_uid, user.pw_gid)}
+    assert {p.name for p in spool.iterdir()} == {"tmp", "queue", "corrupt", "free"}
