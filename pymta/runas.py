@@ -222,6 +222,10 @@ def _make_directory(path: str, what: str, run_as: RunAs) -> bool:
             os.chown(path, run_as.uid, run_as.gid, follow_symlinks=False)
     except FileExistsError:
         return False
+    except PermissionError as e:
+        where = os.path.dirname(e.filename) if isinstance(e.filename, str) else parent
+        raise StartupPermissionError(f"cannot create {what} {path}: {where} is {_owner_and_mode(where)}, "
+                                     f"not writable by {run_as.describe()}") from None
     except OSError as e:
         raise StartupPermissionError(f"cannot create {what} {path}: {e.strerror or e}") from None
     return True
