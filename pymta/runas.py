@@ -30,7 +30,6 @@ as twistd parsed them (:meth:`RunAs.from_twistd_options`).
 from __future__ import annotations
 
 import errno
-import grp
 import os
 import pwd
 import stat
@@ -61,13 +60,6 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
 @dataclass(frozen=True)
 class RunAs:
     """Whom the server runs as once started: its uid, gid and supplementary groups."""
@@ -95,10 +87,9 @@ class RunAs:
         parent = getattr(options, "parent", None)
         uid = parent.get("uid") if parent is not None else None
         gid = parent.get("gid") if parent is not None else None
-        if uid is None or uid == os.geteuid():
-            if gid is None:
-                return cls.current()
-            return cls(os.geteuid(), gid, tuple(os.getgroups()), False)
+        if uid is None or uid == os.geteuid() or os.geteuid() != 0:
+            # no switch of user (without root, twistd refuses it itself)
+            return cls.current()
         try:
             entry = pwd.getpwuid(uid)
         except KeyError:
@@ -109,7 +100,7 @@ class RunAs:
             groups = tuple(os.getgrouplist(entry.pw_name, gid))
         except OSError:
             groups = (gid,)
-        return cls(uid, gid, groups, switching=os.geteuid() == 0)
+        return cls(uid, gid, groups, switching=True)
 
     def describe(self) -> str:
         """``nobody (uid 65534)``: for messages."""
