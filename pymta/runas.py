@@ -342,7 +342,7 @@ def prepare_directories(config, run_as: RunAs) -> None:
     prepare_spool(config.spool_dir, run_as)
     for name, backend in config.backends.items():
         if isinstance(backend, LocalMailboxBackend):
-            prepare_mail_base(backend.base, f"{backend.kind} base directory (backends.{name})", run_as)
+            prepare_mail_base(backend.base, f"backends.{name} base directory", run_as)
 
 
 # -- files read again later -------------------------------------------------------

@@ -312,6 +312,19 @@ def test_a_spool_owned_by_another_user_is_one_line_and_exit_1(user, python, work
     assert spool.stat().st_uid == nobody.pw_uid          # not taken from its owner
 
 
+def test_a_mail_base_the_user_cannot_write_is_one_line_and_exit_1(user, python, workdir):
+    mail = workdir / "mail"                  # the administrator's, not changed by pymta
+    mail.mkdir(mode=0o755)
+    mail.chmod(0o755)
+    server = DroppingServer(python, workdir, workdir / "spool", mail)
+    done = server.run(USER)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"pymta: cannot use backends.local base directory {mail}: owned by root (mode 0755), "
+        f"needs to be writable by {USER} (uid {user.pw_uid})"]
+    assert owners(mail) == {(0, 0)}
+
+
 # -- pymta.runas on its own (as root, no server) ----------------------------------
 
 def run_as_user(user) -> "RunAs":
