@@ -206,11 +206,55 @@ def build_service(config: Config, reactor) -> MultiService:
     return top
 
 
+def prepare_run_as(options, config: Config):
+    """The directories for the user twistd switches to (``--uid``), before anything opens them.
+
+    Runs as root when twistd does the switch: before the spool is opened
+    (which would create its directories as root), and before twistd
+    daemonizes, so that a problem is one line on the terminal.  Returns
+    the :class:`pymta.runas.RunAs`.
+    """
+    from pymta import runas
+    run_as = runas.RunAs.from_twistd_options(options)
+    runas.prepare_directories(config, run_as)
+    return run_as
+
+
+def warn_unreadable_later(config: Config, run_as) -> None:
+    """A warning for each file read again later (on change, on SIGHUP) that the user cannot read."""
+    from pymta import runas
+    for what, path in runas.unreadable_later(_files_read_later(config), run_as):
+        log.warn("{what} {path} is not readable by {user}, whom pymta runs as: "
+                 "changes to it cannot be read after the start", what=what, path=path,
+                 user=run_as.describe())
+
+
+def _files_read_later(config: Config):
+    """(what, path) of the files the running server reads again when they change."""
+    from pymta.config.watched_file import WatchedFile
+    for watched in WatchedFile.instances():
+        yield watched.what, watched.path
+    if config.tls is not None:
+        for paths in (config.tls.default, *config.tls.sni.values()):
+            yield "TLS certificate", paths.certificate
+            yield "TLS key", paths.key
+            if paths.chain:
+                yield "TLS chain", paths.chain
+
+
 def makeService(options) -> MultiService:
     from twisted.internet import reactor
+    from pymta.runas import StartupPermissionError
     try:
         config = load(options)
     except ConfigError as e:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(1)
-    return build_service(config, reactor)
+    try:
+        run_as = prepare_run_as(options, config)
+    except StartupPermissionError as e:
+        sys.stderr.write(f"pymta: {e}\n")
+        raise SystemExit(1)
+    service = build_service(config, reactor)
+    warn_unreadable_later(config, run_as)
+    return service

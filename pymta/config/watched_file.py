@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -57,6 +58,8 @@ class WatchedFile(Generic[T]):
     #: seconds between two checks of the file for changes
     check_interval = 1.0
     log = Logger()
+    #: every WatchedFile in use (the start-up checks which the run-as user can read)
+    _instances: "weakref.WeakSet[WatchedFile]" = weakref.WeakSet()
 
     def __init__(self, path: str, load: Callable[[str], T], *, what: str,
                  errors: tuple[type[BaseException], ...] = (),
@@ -69,6 +72,12 @@ class WatchedFile(Generic[T]):
         self._signature: Any = file_signature(os.stat(path))
         self._value: T = load(path)
         self._checked_at = clock()
+        WatchedFile._instances.add(self)
+
+    @classmethod
+    def instances(cls) -> list["WatchedFile"]:
+        """The watched files in use (made and not yet garbage)."""
+        return list(WatchedFile._instances)
 
     def current(self) -> T:
         """The contents, after re-reading the file if it changed (rate-limited)."""
