@@ -14,8 +14,15 @@ import signal
 import socket
 import time
 
+import pytest
+
+from conftest import BACKEND_TOML, ROOT
+
 RCPT = "drain@example.test"
 HALF = 5 * 1024 * 1024 // 2
+SLOW_FILTER = (BACKEND_TOML + '\n[stages]\ndata = ["slow"]\n\n[plugins.slow]\n'
+               'use = "drain_filters:SlowFilter"\n')
+PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
 
 
 class Client:
@@ -123,8 +130,9 @@ def _delivered_once_after_restart(server, token: str, body: bytes) -> None:
     assert content == body.replace(b"\r\n.a line", b"\r\na line")   # dot-unstuffed
 
 
-def test_sigterm_mid_transfer_lets_the_message_finish_and_it_is_delivered_once(make_server):
-    server = make_server(server_toml='shutdown_timeout = "60s"')
+@pytest.mark.parametrize("disk_work", ["process", "threads"])
+def test_sigterm_mid_transfer_lets_the_message_finish_and_it_is_delivered_once(make_server, disk_work):
+    server = make_server(server_toml='shutdown_timeout = "60s"', spool_toml=f'disk_work = "{disk_work}"')
     token = "drain-5mib"
     body = _message(token, 2 * HALF)
     client = _start_transaction(server.port)
@@ -143,7 +151,7 @@ def test_sigterm_mid_transfer_lets_the_message_finish_and_it_is_delivered_once(m
     # while draining, the port stays open only to say 421
     assert newcomer == (421, b"421 4.3.2 mx.example.test Service shutting down")
     queue_id = re.search(rb"queued as (\S+)", text).group(1).decode()
-    _wait_for_log(server, r"stopping: 1 session\(s\) open; transactions in flight get up to 60s")
+    _wait_for_log(server, r"stopping: \d session\(s\) open; transactions in flight get up to 60s")
     # the transaction is over: the session is closed with 421 at once
     assert client.reply() == (421, b"421 4.3.2 mx.example.test Service shutting down")
     assert client.at_eof()
@@ -216,3 +224,42 @@ def test_a_second_sigterm_ends_the_drain_at_once(make_server):
     client.close()
     assert _wait_exit(server, 20) < 20
     assert _queue_files(server) == []
+
+
+def test_a_message_waiting_for_its_filter_gets_its_250_during_the_drain(make_server):
+    server = make_server(SLOW_FILTER, server_toml=PLUGIN_PATH)
+    token = "drain-filtered"
+    body = _message(token, 20000).replace(f"Subject: {token}".encode(), b"Subject: slow2500", 1)
+    client = _start_transaction(server.port)
+    client.sock.sendall(body + b".\r\n")
+    time.sleep(0.5)                                   # the filter holds the answer for 2.5 s
+    server.proc.send_signal(signal.SIGTERM)
+    code, text = client.reply()
+    assert code == 250, text
+    assert client.reply()[0] == 421 and client.at_eof()
+    client.close()
+    queue_id = re.search(rb"queued as (\S+)", text).group(1).decode()
+    assert _wait_exit(server, 20) < 20
+    log = server.log_text()
+    # the stop began while the answer was pending
+    assert log.index("stopping: 1 session(s) open") < log.index(f"{queue_id}: client=")
+    server.start()
+    [stored] = server.delivered(RCPT, 1, timeout=30)
+    assert b"Subject: slow2500" in stored
+
+
+def test_at_the_deadline_a_message_still_in_its_filter_gets_421_and_is_not_kept(make_server):
+    server = make_server(SLOW_FILTER, server_toml=PLUGIN_PATH + '\nshutdown_timeout = "1s"')
+    body = _message("drain-filter-late", 20000).replace(b"Subject: drain-filter-late", b"Subject: slow20000", 1)
+    client = _start_transaction(server.port)
+    client.sock.sendall(body + b".\r\n")
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    assert client.reply() == (421, b"421 4.3.2 mx.example.test Service shutting down")
+    client.close()
+    assert _wait_exit(server, 20) < 20
+    assert _queue_files(server) == []
+    server.start()
+    time.sleep(1)
+    assert _queue_files(server) == []
+    assert not server.delivered(RCPT, 0, timeout=0)
