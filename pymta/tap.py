@@ -32,10 +32,18 @@ class ListenerService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, listener, endpoint, factory) -> None:
+    def __init__(self, listener, endpoint, factory, after=None) -> None:
         super().__init__(endpoint, factory)
         self.listener = listener
         self.setName(f"listener:{listener.name}")
+        #: on stop, keep listening until this Deferred-returning call fires
+        #: (the sessions' drain: new connections meanwhile get 421)
+        self._after = after
+
+    def stopService(self):
+        if self._after is None:
+            return super().stopService()
+        return self._after().addCallback(lambda _: super(ListenerService, self).stopService())
 
     def privilegedStartService(self) -> None:
         try:
@@ -190,6 +198,7 @@ def build_service(config: Config, reactor) -> MultiService:
     if tls is not None:
         TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()
+    shutdown = SessionShutdown(counter, reactor, config.shutdown_timeout)
     for listener in config.listeners:
         endpoint = serverFromString(reactor, with_backlog(listener.endpoint))
         factory = SMTPServerFactory(context, listener, counter)
@@ -197,8 +206,8 @@ def build_service(config: Config, reactor) -> MultiService:
             factory = TLSMemoryBIOFactory(tls, False, factory)
         if listener.proxy_protocol:        # the header comes first, before any TLS
             factory = ProxyHeaderFactory(factory, listener, reactor)
-        ListenerService(listener, endpoint, factory).setServiceParent(top)
-    SessionShutdown(counter).setServiceParent(top)   # stopped first: 421 to idle clients
+        ListenerService(listener, endpoint, factory, after=shutdown.drained).setServiceParent(top)
+    shutdown.setServiceParent(top)   # the sessions drain, then the listeners stop
     LogSetup().setServiceParent(top)
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),

@@ -282,7 +282,8 @@ class _ConfigBuilder:
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
-            backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls)
+            backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
+            shutdown_timeout=self.shutdown_timeout)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
@@ -292,6 +293,7 @@ class _ConfigBuilder:
             domain_list = opts.list_str("domains", default=DEFAULT_DOMAINS)
             networks = opts.list_str("trusted_networks", default=DEFAULT_TRUSTED_NETWORKS)
             plugin_path = opts.list_str("plugin_path", default=[])
+            self.shutdown_timeout = opts.duration("shutdown_timeout", 30.0, minimum=0)
             opts.finish()
 
             if hostname is None:

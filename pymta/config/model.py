@@ -161,6 +161,9 @@ class Config:
     tls: TLSSettings | None = None
     #: the shared pymta.dns.resolver.DNSResolver built from ``dns``
     resolver: Any = None
+    #: on stop (SIGTERM), how long transactions in flight may take to finish
+    #: before their sessions are closed with 421 ([server] shutdown_timeout)
+    shutdown_timeout: float = 30.0
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

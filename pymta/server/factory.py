@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -45,12 +47,22 @@ class _Refusal(Protocol):
 
 
 class ConnectionCounter:
-    """Connections open over all listeners, overall and per client address."""
+    """Connections open over all listeners, overall and per client address,
+    and the sessions' spool commits in flight."""
 
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
         self.sessions: set[SMTPServerProtocol] = set()
+        self.commits: set[Deferred] = set()
+        #: the server is stopping: new connections are refused with 421
+        self.draining = False
+        #: called when a session closes or a commit lands (set by SessionShutdown)
+        self.changed: Callable[[], None] | None = None
+
+    def _notify(self) -> None:
+        if self.changed is not None:
+            self.changed()
 
 
 class SMTPServerFactory(Factory):
@@ -77,6 +89,9 @@ class SMTPServerFactory(Factory):
         limits = self.context.config.limits
         ip = getattr(addr, "host", "")
         hostname = self.context.config.hostname
+        if self.counter.draining:
+            log.info("stopping: refusing {ip}: service shutting down", ip=ip)
+            return _Refusal(Reply(421, "4.3.2", f"{hostname} Service shutting down"))
         if self.counter.total >= limits.max_connections:
             log.warn("too many connections: refusing {ip} ({total} open)", ip=ip, total=self.counter.total)
             return _Refusal(Reply(421, "4.7.0", f"{hostname} Error: too many connections; try again later"))
@@ -99,15 +114,120 @@ class SMTPServerFactory(Factory):
             self.counter.per_ip[ip] -= 1
             if self.counter.per_ip[ip] <= 0:
                 del self.counter.per_ip[ip]
+            self.counter._notify()
+
+    def commit_started(self, d: Deferred) -> None:
+        """A session's spool commit is in flight: the stop waits for it to land."""
+        commits = self.counter.commits
+        commits.add(d)
+
+        def landed(result):
+            commits.discard(d)
+            self.counter._notify()
+            return result
+
+        d.addBoth(landed)
 
 
 class SessionShutdown(Service):
-    """On stop, idle sessions get 421 before the reactor drops them."""
+    """The graceful stop of the SMTP sessions (SIGTERM, as Postfix does).
 
-    def __init__(self, counter: ConnectionCounter) -> None:
+    On stop: new connections get ``421 4.3.2`` (the listeners stay open
+    until the drain is over, see :meth:`drained`); idle sessions get 421 and
+    are closed at once; a session with a transaction in flight finishes it
+    (its 250 or refusal) and is closed then.  At ``timeout`` the sessions
+    left get 421 and whatever they half received is discarded; a message
+    whose spool commit is already in flight still gets its answer.  A second
+    SIGTERM or SIGINT during the drain ends it at once the same way.  The
+    stop completes when every session is closed and every commit landed, so
+    the disk worker (stopped after all services) still serves those commits.
+    """
+
+    #: after the deadline, how long the 421s get to reach clients that do not
+    #: read before their connections are aborted
+    ABORT_AFTER = 5.0
+
+    def __init__(self, counter: ConnectionCounter, reactor, timeout: float = 30.0) -> None:
         self.counter = counter
+        self.reactor = reactor
+        self.timeout = timeout
+        self._waiters: list[Deferred] = []
+        self._finished = False
+        self._calls: list = []
+        self._previous_handlers: dict = {}
+        self._draining_any = False
+        self._expired = False
+
+    def drained(self) -> Deferred:
+        """Fires once the stop is over: every session closed, every commit landed."""
+        d = Deferred()
+        if self._finished:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._finished = self._expired = False
+        self.counter.draining = False
 
     def stopService(self):
+        super().stopService()
+        counter = self.counter
+        counter.draining = True
+        counter.changed = self._check
+        self._draining_any = bool(counter.sessions or counter.commits)
+        if counter.sessions:
+            log.info("stopping: {n} session(s) open; transactions in flight get up to "
+                     "{timeout:g}s to finish", n=len(counter.sessions), timeout=self.timeout)
+        for proto in list(counter.sessions):
+            proto.drain()
+        if not self._check():
+            self._calls.append(self.reactor.callLater(self.timeout, self._expire, "shutdown_timeout reached"))
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[number] = signal.signal(number, self._on_signal)
+        return self.drained()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reactor.callFromThread(self._expire, f"signal {signal.Signals(signum).name} again")
+
+    def _expire(self, why: str) -> None:
+        if self._finished or self._expired:
+            return
+        self._expired = True
+        log.warn("stopping: {why}: closing {n} session(s) with 421", why=why,
+                 n=len(self.counter.sessions))
         for proto in list(self.counter.sessions):
             proto.shutdown()
-        return super().stopService()
+        if not self._check():
+            self._calls.append(self.reactor.callLater(self.ABORT_AFTER, self._abort))
+
+    def _abort(self) -> None:
+        for proto in list(self.counter.sessions):
+            if not proto._committing:
+                proto.transport.abortConnection()
+        if not self._check():
+            self._calls.append(self.reactor.callLater(self.ABORT_AFTER, self._abort))
+
+    def _check(self) -> bool:
+        if self._finished:
+            return True
+        if self.counter.sessions or self.counter.commits:
+            return False
+        self._finished = True
+        self.counter.changed = None
+        if self._draining_any:
+            log.info("stopping: every session closed, every commit landed")
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        for number, previous in self._previous_handlers.items():
+            if previous is not None:
+                signal.signal(number, previous)
+        self._previous_handlers.clear()
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+        return True

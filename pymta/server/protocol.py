@@ -89,6 +89,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._lost = False
         #: the client's address (set by the factory from buildProtocol's ``addr``)
         self.client_address = None
+        #: the spool commit of this session's message is in flight
+        self._committing = False
 
     # ------------------------------------------------------------ lifecycle
     def connectionMade(self) -> None:
@@ -136,7 +138,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _started(self) -> None:
         self._starting -= 1
-        if self._starting or self._lost:
+        if self._starting or self._lost or self.conn.closed:   # closed: timeout, server stopping
             return
         log.info("connect from {client}", client=self.client)
         self._connect_stage()
@@ -169,8 +171,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.conn.connection_lost()
             self._drain_events()
         self._abort_writer()
-        self.factory.connection_closed(self)
         log.info("disconnect from {client}", client=self.client)
+        self.factory.connection_closed(self)
 
     def handshakeCompleted(self) -> None:
         self.session.tls = describe_tls(self.transport.getHandle())
@@ -182,9 +184,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.conn.timeout()
         self._process()
 
+    def drain(self) -> None:
+        """Server is stopping: 421 to an idle client now, to the others after their transaction."""
+        if self.conn is not None and not self.conn.closed:
+            self.conn.drain()
+            self._process()
+
     def shutdown(self) -> None:
-        """Server is stopping: tell an idle client 421 and close."""
-        if self.conn is not None and not self.conn.closed and not self.conn.awaiting_answer:
+        """Server is stopping and the drain time is over: 421 and close, whatever was
+        half received is discarded.  A message whose spool commit is in flight gets
+        its answer first (the commit is bound by the disk, not by the client)."""
+        if self.conn is not None and not self.conn.closed and not self._committing:
+            log.info("stopping: closing the session of {client} in state {state}",
+                     client=self.client, state=self.conn.state.value)
             self.conn.shutdown()
             self._process()
 
@@ -342,7 +354,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 return
         envelope = self._envelope(writer, txn, verdict)
         self._writer = None
+        self._committing = True
         d = writer.commit(envelope)
+        self.factory.commit_started(d)
 
         def committed(_):
             ctx = self.factory.context
@@ -361,6 +375,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._decide(d, self._message_verdict)
 
     def _message_verdict(self, verdict: Verdict) -> None:
+        self._committing = False
         if not self.conn.closed:
             self._answer(verdict)
 

@@ -29,6 +29,11 @@ class State(enum.Enum):
 
 
 COMMAND_STATES = (State.READY, State.HELO, State.MAIL, State.RCPT, State.BDAT_MORE)
+# No mail transaction in flight.  A draining session (the server is stopping)
+# is closed with 421 4.3.2 here: at once when the client has sent nothing
+# more, or at its next command (QUIT is still answered 221).  In the other
+# states the transaction in flight may finish first.
+IDLE_STATES = frozenset({State.READY, State.HELO, State.AUTH})
 _ANY = {s: None for s in COMMAND_STATES}
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
-from pymta.smtp._state import AFTER_VERDICT, TRANSITIONS, State
+from pymta.smtp._state import AFTER_VERDICT, IDLE_STATES, TRANSITIONS, State
 from pymta.smtp.address import (PathError, is_ascii, parse_domain, parse_params, parse_path,
                                 split_path_and_params, xtext_decode)
 from pymta.smtp.body import DataReader, LineChecker
@@ -92,6 +92,8 @@ class ServerConnection:
         self.errors = 0
         self.pregreeted = False
         self.esmtp = False
+        #: the server is stopping: the transaction in flight may finish, no new one starts
+        self.draining = False
         self.helo: str | None = None
         # the current transaction
         self.sender: str | None = None
@@ -151,6 +153,8 @@ class ServerConnection:
     # ------------------------------------------------------- session events
     def send_greeting(self) -> None:
         """Send the banner (connect-stage plugins agreed); refuse a client that talked first."""
+        if self.state is State.CLOSED:       # closed meanwhile (timeout, server stopping)
+            return
         if self.state is not State.GREETING:
             raise RuntimeError("greeting already sent")
         if self.pregreeted:
@@ -161,6 +165,8 @@ class ServerConnection:
 
     def refuse(self, verdict: Verdict) -> None:
         """The connect stage said no: reply and close."""
+        if self.state is State.CLOSED:
+            return
         default = _DEFER_DEFAULT if verdict.kind is Kind.DEFER else R.Reply(554, "5.7.1", "Service unavailable")
         if verdict.kind is Kind.DEFER and verdict.code is None:
             default = R.Reply(421, "4.7.1", "Service temporarily unavailable")
@@ -170,7 +176,29 @@ class ServerConnection:
         self._close_with(R.Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
 
     def shutdown(self) -> None:
-        self._close_with(R.Reply(421, "4.3.2", f"{self.hostname} Service shutting down"))
+        """The server stops now: 421 and close; a message half received is discarded."""
+        if self.state is not State.CLOSED:
+            self._close_with(self._shutting_down)
+
+    def drain(self) -> None:
+        """The server is stopping: let the transaction in flight finish, then close.
+
+        A session with no transaction (or before its banner) gets 421 4.3.2
+        at once; one in a transaction (MAIL given, RCPT, DATA/BDAT, or its
+        end of data waiting for an answer) goes on until the transaction
+        ends, accepted or refused, and is then closed the same way.  Commands
+        that would start a new transaction get the 421.  :meth:`shutdown`
+        ends a session that takes too long.
+        """
+        if self.state is State.CLOSED:
+            return
+        self.draining = True
+        if self.state in (State.GREETING, State.TLS_PENDING):
+            self._close_with(self._shutting_down)
+
+    @property
+    def _shutting_down(self) -> R.Reply:
+        return R.Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
 
     def connection_lost(self) -> None:
         if self.state is not State.CLOSED:
@@ -192,6 +220,9 @@ class ServerConnection:
                 if self._eof:
                     self._enter_closed("connection lost")
                     continue
+                if self.draining and self.state in IDLE_STATES:
+                    self._close_with(self._shutting_down)
+                    continue
                 return E.NEED_DATA
             before = len(self._in)
             if self.state is State.DATA:
@@ -204,6 +235,9 @@ class ServerConnection:
                     and self.state is not State.CLOSED:
                 if self._eof:
                     self._enter_closed("connection lost")
+                    continue
+                if self.draining and self.state in IDLE_STATES:
+                    self._close_with(self._shutting_down)
                     continue
                 return E.NEED_DATA
 
@@ -279,6 +313,8 @@ class ServerConnection:
             return self._error(R.BAD_BYTES)
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if self.draining and self.state in IDLE_STATES and verb != "QUIT":
+            return self._close_with(self._shutting_down)
         limit = MAX_MAIL_LINE if verb == "MAIL" else MAX_RCPT_LINE if verb == "RCPT" else MAX_COMMAND_LINE
         if length > limit:
             return self._error(R.LINE_TOO_LONG)
