@@ -92,6 +92,8 @@ class _Message:
     #: indices of recipients waiting in the run queue or being delivered
     busy: set[int] = field(default_factory=set)
     timer: Any = None  # IDelayedCall of the next due time, or None
+    #: its file was removed behind the server's back: forgotten (see _forget_removed)
+    gone: bool = False
 
 
 @dataclass
@@ -234,6 +236,13 @@ class DeliveryScheduler(Service):
         message.timer = None
         if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
             return
+        envelope = message.envelope
+        # A retry: an administrator may have removed the message meanwhile (one
+        # stat, only for messages that waited in the queue).
+        if any(r.attempts for r in envelope.recipients) \
+                and not self.spool.is_queued(envelope.queue_id):
+            self._forget_removed(message)
+            return
         now = self._now()
         groups: dict[str, list[int]] = {}
         for index, recipient in enumerate(message.envelope.recipients):
@@ -286,6 +295,9 @@ class DeliveryScheduler(Service):
         return results
 
     def _backend_failed(self, failure: Failure, job: _Job, count: int) -> list[DeliveryResult]:
+        if not self.spool.is_queued(job.message.envelope.queue_id):
+            # it could not read a message removed behind our back: _record forgets it
+            return [DeliveryResult.deferred("the message left the queue", 451, "4.3.0")] * count
         log.failure("{queue_id}: delivery backend {backend!r} failed",
                     failure, LogLevel.error, queue_id=job.message.envelope.queue_id, backend=job.route)
         text = f"delivery backend {job.route!r} failed: {failure.getErrorMessage()}"
@@ -294,6 +306,16 @@ class DeliveryScheduler(Service):
     def _record(self, results: list[DeliveryResult], job: _Job) -> None:
         message = job.message
         envelope = message.envelope
+        if message.gone:
+            message.busy.difference_update(job.indices)
+            return
+        if any(result.status != DELIVERED for result in results) \
+                and not self.spool.is_queued(envelope.queue_id):
+            # removed behind our back (the attempt probably failed for that):
+            # nothing to retry, bounce or update
+            message.busy.difference_update(job.indices)
+            self._forget_removed(message)
+            return
         now = self._now()
         for index, result in zip(job.indices, results):
             if result.status not in (DELIVERED, DEFERRED, FAILED):
@@ -344,6 +366,11 @@ class DeliveryScheduler(Service):
 
     def _internal_error(self, failure: Failure, job: _Job) -> None:
         # A bug in the scheduler itself: keep the message, try again later.
+        # Unless reading its file failed because it was removed behind our back.
+        if job.message.gone or not self.spool.is_queued(job.message.envelope.queue_id):
+            job.message.busy.difference_update(job.indices)
+            self._forget_removed(job.message)
+            return
         log.failure("{queue_id}: scheduler error; delivery will be retried",
                     failure, LogLevel.critical, queue_id=job.message.envelope.queue_id)
         job.message.busy.difference_update(job.indices)
@@ -354,6 +381,28 @@ class DeliveryScheduler(Service):
             if recipient.state == PENDING:
                 recipient.next_attempt = max(recipient.next_attempt, retry_at)
         self._reschedule(job.message)
+
+    def _forget_removed(self, message: _Message) -> None:
+        """The message's file was removed behind the server's back (an admin ``rm``).
+
+        One warning, then the message is forgotten: no retry, no bounce (its
+        content is gone), no traceback.  Deliveries of it still in flight end
+        without being recorded.  The spool drops what it still holds for it
+        (its leftover ``ID.env``, the body it kept in memory).
+        """
+        if message.gone:
+            return
+        message.gone = True
+        envelope = message.envelope
+        self._cancel_timer(message)
+        if self._messages.get(envelope.queue_id) is message:
+            del self._messages[envelope.queue_id]
+        if any(job.message is message for job in self._run_queue):
+            self._run_queue = collections.deque(job for job in self._run_queue
+                                                if job.message is not message)
+        log.warn("{queue_id}: queue file removed behind the server's back; message forgotten",
+                 queue_id=envelope.queue_id)
+        self._persist(self.spool.remove(envelope.queue_id, envelope.size), envelope, "remove")
 
     def _job_done(self, _) -> None:
         self._in_flight -= 1
@@ -479,6 +528,12 @@ class DeliveryScheduler(Service):
         self._spool_writes += 1
 
         def failed(failure: Failure) -> None:
+            if what == "update" and not self.spool.is_queued(envelope.queue_id):
+                # removed behind our back between the attempt and this update
+                message = self._messages.get(envelope.queue_id)
+                if message is not None and message.envelope is envelope:
+                    self._forget_removed(message)
+                return
             log.failure("{queue_id}: spool {what} failed; the recorded state may be repeated "
                         "after a restart", failure, LogLevel.error, queue_id=envelope.queue_id, what=what)
 
