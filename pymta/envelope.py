@@ -89,8 +89,13 @@ class Envelope:
     prepend: list[str] = field(default_factory=list)
     #: what this message is, when pymta made it: "bounce", "delay", "success" (DSNs to
     #: the sender) or "postmaster" (a failed DSN sent to the postmaster instead); None
-    #: for mail received over SMTP.  A failed "postmaster" message is only logged.
+    #: for mail received over SMTP.  A failed "postmaster" message is held.
     notification: str | None = None
+    #: why the message is held, or None.  A held message stays in the queue and
+    #: is neither retried nor expired until an administrator releases it
+    #: (:meth:`release`): a failed notification to the postmaster, which no one
+    #: else can be told about.
+    held: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in _ENVELOPE_FIELDS}
@@ -105,6 +110,21 @@ class Envelope:
         d.pop("version", None)
         d["recipients"] = [Recipient.from_json(r) for r in d["recipients"]]
         return cls(**d)
+
+    def release(self, now: float) -> None:
+        """An administrator releases the held message: its delivery resumes at ``now``.
+
+        The recipients that failed and were never reported (the postmaster a
+        notification could not reach) are pending again, due at once; its
+        other recipients keep their state.  A message still failing after
+        that is held again, never discarded.
+        """
+        self.held = None
+        for recipient in self.recipients:
+            if recipient.state == FAILED and not recipient.notified:
+                recipient.state = PENDING
+                recipient.next_attempt = now
+                recipient.finished_at = None
 
     def prepend_bytes(self) -> bytes:
         return "".join(self.prepend).encode("utf-8")

@@ -93,6 +93,19 @@ class IDeliveryBackend(Interface):
         """
 
 
+class IRemoteDelivery(IDeliveryBackend):
+    """A delivery backend that hands mail on to other mail servers (MX relay, smarthost).
+
+    A marker: nothing more to implement than ``deliver``.  The loader refuses
+    a configuration that would send a local domain's mail (``[server]
+    domains``) to such a backend through a route that does not name that
+    domain: mail for our own domains would loop back to us or leave the
+    site.  A site's own relaying backend declares it too
+    (``@implementer(IRemoteDelivery)``); local stores (Maildir, mbox, LMTP)
+    do not.
+    """
+
+
 class IPluginRegistration(Interface):
     """A drop-in short name, found by ``twisted.plugin.getPlugins`` in ``pymta.plugins``."""
 

@@ -9,10 +9,10 @@ import pytest
 from twisted.logger import capturedLogs, formatEvent
 
 from pymta.bounce import dsn
-from pymta.bounce.notifier import DeliveryNotifier, postmaster_address, wants
+from pymta.bounce.notifier import DeliveryNotifier, NotificationHeld, postmaster_address, wants
 from pymta.config.model import Retry
 from pymta.delivery.result import DeliveryResult
-from pymta.envelope import DELIVERED, FAILED, Envelope, Recipient
+from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import SpooledMessage
 from pymta.spool.scheduler import DeliveryScheduler
 from pymta.spool.store import Spool
@@ -190,12 +190,23 @@ def test_a_bounce_is_never_bounced_a_double_bounce_goes_to_the_postmaster(tmp_pa
     assert notice.envelope.recipients[0].route == "local"
     assert notice.envelope.notification == "postmaster"
     assert parse(notice.content)["Subject"].startswith("Postmaster Copy:")
-    # and a failed postmaster copy ends there
+    # and a failed postmaster copy ends there: held, not reported to anyone
     again = failed_recipient("postmaster@local.test")
     message = message_on_disk(tmp_path, [again], sender="", notification="postmaster")
-    with capturedLogs() as events:
-        assert notifier().failures(message, [again], START) == []
-    assert any("discarded" in formatEvent(e) for e in events)
+    with pytest.raises(NotificationHeld) as held:
+        notifier().failures(message, [again], START)
+    assert held.value.reason.startswith("undeliverable postmaster notification: "
+                                        "<postmaster@local.test>: 550 5.1.1 ")
+    assert not again.notified
+
+
+def test_a_bounce_that_cannot_reach_the_postmaster_is_held(tmp_path):
+    lost = failed_recipient("alice@example.net")
+    message = message_on_disk(tmp_path, [lost], sender="", notification="bounce")
+    with pytest.raises(NotificationHeld) as held:
+        notifier(routes={}).failures(message, [lost], START)
+    assert held.value.reason == ("no delivery route for the postmaster <postmaster@local.test>: "
+                                 "the non-delivery notification cannot be sent")
 
 
 def test_a_sender_without_route_gets_its_bounce_via_the_postmaster(tmp_path):
@@ -291,7 +302,8 @@ def test_one_bounce_for_all_failures_is_spooled_before_the_original_goes(tmp_pat
     assert h.spool.queue_ids() == []
 
 
-def test_failed_bounce_goes_to_the_postmaster_and_a_failed_postmaster_copy_stops(tmp_path):
+def held_postmaster_copy(tmp_path):
+    """A bounce that fails, then its postmaster copy that fails: (harness, the held copy)."""
     h = Harness(tmp_path, fail_for("x@r.test", "alice@example.net"),
                 decide_local=fail_for("postmaster@local.test"))
     with capturedLogs() as events:
@@ -299,8 +311,83 @@ def test_failed_bounce_goes_to_the_postmaster_and_a_failed_postmaster_copy_stops
         h.reactor.advance(0)
     senders = [env.notification for env, _, _ in h.out.received + h.local.received]
     assert senders == [None, "bounce", "postmaster"]
-    assert h.spool.queue_ids() == []
-    assert any("discarded" in formatEvent(e) for e in events)
+    [(_, _, _), (_, _, _), (copy, _, _)] = h.out.received + h.local.received
+    # the original and the bounce are gone; the postmaster copy stays, held
+    assert h.spool.queue_ids() == [copy.queue_id]
+    assert h.scheduler.queued() == []
+    reason = h.scheduler.held()[copy.queue_id]
+    assert reason.startswith("undeliverable postmaster notification: <postmaster@local.test>: 550 5.1.1")
+    stored = h.spool.load(copy.queue_id)
+    assert stored.held == reason
+    assert [(r.state, r.notified) for r in stored.recipients] == [(FAILED, False)]
+    lines = [formatEvent(e) for e in events]
+    assert [line for line in lines if "held" in line] == [
+        f"{copy.queue_id}: held: {reason}; kept in the queue, neither retried nor expired, "
+        "until an administrator releases it"]
+    assert not any("discarded" in line for line in lines)
+    # neither retried nor expired, however long it waits
+    with capturedLogs() as events:
+        h.reactor.advance(10 * 86400)
+    assert not any(copy.queue_id in formatEvent(e) for e in events)
+    assert len(h.local.received) == 1 and h.spool.queue_ids() == [copy.queue_id]
+    return h, copy
+
+
+def test_failed_bounce_goes_to_the_postmaster_and_a_failed_postmaster_copy_is_held(tmp_path):
+    held_postmaster_copy(tmp_path)
+
+
+def test_a_held_message_stays_held_across_a_restart_and_is_delivered_when_released(tmp_path):
+    h, copy = held_postmaster_copy(tmp_path)
+    h.scheduler.stopService()
+    h.scheduler.startService()                 # recovery skips it
+    h.reactor.advance(86400)
+    assert len(h.local.received) == 1
+    assert list(h.scheduler.held()) == [copy.queue_id] and h.scheduler.queued() == []
+    # the postmaster's mailbox works again; an administrator releases the copy
+    h.local.decide = ok
+    assert h.scheduler.release("no-such-id") is False
+    with capturedLogs() as events:
+        assert h.scheduler.release(copy.queue_id) is True
+        h.reactor.advance(0)
+    assert f"{copy.queue_id}: released" in [formatEvent(e) for e in events]
+    assert [addrs for _, addrs, _ in h.local.received] == [["postmaster@local.test"]] * 2
+    assert h.scheduler.held() == {} and h.spool.queue_ids() == []
+
+
+def test_a_released_message_that_fails_again_is_held_again(tmp_path):
+    h, copy = held_postmaster_copy(tmp_path)
+    assert h.scheduler.release(copy.queue_id)
+    assert h.spool.queue_ids() == [copy.queue_id]
+    h.reactor.advance(0)
+    assert len(h.local.received) == 2
+    assert list(h.scheduler.held()) == [copy.queue_id]
+    assert h.spool.load(copy.queue_id).held is not None
+
+
+def test_an_expired_postmaster_copy_is_held_not_discarded(tmp_path):
+    def busy(address):
+        return DeliveryResult.deferred("mailbox busy", 451, "4.2.0")
+    h = Harness(tmp_path, fail_for("x@r.test"), decide_local=busy, lifetime=3600)
+    h.submit(rcpt("x@r.test"), sender="")         # a null-sender message: its failure to the postmaster
+    h.reactor.advance(0)
+    [copy_id] = h.spool.queue_ids()
+    h.reactor.advance(2 * 3600)                      # the copy expires in the queue
+    assert h.spool.queue_ids() == [copy_id]
+    assert "4.4.7 message expired" in h.scheduler.held()[copy_id]
+    stored = h.spool.load(copy_id)
+    assert stored.held and stored.recipients[0].state == FAILED
+
+
+def test_envelope_release_makes_unreported_failures_pending():
+    done = Recipient("a@x", "a@x", "r", state=DELIVERED)
+    lost = Recipient("p@x", "p@x", "r", state=FAILED, finished_at=5.0, attempts=3)
+    envelope = Envelope("ID", "", [done, lost], 0.0, held="undeliverable")
+    envelope.release(100.0)
+    assert envelope.held is None
+    assert (done.state, lost.state, lost.next_attempt, lost.finished_at, lost.attempts) == \
+        (DELIVERED, PENDING, 100.0, None, 3)
+    assert Envelope.from_json(envelope.to_json()) == envelope
 
 
 def test_null_sender_mail_is_never_bounced_to_its_sender(tmp_path):

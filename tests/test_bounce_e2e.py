@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import smtplib
+import time
 
 from conftest import ROOT
 
@@ -35,3 +38,62 @@ backend = "local"
     assert b"Final-Recipient: rfc822; nobody@example.test" in bounce
     assert b"Action: failed" in bounce and b"Status: 5." in bounce
     assert b"Subject: doomed" in bounce          # the original is returned
+
+
+def test_a_failed_postmaster_notification_is_held_in_the_queue_across_a_restart(make_server):
+    """A double bounce the postmaster's route refuses: kept in the queue, held; never discarded."""
+    srv = make_server('''
+[queue]
+retry_initial = 0.5
+retry_max = 0.5
+lifetime = 2
+
+[backends.local]
+use = "maildir"
+base = "mail"
+
+[backends.refuse]
+use = "test_policies:RefuseAll"
+
+[[routes]]
+match = "nobody@example.test"
+backend = "refuse"
+
+[[routes]]
+match = "postmaster@example.test"
+backend = "refuse"
+
+[[routes]]
+match = "example.test"
+backend = "local"
+''', server_toml=PLUGIN_PATH)
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.sendmail("", ["nobody@example.test"], b"Subject: doomed\r\n\r\nhello\r\n")
+    queue = srv.spool / "queue"
+    held = re.compile(r"(\w+): held: undeliverable postmaster notification: "
+                      r"<postmaster@example\.test>: 550 5\.1\.1 no such user here \(test backend\); "
+                      r"kept in the queue, neither retried nor expired, until an administrator "
+                      r"releases it")
+    deadline = time.monotonic() + 20
+    while not held.search(srv.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = srv.log_text()
+    [copy_id] = held.findall(log)
+    assert "discarded" not in log
+    time.sleep(3)                      # past the lifetime, six retry intervals
+    srv.stop()
+    assert sorted(p.name for p in queue.iterdir()) == [f"{copy_id}.env", f"{copy_id}.msg"]
+    envelope = json.loads((queue / f"{copy_id}.env").read_bytes())
+    assert envelope["held"].startswith("undeliverable postmaster notification")
+    assert envelope["notification"] == "postmaster"
+    srv.start()                        # recovery keeps it held: no attempt
+    deadline = time.monotonic() + 20
+    while f"{copy_id}: held (" not in srv.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)
+    srv.stop()
+    log = srv.log_text()
+    assert f"{copy_id}: held (undeliverable postmaster notification: " in log
+    assert log.count(f"{copy_id}: to=<postmaster@example.test>") == 1      # one attempt, ever
+    assert "Traceback" not in log
+    assert sorted(p.name for p in queue.iterdir()) == [f"{copy_id}.env", f"{copy_id}.msg"]

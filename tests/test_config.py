@@ -664,6 +664,74 @@ def test_route_errors(tmp_path, body, key, problem):
     config_error(tmp_path, text, key, problem)
 
 
+RELAY_BACKENDS = """
+[server]
+domains = ["example.org", "example.net"]
+[backends.local]
+use = "maildir"
+base = "mail"
+[backends.out]
+use = "relay"
+[backends.hub]
+use = "smarthost"
+host = "hub.example:25"
+"""
+
+
+@pytest.mark.parametrize("routes, key, domain, backend", [
+    # the README trap: "*" to the relay and no local route at all
+    ([("*", "out")], "routes[0]", "example.org", "out"),
+    # one local domain routed, the other falls through to "*"
+    ([("example.org", "local"), ("*", "hub")], "routes[1]", "example.net", "hub"),
+    # single addresses are not the domain's route: the rest of example.net is relayed
+    ([("example.org", "local"), ("postmaster@example.net", "local"),
+      ("alice@example.net", "local"), ("*", "out")], "routes[3]", "example.net", "out"),
+    # a route to a local backend after "*" comes too late
+    ([("*", "out"), ("example.org", "local"), ("example.net", "local")], "routes[0]",
+     "example.org", "out"),
+])
+def test_local_domain_relayed_through_star_is_an_error(tmp_path, routes, key, domain, backend):
+    text = RELAY_BACKENDS + "".join(f"[[routes]]\nmatch = '{m}'\nbackend = '{b}'\n"
+                                    for m, b in routes)
+    config_error(tmp_path, text, key,
+                 f"local domain '{domain}' would be relayed: this route (match = \"*\") sends it "
+                 f"to backend '{backend}', which passes mail on to other servers; add a route for "
+                 "it to a local backend before this one, or name it in a route (match = "
+                 f"\"{domain}\") if relaying it is intended")
+
+
+@pytest.mark.parametrize("routes", [
+    # the local domains first, then everything else out
+    [("example.org", "local"), ("@example.net", "local"), ("*", "out")],
+    # a domain named explicitly may be relayed (an internal hub), by domain or address
+    [("example.org", "hub"), ("postmaster@example.net", "local"), ("example.net", "out"),
+     ("*", "out")],
+    [("user@example.org", "out"), ("example.org", "local"), ("example.net", "local"),
+     ("*", "hub")],
+])
+def test_local_domains_routed_locally_or_by_name_load(tmp_path, routes):
+    text = RELAY_BACKENDS + "".join(f"[[routes]]\nmatch = '{m}'\nbackend = '{b}'\n"
+                                    for m, b in routes)
+    config = load(tmp_path, text)
+    assert [(r.match, r.backend) for r in config.routes] == routes
+
+
+def test_the_only_backend_relaying_local_domains_is_an_error(tmp_path):
+    config_error(tmp_path, "[backends.out]\nuse = 'relay'\n", "routes",
+                 "local domain 'localhost' would be relayed by backend 'out', the only backend "
+                 "(no [[routes]]); add a local backend (maildir, mbox) and [[routes]]: the local "
+                 "domains to it, then match = \"*\" to this one")
+
+
+def test_relay_backends_declare_the_remote_delivery_marker(tmp_path):
+    from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
+    config = load(tmp_path, RELAY_BACKENDS + "[[routes]]\nmatch = '*'\nbackend = 'local'\n")
+    assert IRemoteDelivery.providedBy(config.backends["out"])
+    assert IRemoteDelivery.providedBy(config.backends["hub"])
+    assert not IRemoteDelivery.providedBy(config.backends["local"])
+    assert IDeliveryBackend.providedBy(config.backends["out"])
+
+
 @pytest.mark.parametrize("body, key, problem", [
     ("[backends.local]\nuse = 'localdomain'\n", "backends.local",
      "plugin 'localdomain' does not provide IDeliveryBackend"),

@@ -418,3 +418,91 @@ def test_a_backend_answering_at_once_does_not_nest_one_call_per_message(tmp_path
         sys.setrecursionlimit(limit)
     assert len(backend.calls) == 601
     assert h.scheduler.in_flight == 0
+
+
+# -- queue files removed behind the server's back --------------------------------------
+
+def _rm(h: Harness, queue_id: str, which=(".msg", ".env")) -> None:
+    import os
+    for suffix in which:
+        try:
+            os.unlink(os.path.join(h.spool.queue_dir, queue_id + suffix))
+        except FileNotFoundError:
+            pass
+
+
+def _problems(lines: list[str]) -> list[str]:
+    return [line for line in lines if "Traceback" in line or "FileNotFoundError" in line
+            or "spool update failed" in line or "scheduler error" in line]
+
+
+@pytest.mark.parametrize("which", [(".msg", ".env"), (".msg",)])
+def test_a_deferred_message_removed_by_an_admin_is_forgotten_with_one_warning(tmp_path, which):
+    backend = RecordingBackend("defer", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    gone = h.submit(rcpt("alice@example.org"))
+    h.reactor.advance(0)
+    assert len(backend.calls) == 1 and h.scheduler.queued() == [gone.queue_id]
+    _rm(h, gone.queue_id, which)
+    with capturedLogs() as events:
+        h.reactor.advance(300)                     # the retry: no attempt, one warning
+        h.reactor.advance(3600)                    # and nothing more, ever
+    lines = log_lines(events)
+    warning = f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"
+    assert lines.count(warning) == 1
+    assert [e["log_level"].name for e in events if formatEvent(e) == warning] == ["warn"]
+    assert _problems(lines) == []
+    assert len(backend.calls) == 1
+    assert h.scheduler.queued() == []
+    assert h.spool.queue_ids() == [] and not any(
+        name.startswith(gone.queue_id) for name in __import__("os").listdir(h.spool.queue_dir))
+    # another message still goes through
+    other = h.submit(rcpt("bob@example.org"))
+    h.reactor.advance(0)
+    assert backend.calls[-1] == (other.queue_id, ["bob@example.org"])
+    assert h.scheduler.queued() == [] and h.spool.queue_ids() == []
+
+
+@pytest.mark.parametrize("outcome", ["defer", "fail", "raise"])
+def test_a_message_removed_during_its_delivery_attempt_is_forgotten(tmp_path, outcome):
+    attempt = defer.Deferred()
+    backend = RecordingBackend(attempt)
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    gone = h.submit(rcpt("alice@example.org"))
+    h.reactor.advance(0)
+    assert len(backend.calls) == 1                 # in flight
+    _rm(h, gone.queue_id)
+    with capturedLogs() as events:
+        if outcome == "raise":
+            attempt.errback(FileNotFoundError(2, "No such file or directory"))
+        else:
+            result = (DeliveryResult.deferred("mailbox busy", 451, "4.2.0") if outcome == "defer"
+                      else DeliveryResult.failed("no such user", 550, "5.1.1"))
+            attempt.callback([result])
+        h.reactor.advance(3600)
+    lines = log_lines(events)
+    assert lines.count(f"{gone.queue_id}: queue file removed behind the server's back; "
+                       "message forgotten") == 1
+    assert _problems(lines) == []
+    assert h.scheduler.final_failures == []        # no bounce of a message that is gone
+    assert len(backend.calls) == 1 and h.scheduler.queued() == []
+    assert h.spool.queue_ids() == []
+
+
+def test_only_the_updated_envelope_removed_keeps_the_message(tmp_path):
+    """Without its ID.env the message is still queued: the next update writes it again."""
+    backend = RecordingBackend("defer", "defer", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    kept = h.submit(rcpt("alice@example.org"))
+    h.reactor.advance(0)
+    _rm(h, kept.queue_id, (".env",))
+    with capturedLogs() as events:
+        h.reactor.advance(300)
+    assert len(backend.calls) == 2
+    assert h.stored(kept.queue_id).recipients[0].attempts == 2
+    assert not any("removed behind" in line for line in log_lines(events))
+    h.reactor.advance(600)
+    assert len(backend.calls) == 3 and h.spool.queue_ids() == []

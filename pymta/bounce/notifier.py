@@ -20,7 +20,10 @@ Notifications go to the envelope sender.  A message with the null sender
 (a bounce, or mail received with ``MAIL FROM:<>``) is never bounced to its
 sender: its failures go to the postmaster instead (a "double bounce"), and
 delays and successes are not reported.  A notification to the postmaster
-that fails in turn is only logged (``notification = "postmaster"``).
+that fails in turn (``notification = "postmaster"``), or a failure that
+cannot reach the postmaster at all (no route), raises
+:class:`NotificationHeld`: the scheduler keeps that message in the queue,
+held, for an administrator; it is never discarded.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ from pymta.bounce import dsn
 from pymta.envelope import DELIVERED, PENDING, Envelope, Recipient
 
 log = Logger()
+
+
+class NotificationHeld(Exception):
+    """A failure no one can be told about: the message is to be held (``reason``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -87,18 +98,21 @@ class DeliveryNotifier:
 
     # -- what is due ---------------------------------------------------------------------
     def failures(self, message: Any, recipients: list[Recipient], now: float) -> list[Notice]:
-        """The bounce for ``recipients`` (FAILED, not yet notified); marks them notified."""
+        """The bounce for ``recipients`` (FAILED, not yet notified); marks them notified.
+
+        Raises :class:`NotificationHeld` for a failed postmaster notification,
+        and when the postmaster has no delivery route.
+        """
         envelope = message.envelope
+        if envelope.notification == "postmaster":
+            raise NotificationHeld("undeliverable postmaster notification: " + "; ".join(
+                f"<{r.address}>: {r.last_result or 'failed'}" for r in recipients))
         for recipient in recipients:
             recipient.notified = True
         wanted = [r for r in recipients if wants(r, "FAILURE")]
         if not wanted:
             return []
         addresses = ", ".join(f"<{r.address}>" for r in wanted)
-        if envelope.notification == "postmaster":
-            log.error("{queue_id}: undeliverable postmaster notification for {addresses}; "
-                      "discarded", queue_id=envelope.queue_id, addresses=addresses)
-            return []
         if envelope.sender:
             return self._notice(message, wanted, dsn.FAILED, envelope.sender, now,
                                 full=envelope.ret != "HDRS")
@@ -152,6 +166,9 @@ class DeliveryNotifier:
             to, postmaster = self.postmaster, True
             route = self.route_for(to)
         if route is None:
+            if postmaster and action == dsn.FAILED:
+                raise NotificationHeld(f"no delivery route for the postmaster <{to}>: the "
+                                       "non-delivery notification cannot be sent")
             log.error("{queue_id}: no delivery route for <{to}>: {action} notification not sent",
                       queue_id=envelope.queue_id, to=to, action=action)
             return []

@@ -41,7 +41,7 @@ from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.config.options import (Options, PluginContext, closest, describe_value,
                                   normalize_domain)
 from pymta.config.durations import format_duration
-from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration
+from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration, IRemoteDelivery
 
 __all__ = ["load_config", "default_config", "discover_plugins", "PluginDiscovery",
            "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK", "SPOOL_SYNC_MODES"]
@@ -451,7 +451,43 @@ class _ConfigBuilder:
             if not any(route.matches(f"postmaster@{domain}") for route in routes):
                 self.fail("routes", f"no route for local domain {domain!r} (add a [[routes]] "
                                     f"entry with match = \"{domain}\" or \"*\")")
+        self._check_local_domains_stay_local(value is None, domains, routes, backends)
         return routes
+
+    def _check_local_domains_stay_local(self, implicit: bool, domains: tuple[str, ...],
+                                        routes: tuple[Route, ...], backends: dict[str, Any]) -> None:
+        """A local domain must not reach a relay/smarthost backend unless a route names it.
+
+        "Names it" means a route whose match is the domain ("example.org" or
+        "@example.org") or one address in it ("user@example.org"); "*" does
+        not.  The route a domain's mail takes is the first "*" or domain
+        route matching it (routes for single addresses take only those).
+        The postmaster of every local domain is covered: it takes its own
+        route if one names it, else the domain's.
+        """
+        if implicit:
+            # no [[routes]]: every local domain goes to the only backend
+            for name, backend in backends.items():
+                if IRemoteDelivery.providedBy(backend) and domains:
+                    self.fail("routes", f"local domain {domains[0]!r} would be relayed by backend "
+                                        f"{name!r}, the only backend (no [[routes]]); add a local "
+                                        "backend (maildir, mbox) and [[routes]]: the local domains "
+                                        "to it, then match = \"*\" to this one")
+            return
+        for domain in domains:
+            for index, route in enumerate(routes):
+                if route.match != "*" and not route.match.startswith("@") and "@" in route.match:
+                    continue                  # one address: named explicitly, whatever it is
+                if not route.matches(f"postmaster@{domain}"):
+                    continue
+                if route.match == "*" and IRemoteDelivery.providedBy(backends[route.backend]):
+                    self.fail(f"routes[{index}]",
+                              f"local domain {domain!r} would be relayed: this route (match = "
+                              f"\"*\") sends it to backend {route.backend!r}, which passes mail on "
+                              "to other servers; add a route for it to a local backend before this one, "
+                              f"or name it in a route (match = \"{domain}\") if relaying it is "
+                              "intended")
+                break
 
     # -- [stages] and [plugins.*] -----------------------------------------------
     def _stages(self, stages: dict[str, Any], plugins: dict[str, Any]) -> dict[str, tuple[PluginInstance, ...]]:

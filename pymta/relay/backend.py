@@ -52,7 +52,7 @@ from pymta.config.model import domain_key
 from pymta.config.options import Options
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Recipient
-from pymta.interfaces import IDeliveryBackend
+from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
 from pymta.relay.protocol import ClientSession, Credentials, MessageContent, SessionSettings
@@ -144,6 +144,7 @@ def delivery_result(result: C.RecipientResult, session: ClientSession) -> Delive
                           session.peer, remote_mta=session.host, diagnostic=diagnostic)
 
 
+@implementer(IRemoteDelivery)
 class _SMTPBackend:
     """What relay and smarthost share: options, the pool, one transaction per group."""
 

@@ -17,6 +17,12 @@ updated (or the message removed): a crash in between sends it twice, never
 not at all.  :meth:`DeliveryScheduler.flush` (ETRN) makes pending
 recipients due at once.
 
+A failure no one can be told about (a notification to the postmaster that
+failed, see :mod:`pymta.bounce.notifier`) *holds* its message: it stays in
+the queue with ``envelope.held`` set (written with ``Spool.update``), is
+neither retried nor expired, and is skipped at start-up until an
+administrator releases it (:meth:`DeliveryScheduler.release`).
+
 One log line per recipient and attempt, in the style of Postfix::
 
     1K0T...: to=<bob@example.org>, relay=local[maildir:/var/mail/...], delay=0.12, status=sent (250 2.0.0 delivered)
@@ -33,6 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from pymta.bounce.notifier import NotificationHeld
 from pymta.config.model import Retry, domain_key
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
 from pymta.envelope import FAILED as RECIPIENT_FAILED
@@ -92,6 +99,8 @@ class _Message:
     #: indices of recipients waiting in the run queue or being delivered
     busy: set[int] = field(default_factory=set)
     timer: Any = None  # IDelayedCall of the next due time, or None
+    #: its file was removed behind the server's back: forgotten (see _forget_removed)
+    gone: bool = False
 
 
 @dataclass
@@ -120,6 +129,8 @@ class DeliveryScheduler(Service):
         self.notifier = notifier
         self._reactor = reactor
         self._messages: dict[str, _Message] = {}
+        #: held messages (see the module docstring): queue id -> envelope
+        self._held: dict[str, Envelope] = {}
         self._run_queue: collections.deque[_Job] = collections.deque()
         self._in_flight = 0
         self._pumping = False
@@ -132,10 +143,16 @@ class DeliveryScheduler(Service):
     def startService(self) -> None:
         self._stopping = False
         self._messages.clear()
+        self._held.clear()
         envelopes = self.spool.recover()
         super().startService()
         for envelope in envelopes:
-            self._track(envelope)
+            if envelope.held:
+                self._held[envelope.queue_id] = envelope
+                log.warn("{queue_id}: held ({reason}); not delivered until released",
+                         queue_id=envelope.queue_id, reason=envelope.held)
+            else:
+                self._track(envelope)
         if envelopes:
             log.info("scheduler: {count} message(s) in the spool", count=len(envelopes))
 
@@ -169,8 +186,28 @@ class DeliveryScheduler(Service):
         return self._in_flight
 
     def queued(self) -> list[str]:
-        """Ids of the messages the scheduler is responsible for."""
+        """Ids of the messages the scheduler is responsible for (not the held ones)."""
         return sorted(self._messages)
+
+    def held(self) -> dict[str, str]:
+        """The held messages: queue id -> why."""
+        return {queue_id: envelope.held or "" for queue_id, envelope in self._held.items()}
+
+    def release(self, queue_id: str) -> bool:
+        """Release a held message (``pymta queue release``): deliver it again now.
+
+        Records the release in the spool (``Spool.update``) and schedules
+        the message; False if no message of that id is held.
+        """
+        envelope = self._held.pop(queue_id, None)
+        if envelope is None:
+            return False
+        envelope.release(self._now())
+        log.info("{queue_id}: released", queue_id=queue_id)
+        self._persist(self.spool.update(envelope), envelope, "update")
+        if not self._stopping:
+            self._track(envelope)
+        return True
 
     def flush(self, domain: str | None = None) -> int:
         """Make pending recipients due now (ETRN, RFC 1985); the number of messages affected.
@@ -234,6 +271,13 @@ class DeliveryScheduler(Service):
         message.timer = None
         if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
             return
+        envelope = message.envelope
+        # A retry: an administrator may have removed the message meanwhile (one
+        # stat, only for messages that waited in the queue).
+        if any(r.attempts for r in envelope.recipients) \
+                and not self.spool.is_queued(envelope.queue_id):
+            self._forget_removed(message)
+            return
         now = self._now()
         groups: dict[str, list[int]] = {}
         for index, recipient in enumerate(message.envelope.recipients):
@@ -286,6 +330,9 @@ class DeliveryScheduler(Service):
         return results
 
     def _backend_failed(self, failure: Failure, job: _Job, count: int) -> list[DeliveryResult]:
+        if not self.spool.is_queued(job.message.envelope.queue_id):
+            # it could not read a message removed behind our back: _record forgets it
+            return [DeliveryResult.deferred("the message left the queue", 451, "4.3.0")] * count
         log.failure("{queue_id}: delivery backend {backend!r} failed",
                     failure, LogLevel.error, queue_id=job.message.envelope.queue_id, backend=job.route)
         text = f"delivery backend {job.route!r} failed: {failure.getErrorMessage()}"
@@ -294,6 +341,16 @@ class DeliveryScheduler(Service):
     def _record(self, results: list[DeliveryResult], job: _Job) -> None:
         message = job.message
         envelope = message.envelope
+        if message.gone:
+            message.busy.difference_update(job.indices)
+            return
+        if any(result.status != DELIVERED for result in results) \
+                and not self.spool.is_queued(envelope.queue_id):
+            # removed behind our back (the attempt probably failed for that):
+            # nothing to retry, bounce or update
+            message.busy.difference_update(job.indices)
+            self._forget_removed(message)
+            return
         now = self._now()
         for index, result in zip(job.indices, results):
             if result.status not in (DELIVERED, DEFERRED, FAILED):
@@ -323,7 +380,7 @@ class DeliveryScheduler(Service):
             self._log_attempt(envelope, recipient, job.route, result.relay, now, status, summary)
         message.busy.difference_update(job.indices)
         notices = [] if message.busy else self._notices(message, now)
-        if envelope.pending or message.busy:
+        if (envelope.pending or message.busy) and not envelope.held:
             self._after_notices(notices, envelope, "update", lambda: self._update_if_queued(message))
             self._reschedule(message)
         else:
@@ -344,6 +401,11 @@ class DeliveryScheduler(Service):
 
     def _internal_error(self, failure: Failure, job: _Job) -> None:
         # A bug in the scheduler itself: keep the message, try again later.
+        # Unless reading its file failed because it was removed behind our back.
+        if job.message.gone or not self.spool.is_queued(job.message.envelope.queue_id):
+            job.message.busy.difference_update(job.indices)
+            self._forget_removed(job.message)
+            return
         log.failure("{queue_id}: scheduler error; delivery will be retried",
                     failure, LogLevel.critical, queue_id=job.message.envelope.queue_id)
         job.message.busy.difference_update(job.indices)
@@ -354,6 +416,28 @@ class DeliveryScheduler(Service):
             if recipient.state == PENDING:
                 recipient.next_attempt = max(recipient.next_attempt, retry_at)
         self._reschedule(job.message)
+
+    def _forget_removed(self, message: _Message) -> None:
+        """The message's file was removed behind the server's back (an admin ``rm``).
+
+        One warning, then the message is forgotten: no retry, no bounce (its
+        content is gone), no traceback.  Deliveries of it still in flight end
+        without being recorded.  The spool drops what it still holds for it
+        (its leftover ``ID.env``, the body it kept in memory).
+        """
+        if message.gone:
+            return
+        message.gone = True
+        envelope = message.envelope
+        self._cancel_timer(message)
+        if self._messages.get(envelope.queue_id) is message:
+            del self._messages[envelope.queue_id]
+        if any(job.message is message for job in self._run_queue):
+            self._run_queue = collections.deque(job for job in self._run_queue
+                                                if job.message is not message)
+        log.warn("{queue_id}: queue file removed behind the server's back; message forgotten",
+                 queue_id=envelope.queue_id)
+        self._persist(self.spool.remove(envelope.queue_id, envelope.size), envelope, "remove")
 
     def _job_done(self, _) -> None:
         self._in_flight -= 1
@@ -369,6 +453,11 @@ class DeliveryScheduler(Service):
         self._messages.pop(envelope.queue_id, None)
         if notices is None:
             notices = self._notices(message, self._now())
+        if envelope.held:
+            # kept, not removed: the hold is written into its envelope
+            self._held[envelope.queue_id] = envelope
+            self._after_notices(notices, envelope, "update", lambda: self.spool.update(envelope))
+            return
 
         def remove() -> defer.Deferred:
             d = self.spool.remove(envelope.queue_id, envelope.size)
@@ -380,11 +469,26 @@ class DeliveryScheduler(Service):
         """The notifications due for a message none of whose recipients is in flight."""
         envelope = message.envelope
         failed = [r for r in envelope.recipients if r.state == RECIPIENT_FAILED and not r.notified]
-        notices = list(self._final_failures(envelope, failed) or []) if failed else []
+        notices = []
+        if failed:
+            try:
+                notices = list(self._final_failures(envelope, failed) or [])
+            except NotificationHeld as held:
+                for recipient in failed:
+                    recipient.notified = False       # reported when it is released
+                self._hold(message, held.reason)
         if self.notifier is not None:
             notices += self.notifier.others(self.spool.message(envelope), now, self.delay_warning,
                                             self.schedule.lifetime)
         return notices
+
+    def _hold(self, message: _Message, reason: str) -> None:
+        """Hold the message (the caller keeps it instead of removing it)."""
+        envelope = message.envelope
+        envelope.held = reason
+        self._cancel_timer(message)
+        log.warn("{queue_id}: held: {reason}; kept in the queue, neither retried nor expired, "
+                 "until an administrator releases it", queue_id=envelope.queue_id, reason=reason)
 
     def _final_failures(self, envelope: Envelope, recipients: list[Recipient]) -> list:
         """Recipients that ended FAILED and were not reported yet: their bounce.
@@ -479,6 +583,12 @@ class DeliveryScheduler(Service):
         self._spool_writes += 1
 
         def failed(failure: Failure) -> None:
+            if what == "update" and not self.spool.is_queued(envelope.queue_id):
+                # removed behind our back between the attempt and this update
+                message = self._messages.get(envelope.queue_id)
+                if message is not None and message.envelope is envelope:
+                    self._forget_removed(message)
+                return
             log.failure("{queue_id}: spool {what} failed; the recorded state may be repeated "
                         "after a restart", failure, LogLevel.error, queue_id=envelope.queue_id, what=what)
 

@@ -461,6 +461,15 @@ class Spool:
         self._forget_body(queue_id)
         return self._submit(_Remove(queue_id, size))
 
+    def is_queued(self, queue_id: str) -> bool:
+        """Is the committed message's file still in ``queue/``? (One ``stat``.)
+
+        False for a message that an administrator removed behind the
+        server's back (``rm queue/ID.msg``); its leftover ``ID.env``, if any,
+        does not count: without the message file it is what recover() deletes.
+        """
+        return os.path.exists(self.body_path(queue_id))
+
     def queue_ids(self) -> list[str]:
         """Ids of the committed messages, oldest first."""
         try:
