@@ -25,6 +25,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from pymta.envelope import Envelope
 from pymta.server.auth import IAuthenticatedUser
+from pymta.server.chain import PluginTimeout
 from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
@@ -381,6 +382,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(ev, "invalid credentials")
+            if failure.check(PluginTimeout):         # logged by the chain, naming the checker
+                return AUTH_TEMPFAIL
             log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
                         client=self.client, mechanism=ev.mechanism, user=ev.username)
             return AUTH_TEMPFAIL
