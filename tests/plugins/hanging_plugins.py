@@ -1,0 +1,65 @@
+"""Site plugins that hang, answer late, or add bad header fields (plugin_timeout tests)."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from pymta.interfaces import IMessageFilter, IRecipientPolicy, ISenderPolicy
+from pymta.verdict import DUNNO, Kind, Verdict
+
+#: how long a "late" answer takes, in seconds (longer than the tests' plugin_timeout)
+LATE = 1.5
+
+
+def _never() -> Deferred:
+    """A Deferred nobody will ever fire (and with no canceller)."""
+    return Deferred()
+
+
+def _late(verdict: Verdict) -> Deferred:
+    """A Deferred fired after LATE seconds, whatever happened to it meanwhile.
+
+    Firing a cancelled Deferred without a canceller is ignored by Twisted;
+    the late verdict must not reach the session either way.
+    """
+    d = Deferred()
+    reactor.callLater(LATE, lambda: d.callback(verdict))
+    return d
+
+
+def _by_word(word: str, verdict: Verdict):
+    if word.startswith("hang"):
+        return _never()
+    if word.startswith("late"):
+        return _late(verdict)
+    return DUNNO
+
+
+@implementer(ISenderPolicy, IRecipientPolicy, IMessageFilter)
+class Hang:
+    """``hang...@`` never answers; ``late...@`` answers (rejecting) after LATE seconds.
+
+    At the data stage the same is asked of a message whose Subject is
+    ``hang`` or ``late``; Subject ``bad-lf`` / ``bad-name`` / ``bad-long``
+    get a header field that must never be written.
+    """
+
+    def __init__(self, options, context):
+        pass
+
+    def check_sender(self, session, transaction):
+        return _by_word(transaction.sender.lower(), Verdict.reject("late sender", 550, "5.7.1"))
+
+    def check_recipient(self, session, transaction, recipient):
+        return _by_word(recipient.lower(), Verdict.reject("late recipient", 550, "5.7.1"))
+
+    def check_message(self, session, transaction, message):
+        subject = dict((name.lower(), value.strip()) for name, value in message.headers()).get("subject", "")
+        bad = {"bad-lf": ("X-Bad", "one\nInjected: yes"),
+               "bad-name": ("X Bad", "value"),
+               "bad-long": ("X-Bad", "x" * 1000)}.get(subject)
+        if bad is not None:
+            return Verdict(Kind.DUNNO, headers=(bad,))
+        return _by_word(subject, Verdict.reject("late message", 554, "5.7.1"))
