@@ -111,6 +111,41 @@ def test_an_answer_after_the_timeout_is_ignored(hanging):
     assert "Unhandled" not in log and "Traceback" not in log and "AlreadyCalled" not in log
 
 
+def test_connect_and_helo_plugins_that_never_answer(make_server):
+    srv = make_server(BACKEND_TOML + """
+[limits]
+plugin_timeout = "0.5s"
+
+[stages]
+connect = ["hang"]
+helo = ["hang"]
+
+[plugins.hang]
+use = "hanging_plugins:HangOnConnect"
+""", server_toml=PLUGIN_PATH)
+    refused = Wire(srv.port)                     # the 2nd connection: the connect stage hangs
+    assert refused.banner == (451, ["4.3.0 Error: plugin timeout; try again later"])
+    assert refused.closed_by_server()
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as s:      # the 3rd is let in
+        assert s.helo("hang.example") == TIMED_OUT
+        assert s.ehlo("client.example")[0] == 250
+        assert s.mail("a@example.org")[0] == 250
+        assert s.rcpt("uma@example.test")[0] == 250
+        assert s.data(message("after-helo"))[0] == 250
+    gone = Wire(srv.port, read_banner=False)     # the 4th leaves while its plugin thinks
+    gone.sock.close()
+    log = wait_for(srv, "timed out after 0.5s in connect", timeout=5)
+    time.sleep(1.0)
+    log = srv.log_text()
+    assert log.count("timed out after 0.5s in connect (check_connect)") == 2
+    assert "timed out after 0.5s in helo (check_helo)" in log
+    assert "NOQUEUE: reject: CONNECT from localhost[127.0.0.1]:" in log
+    assert "NOQUEUE: reject: HELO from localhost[127.0.0.1]:" in log and "helo=<hang.example>" in log
+    assert "Traceback" not in log and "Unhandled" not in log
+    assert len(srv.delivered("uma@example.test")) == 1
+    assert Wire(srv.port).banner[0] == 220       # the 5th: still serving
+
+
 def test_pipelined_commands_wait_behind_a_hanging_plugin_and_stay_in_order(hanging):
     w = Wire(hanging.port)
     w.send(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<hang@example.test>\r\n"

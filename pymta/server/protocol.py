@@ -134,6 +134,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._decide(self.factory.context.policy.connect(self.session), self._connect_verdict)
 
     def _connect_verdict(self, verdict: Verdict) -> None:
+        if self._lost:                  # the client left while the plugins thought
+            return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
             self.conn.send_greeting()
             if self.conn.closed:

@@ -6,7 +6,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from pymta.interfaces import IMessageFilter, IRecipientPolicy, ISenderPolicy
+from pymta.interfaces import (IConnectPolicy, IHeloPolicy, IMessageFilter, IRecipientPolicy,
+                              ISenderPolicy)
 from pymta.verdict import DUNNO, Kind, Verdict
 
 #: how long a "late" answer takes, in seconds (longer than the tests' plugin_timeout)
@@ -63,3 +64,19 @@ class Hang:
         if bad is not None:
             return Verdict(Kind.DUNNO, headers=(bad,))
         return _by_word(subject, Verdict.reject("late message", 554, "5.7.1"))
+
+
+@implementer(IConnectPolicy, IHeloPolicy)
+class HangOnConnect:
+    """The connect stage never answers for every second connection (the 2nd, 4th, ...;
+    the first is the test harness's start-up probe); HELO ``hang...`` never answers."""
+
+    def __init__(self, options, context):
+        self.connections = 0
+
+    def check_connect(self, session):
+        self.connections += 1
+        return _never() if self.connections % 2 == 0 else DUNNO
+
+    def check_helo(self, session, hostname):
+        return _by_word(hostname.lower(), Verdict.reject("late helo", 550, "5.7.1"))
