@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import BACKEND_TOML, ROOT
+from conftest import BACKEND_TOML, ROOT, free_port
 from smtpwire import Wire
 
 PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
@@ -144,6 +144,41 @@ use = "hanging_plugins:HangOnConnect"
     assert "Traceback" not in log and "Unhandled" not in log
     assert len(srv.delivered("uma@example.test")) == 1
     assert Wire(srv.port).banner[0] == 220       # the 5th: still serving
+
+
+def test_auth_checker_that_never_answers_gets_454(make_server):
+    auth_port = free_port()
+    srv = make_server(BACKEND_TOML + f"""
+[[listeners]]
+name = "auth"
+endpoint = "tcp:{auth_port}:interface=127.0.0.1"
+role = "mx"
+auth = true
+auth_plaintext = true
+
+[limits]
+plugin_timeout = "0.5s"
+auth_failure_delay = 0
+
+[stages]
+auth = ["hang"]
+
+[plugins.hang]
+use = "hanging_plugins:HangingChecker"
+""", server_toml=PLUGIN_PATH)
+    with smtplib.SMTP("127.0.0.1", auth_port, timeout=10) as s:
+        s.ehlo("laptop.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("hang", "secret")
+        assert (e.value.smtp_code, e.value.smtp_error[:5]) == (454, b"4.7.0")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:   # the session goes on
+            s.login("nobody", "x")
+        assert e.value.smtp_code == 535
+        assert s.noop()[0] == 250
+    log = srv.log_text()
+    assert "plugin hang (hanging_plugins:HangingChecker) timed out after 0.5s in auth " \
+        "(requestAvatarId)" in log
+    assert "Traceback" not in log
 
 
 def test_pipelined_commands_wait_behind_a_hanging_plugin_and_stay_in_order(hanging):

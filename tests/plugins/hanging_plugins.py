@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from pymta.interfaces import (IConnectPolicy, IHeloPolicy, IMessageFilter, IRecipientPolicy,
@@ -80,3 +83,18 @@ class HangOnConnect:
 
     def check_helo(self, session, hostname):
         return _by_word(hostname.lower(), Verdict.reject("late helo", 550, "5.7.1"))
+
+
+@implementer(ICredentialsChecker)
+class HangingChecker:
+    """An SMTP AUTH checker (twisted.cred) that never answers for user ``hang``."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, options, context):
+        pass
+
+    def requestAvatarId(self, credentials):
+        if credentials.username == b"hang":
+            return _never()
+        return fail(UnauthorizedLogin("unknown user"))
