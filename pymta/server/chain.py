@@ -7,8 +7,9 @@ A plugin that raises or fails is logged and turns into a temporary refusal
 cannot use (not a Verdict, or header fields that are not well formed).
 
 A stage has a time budget (``[limits] plugin_timeout``, a
-:class:`StageDeadline`): the budget starts when the stage does and is
-shared by all its plugins in turn; the plugin whose Deferred is still
+:class:`StageDeadline`): the budget starts when the stage first waits
+for a Deferred and is shared by all its plugins in turn (a per-stage
+limit, not one per plugin); the plugin whose Deferred is still
 pending when it runs out is logged by name, its Deferred is cancelled (a
 result arriving later is ignored) and the stage answers 451 4.3.0.
 """
@@ -49,8 +50,7 @@ def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,
     With a ``deadline``, a Deferred answer that is still pending when the
     stage's budget is spent gives PLUGIN_TIMEOUT instead.
     """
-    ends = deadline.clock.seconds() + deadline.seconds if deadline is not None else None
-    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, ends))
+    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None))
 
 
 def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
@@ -63,6 +63,13 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                         use=plugin.use, method=method)
             return PLUGIN_FAILURE
         if isinstance(result, Deferred):
+            stage, deadline, ends = budget
+            if deadline is not None and ends is None:
+                # the budget starts with the first wait (synchronous plugins
+                # hold the reactor anyway): no clock reads on the hot path
+                ends = deadline.clock.seconds() + deadline.seconds
+                budget = (stage, deadline, ends)
+
             def resumed(verdict, i=i, plugin=plugin):
                 verdict = _checked(plugin, method, verdict)
                 if verdict is None:
@@ -79,7 +86,6 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                             name=plugin.name, use=plugin.use, method=method)
                 return PLUGIN_FAILURE
 
-            stage, deadline, ends = budget
             if deadline is not None:
                 result = within(result, deadline.clock, ends - deadline.clock.seconds(),
                                 plugin, stage, method, deadline.seconds)
