@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs, formatEvent
 
+from pymta.config.errors import ConfigError
+from pymta.config.loader import load_config
 from pymta.config.model import PluginInstance
 from pymta.server.auth import IAuthenticatedUser, build_portal
 from pymta.server.chain import (PLUGIN_FAILURE, PLUGIN_TIMEOUT, PluginTimeout, StageDeadline,
@@ -215,3 +218,18 @@ def test_newlines_that_do_not_fold_are_always_caught(before, newline, after):
     if newline == "\r\n" and after[:1] in (" ", "\t") and after.strip(" \t"):
         return                                                # proper folding
     assert header_problem((("X-Test", value),)) is not None
+
+
+# ------------------------------------------------------------ the config key
+def test_plugin_timeout_config(tmp_path):
+    path = tmp_path / "pymta.toml"
+    path.write_text('[limits]\nplugin_timeout = "2m"\n')
+    assert load_config(str(path)).limits.plugin_timeout == 120.0
+    path.write_text("[server]\n")
+    assert load_config(str(path)).limits.plugin_timeout == 30.0
+    for bad in ("0", '"soon"', "-1"):
+        path.write_text(f"[limits]\nplugin_timeout = {bad}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(str(path))
+        message = str(e.value)
+        assert str(path) in message and "limits.plugin_timeout" in message and "\n" not in message
