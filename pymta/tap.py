@@ -175,6 +175,7 @@ def build_service(config: Config, reactor) -> MultiService:
                                       SMTPServerFactory)
     from pymta.bounce.notifier import DeliveryNotifier
     from pymta.server.auth import AuthFailureDelay, build_portal
+    from pymta.server.chain import StageDeadline
     from pymta.server.policy import SessionPolicy
     from pymta.server.proxy import ProxyHeaderFactory
     from pymta.server.tls import server_tls
@@ -189,9 +190,10 @@ def build_service(config: Config, reactor) -> MultiService:
                                   notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool
     tls = server_tls(config.tls) if config.tls is not None else None
-    context = ServerContext(config=config, policy=SessionPolicy(config), spool=spool,
+    context = ServerContext(config=config, policy=SessionPolicy(config, reactor), spool=spool,
                             scheduler=scheduler, reactor=reactor, tls=tls,
-                            portal=build_portal(p.obj for p in config.stages.get("auth", ())),
+                            portal=build_portal(config.stages.get("auth", ()),
+                                                StageDeadline(reactor, config.limits.plugin_timeout)),
                             auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
                             client_names=(ClientNames(config.resolver, config.dns.hosts_file)
                                           if config.dns.reverse_lookup else None))

@@ -76,3 +76,67 @@ class Verdict:
 
 
 DUNNO = Verdict(Kind.DUNNO)
+
+
+#: RFC 5322 2.1.1: at most 998 octets on a line, CRLF not counted
+MAX_LINE_OCTETS = 998
+
+
+def header_problem(headers: object, drop_headers: object = ()) -> str | None:
+    """Why these header changes cannot be applied as they are, or None if they can.
+
+    ``headers`` must be (name, value) pairs of strings.  A name is 1*ftext
+    (RFC 5322 2.2: printable US-ASCII, 33..126, except ":").  A value may
+    be folded (CRLF followed by a space or tab) but has no other CR or LF,
+    no NUL or other control character except tab, no line that is only
+    white space after a fold, and no line over 998 octets (the first line
+    counted with its "Name: ").  Non-ASCII text is allowed as UTF-8
+    (RFC 6532).  ``drop_headers`` must be non-negative field positions.
+    """
+    if not isinstance(headers, (tuple, list)):
+        return f"headers must be a tuple of (name, value) pairs, not {type(headers).__name__}"
+    for item in headers:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            return f"header {_short(item)}: not a (name, value) pair"
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str):
+            return f"header {_short(name)}: name and value must be strings"
+        if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+            return f"header field name {_short(name)}: not 1*ftext (RFC 5322 2.2)"
+        problem = _value_problem(name, value)
+        if problem is not None:
+            return f"header field {_short(name)}: {problem}"
+    if not isinstance(drop_headers, (tuple, list)):
+        return f"drop_headers must be a tuple of positions, not {type(drop_headers).__name__}"
+    for index in drop_headers:
+        if type(index) is not int or index < 0:
+            return f"drop_headers: {_short(index)} is not a header field position (an int >= 0)"
+    return None
+
+
+def _value_problem(name: str, value: str) -> str | None:
+    lines = value.split("\r\n")
+    for number, line in enumerate(lines):
+        if "\r" in line or "\n" in line:
+            return "bare CR or LF in the value (only CRLF followed by a space or tab folds it)"
+        bad = next((c for c in line if (c < " " and c != "\t") or c == "\x7f"), None)
+        if bad is not None:
+            return f"control character {bad!r} in the value"
+        if number:
+            if line[:1] not in (" ", "\t"):
+                return "CRLF in the value not followed by a space or tab"
+            if not line.strip(" \t"):
+                return "a folded line of only white space"
+        try:
+            size = len(line.encode("utf-8")) + (len(name) + 2 if number == 0 else 0)
+        except UnicodeEncodeError:
+            return "the value is not encodable as UTF-8 (a lone surrogate)"
+
+        if size > MAX_LINE_OCTETS:
+            return f"line {number + 1} is {size} octets long (at most {MAX_LINE_OCTETS})"
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

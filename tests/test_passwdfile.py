@@ -14,6 +14,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import CancelledError
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -196,6 +197,39 @@ def test_concurrency_limits_verifications_in_flight(tmp_path, context, reactor, 
     monkeypatch.setattr(passwdfile, "verify_password", slow_verify)
     ds = [checker.requestAvatarId(UsernamePassword(b"alice", b"x")) for _ in range(3)]
     assert all(refused(reactor.wait(d)) for d in ds)
+    assert active[1] == 1
+
+
+def test_a_cancelled_verification_keeps_its_slot_until_its_thread_is_done(tmp_path, context, reactor,
+                                                                        monkeypatch):
+    # plugin_timeout cancels a pending login; the thread still runs, and the
+    # next verification must wait for it (concurrency bounds memory use)
+    checker, _, _ = make_checker(tmp_path, context, concurrency=1)
+    release = threading.Event()
+    lock = threading.Lock()
+    active = [0, 0]                                  # now, most seen
+
+    def held_verify(phc, password):
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        release.wait(5)
+        with lock:
+            active[0] -= 1
+        return True
+
+    monkeypatch.setattr(passwdfile, "verify_password", held_verify)
+    first = checker.requestAvatarId(UsernamePassword(b"alice", b"x"))
+    time.sleep(0.1)
+    first.cancel()
+    cancelled = []
+    first.addErrback(cancelled.append)
+    assert cancelled and cancelled[0].check(CancelledError)
+    second = checker.requestAvatarId(UsernamePassword(b"alice", b"x"))
+    time.sleep(0.1)
+    assert active[0] == 1                            # the second waits for the slot
+    release.set()
+    assert reactor.wait(second) == "alice"
     assert active[1] == 1
 
 

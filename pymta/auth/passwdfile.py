@@ -59,6 +59,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.config.errors import OptionError
@@ -324,10 +325,31 @@ class PasswordFileChecker:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
-        d = self._semaphore.run(deferToThreadPool, reactor, reactor.getThreadPool(),
-                                self._verify_blocking, entry, table.typical_parameters, password)
+        d = self._semaphore.acquire()
+        d.addCallback(self._in_thread, reactor, entry, table.typical_parameters, password)
         d.addCallback(_avatar_or_refusal)
         return d
+
+    def _in_thread(self, _semaphore, reactor, *args) -> Deferred:
+        """Verify in a pool thread, holding a slot of the semaphore until the thread is done.
+
+        Cancelling the answer (``[limits] plugin_timeout``) drops the late
+        result but does not free the slot early, so ``concurrency`` still
+        bounds the verifications that run (each holds its memory cost)."""
+        answer: Deferred = Deferred()
+
+        def finished(result):
+            self._semaphore.release()
+            if not answer.called:           # else: cancelled meanwhile; the result is dropped
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+            return None
+
+        deferToThreadPool(reactor, reactor.getThreadPool(), self._verify_blocking,
+                          *args).addBoth(finished)
+        return answer
 
     def _verify_blocking(self, entry: tuple[str, str] | None, parameters: Parameters | None,
                          password: bytes) -> str | None:

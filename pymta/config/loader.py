@@ -71,6 +71,7 @@ _LIMIT_READERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare_newlines": ("str", {"choices": ("reject", "normalize")}),
     "pregreet_wait": ("duration", {"minimum": 0}),
     "auth_failure_delay": ("duration", {"minimum": 0}),
+    "plugin_timeout": ("duration", {"above": 0}),
 }
 
 

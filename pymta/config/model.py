@@ -77,6 +77,7 @@ class Limits:
     bare_newlines: str = "reject"                 # "reject" | "normalize"
     pregreet_wait: float = 0.0                    # seconds to listen before the banner
     auth_failure_delay: float = 1.0               # first failed AUTH from an IP waits this long; doubles, max 30 s
+    plugin_timeout: float = 30.0                  # seconds a stage waits for its plugins; then 451 4.3.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import fail, maybeDeferred
 from zope.interface import Interface, implementer
 
+from pymta.config.model import PluginInstance
+from pymta.server.chain import StageDeadline, within
+
 MAX_DELAY = 30.0
 FORGET_AFTER = 900.0        # a client's failures are forgotten after 15 quiet minutes
 TRACKED_CLIENTS = 10000     # memory bound
@@ -36,32 +39,56 @@ class CheckerChain:
     (A twisted.cred Portal keeps one checker per credentials interface, so
     several ``[stages] auth`` plugins are chained here.)  A checker that says
     UnauthorizedLogin passes the question on; any other failure stops the
-    chain (a temporary error, 454).
+    chain (a temporary error, 454).  With a ``deadline`` the chain has the
+    same time budget as any other stage (``[limits] plugin_timeout``): a
+    checker still pending when it runs out is logged by name, cancelled,
+    and the login fails with :class:`~pymta.server.chain.PluginTimeout`.
     """
 
-    def __init__(self, checkers: list) -> None:
-        self.checkers = checkers
+    def __init__(self, checkers: list, deadline: StageDeadline | None = None) -> None:
+        self.plugins = [_as_plugin(c) for c in checkers]
+        self.checkers = [p.obj for p in self.plugins]
+        self.deadline = deadline
         self.credentialInterfaces = (IUsernamePassword,)
 
     def requestAvatarId(self, credentials):
-        candidates = [c for c in self.checkers
-                      if any(i.providedBy(credentials) for i in c.credentialInterfaces)]
+        candidates = [p for p in self.plugins
+                      if any(i.providedBy(credentials) for i in p.obj.credentialInterfaces)]
+        deadline = self.deadline
+        ends = deadline.clock.seconds() + deadline.seconds if deadline is not None else None
 
         def attempt(index: int):
             if index >= len(candidates):
                 return fail(UnauthorizedLogin("authentication failed"))
-            d = maybeDeferred(candidates[index].requestAvatarId, credentials)
+            plugin = candidates[index]
+            d = maybeDeferred(plugin.obj.requestAvatarId, credentials)
+            if deadline is not None:
+                d = within(d, deadline.clock, ends - deadline.clock.seconds(), plugin, "auth",
+                           "requestAvatarId", deadline.seconds)
             return d.addErrback(lambda f: f.trap(UnauthorizedLogin) and attempt(index + 1))
 
         return attempt(0)
 
 
-def build_portal(checkers: Iterable[ICredentialsChecker]) -> Portal | None:
-    """A Portal over the configured checkers (tried in order), or None without any."""
+def _as_plugin(checker) -> PluginInstance:
+    if isinstance(checker, PluginInstance):
+        return checker
+    name = type(checker).__name__
+    return PluginInstance(name, name, checker)
+
+
+def build_portal(checkers: Iterable, deadline: StageDeadline | None = None) -> Portal | None:
+    """A Portal over the configured checkers (tried in order), or None without any.
+
+    ``checkers`` are the ``[stages] auth`` PluginInstances (or bare checker
+    objects); with a ``deadline`` every login is bounded by it.
+    """
     checkers = list(checkers)
     if not checkers:
         return None
-    return Portal(SubmissionRealm(), [checkers[0] if len(checkers) == 1 else CheckerChain(checkers)])
+    if len(checkers) == 1 and deadline is None:
+        return Portal(SubmissionRealm(), [_as_plugin(checkers[0]).obj])
+    return Portal(SubmissionRealm(), [CheckerChain(checkers, deadline)])
 
 
 class AuthFailureDelay:

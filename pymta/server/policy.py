@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from pymta.config.model import Config
 from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
-from pymta.server.chain import run_chain
+from pymta.server.chain import StageDeadline, run_chain
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
 
@@ -33,9 +33,13 @@ def _then(result: Verdict | Deferred, fn) -> Any:
 
 
 class SessionPolicy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reactor: Any = None) -> None:
         self.config = config
         self.stages = config.stages
+        if reactor is None:
+            from twisted.internet import reactor
+        #: each stage's time budget for its plugins ([limits] plugin_timeout)
+        self.deadline = StageDeadline(reactor, config.limits.plugin_timeout)
         domains = config.domains
         self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
             else (domains[0] if domains else config.hostname.lower())
@@ -50,17 +54,21 @@ class SessionPolicy:
                     log.failure("plugin {name} ({use}) failed in prefetch_connect",
                                 name=plugin.name, use=plugin.use)
 
+    def _run(self, stage: str, method: str, *args):
+        return run_chain(self.stages.get(stage, ()), method, *args, stage=stage,
+                         deadline=self.deadline)
+
     def connect(self, session: Session):
-        return run_chain(self.stages.get("connect", ()), "check_connect", session)
+        return self._run("connect", "check_connect", session)
 
     def helo(self, session: Session, hostname: str):
-        return run_chain(self.stages.get("helo", ()), "check_helo", session, hostname)
+        return self._run("helo", "check_helo", session, hostname)
 
     def mail(self, session: Session, transaction: Transaction):
-        return run_chain(self.stages.get("mail", ()), "check_sender", session, transaction)
+        return self._run("mail", "check_sender", session, transaction)
 
     def message(self, session: Session, transaction: Transaction, view):
-        return run_chain(self.stages.get("data", ()), "check_message", session, transaction, view)
+        return self._run("data", "check_message", session, transaction, view)
 
     def rcpt(self, session: Session, transaction: Transaction, recipient: str, params: dict):
         """Return (Verdict, [Recipient]) or a Deferred firing with it."""
@@ -94,5 +102,4 @@ class SessionPolicy:
                                             notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
             return Verdict.accept(verdict.text) if verdict.text else DUNNO, recipients
 
-        return _then(run_chain(self.stages.get("rcpt", ()), "check_recipient",
-                               session, transaction, address), decided)
+        return _then(self._run("rcpt", "check_recipient", session, transaction, address), decided)

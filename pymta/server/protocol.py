@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from pymta.dns.budget import SessionResolver
 from pymta.envelope import Envelope
 from pymta.server.auth import IAuthenticatedUser
+from pymta.server.chain import PluginTimeout
 from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
@@ -152,6 +153,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._decide(self.factory.context.policy.connect(self.session), self._connect_verdict)
 
     def _connect_verdict(self, verdict: Verdict) -> None:
+        if self._lost:                  # the client left while the plugins thought
+            return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
             self.conn.send_greeting()
             if self.conn.closed:
@@ -267,7 +270,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.session.helo = ev.hostname
                 self.session.esmtp = ev.verb == "EHLO"
             else:
-                self._log_reject("HELO", verdict, helo=ev.hostname)
+                self._log_reject("HELO", verdict, helo=ev.hostname,
+                                 proto="ESMTP" if ev.verb == "EHLO" else "SMTP")
             self._answer(verdict)
 
         self._decide(self.factory.context.policy.helo(self.session, ev.hostname), then)
@@ -320,6 +324,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def _on_message_aborted(self, ev: E.MessageAborted) -> None:
         self._abort_writer()
 
+    def _on_message_rejected(self, ev: E.MessageRejected) -> None:
+        # Postfix logs "to=" only when the message had one recipient
+        rcpt = ev.recipients[0] if len(ev.recipients) == 1 else None
+        extra = {"nrcpt": len(ev.recipients)} if len(ev.recipients) > 1 else {}
+        self._log_refusal(ev.command, ev.code, ev.enhanced, ev.text, sender=ev.sender, rcpt=rcpt,
+                          **extra)
+
     def _on_message_end(self, ev: E.MessageEnd) -> None:
         if self._writer is None or self._write_failed:
             self._abort_writer()
@@ -340,8 +351,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if writer is None:
             return
         if verdict.kind not in (Kind.ACCEPT, Kind.DUNNO):
-            self._log_reject("DATA", verdict, sender=txn.sender)
-            self._abort_writer()
+            self._abort_writer()          # the machine's MessageRejected logs it
             self._message_verdict(verdict)
             return
         if verdict.drop_headers:
@@ -413,6 +423,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(ev, "invalid credentials")
+            if failure.check(PluginTimeout):         # logged by the chain, naming the checker
+                return AUTH_TEMPFAIL
             log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
                         client=self.client, mechanism=ev.mechanism, user=ev.username)
             return AUTH_TEMPFAIL
@@ -469,11 +481,28 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._writer = None
 
     def _log_reject(self, stage: str, verdict: Verdict, **fields) -> None:
-        detail = " ".join(f"{k}=<{v}>" for k, v in fields.items()) or "-"
-        text = " / ".join((verdict.text or "").splitlines())   # one log line per event
+        self._log_refusal(stage, verdict.code, verdict.enhanced, verdict.text or "", **fields)
+
+    def _log_refusal(self, stage: str, code, enhanced, text: str, *, sender: str | None = None,
+                     rcpt: str | None = None, helo: str | None = None, proto: str | None = None,
+                     **more) -> None:
+        """One Postfix-style line: ``NOQUEUE: reject: STAGE from CLIENT: CODE X.Y.Z TEXT; from=<..>
+        to=<..> proto=ESMTP helo=<..>`` (from/to/helo when known)."""
+        s = self.session
+        fields = []
+        if sender is not None:
+            fields.append(f"from=<{sender}>")
+        if rcpt is not None:
+            fields.append(f"to=<{rcpt}>")
+        fields += [f"{k}={v}" for k, v in more.items()]
+        fields.append(f"proto={proto or ('ESMTP' if s.esmtp else 'SMTP')}")
+        helo = helo if helo is not None else s.helo
+        if helo:
+            fields.append(f"helo=<{helo}>")
+        text = " / ".join(text.splitlines())   # one log line per event
         log.info("NOQUEUE: reject: {stage} from {client}: {code} {enhanced} {text}; {detail}",
-                 stage=stage, client=self.client, code=verdict.code, enhanced=verdict.enhanced,
-                 text=text, detail=detail)
+                 stage=stage, client=self.client, code=code, enhanced=enhanced,
+                 text=text, detail=" ".join(fields))
 
 
 _HANDLERS = {
@@ -483,6 +512,7 @@ _HANDLERS = {
     E.MessageStart: SMTPServerProtocol._on_message_start,
     E.MessageData: SMTPServerProtocol._on_message_data,
     E.MessageAborted: SMTPServerProtocol._on_message_aborted,
+    E.MessageRejected: SMTPServerProtocol._on_message_rejected,
     E.MessageEnd: SMTPServerProtocol._on_message_end,
     E.Quit: SMTPServerProtocol._on_quit,
     E.StartTLS: SMTPServerProtocol._on_starttls,

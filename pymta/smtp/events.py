@@ -73,6 +73,19 @@ class MessageAborted:
 
 
 @dataclass(frozen=True)
+class MessageRejected:
+    """The message was refused at its end: a protocol rule (bare newline,
+    line too long, size, ...) or the answer to MessageEnd said no.  The
+    reply is already queued; this is for the log.  MessageAborted follows."""
+    command: str                        # "DATA" | "BDAT"
+    code: int
+    enhanced: str | None
+    text: str
+    sender: str | None
+    recipients: tuple[str, ...]         # forward-paths as given
+
+
+@dataclass(frozen=True)
 class StartTLS:
     """220 to STARTTLS is queued: write it, start TLS, then call ``conn.tls_started()``.
 

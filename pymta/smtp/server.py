@@ -108,6 +108,7 @@ class ServerConnection:
         self._eof = False
         # message content
         self._message_open = False
+        self._message_chunking = False
         self._reader: DataReader | None = None
         self._checker: LineChecker | None = None
         self._size = 0
@@ -460,6 +461,7 @@ class ServerConnection:
         self._size = 0
         self._oversize = False
         self._message_open = True
+        self._message_chunking = chunking
         self._emit(E.MessageStart(chunking))
 
     @staticmethod
@@ -658,6 +660,7 @@ class ServerConnection:
         problem = self._content_problem()
         if problem is not None:
             self._reply(problem)
+            self._message_rejected(problem)
             self.state = State.HELO
             self._reset_transaction(problem.text)
             self._check_errors()
@@ -685,6 +688,7 @@ class ServerConnection:
         if problem is not None:
             # RFC 3030 2: the transaction is over; later BDATs get 503
             self._reply(problem)
+            self._message_rejected(problem)
             self.state = State.HELO
             self._reset_transaction(problem.text)
             return self._check_errors()
@@ -703,7 +707,10 @@ class ServerConnection:
         self._pending = None
         accept_state, refuse_state = AFTER_VERDICT[kind]
         if verdict.kind is Kind.DISCONNECT:
-            self._close_with(self._verdict_reply(verdict, _DISCONNECT_DEFAULT))
+            reply = self._verdict_reply(verdict, _DISCONNECT_DEFAULT)
+            if kind == "message":
+                self._message_rejected(reply)
+            self._close_with(reply)
             return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
             self.state = accept_state
@@ -713,10 +720,12 @@ class ServerConnection:
             default = _AUTH_DEFER if kind == "auth" else _DEFER_DEFAULT
         else:
             default = _REFUSAL_DEFAULTS[kind]
-        self._reply(self._verdict_reply(verdict, default))
+        reply = self._verdict_reply(verdict, default)
+        self._reply(reply)
         if refuse_state is not None:
             self.state = refuse_state
         if kind == "message":
+            self._message_rejected(reply)
             self._reset_transaction("rejected")
         self._check_errors()
 
@@ -765,6 +774,12 @@ class ServerConnection:
         self._reply(R.Reply(250, "2.0.0", verdict.text or "Ok"))
 
     # ------------------------------------------------------------- helpers
+    def _message_rejected(self, reply: R.Reply) -> None:
+        """Tell the caller (for its log) that this message was refused at its end."""
+        self._emit(E.MessageRejected("BDAT" if self._message_chunking else "DATA", reply.code,
+                                     reply.enhanced, reply.text, self.sender,
+                                     tuple(given for given, _params, _payload in self.recipients)))
+
     def _reset_transaction(self, reason: str) -> None:
         self._abort_message(reason)
         self.sender = None
