@@ -214,3 +214,10 @@ def test_the_size_is_that_of_the_stored_crlf_content():
     assert after_rcpt(driver) == GO_AHEAD + OK + OK
     assert driver.of(E.MessageEnd) == [E.MessageEnd(180)]
 
+
+
+def test_normalize_is_the_default():
+    assert Limits().bare_newlines == "normalize"
+    driver = Driver()
+    driver.feed(data_stream(b"A\n..\nB\r\n"))
+    assert driver.messages() == [("end", b"A\r\n.\r\nB\r\n")]
