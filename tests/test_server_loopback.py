@@ -492,3 +492,82 @@ def test_the_disk_worker_ends_with_the_server(make_server, stop):
     assert children
     getattr(srv, stop)()
     assert gone(children), f"disk worker {children} outlived the server ({stop})"
+
+
+class RawSink:
+    """A minimal SMTP receiver on a thread that keeps the DATA bytes exactly as sent."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.data: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        with conn:
+            conn.sendall(b"220 sink.test ESMTP\r\n")
+            buf = b""
+            while True:
+                while b"\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                line, buf = buf.split(b"\r\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    # no CHUNKING: the message goes as dot-stuffed DATA
+                    conn.sendall(b"250-sink.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    while b"\r\n.\r\n" not in b"\r\n" + buf:
+                        buf += conn.recv(65536)
+                    end = (b"\r\n" + buf).index(b"\r\n.\r\n")
+                    self.data.append(buf[:end])
+                    buf = buf[end + 3:]
+                    conn.sendall(b"250 2.0.0 Ok: kept\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 2.0.0 Ok\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_lf_only_content_is_relayed_with_crlf_and_dot_stuffing(make_server):
+    sink = RawSink()
+    try:
+        srv = make_server(BACKEND_TOML + f"""
+[backends.out]
+use = "smarthost"
+host = "127.0.0.1:{sink.port}"
+tls = "none"
+
+[[routes]]
+match = "example.test"
+backend = "local"
+
+[[routes]]
+match = "elsewhere.example"
+backend = "out"
+""")
+        text = b"Subject: lf\n\n..stuffed\n.\nlone dot dropped\r\n\x00.\r\nNUL dot\n"
+        assert lf_session(srv.port, "someone@elsewhere.example", text)[0] == 250
+        deadline = time.monotonic() + 15
+        while not sink.data and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [wire] = sink.data
+        content = wire[wire.index(b"Subject: lf"):]
+        # CRLF only; the content lines ".stuffed" and "." are dot-stuffed again
+        assert content == (b"Subject: lf\r\n\r\n..stuffed\r\nlone dot dropped\r\n..\r\n"
+                           b"NUL dot\r\n\r\n")
+    finally:
+        sink.close()
