@@ -79,29 +79,27 @@ class LineChecker:
             self._cr = True
         if not data:
             return b""
-        crlf = data.count(b"\r\n")
-        if not self.crlf_only and _has_bare(data, crlf):
+        if not self.crlf_only and _has_bare(data, data.count(b"\r\n")):
             self.bare = True
             if self.normalize:
                 data = _to_crlf(data)
-                crlf = data.count(b"\r\n")
         if b"\x00" in data:
             self.nul = True
             if self.normalize:
-                # after _to_crlf every CR is followed by LF: the CRLF count stays right
                 size = len(data)
                 data = data.replace(b"\x00", b"")
                 self.removed += size - len(data)
                 if not data:
                     return b""
         if not self.too_long:
-            if crlf == 0:
+            first = data.find(b"\r\n")
+            if first < 0:
                 self._line += len(data)
             else:
-                first = data.find(b"\r\n")
-                last = len(data) - data.rfind(b"\r\n") - 2
+                final = data.rfind(b"\r\n")
+                last = len(data) - final - 2
                 longest = self._line + first
-                if crlf > 1 and len(data) - first - last - 4 > MAX_TEXT_LINE:
+                if final != first and len(data) - first - last - 4 > MAX_TEXT_LINE:
                     longest = max(longest, max(map(len, data[first + 2:len(data) - last - 2].split(b"\r\n"))))
                 self._line = last
                 if longest > MAX_TEXT_LINE:
