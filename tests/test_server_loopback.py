@@ -287,11 +287,22 @@ def test_long_lines_refused_without_losing_sync(server):
     assert w.cmd("NOOP") == (250, "2.0.0 Ok")
 
 
-def test_bare_lf_in_command_refused(server):
-    w = Wire(server.port)
+def test_bare_lf_in_command_refused_in_reject_mode(make_server):
+    srv = make_server(REJECT_TOML)
+    w = Wire(srv.port)
     w.send(b"EHLO c.example\nNOOP\r\n")
     assert w.reply()[0] == 500
     assert w.reply()[0] == 250
+
+
+def test_a_script_sending_lf_only_lines_is_served(server):
+    # commands and content end in LF; only the end of data is CRLF . CRLF
+    w = Wire(server.port)
+    w.send(b"EHLO script.example\nMAIL FROM:<a@example.org>\nRCPT TO:<lf@example.test>\nDATA\n"
+           b"Subject: script\n\nfrom a script\n..\r\n.\r\nQUIT\n")
+    assert [w.reply()[0] for _ in range(6)] == [250, 250, 250, 354, 250, 221]
+    [msg] = server.delivered("lf@example.test")
+    assert msg.endswith(b"\r\nSubject: script\r\n\r\nfrom a script\r\n.\r\n")
 
 
 def test_recipient_limit(make_server):

@@ -28,6 +28,9 @@ NUL costs a few ``bytes.find``/``count`` calls).  The rules, for both modes of
 
 - BDAT content is not dot-stuffed: only the line end rules and NUL apply.
 
+(Command lines are read by the server machine: under "normalize" a bare LF
+ends one too, a bare CR never does.)
+
 The SIZE limit counts the stored octets plus every octet normalization removed
 (dropped dot lines, NULs), so removing content never lets a client send more.
 """

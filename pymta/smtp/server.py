@@ -258,13 +258,17 @@ class ServerConnection:
             self._discarding_line = False
             self._sasl_abort()
             self._error(R.LINE_TOO_LONG)
-        elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            self._sasl_abort()
-            self._error(R.BARE_NEWLINE_CMD)
-        elif self.state is State.AUTH:
-            self._sasl_response(line[:-2])
         else:
-            self._dispatch(line[:-2], len(line))
+            # a command line ends in CRLF; under bare_newlines = "normalize" a
+            # bare LF ends it too (as Postfix 3.9); a bare CR never does
+            end = 2 if line.endswith(b"\r\n") else 1 if self.limits.bare_newlines == "normalize" else 0
+            if not end or b"\r" in line[:-end]:
+                self._sasl_abort()
+                self._error(R.BARE_NEWLINE_CMD)
+            elif self.state is State.AUTH:
+                self._sasl_response(line[:-end])
+            else:
+                self._dispatch(line[:-end], len(line))
 
     def _sasl_abort(self) -> None:
         self._sasl = None
