@@ -16,8 +16,8 @@ NUL costs a few ``bytes.find``/``count`` calls).  The rules, for both modes of
   server refuse the message at its end (``550 5.6.11``, ``550 5.6.0``).
 
 - ``"normalize"`` (as Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``):
-  a bare LF or a bare CR is a line end, exactly as if the client had sent
-  CRLF, for dot-unstuffing too: ``LF ".." LF`` is stored as ``CRLF "." CRLF``,
+  a bare LF, and a bare CR too (Postfix keeps a bare CR inside the line), is
+  a line end exactly as if the client had sent CRLF, for dot-unstuffing too: ``LF ".." LF`` is stored as ``CRLF "." CRLF``,
   and ``LF ".x"`` as ``CRLF "x"``.  A line of a single dot that is not the end
   of data (one of its two line ends is bare: ``LF "." LF``, ``LF "." CRLF``,
   ``CRLF "." LF``, ``CR "." CRLF`` …) is neither the end nor content: it is
@@ -31,8 +31,9 @@ NUL costs a few ``bytes.find``/``count`` calls).  The rules, for both modes of
 (Command lines are read by the server machine: under "normalize" a bare LF
 ends one too, a bare CR never does.)
 
-The SIZE limit counts the stored octets plus every octet normalization removed
-(dropped dot lines, NULs), so removing content never lets a client send more.
+The SIZE limit counts the stored octets (with CRLF line ends) plus every octet
+normalization removed (dropped dot lines, NULs), so removing content never lets
+a client send more.
 """
 
 from __future__ import annotations
