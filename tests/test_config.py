@@ -131,7 +131,7 @@ def test_values_are_read(tmp_path):
         max_recipients = 50
         idle_timeout = "2m"
         data_timeout = 90
-        bare_newlines = "normalize"
+        bare_newlines = "reject"
         pregreet_wait = 1.5
         [queue]
         retry_initial = "1m"
@@ -147,7 +147,7 @@ def test_values_are_read(tmp_path):
     assert config.listeners == (Listener("listener-0", "tcp:25", "mx"),
                                 Listener("sub", "tcp6:587:interface=\\:\\:1", "mx"))
     assert config.limits == Limits(max_recipients=50, idle_timeout=120.0, data_timeout=90.0,
-                                   bare_newlines="normalize", pregreet_wait=1.5)
+                                   bare_newlines="reject", pregreet_wait=1.5)
     assert config.retry == Retry(initial=60.0, maximum=3600.0, lifetime=172800.0, concurrency=3)
     assert config.routes == (Route("example.org", "local"), Route("xn--bcher-kva.example", "local"))
 

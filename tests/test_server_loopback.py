@@ -191,9 +191,13 @@ def test_pipelined_replies_stay_in_order_with_async_plugins(make_server):
 SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r\n\x00.\r\n"]
 
 
+REJECT_TOML = BACKEND_TOML + '\n[limits]\nbare_newlines = "reject"\n'
+
+
 @pytest.mark.parametrize("ending", SMUGGLING, ids=[repr(e) for e in SMUGGLING])
-def test_smuggling_never_yields_two_messages(server, ending):
-    w = Wire(server.port)
+def test_smuggling_never_yields_two_messages_in_reject_mode(make_server, ending):
+    srv = make_server(REJECT_TOML)
+    w = Wire(srv.port)
     w.send(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<gina@example.test>\r\nDATA\r\n")
     assert [w.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
     w.send(b"Subject: first\r\n\r\nfirst" + ending +
@@ -202,30 +206,69 @@ def test_smuggling_never_yields_two_messages(server, ending):
     code, lines = w.reply()
     assert w.nothing_more(0.5)            # exactly one reply: no second transaction ran
     assert w.cmd("NOOP")[0] == 250
-    if b"\x00" in ending:
-        # no bare line end: one (odd) message that carries the would-be commands as text
-        assert code == 250
-        [msg] = server.delivered("gina@example.test")
-        assert b"\r\n\x00.\r\nMAIL FROM:<evil@example.org>\r\n" in msg
-    else:
-        assert (code, lines[0][:6]) == (550, "5.6.11")
-        time.sleep(0.3)
-        assert server.delivered("gina@example.test", timeout=0.2) == []
-    assert server.delivered("victim@example.test", timeout=0.2) == []
+    # a NUL is refused like a bare line end: a next hop that drops NULs
+    # would read CRLF NUL "." CRLF as the end of data
+    assert (code, lines[0][:6]) == ((550, "5.6.0 ") if b"\x00" in ending else (550, "5.6.11"))
+    time.sleep(0.3)
+    assert srv.delivered("gina@example.test", timeout=0.2) == []
+    assert srv.delivered("victim@example.test", timeout=0.2) == []
 
 
-def test_smuggling_normalize_mode_one_message(make_server):
-    srv = make_server(BACKEND_TOML + '\n[limits]\nbare_newlines = "normalize"\n')
-    w = Wire(srv.port)
+@pytest.mark.parametrize("ending", SMUGGLING, ids=[repr(e) for e in SMUGGLING])
+def test_smuggling_normalize_mode_one_message(server, ending):
+    # normalize is the default: one message that carries the would-be commands as text
+    w = Wire(server.port)
     w.send(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<gina@example.test>\r\nDATA\r\n")
     [w.reply() for _ in range(4)]
-    w.send(b"Subject: first\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.test>\r\n.\r\n")
+    w.send(b"Subject: first\r\n\r\nfirst" + ending +
+           b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.test>\r\n.\r\n")
     code, lines = w.reply()
     assert code == 250
     assert w.nothing_more(0.5)
-    [msg] = srv.delivered("gina@example.test")
-    assert msg.endswith(b"first\r\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.test>\r\n")
-    assert srv.delivered("victim@example.test", timeout=0.2) == []
+    [msg] = server.delivered("gina@example.test")
+    # the lone dot next to a bare line end is dropped; the NUL is removed and
+    # leaves the content line "."
+    kept = b".\r\n" if b"\x00" in ending else b""
+    assert msg.endswith(b"first\r\n" + kept + b"MAIL FROM:<evil@example.org>\r\n"
+                        b"RCPT TO:<victim@example.test>\r\n")
+    assert server.delivered("victim@example.test", timeout=0.2) == []
+
+
+def lf_session(port: int, recipient: str, content: bytes) -> tuple[int, str]:
+    """A script-like client: CRLF commands, message content as given, CRLF . CRLF at the end."""
+    w = Wire(port)
+    w.send(b"EHLO script.example\r\nMAIL FROM:<a@example.org>\r\n"
+           b"RCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n")
+    assert [w.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    w.send(content + b"\r\n.\r\n")
+    code, lines = w.reply()
+    w.cmd("QUIT")
+    return code, " ".join(lines)
+
+
+def test_lf_only_content_is_stored_as_the_same_file_as_crlf_content(server):
+    text = (b"Subject: lf\n\nline one\n..dot-stuffed line\n.leading dot\n\x00nul\n"
+            b"last line")
+    assert lf_session(server.port, "lf@example.test", text)[0] == 250
+    crlf = text.replace(b"\n", b"\r\n").replace(b"\x00", b"")
+    assert lf_session(server.port, "crlf@example.test", crlf)[0] == 250
+    [lf_msg] = server.delivered("lf@example.test")
+    [crlf_msg] = server.delivered("crlf@example.test")
+    # the content after the trace fields is byte for byte the same, CRLF only
+    lf_content = lf_msg[lf_msg.index(b"Subject: lf"):]
+    assert lf_content == crlf_msg[crlf_msg.index(b"Subject: lf"):]
+    assert lf_content == b"Subject: lf\r\n\r\nline one\r\n.dot-stuffed line\r\nleading dot\r\nnul\r\nlast line\r\n"
+
+
+def test_lf_only_content_and_nul_refused_in_reject_mode(make_server):
+    srv = make_server(REJECT_TOML)
+    code, text = lf_session(srv.port, "lf@example.test", b"Subject: lf\n\nbody")
+    assert (code, text[:6]) == (550, "5.6.11")
+    code, text = lf_session(srv.port, "nul@example.test", b"Subject: nul\r\n\r\nA\x00B")
+    assert (code, text) == (550, "5.6.0 Error: message contains NUL characters")
+    time.sleep(0.3)
+    assert srv.delivered("lf@example.test", timeout=0.2) == []
+    assert srv.delivered("nul@example.test", timeout=0.2) == []
 
 
 def test_long_lines_refused_without_losing_sync(server):
@@ -244,11 +287,22 @@ def test_long_lines_refused_without_losing_sync(server):
     assert w.cmd("NOOP") == (250, "2.0.0 Ok")
 
 
-def test_bare_lf_in_command_refused(server):
-    w = Wire(server.port)
+def test_bare_lf_in_command_refused_in_reject_mode(make_server):
+    srv = make_server(REJECT_TOML)
+    w = Wire(srv.port)
     w.send(b"EHLO c.example\nNOOP\r\n")
     assert w.reply()[0] == 500
     assert w.reply()[0] == 250
+
+
+def test_a_script_sending_lf_only_lines_is_served(server):
+    # commands and content end in LF; only the end of data is CRLF . CRLF
+    w = Wire(server.port)
+    w.send(b"EHLO script.example\nMAIL FROM:<a@example.org>\nRCPT TO:<lf@example.test>\nDATA\n"
+           b"Subject: script\n\nfrom a script\n..\r\n.\r\nQUIT\n")
+    assert [w.reply()[0] for _ in range(6)] == [250, 250, 250, 354, 250, 221]
+    [msg] = server.delivered("lf@example.test")
+    assert msg.endswith(b"\r\nSubject: script\r\n\r\nfrom a script\r\n.\r\n")
 
 
 def test_recipient_limit(make_server):
@@ -449,3 +503,82 @@ def test_the_disk_worker_ends_with_the_server(make_server, stop):
     assert children
     getattr(srv, stop)()
     assert gone(children), f"disk worker {children} outlived the server ({stop})"
+
+
+class RawSink:
+    """A minimal SMTP receiver on a thread that keeps the DATA bytes exactly as sent."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.data: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        with conn:
+            conn.sendall(b"220 sink.test ESMTP\r\n")
+            buf = b""
+            while True:
+                while b"\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                line, buf = buf.split(b"\r\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    # no CHUNKING: the message goes as dot-stuffed DATA
+                    conn.sendall(b"250-sink.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    while b"\r\n.\r\n" not in b"\r\n" + buf:
+                        buf += conn.recv(65536)
+                    end = (b"\r\n" + buf).index(b"\r\n.\r\n")
+                    self.data.append(buf[:end])
+                    buf = buf[end + 3:]
+                    conn.sendall(b"250 2.0.0 Ok: kept\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 2.0.0 Ok\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_lf_only_content_is_relayed_with_crlf_and_dot_stuffing(make_server):
+    sink = RawSink()
+    try:
+        srv = make_server(BACKEND_TOML + f"""
+[backends.out]
+use = "smarthost"
+host = "127.0.0.1:{sink.port}"
+tls = "none"
+
+[[routes]]
+match = "example.test"
+backend = "local"
+
+[[routes]]
+match = "elsewhere.example"
+backend = "out"
+""")
+        text = b"Subject: lf\n\n..stuffed\n.\nlone dot dropped\r\n\x00.\r\nNUL dot\n"
+        assert lf_session(srv.port, "someone@elsewhere.example", text)[0] == 250
+        deadline = time.monotonic() + 15
+        while not sink.data and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [wire] = sink.data
+        content = wire[wire.index(b"Subject: lf"):]
+        # CRLF only; the content lines ".stuffed" and "." are dot-stuffed again
+        assert content == (b"Subject: lf\r\n\r\n..stuffed\r\nlone dot dropped\r\n..\r\n"
+                           b"NUL dot\r\n\r\n")
+    finally:
+        sink.close()

@@ -213,7 +213,7 @@ def test_raw_byte_streams_do_not_depend_on_how_input_is_split(limits, stream, cu
 @FUZZ
 @given(stream=st.binary(max_size=400))
 def test_arbitrary_bytes_never_raise(stream):
-    for limits in (Limits(), Limits(bare_newlines="normalize", max_message_size=64)):
+    for limits in (Limits(bare_newlines="reject"), Limits(bare_newlines="normalize", max_message_size=64)):
         driver = run(limits, [b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n" + stream])
         check_well_formed(driver)
         driver.conn.receive_data(b"")
@@ -236,9 +236,38 @@ def reference_data(stream: bytes) -> tuple[bytes, int, bool]:
         content.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
 
 
-def drive_reader(chunks: list[bytes]) -> tuple[bytes, int, bool, int]:
+def reference_normalized(stream: bytes) -> tuple[bytes, int, bool, int, bool]:
+    """Line by line under "normalize": (content, bytes used, done, octets removed, too long).
+
+    Only a lone "." between two real CRLFs ends the data; otherwise a bare CR
+    or LF ends a line as CRLF would; a lone-dot line next to a bare line end
+    is dropped; a leading dot is removed; then NULs are removed.
+    """
+    end = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    done = end >= 0
+    if done:
+        region, used = stream[:end], end + 3
+    else:
+        # lines that are complete (and whose end is known not to be half a CRLF)
+        cut = max(stream.rfind(b"\n"), stream.rfind(b"\r", 0, len(stream) - 1)) + 1
+        region, used = stream[:cut], cut
+    content, removed, too_long = [], 0, False
+    for line in re.split(rb"\r\n|\r|\n", region)[:-1]:
+        if line == b".":
+            removed += 3
+            continue
+        if line.startswith(b"."):
+            line = line[1:]
+        removed += line.count(b"\x00")
+        line = line.replace(b"\x00", b"")
+        too_long = too_long or len(line) > MAX_TEXT_LINE
+        content.append(line + b"\r\n")
+    return b"".join(content), used, done, removed, too_long
+
+
+def drive_reader(chunks: list[bytes], bare_newlines: str = "reject") -> tuple[bytes, int, bool, int]:
     """Feed chunks the way the server does; (content, used, done, largest held-back buffer)."""
-    reader, buf, out, used, largest = DataReader(), b"", [], 0, 0
+    reader, buf, out, used, largest = DataReader(bare_newlines), b"", [], 0, 0
     for chunk in chunks:
         buf += chunk
         while buf:
@@ -279,6 +308,34 @@ def test_data_reader_matches_line_by_line_reference(stream, cuts):
             assert largest <= MAX_TEXT_LINE + 5
 
 
+normalize_tokens = st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b".", b"..", b"\x00", b"\r\n.\r\n",
+                                    b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n..\n",
+                                    b"\r\n.", b".\r\n", b".\n", b"b" * 990, b"c" * 1200])
+
+
+@FUZZ
+@given(stream=st.lists(normalize_tokens, max_size=30).map(b"".join),
+       cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=30))
+def test_normalizing_data_reader_matches_line_by_line_reference(stream, cuts):
+    """Every split of the same bytes: the same content (CRLF only), the same end point."""
+    for full in (stream, stream + b"\r\n.\r\nNEXT"):
+        expected, expected_used, expected_done, _, _ = reference_normalized(full)
+        for chunks in ([full], split_at(full, cuts), one_byte_chunks(full)):
+            content, used, done, largest = drive_reader(chunks, "normalize")
+            # the reader leaves NUL removal to the LineChecker
+            content = content.replace(b"\x00", b"")
+            assert done == expected_done
+            if done:
+                assert (content, used) == (expected, expected_used)
+            else:
+                # whole lines are passed on; what is held back is at most an
+                # unfinished line (over 998 octets it is passed on without its end)
+                assert content.startswith(expected)
+                assert used >= expected_used or len(full) - used <= MAX_TEXT_LINE + 5
+            assert re.search(rb"\r(?!\n)|(?<!\r)\n", content) is None
+            assert largest <= MAX_TEXT_LINE + 5
+
+
 def test_data_reader_leaves_pipelined_bytes_to_the_caller():
     content, used, done = DataReader().feed(b"hi\r\n.\r\nQUIT\r\n")
     assert (content, used, done) == (b"hi\r\n", 7, True)
@@ -286,13 +343,14 @@ def test_data_reader_leaves_pipelined_bytes_to_the_caller():
 
 # ------------------------------------------------- LineChecker vs reference
 def reference_lines(content: bytes, bare_newlines: str) -> tuple[bytes, bool, bool]:
-    """(stored content, bare seen, too long seen), one line at a time."""
+    """(stored content, bare seen, too long seen), one line at a time (NULs removed
+    under "normalize")."""
     bare = re.search(rb"\r(?!\n)|(?<!\r)\n", content) is not None
     body = content[:-1] if content.endswith(b"\r") else content
     if bare_newlines == "normalize":
-        lines = re.split(rb"\r\n|\r|\n", content)
+        lines = [line.replace(b"\x00", b"") for line in re.split(rb"\r\n|\r|\n", content)]
         stored = b"\r\n".join(lines)
-        measured = re.split(rb"\r\n|\r|\n", body)
+        measured = [line.replace(b"\x00", b"") for line in re.split(rb"\r\n|\r|\n", body)]
     else:
         stored = content
         measured = body.split(b"\r\n")
@@ -300,7 +358,7 @@ def reference_lines(content: bytes, bare_newlines: str) -> tuple[bytes, bool, bo
     return stored, bare, too_long
 
 
-line_tokens = st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"\r\r\n", b"\n\r", b"b" * 400,
+line_tokens = st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"\r\r\n", b"\n\r", b"\x00", b"b" * 400,
                                b"c" * 997, b"d" * 999])
 
 
@@ -314,6 +372,8 @@ def test_line_checker_matches_line_by_line_reference(content, bare_newlines, cut
         checker = LineChecker(bare_newlines)
         stored = b"".join(checker.feed(chunk) for chunk in chunks) + checker.finish()
         assert (stored, checker.bare, checker.too_long) == expected
+        assert checker.nul == (b"\x00" in content)
+        assert checker.removed == (content.count(b"\x00") if bare_newlines == "normalize" else 0)
 
 
 # ------------------------------- the whole DATA path against the references
@@ -321,23 +381,31 @@ TRANSACTION = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
 DATA_REPLIES = {
     "size": b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n",
     "bare": b"550 5.6.11 Error: message contains bare <CR> or <LF>; lines must end with <CR><LF>\r\n",
+    "nul": b"550 5.6.0 Error: message contains NUL characters\r\n",
     "long": b"550 5.6.0 Error: message has lines longer than 998 octets (RFC 5322 2.1.1)\r\n",
     "ok": b"250 2.0.0 Ok\r\n",
 }
 
 
 @FUZZ
-@given(body=st.lists(st.one_of(data_tokens, line_tokens), max_size=25).map(b"".join),
+@given(body=st.lists(st.one_of(data_tokens, line_tokens, normalize_tokens), max_size=25).map(b"".join),
        bare_newlines=st.sampled_from(["reject", "normalize"]),
        limit=st.sampled_from([60, 5000, 1_000_000]),
        cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=20))
 def test_data_outcome_matches_the_line_by_line_references(body, bare_newlines, limit, cuts):
-    content, _, _ = reference_data(body + b"\r\n.\r\n")
-    stored, bare, too_long = reference_lines(content, bare_newlines)
-    if len(stored) > limit:
+    if bare_newlines == "normalize":
+        stored, _, _, removed, too_long = reference_normalized(body + b"\r\n.\r\n")
+        bare = nul = False
+    else:
+        stored, _, _ = reference_data(body + b"\r\n.\r\n")
+        _, bare, too_long = reference_lines(stored, bare_newlines)
+        removed, nul = 0, b"\x00" in stored
+    if len(stored) + removed > limit:
         outcome = "size"
-    elif bare and bare_newlines == "reject":
+    elif bare:
         outcome = "bare"
+    elif nul:
+        outcome = "nul"
     elif too_long:
         outcome = "long"
     else:

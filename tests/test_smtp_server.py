@@ -555,10 +555,27 @@ def test_a_long_line_ending_in_a_bare_lf_is_still_one_error():
 
 @pytest.mark.parametrize("line", [b"NOOP\n", b"NO\rOP\r\n", b"NOOP\r\r\n", b"MAIL FROM:<a@b.test>\n",
                                   b"NOOP\rNOOP\n"])
-def test_bare_cr_or_lf_in_a_command_is_500_and_sync_is_kept(line):
-    driver = greeted()
+def test_bare_cr_or_lf_in_a_command_is_500_and_sync_is_kept_in_reject_mode(line):
+    driver = greeted(Limits(bare_newlines="reject"))
     assert driver.feed(line + b"NOOP\r\n") == BARE_NEWLINE + OK
     assert not driver.of(E.MailFrom)
+
+
+@pytest.mark.parametrize("line", [b"NO\rOP\r\n", b"NOOP\r\r\n", b"NOOP\rNOOP\n", b"NO\rOP\n"])
+def test_a_bare_cr_in_a_command_is_500_in_normalize_mode_too(line):
+    driver = greeted(Limits(bare_newlines="normalize"))
+    assert driver.feed(line + b"NOOP\r\n") == BARE_NEWLINE + OK
+
+
+def test_commands_ending_in_a_bare_lf_are_accepted_in_normalize_mode():
+    # what a script piping LF-only lines sends; only CRLF . CRLF ends the data
+    driver = greeted(Limits(bare_newlines="normalize"))
+    out = driver.feed(b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\n"
+                      b"Subject: x\n\n..body\n.\nNOOP\r\n.\r\nNOOP\n")
+    assert out == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+                   + OK + OK)
+    assert driver.of(E.MailFrom) == [E.MailFrom("a@b.test", {})]
+    assert driver.messages() == [("end", b"Subject: x\r\n\r\n.body\r\nNOOP\r\n")]
 
 
 @pytest.mark.parametrize("line", [b"NOOP \xff\r\n", b"NO\x00OP\r\n", b"MAIL FROM:<a\x01@b.test>\r\n",

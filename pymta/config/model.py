@@ -74,7 +74,7 @@ class Limits:
     idle_timeout: float = 300.0                   # seconds waiting for a command (RFC 5321 4.5.3.2.7)
     data_timeout: float = 600.0                   # seconds waiting for message data (4.5.3.2.6: 3 min per block)
     max_errors: int = 20                          # errors per session before 421 and close
-    bare_newlines: str = "reject"                 # "reject" | "normalize"
+    bare_newlines: str = "normalize"              # "normalize" | "reject"
     pregreet_wait: float = 0.0                    # seconds to listen before the banner
     auth_failure_delay: float = 1.0               # first failed AUTH from an IP waits this long; doubles, max 30 s
     plugin_timeout: float = 30.0                  # seconds a stage waits for its plugins; then 451 4.3.0

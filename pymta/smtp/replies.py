@@ -68,6 +68,7 @@ BDAT_NO_TRANSACTION = Reply(503, "5.5.1", "Error: BDAT without a mail transactio
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
 BARE_NEWLINE_DATA = Reply(550, "5.6.11", "Error: message contains bare <CR> or <LF>; lines must end with <CR><LF>")
+NUL_IN_DATA = Reply(550, "5.6.0", "Error: message contains NUL characters")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Error: message has lines longer than 998 octets (RFC 5322 2.1.1)")
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires the SMTPUTF8 parameter on MAIL")
 NO_PARAMS_AFTER_HELO = Reply(555, "5.5.4", "Error: MAIL/RCPT parameters need EHLO")

@@ -112,6 +112,7 @@ class ServerConnection:
         self._reader: DataReader | None = None
         self._checker: LineChecker | None = None
         self._size = 0
+        self._removed = 0          # octets of DATA content the reader dropped
         self._oversize = False
         self._bdat_left = 0
         self._bdat_last = False
@@ -292,13 +293,17 @@ class ServerConnection:
             self._discarding_line = False
             self._sasl_abort()
             self._error(R.LINE_TOO_LONG)
-        elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            self._sasl_abort()
-            self._error(R.BARE_NEWLINE_CMD)
-        elif self.state is State.AUTH:
-            self._sasl_response(line[:-2])
         else:
-            self._dispatch(line[:-2], len(line))
+            # a command line ends in CRLF; under bare_newlines = "normalize" a
+            # bare LF ends it too (as Postfix 3.9); a bare CR never does
+            end = 2 if line.endswith(b"\r\n") else 1 if self.limits.bare_newlines == "normalize" else 0
+            if not end or b"\r" in line[:-end]:
+                self._sasl_abort()
+                self._error(R.BARE_NEWLINE_CMD)
+            elif self.state is State.AUTH:
+                self._sasl_response(line[:-end])
+            else:
+                self._dispatch(line[:-end], len(line))
 
     def _sasl_abort(self) -> None:
         self._sasl = None
@@ -453,11 +458,14 @@ class ServerConnection:
             return self._error(R.Reply(501, "5.5.4", "Syntax: DATA"))
         self._out.append(R.START_DATA.render())
         self.state = State.DATA
-        self._reader = DataReader()
+        self._reader = DataReader(self.limits.bare_newlines)
         self._start_message(chunking=False)
 
     def _start_message(self, chunking: bool) -> None:
-        self._checker = LineChecker(self.limits.bare_newlines)
+        # a normalizing DataReader passes on CRLF line ends only
+        self._checker = LineChecker(self.limits.bare_newlines,
+                                    crlf_only=not chunking and self._reader.normalize)
+        self._removed = 0
         self._size = 0
         self._oversize = False
         self._message_open = True
@@ -629,12 +637,13 @@ class ServerConnection:
         self._store(data)
 
     def _store(self, data: bytes) -> None:
-        if not data:
-            return
         self._size += len(data)
-        if self._size > self.limits.max_message_size:
+        # octets that normalizing removed count too: dropping content must not
+        # let a client send more than the limit
+        removed = self._checker.removed + self._removed
+        if self._size + removed > self.limits.max_message_size:
             self._oversize = True
-        if not (self._oversize or self._content_problem()):
+        if data and not (self._oversize or self._content_problem()):
             self._emit(E.MessageData(data))
 
     def _content_problem(self) -> R.Reply | None:
@@ -642,6 +651,8 @@ class ServerConnection:
             return R.SIZE_EXCEEDED
         if self._checker.bare and self.limits.bare_newlines == "reject":
             return R.BARE_NEWLINE_DATA
+        if self._checker.nul and self.limits.bare_newlines == "reject":
+            return R.NUL_IN_DATA
         if self._checker.too_long:
             return R.DATA_LINE_TOO_LONG
         return None
@@ -649,6 +660,7 @@ class ServerConnection:
     def _read_data(self) -> None:
         content, used, done = self._reader.feed(bytes(self._in))
         del self._in[:used]
+        self._removed = self._reader.removed
         if content:
             self._content(content)
         if done:
