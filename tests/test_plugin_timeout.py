@@ -210,7 +210,8 @@ def test_a_bad_header_field_from_a_plugin_is_refused_and_never_written(hanging, 
 
 
 # ------------------------------------------------------- end-of-DATA reject log
-def test_bare_newline_rejection_is_logged(server):
+def test_bare_newline_rejection_is_logged(make_server):
+    server = make_server(BACKEND_TOML + '\n[limits]\nbare_newlines = "reject"\n')
     w = Wire(server.port)
     w.cmd("EHLO c.example")
     w.cmd("MAIL FROM:<a@example.org>")

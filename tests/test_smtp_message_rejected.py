@@ -10,6 +10,9 @@ from pymta.verdict import Kind, Verdict
 
 from smtp_driver import Driver
 
+#: these tests are about refusals: bare line ends are refused, not normalized
+REJECT = Limits(bare_newlines="reject")
+
 START = b"EHLO c.test\r\nMAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\n"
 
 
@@ -18,7 +21,7 @@ def rejected(driver):
 
 
 def test_bare_newline_at_end_of_data():
-    driver = Driver()
+    driver = Driver(REJECT)
     out = driver.feed(START + b"DATA\r\nx\ny\r\n.\r\n")
     assert out.endswith(b"550 5.6.11 Error: message contains bare <CR> or <LF>; "
                         b"lines must end with <CR><LF>\r\n")
@@ -31,7 +34,7 @@ def test_bare_newline_at_end_of_data():
 
 
 def test_size_and_long_lines_and_bdat():
-    driver = Driver(Limits(max_message_size=100))
+    driver = Driver(Limits(max_message_size=100, bare_newlines="reject"))
     driver.feed(START + b"DATA\r\n" + b"x" * 200 + b"\r\n.\r\n")
     driver.feed(b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nRCPT TO:<carl@b.test>\r\n")
     driver.feed(b"BDAT 5 LAST\r\na\rb\r\n")
@@ -71,7 +74,7 @@ def test_accepted_messages_and_other_refusals_are_not_reported():
 def test_one_report_however_the_bytes_are_split(data):
     stream = START + b"DATA\r\nSubject: x\r\n\r\nbare\nLF\r\n.\r\nNOOP\r\n"
     cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=6)))
-    driver = Driver()
+    driver = Driver(REJECT)
     driver.feed_chunks(stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)]))
     [ev] = rejected(driver)
     assert (ev.code, ev.enhanced) == (550, "5.6.11")
