@@ -375,6 +375,84 @@ def test_maildir_delivers_in_the_child(tmp_path):
     in_reactor(test)
 
 
+def test_the_child_removes_a_delivered_message_from_the_spool_before_it_answers(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        done = yield commit(spool, b"Subject: done\r\n\r\nhello\r\n")
+        refused = yield commit(spool, b"Subject: refused\r\n\r\nhello\r\n")
+        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        messages = [spool.message(env) for env in (done, refused)]
+        for message in messages:
+            message.remove_when_delivered = spool.removal_on_delivery(message.envelope)
+        answers = yield defer.gatherResults([
+            backend.deliver(messages[0], [Recipient("a@example.org", "a@example.org", "local")]),
+            backend.deliver(messages[1], [Recipient("../x@example.org", "x", "local")])])
+        assert [[r.status for r in results] for results in answers] == [[DELIVERED], [FAILED]]
+        # gone when the answer came, and through the child's spool (its file kept for reuse)
+        assert [m.removed for m in messages] == [True, False]
+        assert spool.queue_ids() == [refused.queue_id]
+        assert len(os.listdir(tmp_path / "spool" / "free")) == 1
+        # the order does not travel with the Spool object of this process
+        assert messages[0].remove_when_delivered.spool is None
+        # outside the child the order does nothing (this process keeps no free list)
+        assert spool.removal_on_delivery(refused).apply() is False
+        assert spool.queue_ids() == [refused.queue_id]
+    in_reactor(test)
+
+
+class WorkerThatDiesAfterDelivering:
+    """Runs the delivery batch here (as the child, removals included), then reports the child dead."""
+
+    def call(self, function, *args):
+        diskworker._in_child = True
+        try:
+            function(*args)
+        finally:
+            diskworker._in_child = False
+        return defer.fail(DiskWorkerError("the child died"))
+
+
+def test_a_delivery_batch_whose_child_died_after_removing_counts_as_delivered(tmp_path):
+    reactor = Clock()
+    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=WorkerThatRunsHere())
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    env = envelope()
+    writer.commit(env)
+    backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+    message = spool.message(env)
+    message.remove_when_delivered = spool.removal_on_delivery(env)
+    from pymta.delivery.mailbox import BatchPipeline
+    backend._pipeline = BatchPipeline(reactor, None, lambda jobs: backend._apply_jobs_in_worker(
+        WorkerThatDiesAfterDelivering(), jobs))
+    results = outcome(backend.deliver(message, [Recipient("a@example.org", "a@example.org", "local")])).result
+    # delivered and removed before the child "died": not to be delivered again
+    assert [r.status for r in results] == [DELIVERED] and message.removed
+    assert spool.queue_ids() == []
+    assert len(list((tmp_path / "mail" / "example.org" / "a" / "new").iterdir())) == 1
+
+
+def test_a_removal_order_of_a_spool_kept_in_this_process_does_nothing_elsewhere(tmp_path):
+    """Sent to a disk worker by mistake, it must not make a second free list of the same files."""
+    import pickle
+    from schedulerkit import FakeReactor
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    env = envelope()
+    writer.commit(env)
+    order = pickle.loads(pickle.dumps(spool.removal_on_delivery(env)))
+    diskworker._in_child = True
+    try:
+        assert order.spool is None and order.apply() is False
+    finally:
+        diskworker._in_child = False
+    assert spool.queue_ids() == [env.queue_id]
+    assert spool.removal_on_delivery(env).apply() is True         # here it is its own spool
+    assert spool.queue_ids() == []
+
+
 # -- the server's services around the worker --------------------------------------------
 
 class RecordingWorker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -418,3 +419,75 @@ def test_a_backend_answering_at_once_does_not_nest_one_call_per_message(tmp_path
         sys.setrecursionlimit(limit)
     assert len(backend.calls) == 601
     assert h.scheduler.in_flight == 0
+
+
+# -- removal in the delivery batch (a crash repeats only the deliveries in flight) ----------
+
+def _maildir_harness(tmp_path):
+    from pymta.delivery.maildir import MaildirBackend
+
+    class Context:
+        hostname = "mx.example.org"
+        domains = ("example.org",)
+        config_dir = str(tmp_path)
+
+        def __init__(self, reactor):
+            self.reactor = reactor
+
+        def resolve_path(self, path):
+            return str(tmp_path / path)
+
+    h = Harness(tmp_path, {})
+    backend = MaildirBackend({"base": "mail"}, Context(h.reactor))
+    seen = []                      # (queue file still there?, maildir files) when the results came
+
+    def deliver(message, recipients):
+        d = MaildirBackend.deliver(backend, message, recipients)
+
+        def answered(results):
+            new = tmp_path / "mail" / "example.org"
+            seen.append((os.path.exists(h.spool.body_path(message.envelope.queue_id)),
+                         len(list(new.glob("*/new/*")))))
+            return results
+        return d.addCallback(answered)
+    backend.deliver = deliver
+    h.scheduler.backends = {"local": backend, "relay": RecordingBackend(defer.Deferred())}
+    h.scheduler.startService()
+    return h, seen
+
+
+def test_a_delivered_message_leaves_the_spool_in_its_delivery_batch(tmp_path):
+    """When the backend answers, the message is already out of queue/ (no later removal batch)."""
+    h, seen = _maildir_harness(tmp_path)
+    envelope = h.submit(rcpt("alice@example.org"), rcpt("bob@example.org"))
+    removals = []
+    h.spool._removals.submit = lambda request: removals.append(request)   # a later batch: none
+    with capturedLogs() as events:
+        h.reactor.advance(0)
+    assert seen == [(False, 2)]
+    assert removals == []
+    assert h.spool.queue_ids() == [] and h.scheduler.queued() == []
+    assert log_lines(events)[-1] == f"{envelope.queue_id}: removed"
+    # the file went to free/ for reuse, as a removal batch does
+    assert len(os.listdir(h.spool.free_dir)) == 1
+
+
+def test_a_delivery_that_does_not_finish_the_message_leaves_its_removal_to_the_scheduler(tmp_path):
+    h, seen = _maildir_harness(tmp_path)
+    # another recipient in flight on another route: the message is not finished
+    envelope = h.submit(rcpt("alice@example.org"), rcpt("carol@example.net", route="relay"))
+    h.reactor.advance(0)
+    assert seen == [(True, 1)]
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    # a success report asked for: it must be spooled before the message goes
+    sure = rcpt("dave@example.org")
+    sure.notify = ("SUCCESS",)
+    other = h.submit(sure)
+    h.reactor.advance(0)
+    assert seen[-1] == (True, 2)
+    assert other.queue_id not in h.spool.queue_ids()        # removed afterwards, as before
+    # one recipient refused (no safe mailbox): not every delivery succeeded
+    bad = h.submit(rcpt("../x@example.org"), rcpt("erin@example.org"))
+    h.reactor.advance(0)
+    assert seen[-1][0] is True
+    assert bad.queue_id not in h.spool.queue_ids()          # bounced (550), then removed as before

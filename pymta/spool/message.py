@@ -151,6 +151,11 @@ class SpooledMessage:
         self.envelope = envelope
         self.body_path = body_path
         self._body = body
+        #: a :class:`pymta.spool.store.RemovalOnDelivery` when delivering the
+        #: recipients given with it finishes the message, else None; a backend
+        #: that applies it sets ``removed``
+        self.remove_when_delivered = None
+        self.removed = False
 
     @property
     def queue_id(self) -> str:

@@ -92,6 +92,8 @@ class _Message:
     #: indices of recipients waiting in the run queue or being delivered
     busy: set[int] = field(default_factory=set)
     timer: Any = None  # IDelayedCall of the next due time, or None
+    #: the backend removed it from the spool with its last delivery (RemovalOnDelivery)
+    removed: bool = False
 
 
 @dataclass
@@ -100,6 +102,8 @@ class _Job:
     message: _Message
     route: str
     indices: list[int]
+    #: the SpooledMessage given to the backend
+    spooled: Any = None
 
 
 class DeliveryScheduler(Service):
@@ -271,12 +275,35 @@ class DeliveryScheduler(Service):
                 f"no delivery backend named {job.route!r} is configured", 451, "4.3.5")
             d = defer.succeed([result] * len(recipients))
         else:
-            d = defer.maybeDeferred(backend.deliver, self.spool.message(envelope), recipients)
+            job.spooled = self.spool.message(envelope)
+            job.spooled.remove_when_delivered = self._removal_if_delivered(job)
+            d = defer.maybeDeferred(backend.deliver, job.spooled, recipients)
             d.addCallback(self._check_results, job, len(recipients))
             d.addErrback(self._backend_failed, job, len(recipients))
         d.addCallback(self._record, job)
         d.addErrback(self._internal_error, job)
         d.addBoth(self._job_done)
+
+    def _removal_if_delivered(self, job: _Job) -> Any:
+        """A RemovalOnDelivery when delivering ``job`` would finish its message, else None.
+
+        That is: no other recipient pending or in flight, none waiting for a
+        notification, and none of the job's asks for a success report.  A
+        local backend then removes the message in its delivery batch, so
+        that a crash repeats only the deliveries in flight.
+        """
+        message = job.message
+        if len(message.busy) != len(job.indices):
+            return None
+        chosen = set(job.indices)
+        for index, recipient in enumerate(message.envelope.recipients):
+            if index in chosen:
+                if recipient.notify and "SUCCESS" in recipient.notify:
+                    return None
+            elif recipient.state == PENDING or not (
+                    recipient.notified or (recipient.state == RECIPIENT_DELIVERED and self.notifier is None)):
+                return None
+        return self.spool.removal_on_delivery(message.envelope)
 
     def _check_results(self, results, job: _Job, count: int) -> list[DeliveryResult]:
         results = list(results) if results is not None else []
@@ -295,6 +322,8 @@ class DeliveryScheduler(Service):
         message = job.message
         envelope = message.envelope
         now = self._now()
+        if job.spooled is not None and job.spooled.removed:
+            message.removed = True
         for index, result in zip(job.indices, results):
             if result.status not in (DELIVERED, DEFERRED, FAILED):
                 log.error("{queue_id}: backend {backend!r} returned unknown status {status!r}; "
@@ -370,7 +399,11 @@ class DeliveryScheduler(Service):
         if notices is None:
             notices = self._notices(message, self._now())
 
-        def remove() -> defer.Deferred:
+        def remove() -> defer.Deferred | None:
+            if message.removed:                  # by the backend, with its delivery
+                self.spool.removed_on_delivery(envelope.queue_id)
+                log.info("{queue_id}: removed", queue_id=envelope.queue_id)
+                return None
             d = self.spool.remove(envelope.queue_id, envelope.size)
             d.addCallback(lambda _: log.info("{queue_id}: removed", queue_id=envelope.queue_id))
             return d

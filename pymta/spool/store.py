@@ -46,7 +46,11 @@ threads (``threads`` mode, and tests):
 * **removals**: unlink the message file, then the updated envelope if there
   is one, without any barrier.  A crash before the unlinks reach the disk
   brings the message back at the next start, and it is delivered again: at
-  least once is the contract.
+  least once is the contract.  A message whose delivery finishes it leaves
+  the spool without this pipeline: the local backend removes it in the
+  batch that delivered it, right after the mailbox sync
+  (:class:`RemovalOnDelivery`), so that a crash repeats only the deliveries
+  in flight, not those whose results were still on their way back.
 
 Files are recycled: a removed message's files (and an envelope replaced by
 an update) are renamed into ``free/`` rather than deleted, up to
@@ -268,6 +272,55 @@ class _Remove:
 _Request = Any  # _Commit | _Update | _Remove
 
 
+@dataclass
+class RemovalOnDelivery:
+    """Take a message out of the spool in the batch that delivered it.
+
+    The scheduler gives one to a delivery backend with the message
+    (``SpooledMessage.remove_when_delivered``) when a successful delivery of
+    the recipients it hands over finishes the message: no other recipient
+    pending or in flight, no notification to send.  A local backend then
+    calls :meth:`apply` right after its mailbox sync, in the same disk worker
+    call (or thread), before it answers: a crash then repeats at most the
+    deliveries in flight, not those whose results were on their way back
+    through the reactor to a later removal batch.
+
+    ``spool``: the :class:`Spool` itself when delivery batches run in this
+    process (``threads`` mode); it does not travel to the disk worker, whose
+    child uses its own Spool of the directory (which keeps that free list).
+    """
+
+    directory: str
+    sync: str
+    queue_id: str
+    size: int | None = None
+    #: the spool's file work runs in the disk worker's child
+    in_worker: bool = False
+    spool: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "spool": None}
+
+    def apply(self) -> bool:
+        """Remove the message (as :meth:`Spool.remove` does); True when it is out of ``queue/``.
+
+        Only where the spool's files are kept: by the Spool given, or (a
+        spool with a disk worker) in the worker's child; elsewhere it does
+        nothing and returns False (the scheduler then removes the message).
+        """
+        spool = self.spool
+        if spool is None and self.in_worker:
+            from pymta.spool.diskworker import child_spool
+            spool = child_spool(self.directory, self.sync)
+        if spool is None:
+            return False
+        errors = spool._apply_removals([_Remove(self.queue_id, self.size)])
+        for failure in errors.values():
+            log.warn("{queue_id}: delivered, but not yet removed from the spool: {error}",
+                     queue_id=self.queue_id, error=failure.getErrorMessage())
+        return not errors
+
+
 def records_of_requests(kind: str, batch: list[_Request]) -> list[tuple]:
     """The plain, picklable fields of a batch's requests (for the disk worker).
 
@@ -460,6 +513,23 @@ class Spool:
         """
         self._forget_body(queue_id)
         return self._submit(_Remove(queue_id, size))
+
+    def removal_on_delivery(self, envelope: Envelope) -> RemovalOnDelivery | None:
+        """An order to remove ``envelope``'s message in its delivery batch (see the class).
+
+        None while a change of that message is on its way to disk: changes
+        of one message are applied in order, and the order would overtake it.
+        """
+        if envelope.queue_id in self._changes:
+            return None
+        if self._worker is not None:
+            return RemovalOnDelivery(self.directory, self.sync, envelope.queue_id, envelope.size,
+                                     in_worker=True)
+        return RemovalOnDelivery(self.directory, self.sync, envelope.queue_id, envelope.size, spool=self)
+
+    def removed_on_delivery(self, queue_id: str) -> None:
+        """A :class:`RemovalOnDelivery` removed ``queue_id``: forget what is kept of it here."""
+        self._forget_body(queue_id)
 
     def queue_ids(self) -> list[str]:
         """Ids of the committed messages, oldest first."""
