@@ -491,3 +491,43 @@ def test_a_delivery_that_does_not_finish_the_message_leaves_its_removal_to_the_s
     h.reactor.advance(0)
     assert seen[-1][0] is True
     assert bad.queue_id not in h.spool.queue_ids()          # bounced (550), then removed as before
+
+
+def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_spooled(tmp_path):
+    """The update that follows the notification must not race a removal in the delivery batch."""
+    orders = []
+
+    class Backend(RecordingBackend):
+        def deliver(self, message, recipients):
+            orders.append(message.remove_when_delivered)
+            return super().deliver(message, recipients)
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            for recipient in recipients:
+                recipient.notified = True
+            return ["bounce"]
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    backend = Backend(lambda recipients: [DeliveryResult.failed("no such user"),
+                                          DeliveryResult.deferred("busy")], "ok", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    spooling = []
+    h.scheduler._spool_notice = lambda original, notice: spooling.append(defer.Deferred()) or spooling[-1]
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("x@example.org"), rcpt("y@example.org"))
+    h.reactor.advance(0)
+    assert orders[0] is not None and len(spooling) == 1       # the bounce is being spooled
+    h.scheduler.flush()
+    h.reactor.advance(0)
+    assert len(orders) == 2 and orders[1] is None             # y delivered; the scheduler removes
+    assert h.spool.queue_ids() == []
+    spooling[0].callback(None)
+    # a message without a notification in flight gets its order again
+    h.submit(rcpt("z@example.org"))
+    h.reactor.advance(0)
+    assert orders[2] is not None and orders[2].queue_id != envelope.queue_id

@@ -128,6 +128,8 @@ class DeliveryScheduler(Service):
         self._in_flight = 0
         self._pumping = False
         self._spool_writes = 0
+        #: queue id -> notifications being spooled before its update or removal
+        self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
         self._stopping = False
 
@@ -293,7 +295,7 @@ class DeliveryScheduler(Service):
         that a crash repeats only the deliveries in flight.
         """
         message = job.message
-        if len(message.busy) != len(job.indices):
+        if len(message.busy) != len(job.indices) or self._noticing[message.envelope.queue_id]:
             return None
         chosen = set(job.indices)
         for index, recipient in enumerate(message.envelope.recipients):
@@ -455,6 +457,7 @@ class DeliveryScheduler(Service):
                 self._persist(d, envelope, what)
             return
         self._spool_writes += 1
+        self._noticing[envelope.queue_id] += 1
         waits = [self._spool_notice(envelope, notice) for notice in notices]
         d = defer.gatherResults(waits, consumeErrors=True)
 
@@ -474,6 +477,9 @@ class DeliveryScheduler(Service):
 
         def done(_) -> None:
             self._spool_writes -= 1
+            self._noticing[envelope.queue_id] -= 1
+            if not self._noticing[envelope.queue_id]:
+                del self._noticing[envelope.queue_id]
             self._check_idle()
 
         d.addCallbacks(committed, failed)
