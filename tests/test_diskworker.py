@@ -345,6 +345,8 @@ class WorkerThatRunsHere:
 
 # -- local delivery through the worker -----------------------------------------------------
 
+DONE = "250 2.0.0 delivered"
+
 class Context:
     hostname = "mx.example.org"
     domains = ("example.org",)
@@ -384,7 +386,7 @@ def test_the_child_removes_a_delivered_message_from_the_spool_before_it_answers(
         backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
         messages = [spool.message(env) for env in (done, refused)]
         for message in messages:
-            message.remove_when_delivered = spool.removal_on_delivery(message.envelope)
+            message.record_delivery = spool.delivery_record(message.envelope, (0,), True)
         answers = yield defer.gatherResults([
             backend.deliver(messages[0], [Recipient("a@example.org", "a@example.org", "local")]),
             backend.deliver(messages[1], [Recipient("../x@example.org", "x", "local")])])
@@ -394,10 +396,28 @@ def test_the_child_removes_a_delivered_message_from_the_spool_before_it_answers(
         assert spool.queue_ids() == [refused.queue_id]
         assert len(os.listdir(tmp_path / "spool" / "free")) == 1
         # the order does not travel with the Spool object of this process
-        assert messages[0].remove_when_delivered.spool is None
+        assert messages[0].record_delivery.spool is None
         # outside the child the order does nothing (this process keeps no free list)
-        assert spool.removal_on_delivery(refused).apply() is False
+        assert spool.delivery_record(refused, (0,), True).apply([(True, DONE)]) is False
         assert spool.queue_ids() == [refused.queue_id]
+    in_reactor(test)
+
+
+def test_the_child_records_deliveries_that_do_not_finish_the_message(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        env = yield commit(spool, b"Subject: two\r\n\r\nhello\r\n")
+        env.recipients.append(Recipient("c@example.net", "c@example.net", "relay"))
+        yield spool.update(env)
+        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        message = spool.message(env)
+        message.record_delivery = spool.delivery_record(env, (0,), False)
+        [result] = yield backend.deliver(message, [env.recipients[0]])
+        assert result.status == DELIVERED and not message.removed
+        stored = spool.load(env.queue_id).recipients
+        assert [r.state for r in stored] == [DELIVERED, "pending"]
+        assert stored[0].last_result == result.summary()
     in_reactor(test)
 
 
@@ -422,7 +442,7 @@ def test_a_delivery_batch_whose_child_died_after_removing_counts_as_delivered(tm
     writer.commit(env)
     backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
     message = spool.message(env)
-    message.remove_when_delivered = spool.removal_on_delivery(env)
+    message.record_delivery = spool.delivery_record(env, (0,), True)
     from pymta.delivery.mailbox import BatchPipeline
     backend._pipeline = BatchPipeline(reactor, None, lambda jobs: backend._apply_jobs_in_worker(
         WorkerThatDiesAfterDelivering(), jobs))
@@ -442,14 +462,14 @@ def test_a_removal_order_of_a_spool_kept_in_this_process_does_nothing_elsewhere(
     writer.write(b"Subject: x\r\n\r\nx\r\n")
     env = envelope()
     writer.commit(env)
-    order = pickle.loads(pickle.dumps(spool.removal_on_delivery(env)))
+    order = pickle.loads(pickle.dumps(spool.delivery_record(env, (0,), True)))
     diskworker._in_child = True
     try:
-        assert order.spool is None and order.apply() is False
+        assert order.spool is None and order.apply([(True, DONE)]) is False
     finally:
         diskworker._in_child = False
     assert spool.queue_ids() == [env.queue_id]
-    assert spool.removal_on_delivery(env).apply() is True         # here it is its own spool
+    assert spool.delivery_record(env, (0,), True).apply([(True, DONE)]) is True   # its own spool
     assert spool.queue_ids() == []
 
 

@@ -440,19 +440,23 @@ def _maildir_harness(tmp_path):
     h = Harness(tmp_path, {})
     backend = MaildirBackend({"base": "mail"}, Context(h.reactor))
     seen = []                      # (queue file still there?, maildir files) when the results came
+    stored = []                    # then, the recipients' states on disk (if still there)
 
     def deliver(message, recipients):
         d = MaildirBackend.deliver(backend, message, recipients)
 
         def answered(results):
             new = tmp_path / "mail" / "example.org"
-            seen.append((os.path.exists(h.spool.body_path(message.envelope.queue_id)),
-                         len(list(new.glob("*/new/*")))))
+            queue_id = message.envelope.queue_id
+            seen.append((os.path.exists(h.spool.body_path(queue_id)), len(list(new.glob("*/new/*")))))
+            if seen[-1][0]:
+                stored.append([(r.address, r.state) for r in h.spool.load(queue_id).recipients])
             return results
         return d.addCallback(answered)
     backend.deliver = deliver
     h.scheduler.backends = {"local": backend, "relay": RecordingBackend(defer.Deferred())}
     h.scheduler.startService()
+    h.stored = stored
     return h, seen
 
 
@@ -499,7 +503,7 @@ def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_s
 
     class Backend(RecordingBackend):
         def deliver(self, message, recipients):
-            orders.append(message.remove_when_delivered)
+            orders.append(message.record_delivery)
             return super().deliver(message, recipients)
 
     class Notifier:
@@ -531,3 +535,36 @@ def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_s
     h.submit(rcpt("z@example.org"))
     h.reactor.advance(0)
     assert orders[2] is not None and orders[2].queue_id != envelope.queue_id
+
+
+def test_deliveries_that_do_not_finish_the_message_are_recorded_in_their_batch(tmp_path):
+    """Recipients left for later: the delivered ones are marked in the stored envelope at once."""
+    h, seen = _maildir_harness(tmp_path)
+    later = rcpt("carol@example.net", route="relay")
+    later.next_attempt = h.reactor.seconds() + 3600          # pending, not due now
+    envelope = h.submit(rcpt("alice@example.org"), later, rcpt("bob@example.org"))
+    h.reactor.advance(0)
+    assert seen == [(True, 2)]
+    assert h.stored == [[("alice@example.org", DELIVERED), ("carol@example.net", PENDING),
+                         ("bob@example.org", DELIVERED)]]
+    stored = h.spool.load(envelope.queue_id).recipients
+    assert stored[0].attempts == 1 and stored[0].last_result.startswith("250 2.0.0 delivered to maildir")
+    # a success report asked for: recorded, then reported and removed by the scheduler
+    sure = rcpt("dave@example.org")
+    sure.notify = ("SUCCESS",)
+    other = h.submit(sure)
+    h.reactor.advance(0)
+    assert h.stored[-1] == [("dave@example.org", DELIVERED)]
+    assert other.queue_id not in h.spool.queue_ids()
+
+
+def test_a_recorded_delivery_keeps_what_an_update_wrote_meanwhile(tmp_path):
+    h = Harness(tmp_path, {})
+    envelope = h.spool_message(rcpt("alice@example.org"), rcpt("carol@example.net", route="relay"))
+    envelope.recipients[1].attempts = 3                   # the update of another delivery
+    h.spool.update(envelope)
+    record = h.spool.delivery_record(envelope, (0,), False)
+    assert record.apply([(True, "250 2.0.0 delivered")]) is False
+    stored = h.spool.load(envelope.queue_id).recipients
+    assert [(r.state, r.attempts) for r in stored] == [(DELIVERED, 1), (PENDING, 3)]
+    assert os.listdir(tmp_path / "spool" / "tmp") == []

@@ -294,7 +294,7 @@ class LocalMailboxBackend:
 
     def _apply_jobs(self, jobs: list[DeliveryJob]) -> dict:
         """BatchPipeline's apply: every job gets its results (no job fails as a whole)."""
-        self._settle_jobs(jobs, *self.deliver_and_remove([(job.message, job.recipients) for job in jobs]))
+        self._settle_jobs(jobs, *self.deliver_and_record([(job.message, job.recipients) for job in jobs]))
         return {}
 
     def _apply_jobs_in_worker(self, worker, jobs: list[DeliveryJob]) -> defer.Deferred:
@@ -315,8 +315,9 @@ class LocalMailboxBackend:
                 # delivered (and synced): one whose spool file is gone was
                 # delivered before the child ended (a rare path: the check
                 # runs on the reactor thread).
-                order = getattr(job.message, "remove_when_delivered", None)
-                gone = order is not None and not os.path.exists(job.message.body_path)
+                record = getattr(job.message, "record_delivery", None)
+                gone = (record is not None and record.finishes
+                        and not os.path.exists(job.message.body_path))
                 results.append([delivered if gone else result] * len(job.recipients))
                 removed.append(gone)
             return results, removed
@@ -336,25 +337,27 @@ class LocalMailboxBackend:
         """Deliver on the calling thread (blocking); one result per recipient."""
         return self.deliver_all([(message, list(recipients))])[0]
 
-    def deliver_and_remove(self, jobs: list[tuple[Any, list]]) -> tuple[list[list[DeliveryResult]], list[bool]]:
-        """:meth:`deliver_all`, then each job's message out of the spool if that finished it.
+    def deliver_and_record(self, jobs: list[tuple[Any, list]]) -> tuple[list[list[DeliveryResult]], list[bool]]:
+        """:meth:`deliver_all`, then each job's deliveries recorded in the spool.
 
-        A message the scheduler sent with a removal order
-        (``remove_when_delivered``, :class:`pymta.spool.store.RemovalOnDelivery`)
-        whose recipients were all delivered leaves the spool here, right
-        after the mailbox sync and before the batch answers.  Returns the
-        results and, per job, whether its message left the spool.
+        A message the scheduler sent with a ``record_delivery``
+        (:class:`pymta.spool.store.DeliveryRecord`) has its delivered
+        recipients recorded here, right after the mailbox sync and before
+        the batch answers: the message leaves the spool when that finished
+        it.  Returns the results and, per job, whether its message left the
+        spool.
         """
         results = self.deliver_all(jobs)
         removed = []
         for (message, _), job_results in zip(jobs, results):
-            order = getattr(message, "remove_when_delivered", None)
+            record = getattr(message, "record_delivery", None)
             done = False
-            if order is not None and job_results and all(r.status == DELIVERED for r in job_results):
+            if record is not None and any(r.status == DELIVERED for r in job_results):
                 try:
-                    done = order.apply()
-                except Exception:   # a bug: the scheduler removes it as usual
-                    log.failure("{queue_id}: removal after delivery failed", queue_id=order.queue_id)
+                    done = record.apply([(r.status == DELIVERED, r.summary()) for r in job_results])
+                except Exception:   # a bug: the scheduler records the results as usual
+                    log.failure("{queue_id}: recording the delivery in the spool failed",
+                                queue_id=record.queue_id)
             removed.append(done)
         return results, removed
 

@@ -20,9 +20,9 @@ behind a delivery batch) and answers as each finishes.
 The functions the child runs live here too: :func:`apply_spool_batch` (the
 same :class:`pymta.spool.store.Spool` code the threads run, on the child's
 own ``Spool`` for that directory) and :func:`deliver_local` (the same
-backend class, built in the child from its options; a message that its
-delivery finished leaves the spool in that same call, through the child's
-``Spool``).  What the child logs
+backend class, built in the child from its options; the deliveries are
+recorded in the spool in that same call, through the child's ``Spool``:
+a message they finished leaves it).  What the child logs
 while running a call comes back with the answer and is logged by the
 server, so nothing goes missing from the log file.
 
@@ -439,19 +439,19 @@ def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]
 
 
 def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> tuple[list[list], list[bool]]:
-    """``backend.deliver_and_remove(jobs)`` for the local backend described by ``spec`` in the child.
+    """``backend.deliver_and_record(jobs)`` for the local backend described by ``spec`` in the child.
 
     ``spec``: (module, class name, options, hostname, domains, config dir),
     see :meth:`pymta.delivery.mailbox.LocalMailboxBackend.worker_spec`.
     Returns the results of each job, and whether each job's message left the
-    spool in this same call (see :class:`pymta.spool.store.RemovalOnDelivery`).
+    spool in this same call (see :class:`pymta.spool.store.DeliveryRecord`).
     """
     key = repr(spec)
     with _made:
         backend = _backends.get(key)
         if backend is None:
             backend = _backends[key] = _make_backend(spec)
-    return backend.deliver_and_remove(jobs)
+    return backend.deliver_and_record(jobs)
 
 
 def _make_backend(spec: tuple) -> Any:

@@ -151,10 +151,11 @@ class SpooledMessage:
         self.envelope = envelope
         self.body_path = body_path
         self._body = body
-        #: a :class:`pymta.spool.store.RemovalOnDelivery` when delivering the
-        #: recipients given with it finishes the message, else None; a backend
-        #: that applies it sets ``removed``
-        self.remove_when_delivered = None
+        #: a :class:`pymta.spool.store.DeliveryRecord` when the recipients
+        #: given with it are the only ones in flight, else None; a local
+        #: backend applies it after its mailbox sync and sets ``removed``
+        #: when that took the message out of the spool
+        self.record_delivery = None
         self.removed = False
 
     @property

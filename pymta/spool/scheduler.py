@@ -92,7 +92,7 @@ class _Message:
     #: indices of recipients waiting in the run queue or being delivered
     busy: set[int] = field(default_factory=set)
     timer: Any = None  # IDelayedCall of the next due time, or None
-    #: the backend removed it from the spool with its last delivery (RemovalOnDelivery)
+    #: the backend removed it from the spool with its last delivery (DeliveryRecord)
     removed: bool = False
 
 
@@ -278,7 +278,7 @@ class DeliveryScheduler(Service):
             d = defer.succeed([result] * len(recipients))
         else:
             job.spooled = self.spool.message(envelope)
-            job.spooled.remove_when_delivered = self._removal_if_delivered(job)
+            job.spooled.record_delivery = self._delivery_record(job)
             d = defer.maybeDeferred(backend.deliver, job.spooled, recipients)
             d.addCallback(self._check_results, job, len(recipients))
             d.addErrback(self._backend_failed, job, len(recipients))
@@ -286,26 +286,28 @@ class DeliveryScheduler(Service):
         d.addErrback(self._internal_error, job)
         d.addBoth(self._job_done)
 
-    def _removal_if_delivered(self, job: _Job) -> Any:
-        """A RemovalOnDelivery when delivering ``job`` would finish its message, else None.
+    def _delivery_record(self, job: _Job) -> Any:
+        """A DeliveryRecord when ``job`` holds the only recipients of its message in flight.
 
-        That is: no other recipient pending or in flight, none waiting for a
-        notification, and none of the job's asks for a success report.  A
-        local backend then removes the message in its delivery batch, so
-        that a crash repeats only the deliveries in flight.
+        A local backend then records the deliveries in its delivery batch,
+        so that a crash repeats only the deliveries in flight: the message
+        leaves the spool when delivering them finishes it (no other
+        recipient pending, none waiting for a notification, no success
+        report asked for); otherwise the delivered recipients are marked.
         """
         message = job.message
         if len(message.busy) != len(job.indices) or self._noticing[message.envelope.queue_id]:
             return None
         chosen = set(job.indices)
+        finishes = True
         for index, recipient in enumerate(message.envelope.recipients):
             if index in chosen:
                 if recipient.notify and "SUCCESS" in recipient.notify:
-                    return None
+                    finishes = False
             elif recipient.state == PENDING or not (
                     recipient.notified or (recipient.state == RECIPIENT_DELIVERED and self.notifier is None)):
-                return None
-        return self.spool.removal_on_delivery(message.envelope)
+                finishes = False
+        return self.spool.delivery_record(message.envelope, tuple(job.indices), finishes)
 
     def _check_results(self, results, job: _Job, count: int) -> list[DeliveryResult]:
         results = list(results) if results is not None else []
