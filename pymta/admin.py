@@ -35,7 +35,10 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pymta import __version__
     parser = argparse.ArgumentParser(prog="pymta", description="Administer a pymta mail server.")
+    parser.add_argument("--version", action="version", version=f"pymta {__version__}",
+                        help="print pymta's version and exit")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND",
                                        required=True)
     for module_name in SUBCOMMANDS:

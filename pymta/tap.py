@@ -151,6 +151,12 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (default: the embedded default)"],
     ]
 
+    def opt_version(self) -> None:
+        """Print pymta's version and exit."""
+        from pymta import __version__
+        print(f"pymta {__version__}")
+        sys.exit(0)
+
 
 DEFAULT_BACKLOG = 1024   # Twisted's 50 drops connections in bursts (measured with smtp-source)
 

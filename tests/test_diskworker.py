@@ -345,6 +345,8 @@ class WorkerThatRunsHere:
 
 # -- local delivery through the worker -----------------------------------------------------
 
+DONE = "250 2.0.0 delivered"
+
 class Context:
     hostname = "mx.example.org"
     domains = ("example.org",)
@@ -373,6 +375,102 @@ def test_maildir_delivers_in_the_child(tmp_path):
         # the file was written by the child, not by this process
         assert f"P{worker.pid}Q" in delivered.name and f"P{os.getpid()}Q" not in delivered.name
     in_reactor(test)
+
+
+def test_the_child_removes_a_delivered_message_from_the_spool_before_it_answers(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        done = yield commit(spool, b"Subject: done\r\n\r\nhello\r\n")
+        refused = yield commit(spool, b"Subject: refused\r\n\r\nhello\r\n")
+        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        messages = [spool.message(env) for env in (done, refused)]
+        for message in messages:
+            message.record_delivery = spool.delivery_record(message.envelope, (0,), True)
+        answers = yield defer.gatherResults([
+            backend.deliver(messages[0], [Recipient("a@example.org", "a@example.org", "local")]),
+            backend.deliver(messages[1], [Recipient("../x@example.org", "x", "local")])])
+        assert [[r.status for r in results] for results in answers] == [[DELIVERED], [FAILED]]
+        # gone when the answer came, and through the child's spool (its file kept for reuse)
+        assert [m.removed for m in messages] == [True, False]
+        assert spool.queue_ids() == [refused.queue_id]
+        assert len(os.listdir(tmp_path / "spool" / "free")) == 1
+        # the order does not travel with the Spool object of this process
+        assert messages[0].record_delivery.spool is None
+        # outside the child the order does nothing (this process keeps no free list)
+        assert spool.delivery_record(refused, (0,), True).apply([(True, DONE)]) is False
+        assert spool.queue_ids() == [refused.queue_id]
+    in_reactor(test)
+
+
+def test_the_child_records_deliveries_that_do_not_finish_the_message(tmp_path):
+    @defer.inlineCallbacks
+    def test(reactor, worker):
+        spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
+        env = yield commit(spool, b"Subject: two\r\n\r\nhello\r\n")
+        env.recipients.append(Recipient("c@example.net", "c@example.net", "relay"))
+        yield spool.update(env)
+        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        message = spool.message(env)
+        message.record_delivery = spool.delivery_record(env, (0,), False)
+        [result] = yield backend.deliver(message, [env.recipients[0]])
+        assert result.status == DELIVERED and not message.removed
+        stored = spool.load(env.queue_id).recipients
+        assert [r.state for r in stored] == [DELIVERED, "pending"]
+        assert stored[0].last_result == result.summary()
+    in_reactor(test)
+
+
+class WorkerThatDiesAfterDelivering:
+    """Runs the delivery batch here (as the child, removals included), then reports the child dead."""
+
+    def call(self, function, *args):
+        diskworker._in_child = True
+        try:
+            function(*args)
+        finally:
+            diskworker._in_child = False
+        return defer.fail(DiskWorkerError("the child died"))
+
+
+def test_a_delivery_batch_whose_child_died_after_removing_counts_as_delivered(tmp_path):
+    reactor = Clock()
+    spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=WorkerThatRunsHere())
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    env = envelope()
+    writer.commit(env)
+    backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+    message = spool.message(env)
+    message.record_delivery = spool.delivery_record(env, (0,), True)
+    from pymta.delivery.mailbox import BatchPipeline
+    backend._pipeline = BatchPipeline(reactor, None, lambda jobs: backend._apply_jobs_in_worker(
+        WorkerThatDiesAfterDelivering(), jobs))
+    results = outcome(backend.deliver(message, [Recipient("a@example.org", "a@example.org", "local")])).result
+    # delivered and removed before the child "died": not to be delivered again
+    assert [r.status for r in results] == [DELIVERED] and message.removed
+    assert spool.queue_ids() == []
+    assert len(list((tmp_path / "mail" / "example.org" / "a" / "new").iterdir())) == 1
+
+
+def test_a_removal_order_of_a_spool_kept_in_this_process_does_nothing_elsewhere(tmp_path):
+    """Sent to a disk worker by mistake, it must not make a second free list of the same files."""
+    import pickle
+    from schedulerkit import FakeReactor
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    env = envelope()
+    writer.commit(env)
+    order = pickle.loads(pickle.dumps(spool.delivery_record(env, (0,), True)))
+    diskworker._in_child = True
+    try:
+        assert order.spool is None and order.apply([(True, DONE)]) is False
+    finally:
+        diskworker._in_child = False
+    assert spool.queue_ids() == [env.queue_id]
+    assert spool.delivery_record(env, (0,), True).apply([(True, DONE)]) is True   # its own spool
+    assert spool.queue_ids() == []
 
 
 # -- the server's services around the worker --------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 import smtplib
 import threading
@@ -92,3 +93,56 @@ def test_spooled_messages_survive_kill9_and_are_delivered_after_restart(make_ser
     while list((server.spool / "queue").glob("*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list((server.spool / "queue").glob("*")) == []
+
+
+def _copies(server, address: str) -> collections.Counter:
+    """How many times each token (Subject) is in the Maildir ``new/`` of ``address``."""
+    copies: collections.Counter = collections.Counter()
+    for msg in server.delivered(address, 0, timeout=0):
+        subject = msg.index(b"\r\nSubject: ") + len(b"\r\nSubject: ")
+        copies[msg[subject:msg.index(b"\r\n", subject)].decode()] += 1
+    return copies
+
+
+#: deliveries in flight at once in the duplicates test ([queue] concurrency)
+DUPES_CONCURRENCY = 8
+KILLS = 5
+
+
+def test_kill9_under_load_repeats_at_most_the_deliveries_in_flight(make_server):
+    """kill -9 at random moments under load: nothing acknowledged is lost, few are repeated.
+
+    A message delivered into the Maildir whose spool entry was not removed
+    yet is delivered again after the restart.  Each kill may repeat the
+    deliveries in flight (at most ``concurrency`` backend calls), not the
+    deliveries whose results were still on their way to the spool.
+    """
+    server = make_server(BACKEND_TOML + f"\n[queue]\nconcurrency = {DUPES_CONCURRENCY}\n")
+    accepted: dict[str, bytes] = {}
+    # bounded: each round is at most 1.5 s of load, 10 s of joins and a start-up
+    for round_no in range(KILLS):
+        stop = threading.Event()
+        threads = [threading.Thread(target=_blast, args=(server.port, f"d{round_no}t{i}", accepted, stop))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(random.uniform(0.5, 1.5))
+        server.kill9()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        server.start()
+    assert len(accepted) > 50, "the load did not get going"
+    found = _delivered_bodies(server, accepted, timeout=60)
+    missing = sorted(set(accepted) - set(found))
+    assert not missing, f"{len(missing)} of {len(accepted)} acknowledged messages lost: {missing[:5]}"
+    # everything in the spool delivered: no more copies can come
+    quiet = time.monotonic() + 30
+    while list((server.spool / "queue").glob("*.msg")) and time.monotonic() < quiet:
+        time.sleep(0.05)
+    copies = _copies(server, "durable@example.test")
+    duplicates = sum(n - 1 for n in copies.values())
+    print(f"\nkill -9 duplicates: {duplicates} in {KILLS} kills = {duplicates / KILLS:.1f} per kill "
+          f"({len(accepted)} messages acknowledged, {sum(copies.values())} delivered)")
+    assert duplicates <= DUPES_CONCURRENCY * KILLS, \
+        f"{duplicates} duplicates after {KILLS} kills: more than the deliveries in flight"

@@ -354,3 +354,67 @@ def test_deliver_runs_in_the_thread_pool(tmp_path):
                             ).addCallback(results.append)
     assert reactor.pool.calls == 1
     assert [r.status for r in results[0]] == [DELIVERED, FAILED]
+
+
+# -- stale files in tmp/ ------------------------------------------------------------------
+
+def _aged(path: Path, hours: float) -> Path:
+    path.write_bytes(b"half a message")
+    when = path.stat().st_mtime - hours * 3600
+    os.utime(path, (when, when))
+    return path
+
+
+def test_tmp_files_older_than_36_hours_are_removed_when_delivering(tmp_path):
+    from twisted.logger import capturedLogs
+    maildir_backend = backend(tmp_path)
+    now = [1000.0]
+    maildir_backend._clock = lambda: now[0]
+    message = make_message(tmp_path)
+    maildir = tmp_path / "mail" / "example.org" / "alice"
+    folder = maildir / ".Lists"
+    for tmp in (maildir / "tmp", folder / "tmp"):
+        tmp.mkdir(parents=True)
+    (folder / "maildirfolder").touch()
+    stale = _aged(maildir / "tmp" / "1.M1P1Q1.crashed", 37)
+    young = _aged(maildir / "tmp" / "2.M1P1Q1.writing", 35)
+    in_folder = _aged(folder / "tmp" / "3.M1P1Q1.crashed", 40)
+    os.mkdir(maildir / "tmp" / "a-directory")        # not a file: left alone
+    os.utime(maildir / "tmp" / "a-directory", (0, 0))
+    with capturedLogs() as events:
+        [result] = maildir_backend.deliver_sync(message, [rcpt("alice@example.org")])
+    assert result.status == DELIVERED
+    assert not stale.exists() and young.exists() and in_folder.exists()   # the folder not delivered to
+    assert sorted(p.name for p in (maildir / "tmp").iterdir()) == ["2.M1P1Q1.writing", "a-directory"]
+    assert len(new_files(maildir)) == 1
+    assert [e["log_format"] for e in events if "tmp" in str(e.get("tmp", ""))] == [
+        "maildir: removed {count} file(s) older than {hours} hours from {tmp}"]
+    assert events[-1]["count"] == 1 and events[-1]["hours"] == 36
+    # the folder is swept when delivered to
+    maildir_backend.deliver_sync(message, [rcpt("alice+Lists@example.org")])
+    assert not in_folder.exists()
+    # at most once an hour per Maildir
+    stale = _aged(maildir / "tmp" / "4.M1P1Q1.crashed", 37)
+    now[0] += 3599
+    maildir_backend.deliver_sync(message, [rcpt("alice@example.org")])
+    assert stale.exists()
+    now[0] += 1
+    maildir_backend.deliver_sync(message, [rcpt("alice@example.org")])
+    assert not stale.exists() and young.exists()
+
+
+def test_a_tmp_that_cannot_be_scanned_does_not_stop_delivery(tmp_path, monkeypatch):
+    maildir_backend = backend(tmp_path)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("/tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+    monkeypatch.setattr(maildir_module.os, "scandir", scandir)
+    from twisted.logger import capturedLogs, formatEvent
+    with capturedLogs() as events:
+        [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("bob@example.org")])
+    assert result.status == DELIVERED
+    tmp = tmp_path / "mail" / "example.org" / "bob" / "tmp"
+    assert [formatEvent(e) for e in events] == [f"maildir: cannot clean up {tmp}: Permission denied"]

@@ -145,6 +145,7 @@ def test_smarthost_password_file_and_option_errors(tmp_path):
 
     secret = tmp_path / "secret"
     secret.write_text("from-file\n")
+    secret.chmod(0o600)
     backend = smarthost(None, tmp_path, 25, username="u", password_file=str(secret))
     assert backend.credentials.password == "from-file"
     for options, key in [({"username": "u"}, "password"),
@@ -156,3 +157,53 @@ def test_smarthost_password_file_and_option_errors(tmp_path):
         with pytest.raises(OptionError) as raised:
             SmarthostBackend({"host": "mx.example:25", **options}, context(None, tmp_path))
         assert raised.value.key == key
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604])
+def test_a_world_readable_smarthost_password_file_is_refused(tmp_path, mode):
+    """As the AUTH password file: a secret readable by every local user is not used."""
+    from pymta.config.errors import OptionError
+    from pymta.relay.backend import SmarthostBackend
+    from relaykit import context
+
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    secret.chmod(mode)
+    with pytest.raises(OptionError) as raised:
+        SmarthostBackend({"host": "mx.example:25", "username": "u", "password_file": str(secret)},
+                         context(None, tmp_path))
+    assert raised.value.key == "password_file"
+    assert raised.value.problem == (f"{secret} is world-readable (mode {mode:04o}); "
+                                    "the password is a secret: chmod 600 it")
+    secret.chmod(0o640)                        # group-readable is fine, as for AUTH
+    SmarthostBackend({"host": "mx.example:25", "username": "u", "password_file": str(secret)},
+                     context(None, tmp_path))
+
+
+def test_a_world_readable_smarthost_password_file_stops_startup_with_one_line(tmp_path):
+    import subprocess
+    from conftest import TWISTD, free_port
+    secret = tmp_path / "relay-secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    config = tmp_path / "pymta.toml"
+    config.write_text(f"""
+[[listeners]]
+name = "mx"
+endpoint = "tcp:{free_port()}:interface=127.0.0.1"
+
+[backends.out]
+use = "smarthost"
+host = "smtp.example.net:587"
+username = "relay-user"
+password_file = "relay-secret"
+""")
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "pymta", "--config", str(config)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if "configuration error" in line]
+    assert len(errors) == 1, lines
+    assert str(config) in errors[0] and "password_file" in errors[0]
+    assert f"{secret} is world-readable (mode 0644)" in errors[0]
+    assert "Traceback" not in r.stdout + r.stderr

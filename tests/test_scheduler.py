@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -506,3 +507,151 @@ def test_only_the_updated_envelope_removed_keeps_the_message(tmp_path):
     assert not any("removed behind" in line for line in log_lines(events))
     h.reactor.advance(600)
     assert len(backend.calls) == 3 and h.spool.queue_ids() == []
+
+# -- removal in the delivery batch (a crash repeats only the deliveries in flight) ----------
+
+def _maildir_harness(tmp_path):
+    from pymta.delivery.maildir import MaildirBackend
+
+    class Context:
+        hostname = "mx.example.org"
+        domains = ("example.org",)
+        config_dir = str(tmp_path)
+
+        def __init__(self, reactor):
+            self.reactor = reactor
+
+        def resolve_path(self, path):
+            return str(tmp_path / path)
+
+    h = Harness(tmp_path, {})
+    backend = MaildirBackend({"base": "mail"}, Context(h.reactor))
+    seen = []                      # (queue file still there?, maildir files) when the results came
+    stored = []                    # then, the recipients' states on disk (if still there)
+
+    def deliver(message, recipients):
+        d = MaildirBackend.deliver(backend, message, recipients)
+
+        def answered(results):
+            new = tmp_path / "mail" / "example.org"
+            queue_id = message.envelope.queue_id
+            seen.append((os.path.exists(h.spool.body_path(queue_id)), len(list(new.glob("*/new/*")))))
+            if seen[-1][0]:
+                stored.append([(r.address, r.state) for r in h.spool.load(queue_id).recipients])
+            return results
+        return d.addCallback(answered)
+    backend.deliver = deliver
+    h.scheduler.backends = {"local": backend, "relay": RecordingBackend(defer.Deferred())}
+    h.scheduler.startService()
+    h.stored = stored
+    return h, seen
+
+
+def test_a_delivered_message_leaves_the_spool_in_its_delivery_batch(tmp_path):
+    """When the backend answers, the message is already out of queue/ (no later removal batch)."""
+    h, seen = _maildir_harness(tmp_path)
+    envelope = h.submit(rcpt("alice@example.org"), rcpt("bob@example.org"))
+    removals = []
+    h.spool._removals.submit = lambda request: removals.append(request)   # a later batch: none
+    with capturedLogs() as events:
+        h.reactor.advance(0)
+    assert seen == [(False, 2)]
+    assert removals == []
+    assert h.spool.queue_ids() == [] and h.scheduler.queued() == []
+    assert log_lines(events)[-1] == f"{envelope.queue_id}: removed"
+    # the file went to free/ for reuse, as a removal batch does
+    assert len(os.listdir(h.spool.free_dir)) == 1
+
+
+def test_a_delivery_that_does_not_finish_the_message_leaves_its_removal_to_the_scheduler(tmp_path):
+    h, seen = _maildir_harness(tmp_path)
+    # another recipient in flight on another route: the message is not finished
+    envelope = h.submit(rcpt("alice@example.org"), rcpt("carol@example.net", route="relay"))
+    h.reactor.advance(0)
+    assert seen == [(True, 1)]
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    # a success report asked for: it must be spooled before the message goes
+    sure = rcpt("dave@example.org")
+    sure.notify = ("SUCCESS",)
+    other = h.submit(sure)
+    h.reactor.advance(0)
+    assert seen[-1] == (True, 2)
+    assert other.queue_id not in h.spool.queue_ids()        # removed afterwards, as before
+    # one recipient refused (no safe mailbox): not every delivery succeeded
+    bad = h.submit(rcpt("../x@example.org"), rcpt("erin@example.org"))
+    h.reactor.advance(0)
+    assert seen[-1][0] is True
+    assert bad.queue_id not in h.spool.queue_ids()          # bounced (550), then removed as before
+
+
+def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_spooled(tmp_path):
+    """The update that follows the notification must not race a removal in the delivery batch."""
+    orders = []
+
+    class Backend(RecordingBackend):
+        def deliver(self, message, recipients):
+            orders.append(message.record_delivery)
+            return super().deliver(message, recipients)
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            for recipient in recipients:
+                recipient.notified = True
+            return ["bounce"]
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    backend = Backend(lambda recipients: [DeliveryResult.failed("no such user"),
+                                          DeliveryResult.deferred("busy")], "ok", "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    spooling = []
+    h.scheduler._spool_notice = lambda original, notice: spooling.append(defer.Deferred()) or spooling[-1]
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("x@example.org"), rcpt("y@example.org"))
+    h.reactor.advance(0)
+    assert orders[0] is not None and len(spooling) == 1       # the bounce is being spooled
+    h.scheduler.flush()
+    h.reactor.advance(0)
+    assert len(orders) == 2 and orders[1] is None             # y delivered; the scheduler removes
+    assert h.spool.queue_ids() == []
+    spooling[0].callback(None)
+    # a message without a notification in flight gets its order again
+    h.submit(rcpt("z@example.org"))
+    h.reactor.advance(0)
+    assert orders[2] is not None and orders[2].queue_id != envelope.queue_id
+
+
+def test_deliveries_that_do_not_finish_the_message_are_recorded_in_their_batch(tmp_path):
+    """Recipients left for later: the delivered ones are marked in the stored envelope at once."""
+    h, seen = _maildir_harness(tmp_path)
+    later = rcpt("carol@example.net", route="relay")
+    later.next_attempt = h.reactor.seconds() + 3600          # pending, not due now
+    envelope = h.submit(rcpt("alice@example.org"), later, rcpt("bob@example.org"))
+    h.reactor.advance(0)
+    assert seen == [(True, 2)]
+    assert h.stored == [[("alice@example.org", DELIVERED), ("carol@example.net", PENDING),
+                         ("bob@example.org", DELIVERED)]]
+    stored = h.spool.load(envelope.queue_id).recipients
+    assert stored[0].attempts == 1 and stored[0].last_result.startswith("250 2.0.0 delivered to maildir")
+    # a success report asked for: recorded, then reported and removed by the scheduler
+    sure = rcpt("dave@example.org")
+    sure.notify = ("SUCCESS",)
+    other = h.submit(sure)
+    h.reactor.advance(0)
+    assert h.stored[-1] == [("dave@example.org", DELIVERED)]
+    assert other.queue_id not in h.spool.queue_ids()
+
+
+def test_a_recorded_delivery_keeps_what_an_update_wrote_meanwhile(tmp_path):
+    h = Harness(tmp_path, {})
+    envelope = h.spool_message(rcpt("alice@example.org"), rcpt("carol@example.net", route="relay"))
+    envelope.recipients[1].attempts = 3                   # the update of another delivery
+    h.spool.update(envelope)
+    record = h.spool.delivery_record(envelope, (0,), False)
+    assert record.apply([(True, "250 2.0.0 delivered")]) is False
+    stored = h.spool.load(envelope.queue_id).recipients
+    assert [(r.state, r.attempts) for r in stored] == [(DELIVERED, 1), (PENDING, 3)]
+    assert os.listdir(tmp_path / "spool" / "tmp") == []

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pymta.config.errors import OptionError
-from pymta.delivery.result import DeliveryResult
+from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
 from pymta.spool import diskworker
 from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
@@ -294,7 +294,7 @@ class LocalMailboxBackend:
 
     def _apply_jobs(self, jobs: list[DeliveryJob]) -> dict:
         """BatchPipeline's apply: every job gets its results (no job fails as a whole)."""
-        self._settle_jobs(jobs, self.deliver_all([(job.message, job.recipients) for job in jobs]))
+        self._settle_jobs(jobs, *self.deliver_and_record([(job.message, job.recipients) for job in jobs]))
         return {}
 
     def _apply_jobs_in_worker(self, worker, jobs: list[DeliveryJob]) -> defer.Deferred:
@@ -307,19 +307,59 @@ class LocalMailboxBackend:
                       error=failure.getErrorMessage())
             result = DeliveryResult.deferred(f"{self.kind} delivery error: {failure.getErrorMessage()}",
                                              451, "4.3.0", self.kind)
-            return [[result] * len(job.recipients) for job in jobs]
+            delivered = DeliveryResult.delivered("delivered; the disk worker ended after removing "
+                                                 "it from the spool", self.kind)
+            results, removed = [], []
+            for job in jobs:
+                # The child removes a message from the spool only once it is
+                # delivered (and synced): one whose spool file is gone was
+                # delivered before the child ended (a rare path: the check
+                # runs on the reactor thread).
+                record = getattr(job.message, "record_delivery", None)
+                gone = (record is not None and record.finishes
+                        and not os.path.exists(job.message.body_path))
+                results.append([delivered if gone else result] * len(job.recipients))
+                removed.append(gone)
+            return results, removed
         d.addErrback(failed)
-        d.addCallback(lambda results: self._settle_jobs(jobs, results) or {})
+        d.addCallback(lambda answer: self._settle_jobs(jobs, *answer) or {})
         return d
 
     @staticmethod
-    def _settle_jobs(jobs: list[DeliveryJob], results: list[list[DeliveryResult]]) -> None:
-        for job, job_results in zip(jobs, results):
+    def _settle_jobs(jobs: list[DeliveryJob], results: list[list[DeliveryResult]],
+                     removed: list[bool]) -> None:
+        for job, job_results, job_removed in zip(jobs, results, removed):
             job.results = job_results
+            if job_removed:
+                job.message.removed = True
 
     def deliver_sync(self, message, recipients) -> list[DeliveryResult]:
         """Deliver on the calling thread (blocking); one result per recipient."""
         return self.deliver_all([(message, list(recipients))])[0]
+
+    def deliver_and_record(self, jobs: list[tuple[Any, list]]) -> tuple[list[list[DeliveryResult]], list[bool]]:
+        """:meth:`deliver_all`, then each job's deliveries recorded in the spool.
+
+        A message the scheduler sent with a ``record_delivery``
+        (:class:`pymta.spool.store.DeliveryRecord`) has its delivered
+        recipients recorded here, right after the mailbox sync and before
+        the batch answers: the message leaves the spool when that finished
+        it.  Returns the results and, per job, whether its message left the
+        spool.
+        """
+        results = self.deliver_all(jobs)
+        removed = []
+        for (message, _), job_results in zip(jobs, results):
+            record = getattr(message, "record_delivery", None)
+            done = False
+            if record is not None and any(r.status == DELIVERED for r in job_results):
+                try:
+                    done = record.apply([(r.status == DELIVERED, r.summary()) for r in job_results])
+                except Exception:   # a bug: the scheduler records the results as usual
+                    log.failure("{queue_id}: recording the delivery in the spool failed",
+                                queue_id=record.queue_id)
+            removed.append(done)
+        return results, removed
 
     def deliver_all(self, jobs: list[tuple[Any, list]]) -> list[list[DeliveryResult]]:
         """Deliver several messages on the calling thread; a list of results per job."""

@@ -11,6 +11,10 @@ delivery of the batch is reported before its directory was.  The file holds
 (``Received:``) and the body exactly as received (CRLF line ends, which
 Dovecot and other readers accept).
 
+Files left in ``tmp/`` by a writer that crashed are removed once they are
+36 hours old, as Dovecot and Postfix do: when delivering into a Maildir (or
+folder), at most once an hour each, by a scan of its ``tmp/``.
+
 Options (config table of the backend)::
 
     base = "mail"                  # required; relative to the config file; created if missing
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
@@ -35,8 +40,16 @@ from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync
 from pymta.delivery.result import DeliveryResult
 from pymta.interfaces import IDeliveryBackend
 
+log = Logger()
+
 MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 CHUNK = 64 * 1024
+#: files in tmp/ older than this (seconds since their last change) are removed
+TMP_MAX_AGE = 36 * 3600
+#: each tmp/ is scanned for them at most this often (seconds)
+TMP_SWEEP_INTERVAL = 3600
+#: tmp/ directories remembered as swept; past this, those not due soon are forgotten
+TMP_SWEEPS_KEPT = 10_000
 
 # errors of os.link that mean "this file system has no hard links": rename instead
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -72,12 +85,18 @@ class MaildirBackend(LocalMailboxBackend):
 
     kind = "maildir"
     extra_options = {"folders": bool}
+    #: see TMP_MAX_AGE and TMP_SWEEP_INTERVAL
+    tmp_max_age = TMP_MAX_AGE
+    tmp_sweep_interval = TMP_SWEEP_INTERVAL
 
     def __init__(self, options: dict[str, Any], context):
         super().__init__(options, context)
         self.folders: bool = options.get("folders", True)
         self._host = maildir_hostname(self.hostname)
         self._counter = itertools.count(1)
+        #: tmp/ directory -> time.monotonic() of its last sweep
+        self._swept: dict[str, float] = {}
+        self._clock = time.monotonic
 
     def deliver_one(self, message, recipient) -> DeliveryResult:
         return self.deliver_jobs([(message, [recipient])])[0][0]
@@ -154,7 +173,41 @@ class MaildirBackend(LocalMailboxBackend):
             return unsafe_result(e, relay)
         except OSError as e:
             return os_error_result(e, relay, "creating maildir")
+        self._sweep_tmp(os.path.join(target, "tmp"))
         return None
+
+    def _sweep_tmp(self, tmp: str) -> None:
+        """Remove files older than ``tmp_max_age`` from ``tmp`` (at most once per interval).
+
+        What a crashed writer left behind; a delivery in progress touched
+        its file moments ago.  Problems are logged, never a delivery's.
+        """
+        now = self._clock()
+        last = self._swept.get(tmp)
+        if last is not None and now - last < self.tmp_sweep_interval:
+            return
+        if len(self._swept) >= TMP_SWEEPS_KEPT:
+            self._swept = {path: when for path, when in self._swept.items()
+                           if now - when < self.tmp_sweep_interval}
+        self._swept[tmp] = now
+        cutoff = time.time() - self.tmp_max_age
+        removed = 0
+        try:
+            with os.scandir(tmp) as entries:
+                for entry in entries:
+                    try:
+                        if (entry.is_file(follow_symlinks=False)
+                                and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        except OSError as e:
+            log.warn("maildir: cannot clean up {tmp}: {error}", tmp=tmp, error=e.strerror or e)
+            return
+        if removed:
+            log.info("maildir: removed {count} file(s) older than {hours} hours from {tmp}",
+                     count=removed, hours=round(self.tmp_max_age / 3600), tmp=tmp)
 
     # -- file system -----------------------------------------------------------
 

@@ -35,13 +35,15 @@ Options common to both (all optional)::
     host = "smtp.example.net:587"       # required; "[host]:port", or a list tried in order
     username = "..."                    # AUTH PLAIN/LOGIN; with password or password_file
     password = "..."
-    password_file = "secret"            # the first line is the password
+    password_file = "secret"            # the first line is the password; chmod 600 (refused if world-readable)
     auth_without_tls = false            # send credentials over plaintext (never by default)
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import stat
 from typing import Any
 
 from twisted.internet import defer
@@ -345,6 +347,12 @@ class SmarthostBackend(_SMTPBackend):
         if password_file is not None:
             try:
                 with open(password_file, encoding="utf-8") as fp:
+                    mode = os.fstat(fp.fileno()).st_mode
+                    if mode & stat.S_IROTH:
+                        # as the AUTH password file (pymta.auth.passwdfile)
+                        raise OptionError("password_file", f"{password_file} is world-readable "
+                                          f"(mode {stat.S_IMODE(mode):04o}); the password is a secret: "
+                                          "chmod 600 it")
                     password = fp.readline().rstrip("\r\n")
             except OSError as e:
                 raise OptionError("password_file", f"cannot read {password_file}: {e.strerror}") from None

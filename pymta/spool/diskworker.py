@@ -20,7 +20,9 @@ behind a delivery batch) and answers as each finishes.
 The functions the child runs live here too: :func:`apply_spool_batch` (the
 same :class:`pymta.spool.store.Spool` code the threads run, on the child's
 own ``Spool`` for that directory) and :func:`deliver_local` (the same
-backend class, built in the child from its options).  What the child logs
+backend class, built in the child from its options; the deliveries are
+recorded in the spool in that same call, through the child's ``Spool``:
+a message they finished leaves it).  What the child logs
 while running a call comes back with the answer and is logged by the
 server, so nothing goes missing from the log file.
 
@@ -273,6 +275,8 @@ class _ChildProtocol(ProcessProtocol):
 
 def child_main() -> None:
     """The child's loop: read calls from stdin, run them in threads, answer on stdout."""
+    global _in_child
+    _in_child = True
     server_pid = int(sys.argv[1])
     _child_start(server_pid)
     calls = sys.stdin.buffer
@@ -395,6 +399,28 @@ _spools: dict[tuple[str, str], Any] = {}
 _backends: dict[str, Any] = {}
 #: calls run in several threads of the child: one Spool per directory, one backend per spec
 _made = threading.Lock()
+#: is this process the disk worker's child?
+_in_child = False
+
+
+def _spool_here(directory: str, sync: str) -> Any:
+    """This process's Spool of ``directory`` for the child's work (made on first use)."""
+    from pymta.spool.store import Spool
+    with _made:
+        spool = _spools.get((directory, sync))
+        if spool is None:
+            spool = _spools[(directory, sync)] = Spool(directory, reactor=_NoReactor(), sync=sync,
+                                                       threadpool=object())
+    return spool
+
+
+def child_spool(directory: str, sync: str) -> Any:
+    """In the disk worker's child: its Spool of ``directory`` (the one its spool batches use).
+
+    None in any other process: there the server's own Spool keeps the free
+    list, and a second one on the same directory would hand out its files twice.
+    """
+    return _spool_here(directory, sync) if _in_child else None
 
 
 def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]) -> dict[int, str]:
@@ -404,30 +430,28 @@ def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]
     :meth:`pymta.spool.store.Spool.records`); returns the errors of single
     requests by position.  Raising fails the whole batch.
     """
-    from pymta.spool.store import Spool, requests_from_records
-    with _made:
-        spool = _spools.get((directory, sync))
-        if spool is None:
-            spool = _spools[(directory, sync)] = Spool(directory, reactor=_NoReactor(), sync=sync,
-                                                       threadpool=object())
+    from pymta.spool.store import requests_from_records
+    spool = _spool_here(directory, sync)
     requests = requests_from_records(kind, records)
     errors = spool.apply_batch(kind, requests)
     return {n: str(errors[id(request)].value) for n, request in enumerate(requests)
             if id(request) in errors}
 
 
-def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> list[list]:
-    """``backend.deliver_all(jobs)`` for the local backend described by ``spec`` in the child.
+def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> tuple[list[list], list[bool]]:
+    """``backend.deliver_and_record(jobs)`` for the local backend described by ``spec`` in the child.
 
     ``spec``: (module, class name, options, hostname, domains, config dir),
     see :meth:`pymta.delivery.mailbox.LocalMailboxBackend.worker_spec`.
+    Returns the results of each job, and whether each job's message left the
+    spool in this same call (see :class:`pymta.spool.store.DeliveryRecord`).
     """
     key = repr(spec)
     with _made:
         backend = _backends.get(key)
         if backend is None:
             backend = _backends[key] = _make_backend(spec)
-    return backend.deliver_all(jobs)
+    return backend.deliver_and_record(jobs)
 
 
 def _make_backend(spec: tuple) -> Any:

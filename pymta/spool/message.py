@@ -151,6 +151,12 @@ class SpooledMessage:
         self.envelope = envelope
         self.body_path = body_path
         self._body = body
+        #: a :class:`pymta.spool.store.DeliveryRecord` when the recipients
+        #: given with it are the only ones in flight, else None; a local
+        #: backend applies it after its mailbox sync and sets ``removed``
+        #: when that took the message out of the spool
+        self.record_delivery = None
+        self.removed = False
 
     @property
     def queue_id(self) -> str:

@@ -101,6 +101,8 @@ class _Message:
     timer: Any = None  # IDelayedCall of the next due time, or None
     #: its file was removed behind the server's back: forgotten (see _forget_removed)
     gone: bool = False
+    #: the backend removed it from the spool with its last delivery (DeliveryRecord)
+    removed: bool = False
 
 
 @dataclass
@@ -109,6 +111,8 @@ class _Job:
     message: _Message
     route: str
     indices: list[int]
+    #: the SpooledMessage given to the backend
+    spooled: Any = None
 
 
 class DeliveryScheduler(Service):
@@ -135,6 +139,8 @@ class DeliveryScheduler(Service):
         self._in_flight = 0
         self._pumping = False
         self._spool_writes = 0
+        #: queue id -> notifications being spooled before its update or removal
+        self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
         self._stopping = False
 
@@ -315,12 +321,37 @@ class DeliveryScheduler(Service):
                 f"no delivery backend named {job.route!r} is configured", 451, "4.3.5")
             d = defer.succeed([result] * len(recipients))
         else:
-            d = defer.maybeDeferred(backend.deliver, self.spool.message(envelope), recipients)
+            job.spooled = self.spool.message(envelope)
+            job.spooled.record_delivery = self._delivery_record(job)
+            d = defer.maybeDeferred(backend.deliver, job.spooled, recipients)
             d.addCallback(self._check_results, job, len(recipients))
             d.addErrback(self._backend_failed, job, len(recipients))
         d.addCallback(self._record, job)
         d.addErrback(self._internal_error, job)
         d.addBoth(self._job_done)
+
+    def _delivery_record(self, job: _Job) -> Any:
+        """A DeliveryRecord when ``job`` holds the only recipients of its message in flight.
+
+        A local backend then records the deliveries in its delivery batch,
+        so that a crash repeats only the deliveries in flight: the message
+        leaves the spool when delivering them finishes it (no other
+        recipient pending, none waiting for a notification, no success
+        report asked for); otherwise the delivered recipients are marked.
+        """
+        message = job.message
+        if len(message.busy) != len(job.indices) or self._noticing[message.envelope.queue_id]:
+            return None
+        chosen = set(job.indices)
+        finishes = True
+        for index, recipient in enumerate(message.envelope.recipients):
+            if index in chosen:
+                if recipient.notify and "SUCCESS" in recipient.notify:
+                    finishes = False
+            elif recipient.state == PENDING or not (
+                    recipient.notified or (recipient.state == RECIPIENT_DELIVERED and self.notifier is None)):
+                finishes = False
+        return self.spool.delivery_record(message.envelope, tuple(job.indices), finishes)
 
     def _check_results(self, results, job: _Job, count: int) -> list[DeliveryResult]:
         results = list(results) if results is not None else []
@@ -352,6 +383,8 @@ class DeliveryScheduler(Service):
             self._forget_removed(message)
             return
         now = self._now()
+        if job.spooled is not None and job.spooled.removed:
+            message.removed = True
         for index, result in zip(job.indices, results):
             if result.status not in (DELIVERED, DEFERRED, FAILED):
                 log.error("{queue_id}: backend {backend!r} returned unknown status {status!r}; "
@@ -459,7 +492,11 @@ class DeliveryScheduler(Service):
             self._after_notices(notices, envelope, "update", lambda: self.spool.update(envelope))
             return
 
-        def remove() -> defer.Deferred:
+        def remove() -> defer.Deferred | None:
+            if message.removed:                  # by the backend, with its delivery
+                self.spool.removed_on_delivery(envelope.queue_id)
+                log.info("{queue_id}: removed", queue_id=envelope.queue_id)
+                return None
             d = self.spool.remove(envelope.queue_id, envelope.size)
             d.addCallback(lambda _: log.info("{queue_id}: removed", queue_id=envelope.queue_id))
             return d
@@ -526,6 +563,7 @@ class DeliveryScheduler(Service):
                 self._persist(d, envelope, what)
             return
         self._spool_writes += 1
+        self._noticing[envelope.queue_id] += 1
         waits = [self._spool_notice(envelope, notice) for notice in notices]
         d = defer.gatherResults(waits, consumeErrors=True)
 
@@ -545,6 +583,9 @@ class DeliveryScheduler(Service):
 
         def done(_) -> None:
             self._spool_writes -= 1
+            self._noticing[envelope.queue_id] -= 1
+            if not self._noticing[envelope.queue_id]:
+                del self._noticing[envelope.queue_id]
             self._check_idle()
 
         d.addCallbacks(committed, failed)

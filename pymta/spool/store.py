@@ -46,7 +46,12 @@ threads (``threads`` mode, and tests):
 * **removals**: unlink the message file, then the updated envelope if there
   is one, without any barrier.  A crash before the unlinks reach the disk
   brings the message back at the next start, and it is delivered again: at
-  least once is the contract.
+  least once is the contract.  A message whose delivery finishes it leaves
+  the spool without this pipeline: the local backend removes it in the
+  batch that delivered it, right after the mailbox sync
+  (:class:`DeliveryRecord`; a delivery that does not finish the message
+  marks its recipients delivered there), so that a crash repeats only the
+  deliveries in flight, not those whose results were still on their way back.
 
 Files are recycled: a removed message's files (and an envelope replaced by
 an update) are renamed into ``free/`` rather than deleted, up to
@@ -77,6 +82,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,7 +92,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pymta.envelope import Envelope
+from pymta.envelope import DELIVERED, PENDING, Envelope
 from pymta.spool.message import SpooledMessage
 from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 from pymta.spool.queueid import is_queue_id, new_queue_id
@@ -268,6 +274,68 @@ class _Remove:
 _Request = Any  # _Commit | _Update | _Remove
 
 
+@dataclass
+class DeliveryRecord:
+    """What the spool records in the batch that delivered a message.
+
+    The scheduler gives one to a delivery backend with the message
+    (``SpooledMessage.record_delivery``) when the recipients it hands over
+    are the only ones of the message in flight.  A local backend calls
+    :meth:`apply` right after its mailbox sync, in the same disk worker call
+    (or thread), before it answers: a crash then repeats at most the
+    deliveries in flight, not those whose results were on their way back
+    through the reactor to a later spool batch.
+
+    ``finishes``: delivering every one of them finishes the message (no
+    other recipient pending, no notification to send); when they all were
+    delivered, the message then leaves the spool, as :meth:`Spool.remove`
+    does.  Otherwise the recipients delivered are marked so in its envelope
+    (the scheduler's update with the full results follows).
+
+    ``spool``: the :class:`Spool` itself when delivery batches run in this
+    process (``threads`` mode); it does not travel to the disk worker, whose
+    child uses its own Spool of the directory (which keeps that free list).
+    """
+
+    directory: str
+    sync: str
+    queue_id: str
+    size: int | None = None
+    #: the recipients handed over, as indices into the envelope's recipients
+    indices: tuple[int, ...] = ()
+    finishes: bool = True
+    #: the spool's file work runs in the disk worker's child
+    in_worker: bool = False
+    spool: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "spool": None}
+
+    def apply(self, outcomes: list[tuple[bool, str]]) -> bool:
+        """Record ``outcomes`` (delivered?, result summary), one per recipient; True if removed.
+
+        Only where the spool's files are kept: by the Spool given, or (a
+        spool with a disk worker) in the worker's child; elsewhere it does
+        nothing (the scheduler records the results as usual).
+        """
+        spool = self.spool
+        if spool is None and self.in_worker:
+            from pymta.spool.diskworker import child_spool
+            spool = child_spool(self.directory, self.sync)
+        if spool is None or not outcomes:
+            return False
+        if self.finishes and all(delivered for delivered, _ in outcomes):
+            errors = spool._apply_removals([_Remove(self.queue_id, self.size)])
+            for failure in errors.values():
+                log.warn("{queue_id}: delivered, but not yet removed from the spool: {error}",
+                         queue_id=self.queue_id, error=failure.getErrorMessage())
+            return not errors
+        delivered = [(index, summary) for index, (ok, summary) in zip(self.indices, outcomes) if ok]
+        if delivered:
+            spool._record_delivered(self.queue_id, delivered)
+        return False
+
+
 def records_of_requests(kind: str, batch: list[_Request]) -> list[tuple]:
     """The plain, picklable fields of a batch's requests (for the disk worker).
 
@@ -366,6 +434,9 @@ class Spool:
         self._retired: list[str] = []
         self._retired_lock = threading.Lock()
         self._free_serial = itertools.count(1)
+        # envelope replacements: update batches and DeliveryRecord's, one at a time
+        self._envelopes_replacing = threading.Lock()
+        self._record_serial = itertools.count(1)
         if worker is None:
             self._take_stock_of_free_files()
         # bodies committed from memory, kept for their first delivery (oldest first)
@@ -469,6 +540,25 @@ class Spool:
         does not count: without the message file it is what recover() deletes.
         """
         return os.path.exists(self.body_path(queue_id))
+
+    def delivery_record(self, envelope: Envelope, indices: tuple[int, ...],
+                        finishes: bool) -> DeliveryRecord | None:
+        """What to record of the delivery to ``indices`` in its batch (see the class).
+
+        None while a change of that message is on its way to disk: changes
+        of one message are applied in order, and the record would overtake it.
+        """
+        if envelope.queue_id in self._changes:
+            return None
+        if self._worker is not None:
+            return DeliveryRecord(self.directory, self.sync, envelope.queue_id, envelope.size,
+                                  indices, finishes, in_worker=True)
+        return DeliveryRecord(self.directory, self.sync, envelope.queue_id, envelope.size,
+                              indices, finishes, spool=self)
+
+    def removed_on_delivery(self, queue_id: str) -> None:
+        """A :class:`DeliveryRecord` removed ``queue_id``: forget what is kept of it here."""
+        self._forget_body(queue_id)
 
     def queue_ids(self) -> list[str]:
         """Ids of the committed messages, oldest first."""
@@ -857,6 +947,42 @@ class Spool:
 
     def _flush_updates(self, batch: list[_Update]) -> dict[int, Failure]:
         """Replace the envelopes of one batch durably (runs in a pool thread)."""
+        with self._envelopes_replacing:
+            return self._replace_envelopes(batch)
+
+    def _record_delivered(self, queue_id: str, delivered: list[tuple[int, str]]) -> None:
+        """Mark recipients delivered in the stored envelope, durably (DeliveryRecord).
+
+        ``delivered``: (index into the recipients, result summary).  Read,
+        changed and replaced while no update batch runs, so that the
+        envelope another update wrote meanwhile is kept.  Problems are only
+        logged: the scheduler's own update follows.
+        """
+        with self._envelopes_replacing:
+            try:
+                envelope = load_queue_file(self.queue_dir, queue_id)[0]
+            except (OSError, ValueError) as e:
+                log.warn("{queue_id}: cannot record its deliveries in the spool: {error}",
+                         queue_id=queue_id, error=e)
+                return
+            now = time.time()
+            for index, summary in delivered:
+                recipient = envelope.recipients[index]
+                if recipient.state == PENDING:
+                    recipient.state, recipient.finished_at = DELIVERED, now
+                    recipient.attempts += 1
+                    recipient.last_result = summary
+            request = _Update(queue_id, _encode_envelope(envelope), envelope_tmp=os.path.join(
+                self.tmp_dir, f"{queue_id}.d{next(self._record_serial)}{ENVELOPE_SUFFIX}"))
+            try:
+                errors = self._replace_envelopes([request])
+            except OSError as e:
+                errors = {id(request): Failure(e)}
+            for failure in errors.values():
+                log.warn("{queue_id}: cannot record its deliveries in the spool: {error}",
+                         queue_id=queue_id, error=failure.getErrorMessage())
+
+    def _replace_envelopes(self, batch: list[_Update]) -> dict[int, Failure]:
         errors: dict[int, Failure] = {}
         fsync = self.sync == "fsync"
         try:
