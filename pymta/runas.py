@@ -191,7 +191,10 @@ def _make_directory(path: str, what: str, run_as: RunAs) -> bool:
 
     Missing parents are created as ``mkdir -p`` would, mode 0755 (whatever
     the umask), owned by the process (root); the directory itself is mode
-    0700, owned by ``run_as`` when switching.
+    0700, owned by ``run_as`` when switching.  Each is changed through a
+    descriptor opened without following a link (:func:`_set_up`): a user who
+    can write into a parent cannot swap the new name for a link between the
+    ``mkdir`` and the ``chmod``/``chown`` and have root change another file.
     """
     path = os.path.abspath(path)
     if os.path.lexists(path):
@@ -207,10 +210,10 @@ def _make_directory(path: str, what: str, run_as: RunAs) -> bool:
                 os.mkdir(parent, 0o755)
             except FileExistsError:
                 continue
-            os.chmod(parent, 0o755)
+            _set_up(parent, path, what, mode=0o755)
         os.mkdir(path, 0o700)
         if run_as.switching:
-            os.chown(path, run_as.uid, run_as.gid, follow_symlinks=False)
+            _set_up(path, path, what, owner=(run_as.uid, run_as.gid))
     except FileExistsError:
         return False
     except PermissionError as e:
@@ -220,6 +223,25 @@ def _make_directory(path: str, what: str, run_as: RunAs) -> bool:
     except OSError as e:
         raise StartupPermissionError(f"cannot create {what} {path}: {e.strerror or e}") from None
     return True
+
+
+def _set_up(directory: str, path: str, what: str, mode: int | None = None,
+            owner: tuple[int, int] | None = None) -> None:
+    """chmod/chown the directory just made, through a descriptor (no link followed)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StartupPermissionError(f"cannot create {what} {path}: {directory} is not a "
+                                         "directory (replaced while it was made)") from None
+        raise
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
 
 
 # -- the spool ---------------------------------------------------------------------

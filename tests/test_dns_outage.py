@@ -23,7 +23,7 @@ from twisted.names import dns, error
 
 from conftest import BACKEND_TOML
 from dnsserver import SilentNameserver
-from pymta.dns.budget import BUDGET_USED_UP, SessionResolver
+from pymta.dns.budget import BUDGET_USED_UP, SESSION_CLOSED, SessionResolver
 from pymta.dns.cache import MAX_TTL, AnswerCache
 from pymta.dns.resolver import Answer, DNSError, DNSResolver
 
@@ -328,3 +328,39 @@ def test_a_cancelled_lookup_stops_spending_the_budget():
     clock.advance(10)
     assert view.remaining() == 3
     assert not inner.pending["s.test"].called        # the query itself was left alone
+
+
+def test_a_closed_session_leaves_no_timer_and_asks_nothing_more():
+    clock = task.Clock()
+    inner = SlowResolver()
+    view = SessionResolver(inner, 5, clock)
+    waiting = view.ptr("p.test")
+    clock.advance(1)
+    view.close()                                     # the client left
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert not waiting.called                        # not given up: its answer still comes
+    inner.pending["p.test"].callback(["late.test"])
+    assert fired(waiting) == ["late.test"]
+    later = fired(view.txt("s.test"))                # a check still running after the client left
+    assert later.check(DNSError) and later.value.reason == SESSION_CLOSED
+    assert "s.test" not in inner.pending
+
+
+def test_a_client_that_leaves_at_once_leaves_no_dns_budget_behind(make_server):
+    assert client_address_usable(), "this test needs 127.0.0.2 on the loopback interface"
+    with SilentNameserver() as ns:
+        srv = make_server(outage_toml(ns, "1s", "5s"),
+                          server_toml='trusted_networks = ["127.0.0.1/32"]')
+        with socket.create_connection(("127.0.0.1", srv.port), source_address=(CLIENT, 0)):
+            deadline = time.monotonic() + 5
+            while len(ns.queries()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)                   # the PTR and DNSBL queries are out
+        deadline = time.monotonic() + 5
+        while f"disconnect from unknown[{CLIENT}]" not in srv.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)                            # past the session's budget
+        log = srv.log_text()
+        assert f"disconnect from unknown[{CLIENT}]" in log
+        assert "DNS time budget of 1s used up" not in log
+        assert "Traceback" not in log

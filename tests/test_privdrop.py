@@ -21,6 +21,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -369,3 +370,63 @@ def test_root_files_of_a_root_spool_are_given_to_the_user(user, workdir):
     prepare_spool(str(spool), run_as_user(user))
     assert owners(spool) == {(user.pw_uid, user.pw_gid)}
     assert {p.name for p in spool.iterdir()} == {"tmp", "queue", "corrupt", "free"}
+
+
+# -- directories made as root where the user can write: fd-based, no path followed ---------
+def _swapping_mkdir(monkeypatch, victim_of, swap):
+    """``os.mkdir`` as runas calls it, with the name swapped by ``swap`` right after it is made
+    (what a user who can write into the parent can do between root's calls)."""
+    from pymta import runas
+    real_mkdir = os.mkdir
+
+    def mkdir(path, mode=0o777, *args, **kw):
+        real_mkdir(path, mode, *args, **kw)
+        victim = victim_of(path)
+        if victim is not None:
+            swap(path, victim)
+
+    monkeypatch.setattr(runas.os, "mkdir", mkdir)
+
+
+def test_a_parent_swapped_for_a_symlink_is_not_chmodded_through_it(user, workdir, monkeypatch):
+    from pymta.runas import StartupPermissionError, prepare_spool
+    mine = workdir / "users"                 # a directory the user may write into
+    mine.mkdir()
+    os.chown(mine, user.pw_uid, user.pw_gid)
+    secret = workdir / "secret"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    parent = mine / "pymta"
+
+    def swap(path, victim):
+        os.rename(path, str(path) + ".moved")
+        os.symlink(victim, path)
+
+    _swapping_mkdir(monkeypatch, lambda p: secret if str(p) == str(parent) else None, swap)
+    with pytest.raises(StartupPermissionError) as raised:
+        prepare_spool(str(parent / "spool"), run_as_user(user))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert str(raised.value) == (f"cannot create spool directory {parent / 'spool'}: {parent} "
+                                 "is not a directory (replaced while it was made)")
+
+
+def test_a_new_directory_swapped_for_a_root_file_is_not_given_away(user, workdir, monkeypatch):
+    from pymta.runas import StartupPermissionError, prepare_spool
+    mine = workdir / "users"
+    mine.mkdir()
+    os.chown(mine, user.pw_uid, user.pw_gid)
+    secret = workdir / "secret"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    spool = mine / "spool"
+
+    def swap(path, victim):
+        os.rename(path, str(path) + ".moved")
+        os.link(victim, path)                # a hard link, as the user could without protected_hardlinks
+
+    _swapping_mkdir(monkeypatch, lambda p: secret if str(p) == str(spool) else None, swap)
+    with pytest.raises(StartupPermissionError) as raised:
+        prepare_spool(str(spool), run_as_user(user))
+    assert secret.stat().st_uid == 0
+    assert str(raised.value) == (f"cannot create spool directory {spool}: {spool} "
+                                 "is not a directory (replaced while it was made)")

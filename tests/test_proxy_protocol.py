@@ -338,3 +338,33 @@ def test_an_ipv6_client_behind_an_ipv4_proxy(limited, make_header):
     [msg] = srv.delivered("six@example.test")
     assert b"(unknown [IPv6:2001:db8::7])" in msg.split(b"\r\n\r\n")[0]
     assert wait_for(lambda: "connect from unknown[2001:db8::7]:5555" in srv.log_text())
+
+
+def test_during_a_graceful_stop_a_proxied_newcomer_gets_421_under_its_own_address(limited):
+    import signal
+    srv = limited
+    # a transaction in flight keeps the drain (and the listeners) going
+    busy = Wire(srv.proxied_port, read_banner=False)
+    busy.send(v1_header((LISTED, 1000)))
+    assert busy.reply()[0] == 220
+    assert busy.cmd("EHLO busy.example")[0] == 250
+    assert busy.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert busy.cmd("RCPT TO:<busy@example.test>")[0] == 250
+    assert busy.cmd("DATA")[0] == 354
+    # accepted before the stop, its header only after it
+    early = socket.create_connection(("127.0.0.1", srv.proxied_port), timeout=10)
+    time.sleep(0.2)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: "stopping:" in srv.log_text())
+    early.sendall(v2_header((CLIENT, 2000)))
+    assert read_all(early).startswith(b"421 4.3.2 ")
+    late = socket.create_connection(("127.0.0.1", srv.proxied_port), timeout=10)
+    late.sendall(v1_header((CLIENT, 3000)))
+    assert read_all(late).startswith(b"421 4.3.2 ")
+    busy.send(BODY + b".\r\n")
+    assert busy.reply()[0] == 250                      # the transaction in flight finishes
+    assert busy.reply()[0] == 421
+    srv.proc.wait(20)
+    log = srv.log_text()
+    assert log.count(f"stopping: refusing {CLIENT}: service shutting down") == 2
+    assert "Traceback" not in log

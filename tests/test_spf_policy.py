@@ -273,3 +273,31 @@ def test_result_formatting_and_folding():
     lines = f"Authentication-Results: {value}".split("\r\n")
     assert len(lines) == 4 and all(len(line) <= 78 for line in lines)
     assert AuthResult("spf", "fail", comment="a (b) \\ c").format() == "spf=fail (a \\(b\\) \\\\ c)"
+
+
+def test_a_check_cancelled_by_the_plugin_timeout_is_no_error_in_the_log():
+    from twisted.logger import globalLogPublisher
+    from pymta.config.model import PluginInstance
+    from pymta.server.chain import PLUGIN_TIMEOUT, StageDeadline, run_chain
+
+    class Silent(ZoneResolver):
+        def _answer(self, name, rtype, convert):
+            return defer.Deferred()            # never answers
+
+    clock = Clock()
+    policy, _ = make({"timeout": "20s"}, resolver=Silent({}), reactor=clock)
+    plugins = (PluginInstance("spf", "spf", policy),)
+    s = session()
+    assert policy.check_helo(s, "helo-ok.example") is DUNNO
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        d = run_chain(plugins, "check_sender", s, Transaction(sender="a@pass.example"),
+                      stage="mail", deadline=StageDeadline(clock, 2))
+        clock.advance(2)
+        assert fired(d) is PLUGIN_TIMEOUT
+        clock.advance(30)                       # the checks' own timeouts pass too
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e for e in events if "log_failure" in e]
+    assert failures == [], [e.get("log_format") for e in failures]

@@ -14,7 +14,11 @@ The queries themselves are not cancelled: they go on in the shared resolver
 for the other sessions that ask the same names, and their answer (or
 failure) is cached for the next session.
 
-One timer per session, and only while a lookup is waiting.
+One timer per session, and only while a lookup is waiting.  When the
+session ends (:meth:`SessionResolver.close`) the timer goes; a lookup still
+waiting gets its answer when the shared resolver has it, and a lookup asked
+afterwards (a check still running for a client that left) fails at once,
+without a query.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from twisted.python.failure import Failure
 
 from pymta.dns.resolver import DNSError
 
-__all__ = ["SessionResolver", "BUDGET_USED_UP"]
+__all__ = ["SessionResolver", "BUDGET_USED_UP", "SESSION_CLOSED"]
 
 log = Logger(namespace="pymta.dns")
 
 BUDGET_USED_UP = "DNS time budget of this session used up"
+SESSION_CLOSED = "the session is closed"
 
 
 class SessionResolver:
@@ -51,6 +56,7 @@ class SessionResolver:
         self._busy_since = 0.0
         self._timer = None
         self._exhausted = False
+        self._closed = False
 
     # -- the budget -------------------------------------------------------------
     def remaining(self) -> float:
@@ -93,8 +99,17 @@ class SessionResolver:
             if not d.called:
                 d.errback(DNSError(name, rtype, BUDGET_USED_UP))
 
+    def close(self) -> None:
+        """The session is over: no timer left behind, no new query (see the module)."""
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     # -- lookups ----------------------------------------------------------------
     def _lookup(self, method: str, name: str, rtype: str) -> Deferred:
+        if self._closed:
+            return _failed(DNSError(name, rtype, SESSION_CLOSED))
         if self.exhausted:
             self._exhausted = True
             return _failed(DNSError(name, rtype, BUDGET_USED_UP))

@@ -127,6 +127,9 @@ class SPFPolicy:
         def failed(failure):
             if failure.check(defer.TimeoutError):
                 problem = f"no answer within {self.timeout:g} seconds"
+            elif failure.check(defer.CancelledError):
+                # the stage gave up on it ([limits] plugin_timeout, logged there)
+                problem = "cancelled"
             else:
                 log.failure("SPF check of {domain} failed", failure, domain=domain)
                 problem = f"internal error: {failure.getErrorMessage()}"

@@ -174,6 +174,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.conn.connection_lost()
             self._drain_events()
         self._abort_writer()
+        if self.session is not None and isinstance(self.session.dns, SessionResolver):
+            self.session.dns.close()       # its budget timer goes with the session
         log.info("disconnect from {client}", client=self.client)
         self.factory.connection_closed(self)
 
