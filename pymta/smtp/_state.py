@@ -35,7 +35,6 @@ COMMAND_STATES = (State.READY, State.HELO, State.MAIL, State.RCPT, State.BDAT_MO
 # more, or at its next command (QUIT is still answered 221).  In the other
 # states the transaction in flight may finish first.
 IDLE_STATES = frozenset({State.READY, State.HELO, State.AUTH})
-_ANY = {s: None for s in COMMAND_STATES}
 
 
 def _all(handler: str) -> dict:
