@@ -175,7 +175,7 @@ class ServerConnection:
         self._close_with(self._verdict_reply(verdict, default))
 
     def timeout(self) -> None:
-        self._close_with(R.Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+        self._close_with(R.TIMEOUT.from_host(self.hostname))
 
     def shutdown(self) -> None:
         """The server stops now: 421 and close; a message half received is discarded."""
@@ -200,7 +200,7 @@ class ServerConnection:
 
     @property
     def _shutting_down(self) -> R.Reply:
-        return R.Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
+        return R.SHUTDOWN.from_host(self.hostname)
 
     def connection_lost(self) -> None:
         if self.state is not State.CLOSED:
@@ -266,7 +266,7 @@ class ServerConnection:
 
     def _check_errors(self) -> None:
         if self.errors >= self.limits.max_errors and self.state is not State.CLOSED:
-            self._close_with(R.Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+            self._close_with(R.TOO_MANY_ERRORS.from_host(self.hostname))
 
     def _close_with(self, reply: R.Reply) -> None:
         self._out.append(reply.render())
