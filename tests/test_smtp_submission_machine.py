@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from base64 import b64encode
 
+import pytest
+
+from pymta.config.model import Limits
 from smtp_driver import Driver
 from pymta.smtp import events as E
 from pymta.smtp.server import Features
@@ -41,6 +44,19 @@ def test_starttls_discards_pipelined_plaintext_and_resets_the_session():
     assert d.conn.helo is None and d.conn.tls_active
     # EHLO must come again: MAIL is a sequence error now
     assert d.feed(b"MAIL FROM:<a@x.test>\r\n").startswith(b"503 5.5.1")
+
+
+@pytest.mark.parametrize("starttls", [b"STARTTLS\n", b"STARTTLS\r\n"])
+@pytest.mark.parametrize("after", [b"NOOP\nMAIL FROM:<evil@x.test>\n", b"MAIL FROM:<evil@x.test>\r\n",
+                                   b"\nMAIL FROM:<evil@x.test>\r\n", b"\rMAIL FROM:<evil@x.test>\n"])
+def test_starttls_discards_what_follows_its_line_whatever_the_line_ends(starttls, after):
+    # under "normalize" a bare LF ends a command line: STARTTLS ending in one
+    # still discards everything after it, whatever ends those lines
+    d = Driver(Limits(bare_newlines="normalize"), features=Features(starttls=True))
+    d.feed(EHLO)
+    assert d.feed(starttls + after) == b"220 2.0.0 Ready to start TLS\r\n"
+    assert d.of(E.MailFrom) == [] and d.conn.tls_active
+    assert d.feed(b"MAIL FROM:<a@x.test>\n").startswith(b"503 5.5.1")
 
 
 def test_starttls_refusals():

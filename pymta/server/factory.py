@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from pymta.config.model import Config, Listener
 from pymta.server.policy import SessionPolicy
 from pymta.server.protocol import SMTPServerProtocol
-from pymta.smtp.replies import Reply
+from pymta.smtp.replies import SHUTDOWN, Reply
 from pymta.smtp.server import Features
 
 log = Logger(namespace="pymta.smtpd")
@@ -91,7 +91,7 @@ class SMTPServerFactory(Factory):
         hostname = self.context.config.hostname
         if self.counter.draining:
             log.info("stopping: refusing {ip}: service shutting down", ip=ip)
-            return _Refusal(Reply(421, "4.3.2", f"{hostname} Service shutting down"))
+            return _Refusal(SHUTDOWN.from_host(hostname))
         if self.counter.total >= limits.max_connections:
             log.warn("too many connections: refusing {ip} ({total} open)", ip=ip, total=self.counter.total)
             return _Refusal(Reply(421, "4.7.0", f"{hostname} Error: too many connections; try again later"))

@@ -3,8 +3,9 @@
 ``TRANSITIONS[verb][state]`` is either the name of a handler of
 :class:`pymta.smtp.server.ServerConnection` or a fixed error reply.  A verb
 missing from the table is "not recognized" (500); a state missing for a
-verb is a bad sequence (503).  ``AFTER_VERDICT`` says where an answered
-decision leads.
+verb is a bad sequence (503).  ``ON_OUTCOME`` says where the machine moves
+within a command or the content (DATA, end of data, STARTTLS, SASL steps),
+``AFTER_VERDICT`` where an answered decision leads.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ COMMAND_STATES = (State.READY, State.HELO, State.MAIL, State.RCPT, State.BDAT_MO
 # more, or at its next command (QUIT is still answered 221).  In the other
 # states the transaction in flight may finish first.
 IDLE_STATES = frozenset({State.READY, State.HELO, State.AUTH})
-_ANY = {s: None for s in COMMAND_STATES}
 
 
 def _all(handler: str) -> dict:
@@ -71,6 +71,36 @@ TRANSITIONS: dict[str, dict[State, object]] = {
                  State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
     "AUTH": {State.READY: R.NEED_HELO, State.HELO: "auth", State.MAIL: R.IN_TRANSACTION,
              State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
+}
+
+# Where the machine moves within a command or the content, without a verdict:
+# ``ON_OUTCOME[outcome][state]`` is the next state.  Handlers name the outcome
+# (``conn._go("data")``) and never assign a state themselves; an outcome in a
+# state not listed here is a bug in the machine (KeyError), never a client's doing.
+_NO_TRANSACTION = {State.READY: State.READY, State.HELO: State.HELO, State.MAIL: State.HELO,
+                   State.RCPT: State.HELO, State.BDAT_MORE: State.HELO}
+#: the refused BDAT chunk is swallowed: back to the state the BDAT came in
+BACK = "back"
+ON_OUTCOME: dict[str, dict[State, object]] = {
+    "greeted": {State.GREETING: State.READY},
+    # EHLO/HELO (before its answer), RSET, a BDAT syntax error: no transaction
+    # (greeted or not, as before)
+    "no_transaction": _NO_TRANSACTION,
+    "data": {State.RCPT: State.DATA},
+    "bdat": {s: State.BDAT_CHUNK for s in COMMAND_STATES},
+    "chunk_accepted": {State.BDAT_CHUNK: State.BDAT_MORE},
+    "chunk_refused": {State.BDAT_CHUNK: BACK},
+    # the end of the content waits for the "message" answer in RCPT
+    "message_end": {State.DATA: State.RCPT, State.BDAT_CHUNK: State.RCPT},
+    # a protocol rule (size, bare newline, NUL, line length) refuses it at its end
+    "message_refused": {State.DATA: State.HELO, State.BDAT_CHUNK: State.HELO},
+    "starttls": {State.READY: State.TLS_PENDING, State.HELO: State.TLS_PENDING},
+    "tls_started": {State.TLS_PENDING: State.READY},
+    # 334 sent (AUTH without initial response, or LOGIN's user name step)
+    "sasl_challenge": {State.HELO: State.AUTH, State.AUTH: State.AUTH},
+    # the exchange ends: credentials to decide, cancelled or malformed
+    "sasl_end": {State.HELO: State.HELO, State.AUTH: State.HELO},
+    "closed": {s: State.CLOSED for s in State},
 }
 
 # Where an answered decision leads: (on accept, on refusal).  None = unchanged.

@@ -6,11 +6,13 @@ NUL costs a few ``bytes.find``/``count`` calls).  The rules, for both modes of
 ``[limits] bare_newlines``:
 
 - Only ``CRLF "." CRLF`` ends DATA, where the CRLF before the dot is a real
-  CRLF in what the client sent (the CRLF of the DATA command counts: an
-  immediate ``.`` CRLF is an empty message).  A bare CR or LF never takes part
-  in the end of data, whatever the mode: ``LF "." LF``, ``CRLF "." LF``,
-  ``LF "." CRLF``, ``CR "." CRLF`` and ``CRLF "." CR`` do not end DATA (no SMTP
-  smuggling).
+  CRLF in the content the client sent.  The line end of the DATA command
+  counts as one, whatever it was (under "normalize" it may be a bare LF, and
+  Postfix 3.9 too reads ``DATA LF "." CRLF`` as an empty message): an
+  immediate ``.`` CRLF is an empty message.  Within the content a bare CR or
+  LF never takes part in the end of data, whatever the mode: ``LF "." LF``,
+  ``CRLF "." LF``, ``LF "." CRLF``, ``CR "." CRLF`` and ``CRLF "." CR`` do
+  not end DATA (no SMTP smuggling).
 
 - ``"reject"``: a bare CR or LF, or a NUL, anywhere in the content makes the
   server refuse the message at its end (``550 5.6.11``, ``550 5.6.0``).

@@ -32,6 +32,10 @@ class Reply:
             out.append((text if self.code == 334 else text.rstrip(" ")) + "\r\n")
         return "".join(out).encode("utf-8")
 
+    def from_host(self, hostname: str) -> Reply:
+        """The reply with the server's name first, as a 421 that closes the session has it."""
+        return Reply(self.code, self.enhanced, f"{hostname} {self.text}")
+
     @property
     def is_error(self) -> bool:
         return self.code >= 400

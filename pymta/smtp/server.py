@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
-from pymta.smtp._state import AFTER_VERDICT, IDLE_STATES, TRANSITIONS, State
+from pymta.smtp._state import AFTER_VERDICT, BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
 from pymta.smtp.address import (PathError, is_ascii, parse_domain, parse_params, parse_path,
                                 split_path_and_params, xtext_decode)
 from pymta.smtp.body import DataReader, LineChecker
@@ -163,7 +163,7 @@ class ServerConnection:
             self._close_with(R.PREGREET)
             return
         self._out.append(R.Reply(220, None, f"{self.hostname} ESMTP pymta").render())
-        self.state = State.READY
+        self._go("greeted")
 
     def refuse(self, verdict: Verdict) -> None:
         """The connect stage said no: reply and close."""
@@ -175,7 +175,7 @@ class ServerConnection:
         self._close_with(self._verdict_reply(verdict, default))
 
     def timeout(self) -> None:
-        self._close_with(R.Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+        self._close_with(R.TIMEOUT.from_host(self.hostname))
 
     def shutdown(self) -> None:
         """The server stops now: 421 and close; a message half received is discarded."""
@@ -200,7 +200,7 @@ class ServerConnection:
 
     @property
     def _shutting_down(self) -> R.Reply:
-        return R.Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
+        return R.SHUTDOWN.from_host(self.hostname)
 
     def connection_lost(self) -> None:
         if self.state is not State.CLOSED:
@@ -243,6 +243,11 @@ class ServerConnection:
                     continue
                 return E.NEED_DATA
 
+    def _go(self, outcome: str) -> None:
+        """Move to the state the transition table gives for ``outcome`` here."""
+        state = ON_OUTCOME[outcome][self.state]
+        self.state = self._bdat_return if state is BACK else state
+
     def _emit(self, event) -> None:
         self._events.append(event)
 
@@ -261,7 +266,7 @@ class ServerConnection:
 
     def _check_errors(self) -> None:
         if self.errors >= self.limits.max_errors and self.state is not State.CLOSED:
-            self._close_with(R.Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+            self._close_with(R.TOO_MANY_ERRORS.from_host(self.hostname))
 
     def _close_with(self, reply: R.Reply) -> None:
         self._out.append(reply.render())
@@ -269,7 +274,7 @@ class ServerConnection:
 
     def _enter_closed(self, reason: str) -> None:
         self._abort_message(reason)
-        self.state = State.CLOSED
+        self._go("closed")
         self._in.clear()
         self._pending = None
 
@@ -308,7 +313,7 @@ class ServerConnection:
     def _sasl_abort(self) -> None:
         self._sasl = None
         if self.state is State.AUTH:
-            self.state = State.HELO
+            self._go("sasl_end")
 
     def _dispatch(self, raw: bytes, length: int) -> None:
         try:
@@ -348,7 +353,7 @@ class ServerConnection:
         self._reset_transaction("new HELO/EHLO")
         # greeted, no transaction; a refused HELO/EHLO leaves the session so
         # (RFC 5321 4.1.4: the server stays in the state it was in)
-        self.state = State.HELO if self.helo is not None else State.READY
+        self._go("no_transaction")
         self._hold("hello", E.Hello(verb, name))
 
     def _cmd_mail(self, arg: str) -> None:
@@ -457,7 +462,7 @@ class ServerConnection:
         if arg.strip(" "):
             return self._error(R.Reply(501, "5.5.4", "Syntax: DATA"))
         self._out.append(R.START_DATA.render())
-        self.state = State.DATA
+        self._go("data")
         self._reader = DataReader(self.limits.bare_newlines)
         self._start_message(chunking=False)
 
@@ -488,13 +493,12 @@ class ServerConnection:
             # the chunk size is unknown: its octets will be read as commands
             # (and fail as such); the transaction is over either way
             self._reset_transaction("BDAT syntax error")
-            if self.state in (State.MAIL, State.RCPT, State.BDAT_MORE):
-                self.state = State.HELO
+            self._go("no_transaction")
             return self._error(R.Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
         self._bdat_left, self._bdat_last = parsed
         self._bdat_refusal = refusal
         self._bdat_return = self.state
-        self.state = State.BDAT_CHUNK
+        self._go("bdat")
         if refusal is None and not self._message_open:
             self._start_message(chunking=True)
         if self._bdat_left == 0:
@@ -519,7 +523,7 @@ class ServerConnection:
         self.helo = None
         self.esmtp = False
         self.auth_user = None
-        self.state = State.TLS_PENDING
+        self._go("starttls")
         self._emit(E.StartTLS())
 
     def tls_started(self) -> None:
@@ -528,7 +532,7 @@ class ServerConnection:
             raise RuntimeError("tls_started() without STARTTLS")
         self._in.clear()
         self.tls_active = True
-        self.state = State.READY
+        self._go("tls_started")
 
     # ---------------------------------------------------------------- AUTH
     @property
@@ -551,7 +555,7 @@ class ServerConnection:
         initial = parts[1] if len(parts) == 2 else None
         self._sasl = (mechanism, None)
         if initial is None:
-            self.state = State.AUTH
+            self._go("sasl_challenge")
             self._out.append(R.Reply(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6").render())
             return None
         self._sasl_step(b"" if initial == "=" else initial.encode("ascii", "replace"))
@@ -582,14 +586,14 @@ class ServerConnection:
                 self._sasl_abort()
                 return self._error(R.Reply(501, "5.5.2", "Empty user name"))
             self._sasl = (mechanism, text)
-            self.state = State.AUTH
+            self._go("sasl_challenge")
             self._out.append(R.Reply(334, None, "UGFzc3dvcmQ6").render())
             return None
         return self._authenticate(mechanism, username, text, "")
 
     def _authenticate(self, mechanism: str, username: str, password: str, authzid: str) -> None:
         self._sasl = None
-        self.state = State.HELO
+        self._go("sasl_end")
         self._hold("auth", E.Authenticate(mechanism, username, password, authzid))
 
     # ---------------------------------------------------------------- ETRN
@@ -612,7 +616,7 @@ class ServerConnection:
         if arg.strip(" "):
             return self._error(R.Reply(501, "5.5.4", "Syntax: RSET"))
         self._reset_transaction("RSET")
-        self.state = State.HELO if self.helo is not None else State.READY
+        self._go("no_transaction")
         self._reply(R.OK)
 
     def _cmd_noop(self, arg: str) -> None:
@@ -673,11 +677,11 @@ class ServerConnection:
         if problem is not None:
             self._reply(problem)
             self._message_rejected(problem)
-            self.state = State.HELO
+            self._go("message_refused")
             self._reset_transaction(problem.text)
             self._check_errors()
             return
-        self.state = State.RCPT   # until answered
+        self._go("message_end")   # RCPT until answered
         self._hold("message", E.MessageEnd(self._size))
 
     def _read_bdat(self) -> None:
@@ -694,18 +698,18 @@ class ServerConnection:
     def _bdat_chunk_done(self) -> None:
         if self._bdat_refusal is not None:
             reply, self._bdat_refusal = self._bdat_refusal, None
-            self.state = self._bdat_return
+            self._go("chunk_refused")
             return self._error(reply)
         problem = self._content_problem()
         if problem is not None:
             # RFC 3030 2: the transaction is over; later BDATs get 503
             self._reply(problem)
             self._message_rejected(problem)
-            self.state = State.HELO
+            self._go("message_refused")
             self._reset_transaction(problem.text)
             return self._check_errors()
         if not self._bdat_last:
-            self.state = State.BDAT_MORE
+            self._go("chunk_accepted")
             self._reply(R.Reply(250, "2.0.0", f"Ok: {self._size} octets received"))
             return None
         self._finish_message()
