@@ -439,3 +439,26 @@ def test_a_tmp_file_whose_mtime_was_set_back_is_kept_until_its_ctime_is_old(tmp_
     [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("alice@example.org")])
     assert result.status == DELIVERED
     assert being_saved.exists()
+
+
+def test_remembering_the_swept_maildirs_costs_no_more_per_maildir_when_there_are_many(
+        tmp_path, monkeypatch):
+    """The sweep runs in the delivery batch: with tens of thousands of Maildirs swept within
+    the hour, remembering one more must not go over every one remembered (quadratic: 25,000
+    Maildirs took 25 s of CPU in the delivery batches)."""
+    import contextlib
+    monkeypatch.setattr(maildir_module.os, "scandir", lambda path: contextlib.nullcontext(iter(())))
+    maildir_backend = backend(tmp_path)
+    now = [0.0]
+    maildir_backend._clock = lambda: now[0]
+    count = 30_000
+    started = time.process_time()
+    for n in range(count):
+        now[0] += 0.1                        # all within the hour
+        maildir_backend._sweep_tmp(f"/maildirs/{n}/tmp")
+    cpu = time.process_time() - started
+    assert cpu < 5, f"{cpu:.1f} s of CPU to remember {count} sweeps"
+    # past the interval, the Maildirs swept are forgotten as new ones come
+    now[0] += 3601
+    maildir_backend._sweep_tmp("/maildirs/new/tmp")
+    assert list(maildir_backend._swept) == ["/maildirs/new/tmp"]

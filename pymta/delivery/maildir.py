@@ -25,6 +25,7 @@ Options (config table of the backend)::
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
@@ -50,8 +51,6 @@ CHUNK = 64 * 1024
 TMP_MAX_AGE = 36 * 3600
 #: each tmp/ is scanned for them at most this often (seconds)
 TMP_SWEEP_INTERVAL = 3600
-#: tmp/ directories remembered as swept; past this, those not due soon are forgotten
-TMP_SWEEPS_KEPT = 10_000
 
 # errors of os.link that mean "this file system has no hard links": rename instead
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -96,8 +95,9 @@ class MaildirBackend(LocalMailboxBackend):
         self.folders: bool = options.get("folders", True)
         self._host = maildir_hostname(self.hostname)
         self._counter = itertools.count(1)
-        #: tmp/ directory -> time.monotonic() of its last sweep
-        self._swept: dict[str, float] = {}
+        #: tmp/ directory -> time.monotonic() of its last sweep, oldest first;
+        #: only those swept within the last interval
+        self._swept: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._clock = time.monotonic
         #: the wall clock the files' ages are measured with
         self._wall = time.time
@@ -189,15 +189,22 @@ class MaildirBackend(LocalMailboxBackend):
         with utime(2) before renaming it into new/ or cur/ (Dovecot does,
         saving with a received date), which sets the mtime back but not the
         ctime.  Problems are logged, never a delivery's.
+
+        The Maildirs swept within the interval are remembered oldest first;
+        those whose interval is over are forgotten as new ones come: a few
+        operations per sweep, however many Maildirs there are.
         """
         now = self._clock()
-        last = self._swept.get(tmp)
+        swept = self._swept
+        last = swept.get(tmp)
         if last is not None and now - last < self.tmp_sweep_interval:
             return
-        if len(self._swept) >= TMP_SWEEPS_KEPT:
-            self._swept = {path: when for path, when in self._swept.items()
-                           if now - when < self.tmp_sweep_interval}
-        self._swept[tmp] = now
+        while swept:
+            oldest, when = next(iter(swept.items()))
+            if now - when < self.tmp_sweep_interval:
+                break
+            swept.popitem(last=False)
+        swept[tmp] = now
         cutoff = self._wall() - self.tmp_max_age
         removed = 0
         try:
