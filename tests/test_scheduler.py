@@ -615,9 +615,12 @@ def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_s
     assert orders[0] is not None and len(spooling) == 1       # the bounce is being spooled
     h.scheduler.flush()
     h.reactor.advance(0)
-    assert len(orders) == 2 and orders[1] is None             # y delivered; the scheduler removes
-    assert h.spool.queue_ids() == []
+    assert len(orders) == 1                                   # y waits until it is durable
+    assert h.spool.queue_ids() == [envelope.queue_id]
     spooling[0].callback(None)
+    h.reactor.advance(0)
+    assert len(orders) == 2                                   # y delivered; the message removed
+    assert h.spool.queue_ids() == []
     # a message without a notification in flight gets its order again
     h.submit(rcpt("z@example.org"))
     h.reactor.advance(0)
@@ -655,3 +658,46 @@ def test_a_recorded_delivery_keeps_what_an_update_wrote_meanwhile(tmp_path):
     stored = h.spool.load(envelope.queue_id).recipients
     assert [(r.state, r.attempts) for r in stored] == [(DELIVERED, 1), (PENDING, 3)]
     assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_a_message_is_not_delivered_further_while_its_notification_is_being_spooled(tmp_path):
+    """The bounce of one recipient must be durable before the message leaves the spool.
+
+    Its last recipient delivered meanwhile (ETRN, a retry) would finish it
+    and remove it while the bounce was still on its way to disk; and if
+    spooling the bounce then failed, it was lost with the message."""
+    from pymta.bounce.notifier import Notice
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            for recipient in recipients:
+                recipient.notified = True
+            return [Notice(None, b"", "failed", list(recipients))]
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    backend = RecordingBackend(lambda recipients: [DeliveryResult.failed("no such user"),
+                                                   DeliveryResult.deferred("busy")], "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    spooling = []
+    h.scheduler._spool_notice = lambda original, notice: spooling.append(defer.Deferred()) or spooling[-1]
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("x@example.org"), rcpt("y@example.org"))
+    h.reactor.advance(0)
+    assert len(spooling) == 1                                # x's bounce on its way to disk
+    h.scheduler.flush()
+    h.reactor.advance(0)
+    assert len(backend.calls) == 1                           # y waits for it
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    with capturedLogs():
+        spooling[0].errback(OSError(28, "No space left on device"))
+    h.reactor.advance(0)
+    # y delivered now; x's bounce decided again, and the message kept until it is durable
+    assert len(backend.calls) == 2
+    assert len(spooling) == 2
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    spooling[1].callback(None)
+    assert h.spool.queue_ids() == [] and h.scheduler.queued() == []

@@ -13,8 +13,9 @@ Delivery status notifications (bounces, delay warnings, success reports)
 are decided by a :class:`pymta.bounce.notifier.DeliveryNotifier` whenever
 none of a message's recipients is being delivered.  Each is a new message,
 committed to the spool *before* the envelope that records it as sent is
-updated (or the message removed): a crash in between sends it twice, never
-not at all.  :meth:`DeliveryScheduler.flush` (ETRN) makes pending
+updated (or the message removed), and no delivery of the message starts
+meanwhile (one could finish and remove it): a crash in between sends it
+twice, never not at all.  :meth:`DeliveryScheduler.flush` (ETRN) makes pending
 recipients due at once.
 
 A failure no one can be told about (a notification to the postmaster that
@@ -278,6 +279,11 @@ class DeliveryScheduler(Service):
         if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
             return
         envelope = message.envelope
+        if self._noticing[envelope.queue_id]:
+            # Its notifications are on their way to disk: its next delivery
+            # could finish it, and it must not leave the spool before they
+            # are durable (see _after_notices, which reschedules it then).
+            return
         # A retry: an administrator may have removed the message meanwhile (one
         # stat, only for messages that waited in the queue).
         if any(r.attempts for r in envelope.recipients) \
@@ -586,6 +592,9 @@ class DeliveryScheduler(Service):
             self._noticing[envelope.queue_id] -= 1
             if not self._noticing[envelope.queue_id]:
                 del self._noticing[envelope.queue_id]
+                message = self._messages.get(envelope.queue_id)
+                if message is not None and message.envelope is envelope:
+                    self._reschedule(message)      # the deliveries _due held back
             self._check_idle()
 
         d.addCallbacks(committed, failed)
