@@ -701,3 +701,27 @@ def test_a_message_is_not_delivered_further_while_its_notification_is_being_spoo
     assert h.spool.queue_ids() == [envelope.queue_id]
     spooling[1].callback(None)
     assert h.spool.queue_ids() == [] and h.scheduler.queued() == []
+
+
+def test_a_message_removed_by_an_admin_while_its_delivery_is_recorded_gets_one_warning(tmp_path):
+    h, seen = _maildir_harness(tmp_path)
+    backend = h.scheduler.backends["local"]
+    deliver_all = type(backend).deliver_all
+
+    def deliver_all_then_rm(self, jobs):
+        results = deliver_all(self, jobs)
+        for message, _ in jobs:
+            _rm(h, message.envelope.queue_id)        # between the mailbox sync and the record
+        return results
+    backend.deliver_all = deliver_all_then_rm.__get__(backend)
+    later = rcpt("carol@example.net", route="relay")
+    later.next_attempt = h.reactor.seconds() + 3600          # pending: the delivery only marks
+    with capturedLogs() as events:
+        gone = h.submit(rcpt("alice@example.org"), later)
+        h.reactor.advance(0)
+        h.reactor.advance(3600)
+    lines = log_lines(events)
+    assert seen == [(False, 1)]
+    assert [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error", "critical")] == [
+        f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"]
+    assert _problems(lines) == [] and h.scheduler.queued() == []
