@@ -725,3 +725,32 @@ def test_a_message_removed_by_an_admin_while_its_delivery_is_recorded_gets_one_w
     assert [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error", "critical")] == [
         f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"]
     assert _problems(lines) == [] and h.scheduler.queued() == []
+
+
+def test_a_message_removed_by_an_admin_as_it_is_held_is_forgotten_with_one_warning(tmp_path):
+    from pymta.bounce.notifier import NotificationHeld
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            raise NotificationHeld("undeliverable postmaster notification")
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    h = Harness(tmp_path, {"local": RecordingBackend("fail")})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    update = h.spool.update
+
+    def rm_then_update(envelope):
+        _rm(h, envelope.queue_id)                   # between the hold and its update
+        return update(envelope)
+    h.spool.update = rm_then_update
+    h.scheduler.startService()
+    with capturedLogs() as events:
+        gone = h.submit(rcpt("postmaster@example.org"))
+        h.reactor.advance(0)
+    warnings = [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error", "critical")]
+    assert warnings[-1] == f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"
+    assert _problems(log_lines(events)) == []
+    assert h.scheduler.held() == {} and h.scheduler.queued() == []

@@ -471,6 +471,8 @@ class DeliveryScheduler(Service):
         self._cancel_timer(message)
         if self._messages.get(envelope.queue_id) is message:
             del self._messages[envelope.queue_id]
+        if self._held.get(envelope.queue_id) is envelope:
+            del self._held[envelope.queue_id]
         if any(job.message is message for job in self._run_queue):
             self._run_queue = collections.deque(job for job in self._run_queue
                                                 if job.message is not message)
@@ -638,6 +640,8 @@ class DeliveryScheduler(Service):
                 message = self._messages.get(envelope.queue_id)
                 if message is not None and message.envelope is envelope:
                     self._forget_removed(message)
+                elif self._held.get(envelope.queue_id) is envelope:   # as it was held
+                    self._forget_removed(_Message(envelope))
                 return
             log.failure("{queue_id}: spool {what} failed; the recorded state may be repeated "
                         "after a restart", failure, LogLevel.error, queue_id=envelope.queue_id, what=what)
