@@ -101,6 +101,10 @@ class Envelope:
         d = {f.name: getattr(self, f.name) for f in _ENVELOPE_FIELDS}
         d["recipients"] = [r.to_json() for r in self.recipients]
         d["prepend"] = list(self.prepend)
+        if self.held is None:
+            # written only when set: the version before it, which takes no
+            # "held", can still read a queue after a rollback
+            del d["held"]
         d["version"] = 1
         return d
 

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -358,9 +359,15 @@ def test_deliver_runs_in_the_thread_pool(tmp_path):
 
 # -- stale files in tmp/ ------------------------------------------------------------------
 
+#: the sweep tests' wall clock runs this far ahead: a file just written is
+#: that old by its ctime (which utime cannot set), and by its mtime what _aged says
+CLOCK_AHEAD = 100 * 3600
+
+
 def _aged(path: Path, hours: float) -> Path:
+    """A file in tmp/ ``hours`` old for a backend whose ``_wall`` is CLOCK_AHEAD ahead."""
     path.write_bytes(b"half a message")
-    when = path.stat().st_mtime - hours * 3600
+    when = path.stat().st_mtime + CLOCK_AHEAD - hours * 3600
     os.utime(path, (when, when))
     return path
 
@@ -370,6 +377,7 @@ def test_tmp_files_older_than_36_hours_are_removed_when_delivering(tmp_path):
     maildir_backend = backend(tmp_path)
     now = [1000.0]
     maildir_backend._clock = lambda: now[0]
+    maildir_backend._wall = lambda: time.time() + CLOCK_AHEAD
     message = make_message(tmp_path)
     maildir = tmp_path / "mail" / "example.org" / "alice"
     folder = maildir / ".Lists"
@@ -418,3 +426,39 @@ def test_a_tmp_that_cannot_be_scanned_does_not_stop_delivery(tmp_path, monkeypat
     assert result.status == DELIVERED
     tmp = tmp_path / "mail" / "example.org" / "bob" / "tmp"
     assert [formatEvent(e) for e in events] == [f"maildir: cannot clean up {tmp}: Permission denied"]
+
+
+def test_a_tmp_file_whose_mtime_was_set_back_is_kept_until_its_ctime_is_old(tmp_path):
+    """A writer may date its file before renaming it (Dovecot's saves set the received date with
+    utime(2)): an old mtime does not make a file in tmp/ stale; its ctime, which utime cannot
+    set back, must be old too, as Dovecot's own tmp/ cleanup checks."""
+    maildir_backend = backend(tmp_path)
+    tmp = tmp_path / "mail" / "example.org" / "alice" / "tmp"
+    tmp.mkdir(parents=True)
+    being_saved = _aged(tmp / "1.M1P1Q1.dated", 24 * 365)
+    [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("alice@example.org")])
+    assert result.status == DELIVERED
+    assert being_saved.exists()
+
+
+def test_remembering_the_swept_maildirs_costs_no_more_per_maildir_when_there_are_many(
+        tmp_path, monkeypatch):
+    """The sweep runs in the delivery batch: with tens of thousands of Maildirs swept within
+    the hour, remembering one more must not go over every one remembered (quadratic: 25,000
+    Maildirs took 25 s of CPU in the delivery batches)."""
+    import contextlib
+    monkeypatch.setattr(maildir_module.os, "scandir", lambda path: contextlib.nullcontext(iter(())))
+    maildir_backend = backend(tmp_path)
+    now = [0.0]
+    maildir_backend._clock = lambda: now[0]
+    count = 30_000
+    started = time.process_time()
+    for n in range(count):
+        now[0] += 0.1                        # all within the hour
+        maildir_backend._sweep_tmp(f"/maildirs/{n}/tmp")
+    cpu = time.process_time() - started
+    assert cpu < 5, f"{cpu:.1f} s of CPU to remember {count} sweeps"
+    # past the interval, the Maildirs swept are forgotten as new ones come
+    now[0] += 3601
+    maildir_backend._sweep_tmp("/maildirs/new/tmp")
+    assert list(maildir_backend._swept) == ["/maildirs/new/tmp"]

@@ -615,9 +615,12 @@ def test_no_removal_with_delivery_while_a_notification_of_the_message_is_being_s
     assert orders[0] is not None and len(spooling) == 1       # the bounce is being spooled
     h.scheduler.flush()
     h.reactor.advance(0)
-    assert len(orders) == 2 and orders[1] is None             # y delivered; the scheduler removes
-    assert h.spool.queue_ids() == []
+    assert len(orders) == 1                                   # y waits until it is durable
+    assert h.spool.queue_ids() == [envelope.queue_id]
     spooling[0].callback(None)
+    h.reactor.advance(0)
+    assert len(orders) == 2                                   # y delivered; the message removed
+    assert h.spool.queue_ids() == []
     # a message without a notification in flight gets its order again
     h.submit(rcpt("z@example.org"))
     h.reactor.advance(0)
@@ -655,3 +658,99 @@ def test_a_recorded_delivery_keeps_what_an_update_wrote_meanwhile(tmp_path):
     stored = h.spool.load(envelope.queue_id).recipients
     assert [(r.state, r.attempts) for r in stored] == [(DELIVERED, 1), (PENDING, 3)]
     assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+def test_a_message_is_not_delivered_further_while_its_notification_is_being_spooled(tmp_path):
+    """The bounce of one recipient must be durable before the message leaves the spool.
+
+    Its last recipient delivered meanwhile (ETRN, a retry) would finish it
+    and remove it while the bounce was still on its way to disk; and if
+    spooling the bounce then failed, it was lost with the message."""
+    from pymta.bounce.notifier import Notice
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            for recipient in recipients:
+                recipient.notified = True
+            return [Notice(None, b"", "failed", list(recipients))]
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    backend = RecordingBackend(lambda recipients: [DeliveryResult.failed("no such user"),
+                                                   DeliveryResult.deferred("busy")], "ok")
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    spooling = []
+    h.scheduler._spool_notice = lambda original, notice: spooling.append(defer.Deferred()) or spooling[-1]
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("x@example.org"), rcpt("y@example.org"))
+    h.reactor.advance(0)
+    assert len(spooling) == 1                                # x's bounce on its way to disk
+    h.scheduler.flush()
+    h.reactor.advance(0)
+    assert len(backend.calls) == 1                           # y waits for it
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    with capturedLogs():
+        spooling[0].errback(OSError(28, "No space left on device"))
+    h.reactor.advance(0)
+    # y delivered now; x's bounce decided again, and the message kept until it is durable
+    assert len(backend.calls) == 2
+    assert len(spooling) == 2
+    assert h.spool.queue_ids() == [envelope.queue_id]
+    spooling[1].callback(None)
+    assert h.spool.queue_ids() == [] and h.scheduler.queued() == []
+
+
+def test_a_message_removed_by_an_admin_while_its_delivery_is_recorded_gets_one_warning(tmp_path):
+    h, seen = _maildir_harness(tmp_path)
+    backend = h.scheduler.backends["local"]
+    deliver_all = type(backend).deliver_all
+
+    def deliver_all_then_rm(self, jobs):
+        results = deliver_all(self, jobs)
+        for message, _ in jobs:
+            _rm(h, message.envelope.queue_id)        # between the mailbox sync and the record
+        return results
+    backend.deliver_all = deliver_all_then_rm.__get__(backend)
+    later = rcpt("carol@example.net", route="relay")
+    later.next_attempt = h.reactor.seconds() + 3600          # pending: the delivery only marks
+    with capturedLogs() as events:
+        gone = h.submit(rcpt("alice@example.org"), later)
+        h.reactor.advance(0)
+        h.reactor.advance(3600)
+    lines = log_lines(events)
+    assert seen == [(False, 1)]
+    assert [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error", "critical")] == [
+        f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"]
+    assert _problems(lines) == [] and h.scheduler.queued() == []
+
+
+def test_a_message_removed_by_an_admin_as_it_is_held_is_forgotten_with_one_warning(tmp_path):
+    from pymta.bounce.notifier import NotificationHeld
+
+    class Notifier:
+        def failures(self, message, recipients, now):
+            raise NotificationHeld("undeliverable postmaster notification")
+
+        def others(self, message, now, delay_warning, lifetime):
+            return []
+
+    h = Harness(tmp_path, {"local": RecordingBackend("fail")})
+    h.scheduler.notifier = Notifier()
+    h.scheduler._final_failures = lambda env, failed: DeliveryScheduler._final_failures(h.scheduler, env, failed)
+    update = h.spool.update
+
+    def rm_then_update(envelope):
+        _rm(h, envelope.queue_id)                   # between the hold and its update
+        return update(envelope)
+    h.spool.update = rm_then_update
+    h.scheduler.startService()
+    with capturedLogs() as events:
+        gone = h.submit(rcpt("postmaster@example.org"))
+        h.reactor.advance(0)
+    warnings = [formatEvent(e) for e in events if e["log_level"].name in ("warn", "error", "critical")]
+    assert warnings[-1] == f"{gone.queue_id}: queue file removed behind the server's back; message forgotten"
+    assert _problems(log_lines(events)) == []
+    assert h.scheduler.held() == {} and h.scheduler.queued() == []

@@ -1244,3 +1244,29 @@ def test_syncfs_mode_syncs_a_recycled_file_before_naming_it_in_queue(tmp_path, m
     assert "free->tmp" in events                                       # it was recycled
     assert events[events.index("free->tmp") + 1:] == ["syncfs", "tmp->queue", "syncfs"]
     assert stored_body(spool, new.queue_id) == b"Subject: new\r\n\r\nnew\r\n"
+
+
+def test_an_envelope_that_is_not_held_is_written_as_the_previous_version_reads_it(tmp_path):
+    """The "held" field is written only when set: after a rollback to the version before it,
+    whose Envelope takes no "held", the queue is read, not moved to corrupt/."""
+    previous_fields = {"queue_id", "sender", "recipients", "received_at", "size", "client_ip",
+                       "client_name", "helo", "protocol", "body", "smtputf8", "ret", "envid",
+                       "auth", "prepend", "notification", "version"}
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+    envelope = commit_message(spool, b"Subject: x\r\n\r\nx\r\n")
+    result_of(spool.update(envelope))
+    data, _ = load_stored_json(spool, envelope.queue_id)
+    assert set(data) <= previous_fields
+    assert spool.load(envelope.queue_id).held is None
+    envelope.held = "undeliverable postmaster notification"
+    result_of(spool.update(envelope))
+    data, _ = load_stored_json(spool, envelope.queue_id)
+    assert data["held"] == "undeliverable postmaster notification"
+    assert spool.load(envelope.queue_id) == envelope
+
+
+def load_stored_json(spool, queue_id):
+    """The JSON of the message's updated envelope (queue/ID.env) and its path."""
+    path = spool.envelope_path(queue_id)
+    with open(path, encoding="utf-8") as fp:
+        return json.loads(fp.read()), path

@@ -25,6 +25,7 @@ Options (config table of the backend)::
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
@@ -44,12 +45,12 @@ log = Logger()
 
 MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 CHUNK = 64 * 1024
-#: files in tmp/ older than this (seconds since their last change) are removed
+#: files in tmp/ older than this (seconds since their last change, mtime and
+#: ctime: a writer may set its file's mtime back, see MaildirBackend._sweep_tmp)
+#: are removed
 TMP_MAX_AGE = 36 * 3600
 #: each tmp/ is scanned for them at most this often (seconds)
 TMP_SWEEP_INTERVAL = 3600
-#: tmp/ directories remembered as swept; past this, those not due soon are forgotten
-TMP_SWEEPS_KEPT = 10_000
 
 # errors of os.link that mean "this file system has no hard links": rename instead
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
@@ -94,9 +95,12 @@ class MaildirBackend(LocalMailboxBackend):
         self.folders: bool = options.get("folders", True)
         self._host = maildir_hostname(self.hostname)
         self._counter = itertools.count(1)
-        #: tmp/ directory -> time.monotonic() of its last sweep
-        self._swept: dict[str, float] = {}
+        #: tmp/ directory -> time.monotonic() of its last sweep, oldest first;
+        #: only those swept within the last interval
+        self._swept: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._clock = time.monotonic
+        #: the wall clock the files' ages are measured with
+        self._wall = time.time
 
     def deliver_one(self, message, recipient) -> DeliveryResult:
         return self.deliver_jobs([(message, [recipient])])[0][0]
@@ -180,24 +184,37 @@ class MaildirBackend(LocalMailboxBackend):
         """Remove files older than ``tmp_max_age`` from ``tmp`` (at most once per interval).
 
         What a crashed writer left behind; a delivery in progress touched
-        its file moments ago.  Problems are logged, never a delivery's.
+        its file moments ago.  Both the file's mtime and its ctime must be
+        that old, as in Dovecot's own cleanup: a writer may date its file
+        with utime(2) before renaming it into new/ or cur/ (Dovecot does,
+        saving with a received date), which sets the mtime back but not the
+        ctime.  Problems are logged, never a delivery's.
+
+        The Maildirs swept within the interval are remembered oldest first;
+        those whose interval is over are forgotten as new ones come: a few
+        operations per sweep, however many Maildirs there are.
         """
         now = self._clock()
-        last = self._swept.get(tmp)
+        swept = self._swept
+        last = swept.get(tmp)
         if last is not None and now - last < self.tmp_sweep_interval:
             return
-        if len(self._swept) >= TMP_SWEEPS_KEPT:
-            self._swept = {path: when for path, when in self._swept.items()
-                           if now - when < self.tmp_sweep_interval}
-        self._swept[tmp] = now
-        cutoff = time.time() - self.tmp_max_age
+        while swept:
+            oldest, when = next(iter(swept.items()))
+            if now - when < self.tmp_sweep_interval:
+                break
+            swept.popitem(last=False)
+        swept[tmp] = now
+        cutoff = self._wall() - self.tmp_max_age
         removed = 0
         try:
             with os.scandir(tmp) as entries:
                 for entry in entries:
                     try:
-                        if (entry.is_file(follow_symlinks=False)
-                                and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        info = entry.stat(follow_symlinks=False)
+                        if info.st_mtime < cutoff and info.st_ctime < cutoff:
                             os.unlink(entry.path)
                             removed += 1
                     except FileNotFoundError:

@@ -13,8 +13,9 @@ Delivery status notifications (bounces, delay warnings, success reports)
 are decided by a :class:`pymta.bounce.notifier.DeliveryNotifier` whenever
 none of a message's recipients is being delivered.  Each is a new message,
 committed to the spool *before* the envelope that records it as sent is
-updated (or the message removed): a crash in between sends it twice, never
-not at all.  :meth:`DeliveryScheduler.flush` (ETRN) makes pending
+updated (or the message removed), and no delivery of the message starts
+meanwhile (one could finish and remove it): a crash in between sends it
+twice, never not at all.  :meth:`DeliveryScheduler.flush` (ETRN) makes pending
 recipients due at once.
 
 A failure no one can be told about (a notification to the postmaster that
@@ -278,6 +279,11 @@ class DeliveryScheduler(Service):
         if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
             return
         envelope = message.envelope
+        if self._noticing[envelope.queue_id]:
+            # Its notifications are on their way to disk: its next delivery
+            # could finish it, and it must not leave the spool before they
+            # are durable (see _after_notices, which reschedules it then).
+            return
         # A retry: an administrator may have removed the message meanwhile (one
         # stat, only for messages that waited in the queue).
         if any(r.attempts for r in envelope.recipients) \
@@ -465,6 +471,8 @@ class DeliveryScheduler(Service):
         self._cancel_timer(message)
         if self._messages.get(envelope.queue_id) is message:
             del self._messages[envelope.queue_id]
+        if self._held.get(envelope.queue_id) is envelope:
+            del self._held[envelope.queue_id]
         if any(job.message is message for job in self._run_queue):
             self._run_queue = collections.deque(job for job in self._run_queue
                                                 if job.message is not message)
@@ -586,6 +594,9 @@ class DeliveryScheduler(Service):
             self._noticing[envelope.queue_id] -= 1
             if not self._noticing[envelope.queue_id]:
                 del self._noticing[envelope.queue_id]
+                message = self._messages.get(envelope.queue_id)
+                if message is not None and message.envelope is envelope:
+                    self._reschedule(message)      # the deliveries _due held back
             self._check_idle()
 
         d.addCallbacks(committed, failed)
@@ -629,6 +640,8 @@ class DeliveryScheduler(Service):
                 message = self._messages.get(envelope.queue_id)
                 if message is not None and message.envelope is envelope:
                     self._forget_removed(message)
+                elif self._held.get(envelope.queue_id) is envelope:   # as it was held
+                    self._forget_removed(_Message(envelope))
                 return
             log.failure("{queue_id}: spool {what} failed; the recorded state may be repeated "
                         "after a restart", failure, LogLevel.error, queue_id=envelope.queue_id, what=what)

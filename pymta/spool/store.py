@@ -956,11 +956,15 @@ class Spool:
         ``delivered``: (index into the recipients, result summary).  Read,
         changed and replaced while no update batch runs, so that the
         envelope another update wrote meanwhile is kept.  Problems are only
-        logged: the scheduler's own update follows.
+        logged: the scheduler's own update follows.  A message no longer
+        in the spool is left to the scheduler, which reports it (removed
+        behind the server's back) once.
         """
         with self._envelopes_replacing:
             try:
                 envelope = load_queue_file(self.queue_dir, queue_id)[0]
+            except FileNotFoundError:
+                return
             except (OSError, ValueError) as e:
                 log.warn("{queue_id}: cannot record its deliveries in the spool: {error}",
                          queue_id=queue_id, error=e)
