@@ -323,7 +323,7 @@ def held_postmaster_copy(tmp_path):
     lines = [formatEvent(e) for e in events]
     assert [line for line in lines if "held" in line] == [
         f"{copy.queue_id}: held: {reason}; kept in the queue, neither retried nor expired, "
-        "until an administrator releases it"]
+        "until an administrator releases or removes it"]
     assert not any("discarded" in line for line in lines)
     # neither retried nor expired, however long it waits
     with capturedLogs() as events:

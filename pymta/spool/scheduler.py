@@ -533,7 +533,7 @@ class DeliveryScheduler(Service):
         envelope.held = reason
         self._cancel_timer(message)
         log.warn("{queue_id}: held: {reason}; kept in the queue, neither retried nor expired, "
-                 "until an administrator releases it", queue_id=envelope.queue_id, reason=reason)
+                 "until an administrator releases or removes it", queue_id=envelope.queue_id, reason=reason)
 
     def _final_failures(self, envelope: Envelope, recipients: list[Recipient]) -> list:
         """Recipients that ended FAILED and were not reported yet: their bounce.
