@@ -73,7 +73,7 @@ backend = "local"
     held = re.compile(r"(\w+): held: undeliverable postmaster notification: "
                       r"<postmaster@example\.test>: 550 5\.1\.1 no such user here \(test backend\); "
                       r"kept in the queue, neither retried nor expired, until an administrator "
-                      r"releases it")
+                      r"releases or removes it")
     deadline = time.monotonic() + 20
     while not held.search(srv.log_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
