@@ -36,6 +36,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, port: int, log: Path, timeout: float = 20.0,
+                       error: type[Exception] = RuntimeError) -> None:
+    """Wait for pymta's banner on ``port``; ``error`` with its log if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise error(f"pymta exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(100).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    # wait for the server to close this probe, so that it no longer
+                    # counts against the test's own connections (limits)
+                    while s.recv(100):
+                        pass
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise error(f"pymta did not start:\n{log.read_text()}")
+
+
 class PymtaServer:
     """A pymta process: ``twistd -n pymta --config <dir>/pymta.toml``."""
 
@@ -80,23 +102,8 @@ class PymtaServer:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "pymta", "--config", str(self.config)],
                                      cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pymta exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.settimeout(5)
-                    if s.recv(100).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        # wait for the server to close this probe, so that it no longer
-                        # counts against the test's own connections (limits)
-                        while s.recv(100):
-                            pass
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"pymta did not start:\n{self.log.read_text()}")
+        wait_until_serving(self.proc, self.port, self.log, timeout)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -20,7 +20,6 @@ import pwd
 import shutil
 import signal
 import smtplib
-import socket
 import stat
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, free_port
+from conftest import IN_CI, free_port, wait_until_serving
 
 USER = "pymtatest"
 TWISTD_CODE = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
@@ -143,21 +142,8 @@ class DroppingServer:
                                      stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONPATH=_python_path()))
         logf.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"pymta exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.settimeout(5)
-                    if s.recv(100).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        while s.recv(100):
-                            pass
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"pymta did not start:\n{self.log.read_text()}")
+        wait_until_serving(self.proc, self.port, self.log, 30, error=AssertionError)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
