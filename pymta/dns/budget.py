@@ -45,6 +45,10 @@ class SessionResolver:
     written when the budget runs out.
     """
 
+    # one per session: no instance dict
+    __slots__ = ("resolver", "budget", "reactor", "label", "spent", "_waiting", "_busy_since",
+                 "_timer", "_exhausted", "_closed")
+
     def __init__(self, resolver, budget: float, reactor, label: str = "") -> None:
         self.resolver = resolver
         self.budget = budget

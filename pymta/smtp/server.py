@@ -79,6 +79,15 @@ def _printable(text: str) -> bool:
 
 
 class ServerConnection:
+    # one per connection: slots keep an idle session small (a dict of over 30
+    # attributes loses CPython's key sharing and grows fivefold)
+    __slots__ = ("hostname", "limits", "features", "tls_active", "auth_user", "_sasl", "state",
+                 "errors", "pregreeted", "esmtp", "draining", "helo", "sender", "mail_params",
+                 "recipients", "_in", "_out", "_events", "_pending", "_discarding_line",
+                 "_eof", "_message_open", "_message_chunking", "_reader", "_checker", "_size",
+                 "_removed", "_oversize", "_bdat_left", "_bdat_last", "_bdat_refusal",
+                 "_bdat_return")
+
     def __init__(self, hostname: str, limits: Limits | None = None,
                  features: Features | None = None) -> None:
         self.hostname = hostname
