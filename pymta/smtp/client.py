@@ -18,7 +18,8 @@ decides: whether to STARTTLS and AUTH (and it switches the transport to TLS),
 which transaction to run, and when to QUIT.
 
 Every transition is listed in :mod:`pymta.smtp._client_state`; the values
-and events are in :mod:`pymta.smtp.client_events` (and importable from here).
+and events are in :mod:`pymta.smtp.client_events` (and importable from here);
+NEED_DATA and CLOSED are the sentinels of :mod:`pymta.smtp.events`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from pymta.smtp.client_events import (ClientTimeouts, ServerReply, RecipientSpec
                                        MailTransaction, RecipientResult, Ready, TLSGranted,
                                        TLSRefused, Authenticated, AuthRejected, BodyWanted,
                                        TransactionDone, SessionFailed, Closed)
-from pymta.smtp.events import Sentinel
+from pymta.smtp.events import CLOSED, NEED_DATA
 
-__all__ = ["ClientConnection", "ClientError", "DotStuffer", "NEED_DATA", "CLOSED",
+__all__ = ["ClientConnection", "ClientError", "DotStuffer",
            "ClientTimeouts", "ServerReply", "RecipientSpec", "MailTransaction", "RecipientResult",
            "Ready", "TLSGranted", "TLSRefused", "Authenticated", "AuthRejected", "BodyWanted",
            "TransactionDone", "SessionFailed", "Closed"]
@@ -48,9 +49,6 @@ MAX_REPLY_LINES = 200
 #: messages up to this size are sent in the same pipelined group as MAIL and
 #: RCPT when the server offers PIPELINING and CHUNKING (RFC 3030 4.2)
 INLINE_BODY_LIMIT = 64 * 1024
-
-NEED_DATA = Sentinel("NEED_DATA")
-CLOSED = Sentinel("CLOSED")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: "250 text", "250-text", "250": the code (2xx-5xx) and what follows it
