@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from pymta.config.model import Limits
 from pymta.smtp import events as E
-from pymta.smtp.address import (PathError, parse_domain, parse_params, parse_path,
-                                split_path_and_params, xtext_decode, xtext_encode)
+from pymta.smtp.address import PathError, parse_domain, parse_path, split_path_and_params
+from pymta.smtp.params import parse_params, xtext_decode, xtext_encode
 from smtp_driver import Driver
 
 MAIL_OK = b"250 2.1.0 Ok\r\n"

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pymta.smtp._client_state import ACTIONS, REPLY_HANDLERS, TIMEOUTS, Expect, State
-from pymta.smtp.address import xtext_encode
+from pymta.smtp.params import xtext_encode
 from pymta.smtp.client_events import (ClientTimeouts, ServerReply, RecipientSpec,
                                        MailTransaction, RecipientResult, Ready, TLSGranted,
                                        TLSRefused, Authenticated, AuthRejected, BodyWanted,

@@ -27,8 +27,8 @@ from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
 from pymta.smtp._state import AFTER_VERDICT, BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
-from pymta.smtp.address import (PathError, is_ascii, parse_domain, parse_params, parse_path,
-                                split_path_and_params, xtext_decode)
+from pymta.smtp.address import PathError, is_ascii, parse_domain, parse_path, split_path_and_params
+from pymta.smtp.params import mail_params, parse_params, rcpt_params
 from pymta.smtp.body import DataReader, LineChecker
 from pymta.verdict import Kind, Verdict
 
@@ -58,7 +58,6 @@ MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 500 + 110 + 30
 MAX_RCPT_LINE = MAX_COMMAND_LINE + 500
 MAX_AUTH_LINE = 12288 + 2        # a SASL response line (RFC 4954 4)
 
-_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 _REFUSAL_DEFAULTS = {
     "hello": R.Reply(550, "5.7.1", "Rejected"),
     "mail": R.Reply(550, "5.7.1", "Sender address rejected"),
@@ -70,12 +69,6 @@ _REFUSAL_DEFAULTS = {
 _AUTH_DEFER = R.AUTH_TEMPFAIL
 _DEFER_DEFAULT = R.Reply(451, "4.7.1", "Try again later")
 _DISCONNECT_DEFAULT = R.Reply(421, "4.7.0", "Closing connection")
-
-
-def _printable(text: str) -> bool:
-    """xtext values (ENVID, ORCPT, AUTH) decode to printable US-ASCII (RFC 3461 4):
-    no control characters that could end up in a DSN or a header."""
-    return all(" " <= c <= "~" for c in text)
 
 
 class ServerConnection:
@@ -377,7 +370,7 @@ class ServerConnection:
             params = parse_params(rest)
             if params and not self.esmtp:
                 return self._error(R.NO_PARAMS_AFTER_HELO)
-            params = self._mail_params(params)
+            params = mail_params(params, self.limits.max_message_size)
             sender = parse_path(path, allow_null=True)
         except PathError as e:
             # X.1.3 is a bad destination address; for the sender it is X.1.7 (RFC 3463)
@@ -386,45 +379,6 @@ class ServerConnection:
         if not is_ascii(sender) and "SMTPUTF8" not in params:
             return self._error(R.NEEDS_SMTPUTF8)
         self._hold("mail", E.MailFrom(sender, params))
-
-    def _mail_params(self, params: dict) -> dict:
-        out: dict = {}
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
-                    raise PathError(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self.limits.max_message_size:
-                    raise PathError(552, "5.3.4", "Message size exceeds fixed maximum message size")
-                out[key] = int(value)
-            elif key == "BODY":
-                body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME"):
-                    raise PathError(555, "5.5.4", f"Unsupported BODY type: {value}")
-                out[key] = body
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    raise PathError(501, "5.5.4", "SMTPUTF8 takes no value")
-                out[key] = None
-            elif key == "RET":
-                ret = (value or "").upper()
-                if ret not in ("FULL", "HDRS"):
-                    raise PathError(501, "5.5.4", "Bad RET parameter: FULL or HDRS")
-                out[key] = ret
-            elif key == "ENVID":
-                envid = xtext_decode(value or "")
-                if not envid or len(envid) > 100 or not _printable(envid):
-                    raise PathError(501, "5.5.4", "Bad ENVID parameter")
-                out[key] = envid
-            elif key == "AUTH":
-                if not value:
-                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
-                auth = "<>" if value == "<>" else xtext_decode(value)
-                if not _printable(auth):
-                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
-                out[key] = auth
-            else:
-                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
-        return out
 
     def _cmd_rcpt(self, arg: str) -> None:
         if arg[:3].upper() != "TO:":
@@ -439,33 +393,13 @@ class ServerConnection:
             params = parse_params(rest)
             if params and not self.esmtp:
                 return self._error(R.NO_PARAMS_AFTER_HELO)
-            params = self._rcpt_params(params)
+            params = rcpt_params(params)
             recipient = parse_path(path, allow_null=False, allow_postmaster=True)
         except PathError as e:
             return self._error(R.Reply(e.code, e.enhanced, e.text))
         if not is_ascii(recipient) and "SMTPUTF8" not in self.mail_params:
             return self._error(R.NEEDS_SMTPUTF8)
         self._hold("rcpt", E.RcptTo(recipient, params))
-
-    def _rcpt_params(self, params: dict) -> dict:
-        out: dict = {}
-        for key, value in params.items():
-            if key == "NOTIFY":
-                items = tuple(v.upper() for v in (value or "").split(","))
-                if items != ("NEVER",) and not (set(items) <= _NOTIFY and len(set(items)) == len(items)):
-                    raise PathError(501, "5.5.4", "Bad NOTIFY parameter")
-                out[key] = items
-            elif key == "ORCPT":
-                addr_type, semi, addr = (value or "").partition(";")
-                if not semi or not addr_type or not addr:
-                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
-                original = xtext_decode(addr)
-                if not _printable(original):
-                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
-                out[key] = f"{addr_type.lower()};{original}"
-            else:
-                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
-        return out
 
     def _cmd_data(self, arg: str) -> None:
         if arg.strip(" "):
