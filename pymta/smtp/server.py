@@ -18,14 +18,13 @@ transition is listed in :mod:`pymta.smtp._state`.
 
 from __future__ import annotations
 
-import binascii
-from base64 import b64decode
 from collections import deque
 from dataclasses import dataclass
 
 from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
+from pymta.smtp import sasl
 from pymta.smtp._state import AFTER_VERDICT, BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
 from pymta.smtp.address import PathError, is_ascii, parse_domain, parse_path, split_path_and_params
 from pymta.smtp.params import mail_params, parse_params, rcpt_params
@@ -499,7 +498,7 @@ class ServerConnection:
         self._sasl = (mechanism, None)
         if initial is None:
             self._go("sasl_challenge")
-            self._out.append(R.Reply(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6").render())
+            self._out.append(R.Reply(334, None, sasl.first_challenge(mechanism)).render())
             return None
         self._sasl_step(b"" if initial == "=" else initial.encode("ascii", "replace"))
 
@@ -512,26 +511,18 @@ class ServerConnection:
     def _sasl_step(self, encoded: bytes) -> None:
         mechanism, username = self._sasl
         try:
-            decoded = b64decode(encoded, validate=True)
-            text = decoded.decode("utf-8")
-        except (binascii.Error, ValueError):
+            text = sasl.decode_response(encoded)
+            if mechanism == "PLAIN":
+                authzid, username, password = sasl.parse_plain(text)
+                return self._authenticate(mechanism, username, password, authzid)
+            if username is None:          # LOGIN, user name step
+                self._sasl = (mechanism, sasl.login_username(text))
+                self._go("sasl_challenge")
+                self._out.append(R.Reply(334, None, sasl.LOGIN_PASSWORD).render())
+                return None
+        except sasl.SASLError as e:
             self._sasl_abort()
-            return self._error(R.AUTH_BAD_BASE64)
-        if mechanism == "PLAIN":
-            fields = text.split("\0")
-            if len(fields) != 3 or not fields[1]:
-                self._sasl_abort()
-                return self._error(R.Reply(501, "5.5.2", "Invalid PLAIN response (RFC 4616)"))
-            authzid, username, password = fields
-            return self._authenticate(mechanism, username, password, authzid)
-        if username is None:          # LOGIN, user name step
-            if not text:
-                self._sasl_abort()
-                return self._error(R.Reply(501, "5.5.2", "Empty user name"))
-            self._sasl = (mechanism, text)
-            self._go("sasl_challenge")
-            self._out.append(R.Reply(334, None, "UGFzc3dvcmQ6").render())
-            return None
+            return self._error(e.reply)
         return self._authenticate(mechanism, username, text, "")
 
     def _authenticate(self, mechanism: str, username: str, password: str, authzid: str) -> None:
