@@ -2,7 +2,7 @@
 
 Usage, as with h11::
 
-    conn = ServerConnection(hostname="mx.example.org", limits=Limits())
+    conn = ServerConnection(hostname="mx.example.org", limits=ProtocolLimits())
     conn.send_greeting()                 # or conn.refuse(verdict)
     conn.receive_data(bytes_from_socket) # b"" means the client closed
     while True:
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
 from pymta.smtp import sasl
@@ -47,6 +46,22 @@ class Features:
     require_auth: bool = False
     #: ETRN (RFC 1985) advertised and accepted for decision
     etrn: bool = False
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """The limits the machine enforces itself (the listener builds them once
+    from the ``[limits]`` table; the defaults are the same)."""
+    #: octets of message content; advertised in SIZE, 552 beyond
+    max_message_size: int = 50 * 1024 * 1024
+    #: recipients per message; 452 beyond
+    max_recipients: int = 1000
+    #: errors per session before 421 and close
+    max_errors: int = 20
+    #: "normalize" | "reject": bare CR/LF in commands and content
+    bare_newlines: str = "normalize"
+    #: seconds the adapter listens before the banner; > 0: a client talking first is refused
+    pregreet_wait: float = 0.0
 
 
 MAX_COMMAND_LINE = 512           # octets with CRLF (RFC 5321 4.5.3.1.4)
@@ -80,10 +95,10 @@ class ServerConnection:
                  "_removed", "_oversize", "_bdat_left", "_bdat_last", "_bdat_refusal",
                  "_bdat_return")
 
-    def __init__(self, hostname: str, limits: Limits | None = None,
+    def __init__(self, hostname: str, limits: ProtocolLimits | None = None,
                  features: Features | None = None) -> None:
         self.hostname = hostname
-        self.limits = limits or Limits()
+        self.limits = limits or ProtocolLimits()
         self.features = features or Features()
         self.tls_active = self.features.tls_active
         #: the authenticated user name once AUTH succeeded
