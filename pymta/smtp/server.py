@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
 from pymta.smtp import sasl
-from pymta.smtp._state import AFTER_VERDICT, BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
+from pymta.smtp._state import BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
 from pymta.smtp.address import PathError, is_ascii, parse_domain, parse_path, split_path_and_params
 from pymta.smtp.params import mail_params, parse_params, rcpt_params
 from pymta.smtp.body import DataReader, LineChecker
@@ -670,7 +670,6 @@ class ServerConnection:
             raise RuntimeError("answer() without a pending decision")
         kind, event = self._pending
         self._pending = None
-        accept_state, refuse_state = AFTER_VERDICT[kind]
         if verdict.kind is Kind.DISCONNECT:
             reply = self._verdict_reply(verdict, _DISCONNECT_DEFAULT)
             if kind == "message":
@@ -678,7 +677,7 @@ class ServerConnection:
             self._close_with(reply)
             return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
-            self.state = accept_state
+            self._go(kind + "_accepted")
             getattr(self, "_accepted_" + kind)(event, verdict, payload)
             return
         if verdict.kind is Kind.DEFER:
@@ -687,8 +686,7 @@ class ServerConnection:
             default = _REFUSAL_DEFAULTS[kind]
         reply = self._verdict_reply(verdict, default)
         self._reply(reply)
-        if refuse_state is not None:
-            self.state = refuse_state
+        self._go(kind + "_refused")
         if kind == "message":
             self._message_rejected(reply)
             self._reset_transaction("rejected")
