@@ -55,3 +55,20 @@ def test_protocol_limits_defaults_are_the_config_defaults():
     config = Limits()
     for field in dataclasses.fields(ProtocolLimits):
         assert getattr(ProtocolLimits(), field.name) == getattr(config, field.name), field.name
+
+
+def test_only_go_assigns_the_state():
+    """Both machines change state through their transition table only."""
+    for name in ("server.py", "client.py"):
+        tree = ast.parse((SMTP / name).read_text())
+        assigning = set()
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                if any(isinstance(t, ast.Attribute) and t.attr == "state"
+                       and isinstance(t.value, ast.Name) and t.value.id == "self" for t in targets):
+                    assigning.add(function.name)
+        assert assigning == {"__init__", "_go"}, name
