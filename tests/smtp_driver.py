@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Union
 
-from pymta.config.model import Limits
 from pymta.smtp import events as E
-from pymta.smtp.server import Features, ServerConnection
+from pymta.smtp.server import Features, ProtocolLimits, ServerConnection
 from pymta.verdict import Verdict
 
 DECISIONS = (E.Hello, E.MailFrom, E.RcptTo, E.MessageEnd, E.Authenticate, E.Etrn)
@@ -33,10 +32,10 @@ class Driver:
     :meth:`answer`.
     """
 
-    def __init__(self, limits: Limits | None = None, *, hostname: str = "mx.test",
+    def __init__(self, limits: ProtocolLimits | None = None, *, hostname: str = "mx.test",
                  policy: dict[type, Answer] | None = None, greet: bool = True,
                  auto: bool = True, features: Features | None = None) -> None:
-        self.conn = ServerConnection(hostname, limits or Limits(), features)
+        self.conn = ServerConnection(hostname, limits or ProtocolLimits(), features)
         self.policy: dict[type, Answer] = dict(policy or {})
         self.auto = auto
         self.events: list = []

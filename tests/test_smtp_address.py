@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymta.config.model import Limits
+from pymta.smtp.server import ProtocolLimits
 from pymta.smtp import events as E
-from pymta.smtp.address import (PathError, parse_domain, parse_params, parse_path,
-                                split_path_and_params, xtext_decode, xtext_encode)
+from pymta.smtp.address import PathError, parse_domain, parse_path, split_path_and_params
+from pymta.smtp.params import parse_params, xtext_decode, xtext_encode
 from smtp_driver import Driver
 
 MAIL_OK = b"250 2.1.0 Ok\r\n"
@@ -147,13 +147,13 @@ def test_xtext_round_trip(text):
 
 
 # ------------------------------------------------ MAIL/RCPT in a session
-def ehlo(limits: Limits | None = None, verb: bytes = b"EHLO") -> Driver:
+def ehlo(limits: ProtocolLimits | None = None, verb: bytes = b"EHLO") -> Driver:
     driver = Driver(limits)
     driver.feed(verb + b" client.test\r\n")
     return driver
 
 
-def mail(line: bytes, limits: Limits | None = None, verb: bytes = b"EHLO") -> tuple[bytes, Driver]:
+def mail(line: bytes, limits: ProtocolLimits | None = None, verb: bytes = b"EHLO") -> tuple[bytes, Driver]:
     driver = ehlo(limits, verb)
     return driver.feed(b"MAIL FROM:" + line + b"\r\n"), driver
 
@@ -223,7 +223,7 @@ def test_bad_size_parameter(param):
 
 
 def test_size_over_the_limit():
-    out, _ = mail(b"<a@b.test> SIZE=2001", Limits(max_message_size=2000))
+    out, _ = mail(b"<a@b.test> SIZE=2001", ProtocolLimits(max_message_size=2000))
     assert out == b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pymta.config.model import Limits
+from pymta.smtp.server import ProtocolLimits
 from pymta.smtp import events as E
 from pymta.smtp.body import MAX_TEXT_LINE, DataReader, LineChecker
 from pymta.verdict import Verdict
@@ -24,7 +24,7 @@ TOO_BIG = b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n
 NO_TRANSACTION = b"503 5.5.1 Error: BDAT without a mail transaction\r\n"
 
 
-def in_transaction(limits: Limits | None = None, **kw) -> Driver:
+def in_transaction(limits: ProtocolLimits | None = None, **kw) -> Driver:
     driver = Driver(limits, **kw)
     driver.feed(TRANSACTION)
     assert len(driver.of(E.RcptTo)) == 1 and not driver.closed
@@ -67,7 +67,7 @@ def test_data_content_is_unstuffed(body, stored):
 def test_lone_dot_right_after_data_is_an_empty_message(data):
     # the line end of the DATA command counts, a bare LF under "normalize" too
     # (as Postfix 3.9 reads it); ".\n" right after it is no end (test_smtp_normalize)
-    driver = in_transaction(Limits(bare_newlines="normalize"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="normalize"))
     assert driver.feed(data + b".\r\nNOOP\r\n") == GO_AHEAD + OK + OK
     assert driver.messages() == [("end", b"")]
     assert driver.of(E.MessageData) == []
@@ -75,7 +75,7 @@ def test_lone_dot_right_after_data_is_an_empty_message(data):
 
 @pytest.mark.parametrize("not_an_end", [b"x.\r\n", b" .\r\n", b".x\r\n", b"..\r\n", b".\n", b"\n.\r\n"])
 def test_only_a_lone_dot_at_the_start_of_a_crlf_line_ends_data(not_an_end):
-    driver = in_transaction(Limits(bare_newlines="normalize"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="normalize"))
     out = driver.feed(b"DATA\r\nfirst\r\n" + not_an_end + b"NOOP\r\n")
     assert out == GO_AHEAD
     assert driver.conn.in_data
@@ -134,7 +134,7 @@ def assert_one_transaction(driver: Driver) -> None:
 @pytest.mark.parametrize("split", ["whole", "bytewise"])
 def test_smuggling_with_bare_line_ends_is_rejected_in_reject_mode(fake_end, split):
     stream = smuggling_session(fake_end)
-    driver = Driver(Limits(bare_newlines="reject"))
+    driver = Driver(ProtocolLimits(bare_newlines="reject"))
     driver.feed_chunks([stream] if split == "whole" else one_byte_chunks(stream))
     assert_one_transaction(driver)
     assert after_transaction(bytes(driver.replies)) == GO_AHEAD + BARE_IN_DATA + BYE
@@ -147,7 +147,7 @@ def test_smuggling_with_bare_line_ends_is_rejected_in_reject_mode(fake_end, spli
 @pytest.mark.parametrize("split", ["whole", "bytewise"])
 def test_smuggling_with_normalize_gives_one_message_with_crlf_line_ends(fake_end, normalized, split):
     stream = smuggling_session(fake_end)
-    driver = Driver(Limits(bare_newlines="normalize"))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize"))
     driver.feed_chunks([stream] if split == "whole" else one_byte_chunks(stream))
     assert_one_transaction(driver)
     assert after_transaction(bytes(driver.replies)) == GO_AHEAD + OK + BYE
@@ -163,7 +163,7 @@ NUL_IN_DATA = b"550 5.6.0 Error: message contains NUL characters\r\n"
 def test_smuggling_with_a_nul_before_the_dot_is_refused_in_reject_mode(split):
     # a next hop that drops NULs would read CRLF NUL "." CRLF as the end of data
     stream = smuggling_session(b"\r\n\x00.\r\n")
-    driver = Driver(Limits(bare_newlines="reject"))
+    driver = Driver(ProtocolLimits(bare_newlines="reject"))
     driver.feed_chunks([stream] if split == "whole" else one_byte_chunks(stream))
     assert_one_transaction(driver)
     assert after_transaction(bytes(driver.replies)) == GO_AHEAD + NUL_IN_DATA + BYE
@@ -176,7 +176,7 @@ def test_smuggling_with_a_nul_before_the_dot_is_one_message_without_the_nul(spli
     # the NUL is removed from the content; the line "." it leaves is content,
     # which a relay dot-stuffs again
     stream = smuggling_session(b"\r\n\x00.\r\n")
-    driver = Driver(Limits(bare_newlines="normalize"))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize"))
     driver.feed_chunks([stream] if split == "whole" else one_byte_chunks(stream))
     assert_one_transaction(driver)
     assert after_transaction(bytes(driver.replies)) == GO_AHEAD + OK + BYE
@@ -185,7 +185,7 @@ def test_smuggling_with_a_nul_before_the_dot_is_one_message_without_the_nul(spli
 
 @pytest.mark.parametrize("bare", [b"\n", b"\r", b"\r\r\n", b"\n\r"])
 def test_bare_line_ends_anywhere_in_data_are_rejected_at_the_end(bare):
-    driver = in_transaction(Limits(bare_newlines="reject"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="reject"))
     assert driver.feed(b"DATA\r\nline one" + bare + b"line two\r\n") == GO_AHEAD
     assert driver.feed(b".\r\nNOOP\r\n") == BARE_IN_DATA + OK
     assert len(driver.of(E.MessageAborted)) == 1
@@ -195,7 +195,7 @@ def test_bare_line_ends_anywhere_in_data_are_rejected_at_the_end(bare):
 @pytest.mark.parametrize("bare, normalized", [(b"\n", b"\r\n"), (b"\r", b"\r\n"),
                                               (b"\r\r\n", b"\r\n\r\n"), (b"\n\r", b"\r\n\r\n")])
 def test_bare_line_ends_are_normalized_when_configured(bare, normalized):
-    driver = in_transaction(Limits(bare_newlines="normalize"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="normalize"))
     assert driver.feed(b"DATA\r\none" + bare + b"two\r\n.\r\n") == GO_AHEAD + OK
     assert driver.messages() == [("end", b"one" + normalized + b"two\r\n")]
 
@@ -223,7 +223,7 @@ def test_a_very_long_data_line_neither_ends_data_nor_loses_sync():
 
 # ---------------------------------------------------------------- size
 def test_declared_size_over_the_limit_is_552_at_mail():
-    driver = Driver(Limits(max_message_size=1000))
+    driver = Driver(ProtocolLimits(max_message_size=1000))
     out = driver.feed(EHLO + b"MAIL FROM:<a@b.test> SIZE=1001\r\nMAIL FROM:<a@b.test> SIZE=1000\r\n")
     assert out.endswith(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
                         b"250 2.1.0 Ok\r\n")
@@ -232,7 +232,7 @@ def test_declared_size_over_the_limit_is_552_at_mail():
 
 def test_actual_size_over_the_limit_is_552_at_the_end_and_not_passed_on():
     limit = 100
-    driver = in_transaction(Limits(max_message_size=limit))
+    driver = in_transaction(ProtocolLimits(max_message_size=limit))
     body = b"".join(b"line %03d\r\n" % i for i in range(30))   # 300 octets
     out = driver.feed(b"DATA\r\n" + body + b".\r\nNOOP\r\n")
     assert out == GO_AHEAD + TOO_BIG + OK
@@ -242,13 +242,13 @@ def test_actual_size_over_the_limit_is_552_at_the_end_and_not_passed_on():
 
 
 def test_size_exactly_at_the_limit_is_accepted():
-    driver = in_transaction(Limits(max_message_size=10))
+    driver = in_transaction(ProtocolLimits(max_message_size=10))
     assert driver.feed(b"DATA\r\n12345678\r\n.\r\n") == GO_AHEAD + OK
     assert driver.of(E.MessageEnd) == [E.MessageEnd(10)]
 
 
 def test_oversize_streamed_in_pieces_is_not_passed_on():
-    driver = in_transaction(Limits(max_message_size=1000))
+    driver = in_transaction(ProtocolLimits(max_message_size=1000))
     driver.feed(b"DATA\r\n")
     for _ in range(20):
         driver.feed(b"a" * 98 + b"\r\n")
@@ -313,7 +313,7 @@ def test_bdat_refusal_waits_for_the_whole_chunk():
 
 
 def test_bdat_after_a_failed_chunk_is_503():
-    driver = in_transaction(Limits(max_message_size=10))
+    driver = in_transaction(ProtocolLimits(max_message_size=10))
     chunk = b"x" * 20
     out = driver.feed(b"BDAT 20\r\n" + chunk + b"BDAT 3 LAST\r\nabc")
     assert out == TOO_BIG + NO_TRANSACTION
@@ -322,7 +322,7 @@ def test_bdat_after_a_failed_chunk_is_503():
 
 
 def test_bdat_with_bare_line_ends_is_refused_at_the_chunk_end():
-    driver = in_transaction(Limits(bare_newlines="reject"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="reject"))
     assert driver.feed(b"BDAT 4\r\na\nbcNOOP\r\n") == BARE_IN_DATA + OK
     assert len(driver.of(E.MessageAborted)) == 1
 
@@ -335,7 +335,7 @@ def test_bdat_crlf_split_across_chunks_is_not_bare():
 
 
 def test_bdat_ending_in_a_bare_cr_is_refused():
-    driver = in_transaction(Limits(bare_newlines="reject"))
+    driver = in_transaction(ProtocolLimits(bare_newlines="reject"))
     assert driver.feed(b"BDAT 2 LAST\r\na\r") == BARE_IN_DATA
 
 

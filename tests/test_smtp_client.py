@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from pymta.smtp import _client_state as T
 from pymta.smtp import client as C
 from pymta.smtp.body import DataReader
-from pymta.smtp.client import (CLOSED, NEED_DATA, ClientConnection, MailTransaction,
-                               RecipientSpec)
+from pymta.smtp.client import ClientConnection, MailTransaction, RecipientSpec
+from pymta.smtp.events import CLOSED, NEED_DATA
 
 EHLO_FULL = (b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n"
              b"250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n")

@@ -9,7 +9,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta.config.model import Limits
+from pymta.smtp.server import ProtocolLimits
 from pymta.smtp import events as E
 from pymta.smtp.body import MAX_TEXT_LINE, DataReader, LineChecker
 from pymta.verdict import Verdict
@@ -60,7 +60,7 @@ POLICY = {E.Hello: hello_policy,
           E.MessageEnd: message_policy}
 
 
-def run(limits: Limits, chunks: list[bytes]) -> Driver:
+def run(limits: ProtocolLimits, chunks: list[bytes]) -> Driver:
     driver = Driver(limits, policy=POLICY)
     driver.feed_chunks(chunks)
     return driver
@@ -74,7 +74,7 @@ def check_well_formed(driver: Driver) -> None:
         assert driver.conn.next_event() is E.CLOSED
 
 
-def assert_chunking_invariant(limits: Limits, stream: bytes, cuts: list[int]) -> None:
+def assert_chunking_invariant(limits: ProtocolLimits, stream: bytes, cuts: list[int]) -> None:
     whole = run(limits, [stream])
     check_well_formed(whole)
     for chunks in (one_byte_chunks(stream), split_at(stream, cuts)):
@@ -98,7 +98,7 @@ def assert_same_messages(split: list, whole: list) -> None:
 
 # --------------------------------------------------- a grammar of sessions
 limits_strategy = st.builds(
-    Limits,
+    ProtocolLimits,
     max_message_size=st.sampled_from([40, 3000, 1_000_000]),
     max_recipients=st.sampled_from([2, 100]),
     max_errors=st.sampled_from([6, 1000]),
@@ -213,7 +213,7 @@ def test_raw_byte_streams_do_not_depend_on_how_input_is_split(limits, stream, cu
 @FUZZ
 @given(stream=st.binary(max_size=400))
 def test_arbitrary_bytes_never_raise(stream):
-    for limits in (Limits(bare_newlines="reject"), Limits(bare_newlines="normalize", max_message_size=64)):
+    for limits in (ProtocolLimits(bare_newlines="reject"), ProtocolLimits(bare_newlines="normalize", max_message_size=64)):
         driver = run(limits, [b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n" + stream])
         check_well_formed(driver)
         driver.conn.receive_data(b"")
@@ -412,7 +412,7 @@ def test_data_outcome_matches_the_line_by_line_references(body, bare_newlines, l
         outcome = "ok"
     stream = TRANSACTION + b"DATA\r\n" + body + b"\r\n.\r\n"
     for chunks in ([stream], split_at(stream, cuts)):
-        driver = Driver(Limits(max_message_size=limit, bare_newlines=bare_newlines))
+        driver = Driver(ProtocolLimits(max_message_size=limit, bare_newlines=bare_newlines))
         driver.feed_chunks(chunks)
         replies = bytes(driver.replies)
         go_ahead = b"354 End data with <CR><LF>.<CR><LF>\r\n"

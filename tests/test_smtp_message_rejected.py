@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from pymta.config.model import Limits
+from pymta.smtp.server import ProtocolLimits
 from pymta.smtp import events as E
 from pymta.verdict import Kind, Verdict
 
 from smtp_driver import Driver
 
 #: these tests are about refusals: bare line ends are refused, not normalized
-REJECT = Limits(bare_newlines="reject")
+REJECT = ProtocolLimits(bare_newlines="reject")
 
 START = b"EHLO c.test\r\nMAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\n"
 
@@ -34,7 +34,7 @@ def test_bare_newline_at_end_of_data():
 
 
 def test_size_and_long_lines_and_bdat():
-    driver = Driver(Limits(max_message_size=100, bare_newlines="reject"))
+    driver = Driver(ProtocolLimits(max_message_size=100, bare_newlines="reject"))
     driver.feed(START + b"DATA\r\n" + b"x" * 200 + b"\r\n.\r\n")
     driver.feed(b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nRCPT TO:<carl@b.test>\r\n")
     driver.feed(b"BDAT 5 LAST\r\na\rb\r\n")

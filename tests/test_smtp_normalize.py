@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pymta.config.model import Limits
+from pymta.smtp.server import ProtocolLimits
 from pymta.smtp import events as E
 from smtp_driver import Driver, one_byte_chunks
 
@@ -89,7 +90,7 @@ def after_rcpt(driver: Driver) -> bytes:
 @pytest.mark.parametrize("content, stored, _", DATA_CASES)
 def test_normalize_stores_crlf_content_however_split(content, stored, _):
     for chunks in every_split(data_stream(content)):
-        driver = Driver(Limits(bare_newlines="normalize"))
+        driver = Driver(ProtocolLimits(bare_newlines="normalize"))
         driver.feed_chunks(chunks)
         assert after_rcpt(driver) == GO_AHEAD + OK + OK        # the end of data, then NOOP
         assert driver.messages() == [("end", stored)]
@@ -99,7 +100,7 @@ def test_normalize_stores_crlf_content_however_split(content, stored, _):
 @pytest.mark.parametrize("content, _, reply", DATA_CASES)
 def test_reject_refuses_at_the_end_of_data_however_split(content, _, reply):
     for chunks in every_split(data_stream(content)):
-        driver = Driver(Limits(bare_newlines="reject"))
+        driver = Driver(ProtocolLimits(bare_newlines="reject"))
         driver.feed_chunks(chunks)
         assert after_rcpt(driver) == GO_AHEAD + reply + OK
         if reply == OK:
@@ -117,7 +118,7 @@ def test_any_chunking_gives_the_same_content_and_end_point(case, mode, repeat, c
     stream = data_stream(content * repeat)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     chunks = [stream[a:b] for a, b in zip(points, points[1:]) if b > a]
-    driver = Driver(Limits(bare_newlines=mode))
+    driver = Driver(ProtocolLimits(bare_newlines=mode))
     driver.feed_chunks(chunks)
     if mode == "normalize":
         assert after_rcpt(driver) == GO_AHEAD + OK + OK
@@ -127,7 +128,7 @@ def test_any_chunking_gives_the_same_content_and_end_point(case, mode, repeat, c
 
 
 def test_the_long_line_limit_applies_after_a_bare_lf():
-    driver = Driver(Limits(bare_newlines="normalize"))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize"))
     driver.feed(data_stream(b"A\n" + b"x" * 999 + b"\nB\r\n"))
     assert after_rcpt(driver) == GO_AHEAD + LONG + OK
     assert driver.of(E.MessageEnd) == []
@@ -137,7 +138,7 @@ def test_the_long_line_limit_applies_after_a_bare_lf():
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r",
                                       b"\r\n\x00.\r\n"])
 def test_only_crlf_dot_crlf_ends_data(mode, fake_end):
-    driver = Driver(Limits(bare_newlines=mode))
+    driver = Driver(ProtocolLimits(bare_newlines=mode))
     out = driver.feed(TRANSACTION + b"DATA\r\nA" + fake_end + b"QUIT\r\n")
     assert out.endswith(GO_AHEAD)
     assert driver.conn.in_data and not driver.closed
@@ -166,7 +167,7 @@ def bdat_stream(content: bytes) -> bytes:
 @pytest.mark.parametrize("content, stored, reply", BDAT_CASES)
 def test_bdat_normalizes_line_ends_and_nuls_but_never_unstuffs(content, stored, reply):
     for chunks in every_split(bdat_stream(content)):
-        driver = Driver(Limits(bare_newlines="normalize"))
+        driver = Driver(ProtocolLimits(bare_newlines="normalize"))
         driver.feed_chunks(chunks)
         assert after_rcpt(driver).endswith(OK + OK)
         assert driver.messages() == [("end", stored)]
@@ -175,7 +176,7 @@ def test_bdat_normalizes_line_ends_and_nuls_but_never_unstuffs(content, stored, 
 
 @pytest.mark.parametrize("content, stored, reply", BDAT_CASES)
 def test_bdat_reject_mode_refuses(content, stored, reply):
-    driver = Driver(Limits(bare_newlines="reject"))
+    driver = Driver(ProtocolLimits(bare_newlines="reject"))
     driver.feed(bdat_stream(content))
     if reply == OK:
         assert after_rcpt(driver).endswith(OK + OK)
@@ -191,14 +192,14 @@ def test_bdat_reject_mode_refuses(content, stored, reply):
     b"A\r\n" + b"\n." * 200 + b"\r\n",  # lone-dot lines dropped
 ])
 def test_what_normalize_removes_still_counts_against_the_size_limit(content):
-    driver = Driver(Limits(bare_newlines="normalize", max_message_size=100))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize", max_message_size=100))
     driver.feed(data_stream(content))
     assert after_rcpt(driver) == GO_AHEAD + TOO_BIG + OK
     assert driver.of(E.MessageEnd) == []
 
 
 def test_nuls_removed_from_bdat_count_against_the_size_limit():
-    driver = Driver(Limits(bare_newlines="normalize", max_message_size=100))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize", max_message_size=100))
     chunk = b"\x00" * 200
     driver.feed(TRANSACTION + b"BDAT %d LAST\r\n" % len(chunk) + chunk)
     assert after_rcpt(driver) == TOO_BIG
@@ -206,10 +207,10 @@ def test_nuls_removed_from_bdat_count_against_the_size_limit():
 
 def test_the_size_is_that_of_the_stored_crlf_content():
     # 60 LF lines are 120 octets as sent, 180 as stored: the stored size counts
-    driver = Driver(Limits(bare_newlines="normalize", max_message_size=150))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize", max_message_size=150))
     driver.feed(data_stream(b"a\n" * 59 + b"a\r\n"))
     assert after_rcpt(driver) == GO_AHEAD + TOO_BIG + OK
-    driver = Driver(Limits(bare_newlines="normalize", max_message_size=180))
+    driver = Driver(ProtocolLimits(bare_newlines="normalize", max_message_size=180))
     driver.feed(data_stream(b"a\n" * 59 + b"a\r\n"))
     assert after_rcpt(driver) == GO_AHEAD + OK + OK
     assert driver.of(E.MessageEnd) == [E.MessageEnd(180)]

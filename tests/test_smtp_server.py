@@ -10,10 +10,10 @@ import re
 
 import pytest
 
-from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp._state import State
-from pymta.smtp.server import Features, MAX_COMMAND_LINE, MAX_MAIL_LINE, MAX_RCPT_LINE, ServerConnection
+from pymta.smtp.server import (MAX_COMMAND_LINE, MAX_MAIL_LINE, MAX_RCPT_LINE, Features,
+                               ProtocolLimits, ServerConnection)
 from pymta.verdict import Kind, Verdict
 from smtp_driver import Driver, reply_codes, reply_lines, session
 
@@ -34,13 +34,13 @@ NESTED_MAIL = b"503 5.5.1 Error: nested MAIL command\r\n"
 NO_RCPT = b"554 5.5.1 Error: no valid recipients\r\n"
 
 
-def greeted(limits: Limits | None = None, **kw) -> Driver:
+def greeted(limits: ProtocolLimits | None = None, **kw) -> Driver:
     driver = Driver(limits, **kw)
     assert driver.feed(b"EHLO client.test\r\n").startswith(b"250-mx.test\r\n")
     return driver
 
 
-def in_transaction(limits: Limits | None = None, **kw) -> Driver:
+def in_transaction(limits: ProtocolLimits | None = None, **kw) -> Driver:
     driver = greeted(limits, **kw)
     assert driver.feed(b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\n") == MAIL_OK + RCPT_OK
     return driver
@@ -55,7 +55,7 @@ def test_greeting_is_the_first_thing_sent():
 
 
 def test_client_that_talks_before_the_greeting_is_refused_and_closed():
-    conn = ServerConnection("mx.test", Limits(pregreet_wait=1.0))
+    conn = ServerConnection("mx.test", ProtocolLimits(pregreet_wait=1.0))
     conn.receive_data(b"EHLO early.test\r\n")
     assert conn.next_event() is E.NEED_DATA      # nothing is parsed before the banner
     conn.send_greeting()
@@ -68,7 +68,7 @@ def test_client_that_talks_before_the_greeting_is_refused_and_closed():
 def test_without_the_pregreet_trap_early_bytes_wait_for_the_greeting():
     """pregreet_wait = 0: the banner may still come late (the client's name is
     looked up first); what the client sent meanwhile is answered after it."""
-    conn = ServerConnection("mx.test", Limits())
+    conn = ServerConnection("mx.test", ProtocolLimits())
     conn.receive_data(b"EHLO early.test\r\n")
     assert conn.next_event() is E.NEED_DATA
     conn.send_greeting()
@@ -105,7 +105,7 @@ def test_ehlo_lists_exactly_the_offered_extensions():
 
 
 def test_ehlo_advertises_the_configured_size_and_extra_extensions():
-    driver = Driver(Limits(max_message_size=1000))
+    driver = Driver(ProtocolLimits(max_message_size=1000))
     driver.conn.features = Features(starttls=True)
     assert driver.feed(b"ehlo client.test\r\n") == (
         b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
@@ -258,7 +258,7 @@ ENHANCED = re.compile(rb"(\d)\d\d[ -](\d)\.\d{1,3}\.\d{1,3}( |\Z)")
 
 
 def test_every_reply_but_greeting_ehlo_helo_and_354_has_an_enhanced_code():
-    driver = Driver(Limits(max_recipients=1), policy={
+    driver = Driver(ProtocolLimits(max_recipients=1), policy={
         E.RcptTo: lambda ev: Verdict(Kind.REJECT) if ev.recipient.startswith("no") else None})
     replies = session(
         driver, b"NOOP\r\n", b"MAIL FROM:<a@b.test>\r\n", b"HELO c.test\r\n", b"EHLO c.test\r\n",
@@ -282,7 +282,7 @@ def test_every_reply_but_greeting_ehlo_helo_and_354_has_an_enhanced_code():
 
 # ------------------------------------------------------- recipients
 def test_too_many_recipients_is_452_and_the_session_goes_on():
-    driver = greeted(Limits(max_recipients=2))
+    driver = greeted(ProtocolLimits(max_recipients=2))
     assert session(driver, b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<r1@b.test>\r\n",
                    b"RCPT TO:<r2@b.test>\r\n", b"RCPT TO:<r3@b.test>\r\n",
                    b"RCPT TO:<r4@b.test>\r\n", b"DATA\r\n", b"body\r\n.\r\n") == [
@@ -303,7 +303,7 @@ def test_accepted_recipients_keep_the_answer_payload():
 
 # ------------------------------------------------------------ errors
 def test_too_many_errors_gives_421_and_closes():
-    driver = greeted(Limits(max_errors=3))
+    driver = greeted(ProtocolLimits(max_errors=3))
     out = driver.feed(b"FOO\r\nBAR\r\nRCPT TO:<a@b.test>\r\nNOOP\r\nQUIT\r\n")
     assert out == UNRECOGNIZED * 2 + NEED_MAIL + b"421 4.7.0 mx.test Error: too many errors\r\n"
     assert driver.closed and driver.last_sentinel is E.CLOSED
@@ -311,14 +311,14 @@ def test_too_many_errors_gives_421_and_closes():
 
 
 def test_policy_refusals_count_towards_the_error_limit():
-    driver = greeted(Limits(max_errors=2), policy={E.RcptTo: Verdict.reject()})
+    driver = greeted(ProtocolLimits(max_errors=2), policy={E.RcptTo: Verdict.reject()})
     out = driver.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@b.test>\r\nRCPT TO:<y@b.test>\r\n")
     assert out == MAIL_OK + b"550 5.7.1 Rejected\r\n" * 2 + b"421 4.7.0 mx.test Error: too many errors\r\n"
     assert driver.closed
 
 
 def test_too_many_errors_during_a_message_aborts_it():
-    driver = in_transaction(Limits(max_errors=1, bare_newlines="reject"))
+    driver = in_transaction(ProtocolLimits(max_errors=1, bare_newlines="reject"))
     out = driver.feed(b"DATA\r\nbare\nline\r\n.\r\n")
     assert out == GO_AHEAD + (b"550 5.6.11 Error: message contains bare <CR> or <LF>; "
                               b"lines must end with <CR><LF>\r\n"
@@ -556,20 +556,20 @@ def test_a_long_line_ending_in_a_bare_lf_is_still_one_error():
 @pytest.mark.parametrize("line", [b"NOOP\n", b"NO\rOP\r\n", b"NOOP\r\r\n", b"MAIL FROM:<a@b.test>\n",
                                   b"NOOP\rNOOP\n"])
 def test_bare_cr_or_lf_in_a_command_is_500_and_sync_is_kept_in_reject_mode(line):
-    driver = greeted(Limits(bare_newlines="reject"))
+    driver = greeted(ProtocolLimits(bare_newlines="reject"))
     assert driver.feed(line + b"NOOP\r\n") == BARE_NEWLINE + OK
     assert not driver.of(E.MailFrom)
 
 
 @pytest.mark.parametrize("line", [b"NO\rOP\r\n", b"NOOP\r\r\n", b"NOOP\rNOOP\n", b"NO\rOP\n"])
 def test_a_bare_cr_in_a_command_is_500_in_normalize_mode_too(line):
-    driver = greeted(Limits(bare_newlines="normalize"))
+    driver = greeted(ProtocolLimits(bare_newlines="normalize"))
     assert driver.feed(line + b"NOOP\r\n") == BARE_NEWLINE + OK
 
 
 def test_commands_ending_in_a_bare_lf_are_accepted_in_normalize_mode():
     # what a script piping LF-only lines sends; only CRLF . CRLF ends the data
-    driver = greeted(Limits(bare_newlines="normalize"))
+    driver = greeted(ProtocolLimits(bare_newlines="normalize"))
     out = driver.feed(b"MAIL FROM:<a@b.test>\nRCPT TO:<c@d.test>\nDATA\n"
                       b"Subject: x\n\n..body\n.\nNOOP\r\n.\r\nNOOP\n")
     assert out == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"

@@ -6,10 +6,9 @@ from base64 import b64encode
 
 import pytest
 
-from pymta.config.model import Limits
 from smtp_driver import Driver
 from pymta.smtp import events as E
-from pymta.smtp.server import Features
+from pymta.smtp.server import Features, ProtocolLimits
 from pymta.verdict import Kind, Verdict
 
 EHLO = b"EHLO c.test\r\n"
@@ -52,7 +51,7 @@ def test_starttls_discards_pipelined_plaintext_and_resets_the_session():
 def test_starttls_discards_what_follows_its_line_whatever_the_line_ends(starttls, after):
     # under "normalize" a bare LF ends a command line: STARTTLS ending in one
     # still discards everything after it, whatever ends those lines
-    d = Driver(Limits(bare_newlines="normalize"), features=Features(starttls=True))
+    d = Driver(ProtocolLimits(bare_newlines="normalize"), features=Features(starttls=True))
     d.feed(EHLO)
     assert d.feed(starttls + after) == b"220 2.0.0 Ready to start TLS\r\n"
     assert d.of(E.MailFrom) == [] and d.conn.tls_active

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from pymta.relay.tls import TLSPolicy
 from pymta.smtp import client as C
+from pymta.smtp import events as E
 from pymta.spool.message import open_body_file
 
 log = Logger()
@@ -262,7 +263,7 @@ class ClientSession(Protocol):
         try:
             while True:
                 event = self.conn.next_event()
-                if event is C.NEED_DATA or event is C.CLOSED:
+                if event is E.NEED_DATA or event is E.CLOSED:
                     break
                 handler = _HANDLERS.get(type(event))
                 if handler is not None:

@@ -16,7 +16,7 @@ from pymta.config.model import Config, Listener
 from pymta.server.policy import SessionPolicy
 from pymta.server.protocol import SMTPServerProtocol
 from pymta.smtp.replies import SHUTDOWN, Reply
-from pymta.smtp.server import Features
+from pymta.smtp.server import Features, ProtocolLimits
 
 log = Logger(namespace="pymta.smtpd")
 
@@ -81,6 +81,12 @@ class SMTPServerFactory(Factory):
             auth_plaintext=listener.auth_plaintext,
             require_tls=listener.require_tls, require_auth=listener.require_auth,
             etrn=True)
+        #: the protocol limits every session of this listener enforces (shared, immutable)
+        limits = context.config.limits
+        self.protocol_limits = ProtocolLimits(
+            max_message_size=limits.max_message_size, max_recipients=limits.max_recipients,
+            max_errors=limits.max_errors, bare_newlines=limits.bare_newlines,
+            pregreet_wait=limits.pregreet_wait)
 
     def buildProtocol(self, addr):
         # ``addr`` is the client: the socket's peer, or on a proxy_protocol listener

@@ -105,7 +105,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
         self.session.dns = self._session_resolver()
-        self.conn = ServerConnection(ctx.config.hostname, ctx.config.limits, self.factory.features)
+        self.conn = ServerConnection(ctx.config.hostname, self.factory.protocol_limits, self.factory.features)
         self.setTimeout(ctx.config.limits.idle_timeout)
         # the connect stage waits for the client's name and the pregreet wait; the
         # connect plugins' DNS queries (DNSBL) start now, with the name's

@@ -13,9 +13,13 @@ The client is driven from two sides:
   the :class:`pymta.smtp.client.ClientTimeouts` field that applies
   (RFC 5321 4.5.3.2).
 
-``NEXT_STATE`` lists where each handler may lead, so the table can be read
-(and is tested) without reading the handlers.  Any reply may also end the
-session (CLOSED): a 421, or a 3xx where no command continues.
+The machine assigns its state in one place (``ClientConnection._go``):
+actions and handlers name an outcome and ``ON_OUTCOME[outcome][state]`` is
+the next state; an outcome in a state not listed is a bug in the machine
+(KeyError), never the server's doing.  ``NEXT_STATE`` lists where each reply
+handler may lead, so the table can be read (and is tested) without reading
+the handlers.  Any reply may also end the session (CLOSED): a 421, or a 3xx
+where no command continues.
 """
 
 from __future__ import annotations
@@ -105,6 +109,29 @@ NEXT_STATE: dict[str, frozenset[State]] = {
     # READY; a server answering BDAT before all of its octets were sent leaves BODY
     "final": frozenset({State.READY, State.BODY}),
     "quit": frozenset({State.CLOSED}),
+}
+
+#: outcome -> {state it may happen in: next state}
+ON_OUTCOME: dict[str, dict[State, State]] = {
+    # EHLO (after the greeting or TLS) or HELO (EHLO refused with 5xx) sent
+    "hello": {State.GREETING: State.HELLO, State.HELLO: State.HELLO,
+              State.TLS_HANDSHAKE: State.HELLO},
+    "ready": {State.HELLO: State.READY},
+    "starttls": {State.READY: State.STARTTLS},
+    "tls_granted": {State.STARTTLS: State.TLS_HANDSHAKE},
+    "tls_refused": {State.STARTTLS: State.READY},
+    "auth": {State.READY: State.AUTH},
+    "auth_done": {State.AUTH: State.READY},
+    "transaction": {State.READY: State.TRANSACTION},
+    # 354 to DATA, or BDAT sent: the caller sends the content
+    "body": {State.TRANSACTION: State.BODY},
+    # end of content sent (or "." at once after a 354 with no recipient accepted)
+    "body_end": {State.BODY: State.FINISHING, State.TRANSACTION: State.FINISHING},
+    # TransactionDone: every reply in, or the session lost (CLOSED follows)
+    "transaction_done": {State.TRANSACTION: State.READY, State.BODY: State.READY,
+                         State.FINISHING: State.READY},
+    "quit": {State.READY: State.QUIT},
+    "closed": {s: State.CLOSED for s in State},
 }
 
 #: expected reply -> ClientTimeouts field (RFC 5321 4.5.3.2 defaults there)

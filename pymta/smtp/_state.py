@@ -4,8 +4,9 @@
 :class:`pymta.smtp.server.ServerConnection` or a fixed error reply.  A verb
 missing from the table is "not recognized" (500); a state missing for a
 verb is a bad sequence (503).  ``ON_OUTCOME`` says where the machine moves
-within a command or the content (DATA, end of data, STARTTLS, SASL steps),
-``AFTER_VERDICT`` where an answered decision leads.
+within a command or the content (DATA, end of data, STARTTLS, SASL steps)
+and where an answered decision leads; the machine assigns its state in one
+place (``ServerConnection._go``), from this table.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ TRANSITIONS: dict[str, dict[State, object]] = {
              State.RCPT: R.IN_TRANSACTION, State.BDAT_MORE: R.IN_TRANSACTION},
 }
 
-# Where the machine moves within a command or the content, without a verdict:
+# Where the machine moves within a command or the content, and after an answer:
 # ``ON_OUTCOME[outcome][state]`` is the next state.  Handlers name the outcome
 # (``conn._go("data")``) and never assign a state themselves; an outcome in a
 # state not listed here is a bug in the machine (KeyError), never a client's doing.
@@ -92,8 +93,10 @@ ON_OUTCOME: dict[str, dict[State, object]] = {
     "chunk_refused": {State.BDAT_CHUNK: BACK},
     # the end of the content waits for the "message" answer in RCPT
     "message_end": {State.DATA: State.RCPT, State.BDAT_CHUNK: State.RCPT},
-    # a protocol rule (size, bare newline, NUL, line length) refuses it at its end
-    "message_refused": {State.DATA: State.HELO, State.BDAT_CHUNK: State.HELO},
+    # a protocol rule (size, bare newline, NUL, line length) refuses it at its
+    # end, or the answer to MessageEnd does (below)
+    "message_refused": {State.DATA: State.HELO, State.BDAT_CHUNK: State.HELO,
+                        State.RCPT: State.HELO},
     "starttls": {State.READY: State.TLS_PENDING, State.HELO: State.TLS_PENDING},
     "tls_started": {State.TLS_PENDING: State.READY},
     # 334 sent (AUTH without initial response, or LOGIN's user name step)
@@ -101,14 +104,20 @@ ON_OUTCOME: dict[str, dict[State, object]] = {
     # the exchange ends: credentials to decide, cancelled or malformed
     "sasl_end": {State.HELO: State.HELO, State.AUTH: State.HELO},
     "closed": {s: State.CLOSED for s in State},
+    # an answered decision (ServerConnection.answer): "<kind>_accepted" or
+    # "<kind>_refused" (deferred too), from the state the decision was taken
+    # in; a refused HELO/EHLO, MAIL or RCPT leaves it as it was (RFC 5321 4.1.4)
+    "hello_accepted": {State.READY: State.HELO, State.HELO: State.HELO},
+    "hello_refused": {State.READY: State.READY, State.HELO: State.HELO},
+    "mail_accepted": {State.HELO: State.MAIL},
+    "mail_refused": {State.HELO: State.HELO},
+    "rcpt_accepted": {State.MAIL: State.RCPT, State.RCPT: State.RCPT},
+    "rcpt_refused": {State.MAIL: State.MAIL, State.RCPT: State.RCPT},
+    # the end of the content waits in RCPT (message_end); "message_refused" above
+    "message_accepted": {State.RCPT: State.HELO},
+    "auth_accepted": {State.HELO: State.HELO},
+    "auth_refused": {State.HELO: State.HELO},
+    "etrn_accepted": {State.HELO: State.HELO},
+    "etrn_refused": {State.HELO: State.HELO},
 }
 
-# Where an answered decision leads: (on accept, on refusal).  None = unchanged.
-AFTER_VERDICT: dict[str, tuple[State, State | None]] = {
-    "hello": (State.HELO, None),
-    "mail": (State.MAIL, None),
-    "rcpt": (State.RCPT, None),
-    "message": (State.HELO, State.HELO),
-    "auth": (State.HELO, State.HELO),
-    "etrn": (State.HELO, State.HELO),
-}

@@ -1,4 +1,4 @@
-"""RFC 5321 path and ESMTP parameter grammar (section 4.1.2), RFC 3461 xtext.
+"""RFC 5321 path grammar (section 4.1.2); ESMTP parameters are in :mod:`pymta.smtp.params`.
 
 Pure functions; raise :class:`PathError` with the reply that a server should
 give when the input is wrong.
@@ -17,9 +17,6 @@ _DOT_STRING = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
 _QUOTED = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"\Z')
 _LABEL = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?\Z")
-_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
-_VALUE = re.compile(rf"[\x21-\x3c\x3e-\x7e{_UTF8}]+\Z")
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 
 
 class PathError(ValueError):
@@ -122,42 +119,6 @@ def split_path_and_params(arg: str) -> tuple[str, str]:
             return arg[: i + 1], rest.strip(" ")
         i += 1
     raise _syntax("Syntax: the address must be enclosed in <>")
-
-
-def parse_params(text: str) -> dict[str, str | None]:
-    """ESMTP parameters → {KEYWORD: value or None}; a repeated keyword is a syntax error."""
-    params: dict[str, str | None] = {}
-    for item in text.split(" "):
-        if not item:
-            continue
-        key, eq, value = item.partition("=")
-        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise PathError(501, "5.5.4", f"Bad parameter syntax: {item[:40]}")
-        key = key.upper()
-        if key in params:
-            raise PathError(501, "5.5.4", f"Parameter {key} given twice")
-        params[key] = value if eq else None
-    return params
-
-
-def xtext_decode(value: str) -> str:
-    """RFC 3461 4: xtext (``+XX`` hex escapes) → text."""
-    if not _XTEXT.match(value):
-        raise PathError(501, "5.5.4", "Bad xtext encoding")
-    out, i = [], 0
-    while i < len(value):
-        if value[i] == "+":
-            out.append(chr(int(value[i + 1:i + 3], 16)))
-            i += 3
-        else:
-            out.append(value[i])
-            i += 1
-    return "".join(out)
-
-
-def xtext_encode(value: str) -> str:
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value)
 
 
 def is_ascii(text: str) -> bool:

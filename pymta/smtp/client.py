@@ -18,7 +18,8 @@ decides: whether to STARTTLS and AUTH (and it switches the transport to TLS),
 which transaction to run, and when to QUIT.
 
 Every transition is listed in :mod:`pymta.smtp._client_state`; the values
-and events are in :mod:`pymta.smtp.client_events` (and importable from here).
+and events are in :mod:`pymta.smtp.client_events` (and importable from here);
+NEED_DATA and CLOSED are the sentinels of :mod:`pymta.smtp.events`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from pymta.smtp._client_state import ACTIONS, REPLY_HANDLERS, TIMEOUTS, Expect, State
-from pymta.smtp.address import xtext_encode
+from pymta.smtp._client_state import ACTIONS, ON_OUTCOME, REPLY_HANDLERS, TIMEOUTS, Expect, State
+from pymta.smtp.params import xtext_encode
 from pymta.smtp.client_events import (ClientTimeouts, ServerReply, RecipientSpec,
                                        MailTransaction, RecipientResult, Ready, TLSGranted,
                                        TLSRefused, Authenticated, AuthRejected, BodyWanted,
                                        TransactionDone, SessionFailed, Closed)
-from pymta.smtp.events import Sentinel
+from pymta.smtp.events import CLOSED, NEED_DATA
 
-__all__ = ["ClientConnection", "ClientError", "DotStuffer", "NEED_DATA", "CLOSED",
+__all__ = ["ClientConnection", "ClientError", "DotStuffer",
            "ClientTimeouts", "ServerReply", "RecipientSpec", "MailTransaction", "RecipientResult",
            "Ready", "TLSGranted", "TLSRefused", "Authenticated", "AuthRejected", "BodyWanted",
            "TransactionDone", "SessionFailed", "Closed"]
@@ -48,9 +49,6 @@ MAX_REPLY_LINES = 200
 #: messages up to this size are sent in the same pipelined group as MAIL and
 #: RCPT when the server offers PIPELINING and CHUNKING (RFC 3030 4.2)
 INLINE_BODY_LIMIT = 64 * 1024
-
-NEED_DATA = Sentinel("NEED_DATA")
-CLOSED = Sentinel("CLOSED")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: "250 text", "250-text", "250": the code (2xx-5xx) and what follows it
@@ -289,6 +287,10 @@ class ClientConnection:
         self._expect.append((expect, index))
         self.progress += 1
 
+    def _go(self, outcome: str) -> None:
+        """Move to the state the transition table gives for ``outcome`` here."""
+        self.state = ON_OUTCOME[outcome][self.state]
+
     def _check_action(self, action: str) -> None:
         if self.state not in ACTIONS[action]:
             raise ClientError(f"{action}() is not allowed in state {self.state.value}")
@@ -302,7 +304,7 @@ class ClientConnection:
         self._hello("EHLO")
 
     def _hello(self, verb: str) -> None:
-        self.state = State.HELLO
+        self._go("hello")
         self._send(f"{verb} {self.local_hostname}", Expect.EHLO if verb == "EHLO" else Expect.HELO)
 
     def _on_ehlo(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -324,7 +326,7 @@ class ClientConnection:
             self._fail_session("HELO", reply, f"refused HELO: {reply.summary()}")
 
     def _ready(self) -> None:
-        self.state = State.READY
+        self._go("ready")
         self._events.append(Ready(self.esmtp, dict(self.extensions), self.tls))
 
     # -- STARTTLS (RFC 3207)
@@ -334,7 +336,7 @@ class ClientConnection:
             raise ClientError("start_tls(): the server does not offer STARTTLS")
         if self.tls:
             raise ClientError("start_tls(): TLS is already active")
-        self.state = State.STARTTLS
+        self._go("starttls")
         self._send("STARTTLS", Expect.STARTTLS)
 
     def _on_starttls(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -342,10 +344,10 @@ class ClientConnection:
             # Anything the server sent after its 220 came before the handshake:
             # never take it as a reply in the TLS session (response injection).
             self._in.clear()
-            self.state = State.TLS_HANDSHAKE
+            self._go("tls_granted")
             self._events.append(TLSGranted())
         else:
-            self.state = State.READY
+            self._go("tls_refused")
             self._events.append(TLSRefused(reply))
 
     def tls_started(self) -> None:
@@ -370,7 +372,7 @@ class ClientConnection:
             line = "AUTH LOGIN"
         else:
             raise ClientError(f"authenticate(): unsupported mechanism {mechanism!r}")
-        self.state = State.AUTH
+        self._go("auth")
         self._send(line, Expect.AUTH)
 
     def _on_auth(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -381,7 +383,7 @@ class ClientConnection:
             self.progress += 1
             return
         self._auth_steps.clear()
-        self.state = State.READY
+        self._go("auth_done")
         if reply.ok:
             self.authenticated = True
             self._events.append(Authenticated(reply))
@@ -420,7 +422,7 @@ class ClientConnection:
             commands.append(("DATA", Expect.DATA, 0))
         self._transactions += 1
         self._txn = txn
-        self.state = State.TRANSACTION
+        self._go("transaction")
         if pipelining:
             for line, expect, index in commands:
                 self._send(line, expect, index)
@@ -501,13 +503,13 @@ class ClientConnection:
         if reply.code == 354:
             if txn.any_accepted():
                 txn.stuffer = DotStuffer()
-                self.state = State.BODY
+                self._go("body")
                 txn.body_started = True
                 self._events.append(BodyWanted())
             else:
                 # RFC 2920 3.1: DATA was accepted though no recipient was: end it at once
                 txn.discard_final = True
-                self.state = State.FINISHING
+                self._go("body_end")
                 self._out.append(b".\r\n")
                 self._expect.append((Expect.DOT, 0))
                 self.progress += 1
@@ -517,7 +519,7 @@ class ClientConnection:
 
     def _start_body(self, txn: _Transaction) -> None:
         txn.body_started = True
-        self.state = State.BODY
+        self._go("body")
         self._send(f"BDAT {txn.spec.size} LAST", Expect.BDAT)
         self._events.append(BodyWanted())
 
@@ -546,7 +548,7 @@ class ClientConnection:
             self.progress += 1
         elif txn.body_sent != txn.spec.size:
             raise ClientError(f"end_body(): {txn.body_sent} octets sent, {txn.spec.size} announced")
-        self.state = State.FINISHING
+        self._go("body_end")
         self._maybe_done()
 
     def _on_final(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -580,7 +582,7 @@ class ClientConnection:
             else:   # not reached: a transaction ends with a reply for everyone or is lost
                 results.append(RecipientResult(ServerReply.make(451, "4.3.0", "no reply"), ""))
         if self.state is not State.CLOSED:
-            self.state = State.READY
+            self._go("transaction_done")
         self._events.append(TransactionDone(tuple(results), txn.answered))
 
     # -- QUIT
@@ -589,7 +591,7 @@ class ClientConnection:
         if self.state is not State.READY:
             self._lost("closed by the client")
             return
-        self.state = State.QUIT
+        self._go("quit")
         self._send("QUIT", Expect.QUIT)
 
     def _on_quit(self, expect: Expect, index: int, reply: ServerReply) -> None:
@@ -634,7 +636,7 @@ class ClientConnection:
     def _enter_closed(self, reason: str) -> None:
         if self.state is State.CLOSED:
             return
-        self.state = State.CLOSED
+        self._go("closed")
         self.close_reason = reason
         self._in.clear()
         self._expect.clear()

@@ -2,7 +2,7 @@
 
 Usage, as with h11::
 
-    conn = ServerConnection(hostname="mx.example.org", limits=Limits())
+    conn = ServerConnection(hostname="mx.example.org", limits=ProtocolLimits())
     conn.send_greeting()                 # or conn.refuse(verdict)
     conn.receive_data(bytes_from_socket) # b"" means the client closed
     while True:
@@ -18,17 +18,15 @@ transition is listed in :mod:`pymta.smtp._state`.
 
 from __future__ import annotations
 
-import binascii
-from base64 import b64decode
 from collections import deque
 from dataclasses import dataclass
 
-from pymta.config.model import Limits
 from pymta.smtp import events as E
 from pymta.smtp import replies as R
-from pymta.smtp._state import AFTER_VERDICT, BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
-from pymta.smtp.address import (PathError, is_ascii, parse_domain, parse_params, parse_path,
-                                split_path_and_params, xtext_decode)
+from pymta.smtp import sasl
+from pymta.smtp._state import BACK, IDLE_STATES, ON_OUTCOME, TRANSITIONS, State
+from pymta.smtp.address import PathError, is_ascii, parse_domain, parse_path, split_path_and_params
+from pymta.smtp.params import mail_params, parse_params, rcpt_params
 from pymta.smtp.body import DataReader, LineChecker
 from pymta.verdict import Kind, Verdict
 
@@ -50,6 +48,22 @@ class Features:
     etrn: bool = False
 
 
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """The limits the machine enforces itself (the listener builds them once
+    from the ``[limits]`` table; the defaults are the same)."""
+    #: octets of message content; advertised in SIZE, 552 beyond
+    max_message_size: int = 50 * 1024 * 1024
+    #: recipients per message; 452 beyond
+    max_recipients: int = 1000
+    #: errors per session before 421 and close
+    max_errors: int = 20
+    #: "normalize" | "reject": bare CR/LF in commands and content
+    bare_newlines: str = "normalize"
+    #: seconds the adapter listens before the banner; > 0: a client talking first is refused
+    pregreet_wait: float = 0.0
+
+
 MAX_COMMAND_LINE = 512           # octets with CRLF (RFC 5321 4.5.3.1.4)
 # Extensions raise the limit for MAIL and RCPT: SIZE (RFC 1870) +26,
 # AUTH= (RFC 4954) +500, DSN ENVID/RET (RFC 3461) +110, BODY/SMTPUTF8 +30;
@@ -58,7 +72,6 @@ MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 500 + 110 + 30
 MAX_RCPT_LINE = MAX_COMMAND_LINE + 500
 MAX_AUTH_LINE = 12288 + 2        # a SASL response line (RFC 4954 4)
 
-_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 _REFUSAL_DEFAULTS = {
     "hello": R.Reply(550, "5.7.1", "Rejected"),
     "mail": R.Reply(550, "5.7.1", "Sender address rejected"),
@@ -72,12 +85,6 @@ _DEFER_DEFAULT = R.Reply(451, "4.7.1", "Try again later")
 _DISCONNECT_DEFAULT = R.Reply(421, "4.7.0", "Closing connection")
 
 
-def _printable(text: str) -> bool:
-    """xtext values (ENVID, ORCPT, AUTH) decode to printable US-ASCII (RFC 3461 4):
-    no control characters that could end up in a DSN or a header."""
-    return all(" " <= c <= "~" for c in text)
-
-
 class ServerConnection:
     # one per connection: slots keep an idle session small (a dict of over 30
     # attributes loses CPython's key sharing and grows fivefold)
@@ -88,10 +95,10 @@ class ServerConnection:
                  "_removed", "_oversize", "_bdat_left", "_bdat_last", "_bdat_refusal",
                  "_bdat_return")
 
-    def __init__(self, hostname: str, limits: Limits | None = None,
+    def __init__(self, hostname: str, limits: ProtocolLimits | None = None,
                  features: Features | None = None) -> None:
         self.hostname = hostname
-        self.limits = limits or Limits()
+        self.limits = limits or ProtocolLimits()
         self.features = features or Features()
         self.tls_active = self.features.tls_active
         #: the authenticated user name once AUTH succeeded
@@ -377,7 +384,7 @@ class ServerConnection:
             params = parse_params(rest)
             if params and not self.esmtp:
                 return self._error(R.NO_PARAMS_AFTER_HELO)
-            params = self._mail_params(params)
+            params = mail_params(params, self.limits.max_message_size)
             sender = parse_path(path, allow_null=True)
         except PathError as e:
             # X.1.3 is a bad destination address; for the sender it is X.1.7 (RFC 3463)
@@ -386,45 +393,6 @@ class ServerConnection:
         if not is_ascii(sender) and "SMTPUTF8" not in params:
             return self._error(R.NEEDS_SMTPUTF8)
         self._hold("mail", E.MailFrom(sender, params))
-
-    def _mail_params(self, params: dict) -> dict:
-        out: dict = {}
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
-                    raise PathError(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self.limits.max_message_size:
-                    raise PathError(552, "5.3.4", "Message size exceeds fixed maximum message size")
-                out[key] = int(value)
-            elif key == "BODY":
-                body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME"):
-                    raise PathError(555, "5.5.4", f"Unsupported BODY type: {value}")
-                out[key] = body
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    raise PathError(501, "5.5.4", "SMTPUTF8 takes no value")
-                out[key] = None
-            elif key == "RET":
-                ret = (value or "").upper()
-                if ret not in ("FULL", "HDRS"):
-                    raise PathError(501, "5.5.4", "Bad RET parameter: FULL or HDRS")
-                out[key] = ret
-            elif key == "ENVID":
-                envid = xtext_decode(value or "")
-                if not envid or len(envid) > 100 or not _printable(envid):
-                    raise PathError(501, "5.5.4", "Bad ENVID parameter")
-                out[key] = envid
-            elif key == "AUTH":
-                if not value:
-                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
-                auth = "<>" if value == "<>" else xtext_decode(value)
-                if not _printable(auth):
-                    raise PathError(501, "5.5.4", "Bad AUTH parameter")
-                out[key] = auth
-            else:
-                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
-        return out
 
     def _cmd_rcpt(self, arg: str) -> None:
         if arg[:3].upper() != "TO:":
@@ -439,33 +407,13 @@ class ServerConnection:
             params = parse_params(rest)
             if params and not self.esmtp:
                 return self._error(R.NO_PARAMS_AFTER_HELO)
-            params = self._rcpt_params(params)
+            params = rcpt_params(params)
             recipient = parse_path(path, allow_null=False, allow_postmaster=True)
         except PathError as e:
             return self._error(R.Reply(e.code, e.enhanced, e.text))
         if not is_ascii(recipient) and "SMTPUTF8" not in self.mail_params:
             return self._error(R.NEEDS_SMTPUTF8)
         self._hold("rcpt", E.RcptTo(recipient, params))
-
-    def _rcpt_params(self, params: dict) -> dict:
-        out: dict = {}
-        for key, value in params.items():
-            if key == "NOTIFY":
-                items = tuple(v.upper() for v in (value or "").split(","))
-                if items != ("NEVER",) and not (set(items) <= _NOTIFY and len(set(items)) == len(items)):
-                    raise PathError(501, "5.5.4", "Bad NOTIFY parameter")
-                out[key] = items
-            elif key == "ORCPT":
-                addr_type, semi, addr = (value or "").partition(";")
-                if not semi or not addr_type or not addr:
-                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
-                original = xtext_decode(addr)
-                if not _printable(original):
-                    raise PathError(501, "5.5.4", "Bad ORCPT parameter: addr-type;xtext")
-                out[key] = f"{addr_type.lower()};{original}"
-            else:
-                raise PathError(555, "5.5.4", f"Unsupported option: {key}")
-        return out
 
     def _cmd_data(self, arg: str) -> None:
         if arg.strip(" "):
@@ -565,7 +513,7 @@ class ServerConnection:
         self._sasl = (mechanism, None)
         if initial is None:
             self._go("sasl_challenge")
-            self._out.append(R.Reply(334, None, "" if mechanism == "PLAIN" else "VXNlcm5hbWU6").render())
+            self._out.append(R.Reply(334, None, sasl.first_challenge(mechanism)).render())
             return None
         self._sasl_step(b"" if initial == "=" else initial.encode("ascii", "replace"))
 
@@ -578,26 +526,18 @@ class ServerConnection:
     def _sasl_step(self, encoded: bytes) -> None:
         mechanism, username = self._sasl
         try:
-            decoded = b64decode(encoded, validate=True)
-            text = decoded.decode("utf-8")
-        except (binascii.Error, ValueError):
+            text = sasl.decode_response(encoded)
+            if mechanism == "PLAIN":
+                authzid, username, password = sasl.parse_plain(text)
+                return self._authenticate(mechanism, username, password, authzid)
+            if username is None:          # LOGIN, user name step
+                self._sasl = (mechanism, sasl.login_username(text))
+                self._go("sasl_challenge")
+                self._out.append(R.Reply(334, None, sasl.LOGIN_PASSWORD).render())
+                return None
+        except sasl.SASLError as e:
             self._sasl_abort()
-            return self._error(R.AUTH_BAD_BASE64)
-        if mechanism == "PLAIN":
-            fields = text.split("\0")
-            if len(fields) != 3 or not fields[1]:
-                self._sasl_abort()
-                return self._error(R.Reply(501, "5.5.2", "Invalid PLAIN response (RFC 4616)"))
-            authzid, username, password = fields
-            return self._authenticate(mechanism, username, password, authzid)
-        if username is None:          # LOGIN, user name step
-            if not text:
-                self._sasl_abort()
-                return self._error(R.Reply(501, "5.5.2", "Empty user name"))
-            self._sasl = (mechanism, text)
-            self._go("sasl_challenge")
-            self._out.append(R.Reply(334, None, "UGFzc3dvcmQ6").render())
-            return None
+            return self._error(e.reply)
         return self._authenticate(mechanism, username, text, "")
 
     def _authenticate(self, mechanism: str, username: str, password: str, authzid: str) -> None:
@@ -730,7 +670,6 @@ class ServerConnection:
             raise RuntimeError("answer() without a pending decision")
         kind, event = self._pending
         self._pending = None
-        accept_state, refuse_state = AFTER_VERDICT[kind]
         if verdict.kind is Kind.DISCONNECT:
             reply = self._verdict_reply(verdict, _DISCONNECT_DEFAULT)
             if kind == "message":
@@ -738,7 +677,7 @@ class ServerConnection:
             self._close_with(reply)
             return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
-            self.state = accept_state
+            self._go(kind + "_accepted")
             getattr(self, "_accepted_" + kind)(event, verdict, payload)
             return
         if verdict.kind is Kind.DEFER:
@@ -747,8 +686,7 @@ class ServerConnection:
             default = _REFUSAL_DEFAULTS[kind]
         reply = self._verdict_reply(verdict, default)
         self._reply(reply)
-        if refuse_state is not None:
-            self.state = refuse_state
+        self._go(kind + "_refused")
         if kind == "message":
             self._message_rejected(reply)
             self._reset_transaction("rejected")
