@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Kind(enum.Enum):
@@ -26,8 +27,10 @@ class Verdict:
     enhanced: str | None = None
     text: str | None = None
     #: recipient stage only: the addresses this recipient expands to
-    #: (alias / virtual maps).  ``None`` keeps the recipient as given.
-    rewrite: tuple[str, ...] | None = None
+    #: (alias / virtual maps).  ``None`` keeps the recipient as given.  The
+    #: core's own rcpt verdict (pymta.server.policy) carries them routed, as
+    #: pymta.envelope.Recipient.
+    rewrite: tuple[Any, ...] | None = None
     #: message stage only: header fields to prepend, as (name, value) pairs.
     headers: tuple[tuple[str, str], ...] = field(default=())
     #: message stage only: positions (in ``message.headers()``) of header

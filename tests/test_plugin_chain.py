@@ -191,7 +191,7 @@ def test_a_bad_header_from_a_deferred_is_a_plugin_failure():
 
 
 def _written(name: str, value: str) -> bytes:
-    """The field as the core writes it (pymta.server.protocol._envelope)."""
+    """The field as the core writes it (pymta.server.reception.Reception._envelope)."""
     return f"{name}: {value}\r\n".encode("utf-8")
 
 

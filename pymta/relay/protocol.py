@@ -15,6 +15,7 @@ machine's :class:`~pymta.smtp.client.TransactionDone`.
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
@@ -153,6 +154,14 @@ class _ContentSender:
                 pass
 
 
+class TLSStage(enum.Enum):
+    """Where a relay connection is with TLS (one value, not a flag per step)."""
+    PLAINTEXT = "plaintext"       # no STARTTLS asked for (yet)
+    HANDSHAKING = "handshaking"   # the server granted STARTTLS: the handshake, then EHLO again
+    ENCRYPTED = "encrypted"       # ready over TLS
+    DECLINED = "declined"         # the server refused STARTTLS: plaintext from now on
+
+
 class ClientSession(Protocol):
     """One outbound SMTP connection."""
 
@@ -174,8 +183,8 @@ class ClientSession(Protocol):
         self._timer_key: Any = None
         self._deadline: float | None = None
         self._close_timer: Any = None
-        self._handshaking = False
-        self._tls_declined = False
+        #: where this connection is with TLS
+        self.tls = TLSStage.PLAINTEXT
         self._close_callbacks: list[Callable[["ClientSession"], None]] = []
         self.connected = False
         self.tls_info = ""
@@ -211,7 +220,7 @@ class ClientSession(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
         text = reason.getErrorMessage() if reason is not None else "connection lost"
-        if self._handshaking:
+        if self.tls is TLSStage.HANDSHAKING:
             text = f"TLS handshake failed: {text}"
         if self._sender is not None:
             self._sender.stopProducing()
@@ -222,7 +231,7 @@ class ClientSession(Protocol):
             self._close_timer.cancel()
         if not self._ready_fired:
             self._fail(SessionError(f"lost connection with {self.peer}: {text}", enhanced="4.4.2",
-                                    tls_failed=self._handshaking))
+                                    tls_failed=self.tls is TLSStage.HANDSHAKING))
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback(self)
@@ -359,11 +368,11 @@ class ClientSession(Protocol):
 
     # -- events -------------------------------------------------------------------
     def _on_ready(self, event: C.Ready) -> None:
-        self._handshaking = False
         settings = self.settings
         if event.tls:
+            self.tls = TLSStage.ENCRYPTED
             self.tls_info = _describe_tls(self.transport)
-        if not event.tls and settings.tls.wanted and not self._tls_declined:
+        if not event.tls and settings.tls.wanted and self.tls is not TLSStage.DECLINED:
             if "STARTTLS" in event.extensions:
                 self.conn.start_tls()
                 return
@@ -389,7 +398,7 @@ class ClientSession(Protocol):
         self._succeed()
 
     def _on_tls_granted(self, event: C.TLSGranted) -> None:
-        self._handshaking = True
+        self.tls = TLSStage.HANDSHAKING
         self.transport.startTLS(self.settings.tls.connection_creator(self.host))
         self.conn.tls_started()
 
@@ -398,7 +407,7 @@ class ClientSession(Protocol):
             self._fail(SessionError(f"host {self.peer} refused STARTTLS: {event.reply.summary()}",
                                     event.reply, enhanced="4.7.4"))
             return
-        self._tls_declined = True
+        self.tls = TLSStage.DECLINED
         self._on_ready(C.Ready(self.conn.esmtp, dict(self.conn.extensions), False))
 
     def _on_authenticated(self, event: C.Authenticated) -> None:
@@ -409,7 +418,7 @@ class ClientSession(Protocol):
                                 f"{event.reply.summary()}", event.reply, enhanced="4.7.8"))
 
     def _on_session_failed(self, event: C.SessionFailed) -> None:
-        if self._handshaking:
+        if self.tls is TLSStage.HANDSHAKING:
             error = SessionError(f"TLS with {self.peer} failed: {event.reason}", event.reply,
                                  enhanced="4.7.5", tls_failed=True)
         elif event.reply is not None:

@@ -71,21 +71,23 @@ class SessionPolicy:
         return self._run("data", "check_message", session, transaction, view)
 
     def rcpt(self, session: Session, transaction: Transaction, recipient: str, params: dict):
-        """Return (Verdict, [Recipient]) or a Deferred firing with it."""
+        """The rcpt stage's verdict, or a Deferred firing with it.  An accept carries
+        in its ``rewrite`` the recipients ``recipient`` stands for, routed
+        (:class:`pymta.envelope.Recipient`)."""
         address = f"postmaster@{self.postmaster_domain}" if recipient == "postmaster" else recipient
         local_part, _, domain = address.rpartition("@")
         local = self.config.is_local_domain(domain)
         if not local and not session.relay_allowed:
-            return RELAY_DENIED, []
+            return RELAY_DENIED
         postmaster = local and local_part.lower() == "postmaster"
 
         def decided(verdict: Verdict):
             if postmaster and verdict.kind is not Kind.ACCEPT:
                 verdict = DUNNO          # RFC 5321 4.5.1: always accepted
             elif verdict.kind is Kind.DUNNO and local and not postmaster:
-                return USER_UNKNOWN, []
+                return USER_UNKNOWN
             if verdict.kind not in (Kind.ACCEPT, Kind.DUNNO):
-                return verdict, []
+                return verdict
             targets = verdict.rewrite if verdict.rewrite else (address,)
             recipients = []
             seen = set()
@@ -97,9 +99,9 @@ class SessionPolicy:
                 route = self.config.route_for(target)
                 if route is None:
                     return Verdict.reject(f"<{target}>: no delivery route for this address",
-                                          550, "5.4.4"), []
+                                          550, "5.4.4")
                 recipients.append(Recipient(address=target, original=recipient, route=route,
                                             notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
-            return Verdict.accept(verdict.text) if verdict.text else DUNNO, recipients
+            return Verdict.accept(verdict.text, rewrite=recipients)
 
         return _then(self._run("rcpt", "check_recipient", session, transaction, address), decided)

@@ -3,8 +3,9 @@
 Thin by design: every protocol rule lives in :mod:`pymta.smtp.server`.  This
 class feeds bytes in, writes bytes out, runs the plugin chains (which may
 return Deferreds: reading is paused until the answer so pipelined replies stay
-in order), streams message content to the spool and answers end of data only
-once the spool says the message is durable.
+in order) and gives each its answer.  The mail transaction it receives (its
+recipients, its message streaming to the spool, the commit whose durability
+the answer at end of data waits for) is a :class:`pymta.server.reception.Reception`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from pymta.dns.budget import SessionResolver
-from pymta.envelope import Envelope
 from pymta.server.auth import IAuthenticatedUser
 from pymta.server.chain import PluginTimeout
-from pymta.server.received import received_header, with_protocol
-from pymta.session import Session, Transaction
+from pymta.server.reception import QUEUE_WRITE_ERROR, Reception
+from pymta.session import Session
 from pymta.smtp import events as E
-from pymta.spool.store import SpoolError
 from pymta.server.tls import describe as describe_tls
 from pymta.smtp.server import ServerConnection
 from pymta.verdict import Kind, Verdict
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 log = Logger(namespace="pymta.smtpd")
 _session_ids = itertools.count(1)
 
-QUEUE_WRITE_ERROR = Verdict(Kind.DEFER, 451, "4.3.0", "Error: queue file write error")
 AUTH_FAILED = Verdict(Kind.REJECT, 535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Verdict(Kind.DEFER, 454, "4.7.0", "Temporary authentication failure")
 
@@ -79,9 +77,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def __init__(self) -> None:
         self.conn: ServerConnection | None = None
         self.session: Session | None = None
-        self.transaction: Transaction | None = None
-        self._writer = None
-        self._write_failed = False
+        #: the mail transaction being received (from an accepted MAIL FROM), or None
+        self.reception: Reception | None = None
         self._processing = False
         self._paused = False
         self._greeted = False
@@ -90,8 +87,6 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._lost = False
         #: the client's address (set by the factory from buildProtocol's ``addr``)
         self.client_address = None
-        #: the spool commit of this session's message is in flight
-        self._committing = False
 
     # ------------------------------------------------------------ lifecycle
     def connectionMade(self) -> None:
@@ -173,7 +168,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.conn is not None:
             self.conn.connection_lost()
             self._drain_events()
-        self._abort_writer()
+        if self.reception is not None:
+            self.reception.abort()
         if self.session is not None and isinstance(self.session.dns, SessionResolver):
             self.session.dns.close()       # its budget timer goes with the session
         log.info("disconnect from {client}", client=self.client)
@@ -188,6 +184,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         log.info("timeout after {state} from {client}", state=self.conn.state.value, client=self.client)
         self.conn.timeout()
         self._process()
+
+    @property
+    def _committing(self) -> bool:
+        """The spool commit of this session's message is in flight."""
+        return self.reception is not None and self.reception.committing
 
     def drain(self) -> None:
         """Server is stopping: 421 to an idle client now, to the others after their transaction."""
@@ -259,13 +260,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         result.addCallback(fired).addErrback(
             lambda f: log.failure("while answering {client}", f, client=self.client))
 
-    def _answer(self, verdict: Verdict, payload=None) -> None:
+    def _answer(self, verdict: Verdict) -> None:
         if self.conn.awaiting_answer:
-            self.conn.answer(verdict, payload)
+            self.conn.answer(verdict)
 
     # ------------------------------------------------------------- events
     def _on_hello(self, ev: E.Hello) -> None:
-        self.transaction = None
+        self.reception = None
 
         def then(verdict: Verdict) -> None:
             if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
@@ -279,52 +280,38 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._decide(self.factory.context.policy.helo(self.session, ev.hostname), then)
 
     def _on_mail(self, ev: E.MailFrom) -> None:
-        txn = Transaction(sender=ev.sender, mail_params=dict(ev.params))
+        reception = Reception(ev.sender, ev.params)
 
         def then(verdict: Verdict) -> None:
             if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
-                self.transaction = txn
+                self.reception = reception
             else:
                 self._log_reject("MAIL", verdict, sender=ev.sender)
             self._answer(verdict)
 
-        self._decide(self.factory.context.policy.mail(self.session, txn), then)
+        self._decide(self.factory.context.policy.mail(self.session, reception.transaction), then)
 
     def _on_rcpt(self, ev: E.RcptTo) -> None:
-        txn = self.transaction
+        reception = self.reception
+        txn = reception.transaction
 
-        def then(result) -> None:
-            verdict, recipients = result
+        def then(verdict: Verdict) -> None:
             if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
-                txn.recipients.append(ev.recipient)
-                self._answer(verdict, recipients)
+                reception.add_recipients(ev.recipient, verdict.rewrite)
             else:
                 self._log_reject("RCPT", verdict, sender=txn.sender, rcpt=ev.recipient)
-                self._answer(verdict)
+            self._answer(verdict)
 
         self._decide(self.factory.context.policy.rcpt(self.session, txn, ev.recipient, ev.params), then)
 
     def _on_message_start(self, ev: E.MessageStart) -> None:
-        self._abort_writer()
-        self._write_failed = False
-        try:
-            self._writer = self.factory.context.spool.new_message()
-            self.transaction.queue_id = self._writer.queue_id
-        except (OSError, SpoolError) as e:
-            log.error("cannot create a queue file: {error}", error=e)
-            self._write_failed = True
+        self.reception.start_message(self.factory.context.spool)
 
     def _on_message_data(self, ev: E.MessageData) -> None:
-        if self._writer is None or self._write_failed:
-            return
-        try:
-            self._writer.write(ev.data)
-        except OSError as e:
-            log.error("{queue_id}: queue file write error: {error}", queue_id=self._writer.queue_id, error=e)
-            self._write_failed = True
+        self.reception.write(ev.data)
 
     def _on_message_aborted(self, ev: E.MessageAborted) -> None:
-        self._abort_writer()
+        self.reception.abort()
 
     def _on_message_rejected(self, ev: E.MessageRejected) -> None:
         # Postfix logs "to=" only when the message had one recipient
@@ -334,60 +321,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                           **extra)
 
     def _on_message_end(self, ev: E.MessageEnd) -> None:
-        if self._writer is None or self._write_failed:
-            self._abort_writer()
+        view = self.reception.view()
+        if view is None:
             self._message_verdict(QUEUE_WRITE_ERROR)
             return
-        try:
-            view = self._writer.view()
-        except OSError as e:
-            log.error("{queue_id}: queue file write error: {error}", queue_id=self._writer.queue_id, error=e)
-            self._abort_writer()
-            self._message_verdict(QUEUE_WRITE_ERROR)
-            return
-        self._decide(self.factory.context.policy.message(self.session, self.transaction, view),
+        self._decide(self.factory.context.policy.message(self.session, self.reception.transaction, view),
                      self._filtered)
 
     def _filtered(self, verdict: Verdict) -> None:
-        writer, txn = self._writer, self.transaction
-        if writer is None:
-            return
-        if verdict.kind not in (Kind.ACCEPT, Kind.DUNNO):
-            self._abort_writer()          # the machine's MessageRejected logs it
-            self._message_verdict(verdict)
-            return
-        if verdict.drop_headers:
-            try:
-                writer.drop_headers(verdict.drop_headers)
-            except OSError as e:
-                log.error("{queue_id}: queue file write error: {error}", queue_id=writer.queue_id, error=e)
-                self._abort_writer()
-                self._message_verdict(QUEUE_WRITE_ERROR)
-                return
-        envelope = self._envelope(writer, txn, verdict)
-        self._writer = None
-        self._committing = True
-        d = writer.commit(envelope)
-        self.factory.commit_started(d)
-
-        def committed(_):
-            ctx = self.factory.context
-            log.info("{queue_id}: client={client}, from=<{sender}>, size={size}, nrcpt={nrcpt}",
-                     queue_id=envelope.queue_id, client=self.client, sender=envelope.sender,
-                     size=envelope.size, nrcpt=len(envelope.recipients))
-            ctx.scheduler.submit(envelope)
-            return Verdict.accept(f"Ok: queued as {envelope.queue_id}")
-
-        def failed(failure):
-            log.failure("{queue_id}: cannot commit the queue file", failure, queue_id=envelope.queue_id)
-            writer.abort()
-            return QUEUE_WRITE_ERROR
-
-        d.addCallbacks(committed, failed)
-        self._decide(d, self._message_verdict)
+        answer = self.reception.store(verdict, self.session, self.factory, self.client)
+        if answer is not None:
+            self._decide(answer, self._message_verdict)
 
     def _message_verdict(self, verdict: Verdict) -> None:
-        self._committing = False
         if not self.conn.closed:
             self._answer(verdict)
 
@@ -402,7 +348,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.session.helo = None
         self.session.esmtp = False
         self.session.auth_user = None
-        self.transaction = None
+        self.reception = None
 
     def _on_authenticate(self, ev: E.Authenticate) -> None:
         ctx = self.factory.context
@@ -454,34 +400,6 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         return deferLater(ctx.reactor, delay, lambda: AUTH_FAILED)
 
     # ------------------------------------------------------------- helpers
-    def _envelope(self, writer, txn: Transaction, verdict: Verdict) -> Envelope:
-        ctx = self.factory.context
-        now = ctx.reactor.seconds()
-        recipients = []
-        seen = set()
-        for _given, _params, payload in self.conn.recipients:
-            for rcpt in payload or ():
-                key = (rcpt.address.lower(), rcpt.route)
-                if key not in seen:
-                    seen.add(key)
-                    recipients.append(rcpt)
-        params = txn.mail_params
-        smtputf8 = "SMTPUTF8" in params
-        prepend = [received_header(self.session, ctx.config.hostname, writer.queue_id,
-                                   [r.address for r in recipients], smtputf8, now)]
-        prepend += [f"{name}: {value}\r\n" for name, value in verdict.headers]
-        return Envelope(queue_id=writer.queue_id, sender=txn.sender, recipients=recipients,
-                        received_at=now, size=writer.size, client_ip=self.session.client_ip,
-                        client_name=self.session.client_name, helo=self.session.helo or "",
-                        protocol=with_protocol(self.session, smtputf8), body=params.get("BODY"),
-                        smtputf8=smtputf8, ret=params.get("RET"), envid=params.get("ENVID"),
-                        auth=self.session.auth_user, prepend=prepend)
-
-    def _abort_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-
     def _log_reject(self, stage: str, verdict: Verdict, **fields) -> None:
         self._log_refusal(stage, verdict.code, verdict.enhanced, verdict.text or "", **fields)
 
