@@ -512,7 +512,7 @@ class _ConfigBuilder:
             table = plugins.get(name)
             use, obj = self._instantiate("plugins", name, table, uses[0][1])
             for stage, key in uses:
-                self._verify(STAGES[stage], obj, use, f"plugins.{name}" if table is not None else key)
+                self._verify(STAGES[stage].interface, obj, use, f"plugins.{name}" if table is not None else key)
             instances[name] = PluginInstance(name=name, use=use, obj=obj)
         for name in plugins:
             if name not in references:
