@@ -37,9 +37,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
-                                    os_error_result, safe_folder_name, unsafe_result)
+                                    os_error_result, unsafe_result)
 from pymta.delivery.result import DeliveryResult
 from pymta.interfaces import IDeliveryBackend
+from pymta.mailbox_names import safe_folder_name
 
 log = Logger()
 

@@ -29,8 +29,8 @@ from zope.interface import implementer
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.options import Options, normalize_domain
 from pymta.config.watched_file import WatchedFile
-from pymta.delivery.mailbox import safe_folder_name, safe_mailbox_name
 from pymta.interfaces import IRecipientPolicy
+from pymta.mailbox_names import safe_folder_name, safe_mailbox_name
 from pymta.verdict import DUNNO, Verdict
 
 __all__ = ["LocalDomainRecipients", "StaticRecipients", "AliasMap", "AliasTable",
