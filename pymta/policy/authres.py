@@ -22,10 +22,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
-from pymta.config.options import Options
-from pymta.interfaces import IMessageFilter
-from pymta.verdict import Kind, Verdict
+from pymta.plugin_api import IMessageFilter, Kind, OptionError, Options, Verdict
 
 __all__ = ["AuthResult", "AuthenticationResults", "add_auth_result", "authserv_id_of",
            "format_authentication_results", "NOTES_KEY", "HEADER"]
