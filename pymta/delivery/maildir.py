@@ -38,9 +38,7 @@ from zope.interface import implementer
 
 from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
                                     os_error_result, unsafe_result)
-from pymta.delivery.result import DeliveryResult
-from pymta.interfaces import IDeliveryBackend
-from pymta.mailbox_names import safe_folder_name
+from pymta.plugin_api import DeliveryResult, IDeliveryBackend, safe_folder_name
 
 log = Logger()
 
