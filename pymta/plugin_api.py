@@ -11,6 +11,8 @@ from another plugin's module or from pymta's internals::
   method each stage calls is :data:`STAGES`);
 - :class:`Verdict` (``DUNNO``, :class:`Kind`), what every stage method returns,
   and :class:`DeliveryResult`, what a backend returns per recipient;
+  :class:`AuthResult` and :func:`add_auth_result`, how a check records its
+  outcome for the ``Authentication-Results`` field;
 - :class:`Options`, to read the plugin's own config table, and
   :class:`OptionError` / :class:`ConfigError` for problems with it;
 - :class:`PluginContext` (what a factory is given besides its options), the
@@ -24,6 +26,7 @@ from another plugin's module or from pymta's internals::
 
 from __future__ import annotations
 
+from pymta.authresults import AuthResult, add_auth_result
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.options import Options, PluginContext, describe_value, normalize_domain
@@ -44,8 +47,8 @@ __all__ = [
     "IPluginContext",
     # what a stage method is given, and DNS failures (context.resolver, session.dns)
     "Session", "Transaction", "DNSError",
-    # answers
-    "Verdict", "Kind", "DUNNO", "DeliveryResult",
+    # answers, and results for the Authentication-Results field
+    "Verdict", "Kind", "DUNNO", "DeliveryResult", "AuthResult", "add_auth_result",
     # options and files
     "Options", "OptionError", "ConfigError", "PluginContext", "WatchedFile",
     "describe_value", "format_duration", "parse_duration",
