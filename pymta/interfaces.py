@@ -16,8 +16,11 @@ that is checked with ``zope.interface.verify.verifyObject`` at start-up.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from twisted.cred.checkers import ICredentialsChecker
 from zope.interface import Attribute, Interface
+from zope.interface.interface import InterfaceClass
 
 
 class IConnectPolicy(Interface):
@@ -131,12 +134,26 @@ class IPluginContext(Interface):
         """Return ``path`` made absolute relative to ``config_dir``."""
 
 
-STAGES = {
+class Stage(NamedTuple):
+    """One decision point: the interface its plugins provide and the method the core calls."""
+
+    interface: InterfaceClass
+    method: str
+
+
+STAGES: dict[str, Stage] = {
     # SMTP AUTH: twisted.cred credential checkers (IUsernamePassword), tried in order
-    "auth": ICredentialsChecker,
-    "connect": IConnectPolicy,
-    "helo": IHeloPolicy,
-    "mail": ISenderPolicy,
-    "rcpt": IRecipientPolicy,
-    "data": IMessageFilter,
+    "auth": Stage(ICredentialsChecker, "requestAvatarId"),
+    "connect": Stage(IConnectPolicy, "check_connect"),
+    "helo": Stage(IHeloPolicy, "check_helo"),
+    "mail": Stage(ISenderPolicy, "check_sender"),
+    "rcpt": Stage(IRecipientPolicy, "check_recipient"),
+    "data": Stage(IMessageFilter, "check_message"),
 }
+"""The stages of ``[stages]``, in session order: stage name -> (interface, method).
+
+The one statement of that mapping: the loader verifies each listed plugin
+against ``interface`` (``verifyObject``), and the core calls ``method`` on
+it (:func:`pymta.server.chain.run_stage`; the ``auth`` stage through a
+twisted.cred Portal).
+"""

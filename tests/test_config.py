@@ -18,9 +18,10 @@ from twisted.python.threadpool import ThreadPool
 import pymta.plugins
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import ConfigError, OptionError
-from pymta.config.loader import default_config, discover_plugins, load_config
+from pymta.config.loader import default_config, load_config
 from pymta.config.model import Limits, Listener, Retry, Route
 from pymta.config.options import Options, PluginContext
+from pymta.config.plugins import discover_plugins
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.mbox import MboxBackend
 from pymta.policy.recipients import AliasMap, LocalDomainRecipients, StaticRecipients

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from pymta.config.errors import OptionError
-from pymta.delivery.mailbox import local_delivery_headers, safe_mailbox_name
+from pymta.delivery.mailbox import local_delivery_headers
+from pymta.mailbox_names import safe_mailbox_name
 from pymta.delivery import maildir as maildir_module
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.result import DEFERRED, DELIVERED, FAILED

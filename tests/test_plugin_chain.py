@@ -233,3 +233,11 @@ def test_plugin_timeout_config(tmp_path):
             load_config(str(path))
         message = str(e.value)
         assert str(path) in message and "limits.plugin_timeout" in message and "\n" not in message
+
+
+def test_each_stage_names_a_method_of_its_interface():
+    from zope.interface.interface import Method
+
+    from pymta.interfaces import STAGES
+    for stage, (interface, method) in STAGES.items():
+        assert isinstance(interface.get(method), Method), (stage, interface, method)

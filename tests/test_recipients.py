@@ -12,8 +12,9 @@ from zope.interface.verify import verifyObject
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.options import PluginContext
 from pymta.interfaces import IRecipientPolicy
+from pymta.plugin_api import strip_extension
 from pymta.policy.recipients import (AliasMap, LocalDomainRecipients, StaticRecipients,
-                                     parse_aliases, strip_extension)
+                                     parse_aliases)
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
 

@@ -8,10 +8,11 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from pymta.authresults import (AuthResult, authserv_id_of, format_authentication_results,
+                               property_value)
 from pymta.config.errors import OptionError
 from pymta.config.options import PluginContext
-from pymta.policy.authres import (AuthenticationResults, AuthResult, authserv_id_of,
-                                  format_authentication_results, property_value)
+from pymta.policy.authres import AuthenticationResults
 from pymta.policy.spf import SPFCheck, SPFPolicy
 from pymta.session import Session, Transaction
 from pymta.spool.message import parse_headers

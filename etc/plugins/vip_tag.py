@@ -11,10 +11,12 @@ plugin table::
     use = "vip_tag:VipTagger"      # module:Factory
     senders = "vip-senders"        # the plugin's own options
 
-A plugin is any callable taking ``(options, context)``:
+A plugin imports what it needs from :mod:`pymta.plugin_api` (interfaces,
+Verdict, Options, OptionError, WatchedFile, address helpers) and nothing
+else of pymta.  It is any callable taking ``(options, context)``:
 
 - ``options`` is the plugin's table without ``use`` (a dict).  Read it with
-  :class:`pymta.config.options.Options`: it checks types, and ``finish()``
+  :class:`~pymta.plugin_api.Options`: it checks types, and ``finish()``
   refuses keys you did not ask for (typos), so the admin gets
   ``pymta.toml: plugins.vip.sendres: unknown key (did you mean 'senders'?)``
   at start-up instead of a plugin that silently does nothing (a missing
@@ -25,7 +27,7 @@ A plugin is any callable taking ``(options, context)``:
 The object returned must provide the interface of each stage it is listed
 in (``@implementer(...)`` and the methods); pymta checks that with
 ``zope.interface.verify.verifyObject`` at start-up.  A method returns a
-:class:`pymta.verdict.Verdict` (or a Deferred firing with one); it never
+``Verdict`` (or a Deferred firing with one); it never
 writes to the connection.
 """
 
@@ -35,10 +37,8 @@ from typing import Any
 
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
-from pymta.config.options import Options
-from pymta.interfaces import IMessageFilter, IRecipientPolicy
-from pymta.verdict import DUNNO, Kind, Verdict
+from pymta.plugin_api import (DUNNO, IMessageFilter, IRecipientPolicy, Kind, OptionError, Options,
+                              Verdict)
 
 
 def read_address_file(path: str, option: str) -> frozenset[str]:

@@ -62,9 +62,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
-from pymta.config.options import Options
-from pymta.config.watched_file import WatchedFile
+from pymta.plugin_api import OptionError, Options, WatchedFile
 
 __all__ = ["PasswordFileChecker", "PasswordFileError", "PasswordTable", "parse_password_file",
            "load_password_file", "edit_password_text", "user_name_problem", "hash_password",

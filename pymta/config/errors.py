@@ -1,3 +1,13 @@
+"""Configuration problems: the loader's ConfigError, a plugin factory's OptionError."""
+
+import re
+
+
+def one_line(text: str) -> str:
+    """A problem text on one line (config errors are one line each)."""
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
 class ConfigError(Exception):
     """A configuration problem, reported as one line: '<file>: <key>: <problem>'."""
     def __init__(self, source: str, key: str, problem: str):

@@ -8,43 +8,37 @@ file, the dotted key and the problem, e.g.::
 
     /etc/pymta/pymta.toml: limits.max_recipients: expected an integer, got string 'abc'
 
-Plugins and backends are instantiated here (``factory(options, context)``)
-and checked with ``zope.interface.verify.verifyObject`` against the
-interface of every stage they are listed in.  ``etc/pymta.toml`` documents
-every key.
+This module reads the tables; the plugins and backends they name are
+made and checked by :mod:`pymta.config.plugins`.  What a load changes
+besides building the Config is done in two explicit steps of
+:meth:`_ConfigBuilder.build`: ``[server] plugin_path`` is put on
+``sys.path`` (:func:`~pymta.config.plugins.add_plugin_path`) and the shared
+DNS resolver is made (:func:`make_resolver`), both before the plugins that
+need them.  ``etc/pymta.toml`` documents every key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import ipaddress
 import os
 import re
 import socket
-import sys
 import tomllib
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
-from twisted.logger import globalLogPublisher
-from twisted.plugin import getPlugins, pluginPackagePaths
-from zope.interface.exceptions import (BrokenImplementation, BrokenMethodImplementation,
-                                       DoesNotImplement, Invalid, MultipleInvalid)
-from zope.interface.verify import verifyObject
-
-from pymta.config.errors import ConfigError, OptionError
-from pymta.config.model import Config, DNSSettings, Limits, Listener, PluginInstance, Retry, Route
-from pymta.config.listeners import DEFAULT_LISTENERS, ROLES, read_listeners, read_tls
+from pymta.config.errors import ConfigError, OptionError, one_line
+from pymta.config.model import Config, DNSSettings, Limits, Retry, Route
+from pymta.config.listeners import ROLES, read_listeners, read_tls
+from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
-from pymta.config.options import (Options, PluginContext, closest, describe_value,
-                                  normalize_domain)
+from pymta.config.options import Options, PluginContext, closest, describe_value, normalize_domain
 from pymta.config.durations import format_duration
-from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration, IRemoteDelivery
+from pymta.interfaces import IRemoteDelivery
 
-__all__ = ["load_config", "default_config", "discover_plugins", "PluginDiscovery",
-           "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK", "SPOOL_SYNC_MODES"]
+__all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK", "SPOOL_SYNC_MODES"]
 
 EMBEDDED_SOURCE = "<embedded default>"
 SPOOL_SYNC_MODES = ("fsync", "syncfs")
@@ -54,7 +48,6 @@ SPOOL_DISK_WORK = ("process", "threads")
 DEFAULT_DOMAINS = ["localhost"]
 DEFAULT_TRUSTED_NETWORKS = ["127.0.0.0/8", "::1/128"]
 DEFAULT_SPOOL_DIR = "var/spool"
-DEFAULT_STAGES: dict[str, list[str]] = {stage: [] for stage in STAGES} | {"rcpt": ["localdomain"]}
 DEFAULT_BACKENDS = {"local": {"use": "maildir", "base": "var/mail"}}
 
 # How each [limits] key is read; a Limits field missing here is read by the
@@ -85,6 +78,13 @@ def load_config(path: str, reactor: Any = None) -> Config:
 def default_config(reactor: Any = None) -> Config:
     """The embedded default: an empty config file in the current directory."""
     return _ConfigBuilder(EMBEDDED_SOURCE, os.getcwd(), reactor).build({})
+
+
+def make_resolver(settings: DNSSettings, reactor: Any) -> DNSResolver:
+    """The shared DNS resolver of ``[dns]`` (plugins get it in their context)."""
+    return DNSResolver(list(settings.nameservers), settings.timeout, settings.attempts,
+                       reactor=reactor, cache_entries=settings.cache_entries,
+                       failure_ttl=settings.failure_ttl)
 
 
 # -- reading the file -------------------------------------------------------
@@ -123,94 +123,6 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(path, where, f"TOML syntax error: {message}") from None
 
 
-def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", text).strip()
-
-
-# -- plugin discovery -------------------------------------------------------
-
-@dataclasses.dataclass
-class PluginDiscovery:
-    """The short names found in the ``pymta.plugins`` package directories."""
-
-    registrations: dict[str, Any]
-    #: names registered more than once, with different targets
-    duplicates: set[str]
-    #: plugin modules that failed to import, one line each
-    failures: list[str]
-
-
-def discover_plugins() -> PluginDiscovery:
-    """Find every IPluginRegistration with ``twisted.plugin.getPlugins``.
-
-    The plugin package path is refreshed first, so a ``pymta/plugins/``
-    directory on a ``sys.path`` entry added after start-up (``plugin_path``)
-    is searched too.  twisted.plugin writes ``dropin.cache`` files next to the
-    modules; when it cannot (read-only install) it only logs that.  A module
-    that fails to import is logged by twisted.plugin and listed in
-    ``failures`` so that an "unknown plugin" error can say why.
-    """
-    import pymta.plugins as package
-
-    for directory in pluginPackagePaths(package.__name__):
-        if directory not in package.__path__:
-            package.__path__.append(directory)
-    importlib.invalidate_caches()
-    plugin_dirs = {os.path.abspath(p) for p in package.__path__}
-    failures: list[str] = []
-
-    def observe(event: Mapping[str, Any]) -> None:
-        failure = event.get("log_failure") or event.get("failure")
-        if failure is not None:
-            failures.append(_describe_import_failure(failure, plugin_dirs))
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        found = list(getPlugins(IPluginRegistration, package))
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    registrations: dict[str, Any] = {}
-    duplicates: set[str] = set()
-    for registration in found:
-        name = registration.name
-        previous = registrations.get(name)
-        if previous is not None and previous is not registration and (
-                getattr(previous, "target", None) is None
-                or getattr(previous, "target", None) != getattr(registration, "target", None)):
-            duplicates.add(name)
-        registrations.setdefault(name, registration)
-    return PluginDiscovery(registrations, duplicates, failures)
-
-
-def _describe_import_failure(failure: Any, plugin_dirs: set[str]) -> str:
-    where = getattr(failure.value, "filename", None)
-    if not where:
-        for frame in reversed(getattr(failure, "frames", None) or []):
-            filename = os.path.abspath(frame[1])
-            if os.path.dirname(filename) in plugin_dirs:
-                where = f"{filename}, line {frame[2]}"
-                break
-    prefix = f"{where}: " if where else ""
-    return _one_line(f"{prefix}{failure.type.__name__}: {failure.getErrorMessage()}")
-
-
-# -- zope.interface verification ----------------------------------------------
-
-def _describe_invalid(error: Invalid, interface: Any) -> str:
-    if isinstance(error, MultipleInvalid):
-        return "; ".join(_describe_invalid(e, interface) for e in error.exceptions)
-    if isinstance(error, DoesNotImplement):
-        return (f"it does not declare the interface "
-                f"(add @implementer({interface.__name__}) to its class)")
-    if isinstance(error, BrokenImplementation):
-        name = getattr(error.name, "__name__", error.name)
-        return f"The {name} attribute was not provided"
-    if isinstance(error, BrokenMethodImplementation):
-        method = getattr(error.method, "__name__", error.method)
-        return f"The {method} method does not match the interface: {error.mess}"
-    return str(error)
-
-
 # -- the builder --------------------------------------------------------------
 
 class _ConfigBuilder:
@@ -220,12 +132,11 @@ class _ConfigBuilder:
         self.source = source
         self.config_dir = config_dir
         self._reactor = reactor
-        self._discovery: PluginDiscovery | None = None
         self.context: PluginContext | None = None
 
     # -- error helpers ----------------------------------------------------
     def fail(self, key: str, problem: str) -> NoReturn:
-        raise ConfigError(self.source, key, _one_line(problem))
+        raise ConfigError(self.source, key, one_line(problem))
 
     @contextlib.contextmanager
     def section(self, prefix: str) -> Iterator[None]:
@@ -234,7 +145,7 @@ class _ConfigBuilder:
             yield
         except OptionError as e:
             key = f"{prefix}.{e.key}" if prefix else e.key
-            raise ConfigError(self.source, key, _one_line(e.problem)) from None
+            raise ConfigError(self.source, key, one_line(e.problem)) from None
 
     @property
     def reactor(self) -> Any:
@@ -263,20 +174,19 @@ class _ConfigBuilder:
             tls_table = top.table("tls", None)
             top.finish()
 
-        hostname, domains, trusted = self._server(server)
+        hostname, domains, trusted, plugin_path = self._server(server)
+        add_plugin_path(plugin_path)
         dns_settings = self._dns(dns_table)
-        resolver = DNSResolver(list(dns_settings.nameservers), dns_settings.timeout,
-                               dns_settings.attempts, reactor=self.reactor,
-                               cache_entries=dns_settings.cache_entries,
-                               failure_ttl=dns_settings.failure_ttl)
+        resolver = make_resolver(dns_settings, self.reactor)
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
+        plugin_loader = PluginLoader(self)
         spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
-        backend_objs = self._backends(DEFAULT_BACKENDS if backends is None else backends)
+        backend_objs = plugin_loader.backends(DEFAULT_BACKENDS if backends is None else backends)
         route_list = self._routes(routes, domains, backend_objs)
-        stage_map = self._stages(stages, plugins)
+        stage_map = plugin_loader.stages(stages, plugins)
         listener_list = read_listeners(self, listeners, tls, bool(stage_map.get("auth")))
         return Config(
             source=self.source, hostname=hostname, domains=domains,
@@ -287,7 +197,7 @@ class _ConfigBuilder:
             shutdown_timeout=self.shutdown_timeout)
 
     # -- [server] -------------------------------------------------------------
-    def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
+    def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:
         with self.section("server"):
             opts = Options(table)
             hostname = opts.str("hostname", default=None)
@@ -329,12 +239,7 @@ class _ConfigBuilder:
                 if not os.path.isdir(directory):
                     raise OptionError(f"plugin_path[{index}]", f"no such directory: {directory}")
                 directories.append(directory)
-        for directory in reversed(directories):
-            if directory not in sys.path:
-                sys.path.insert(0, directory)
-        if directories:
-            importlib.invalidate_caches()
-        return hostname, tuple(domains), tuple(trusted)
+        return hostname, tuple(domains), tuple(trusted), directories
 
     # -- [spool] --------------------------------------------------------------
     def _spool(self, table: dict[str, Any]) -> tuple[str, str, int, str]:
@@ -411,17 +316,6 @@ class _ConfigBuilder:
                      delay_warning=delay_warning)
 
     # -- [backends.*] and [[routes]] --------------------------------------------
-    def _backends(self, tables: dict[str, Any]) -> dict[str, Any]:
-        backends: dict[str, Any] = {}
-        for name, table in tables.items():
-            key = f"backends.{name}"
-            if not isinstance(table, Mapping):
-                self.fail(key, f"expected a table, got {describe_value(table)}")
-            use, obj = self._instantiate("backends", name, table, key)
-            self._verify(IDeliveryBackend, obj, use, key)
-            backends[name] = obj
-        return backends
-
     def _routes(self, value: Any, domains: tuple[str, ...], backends: dict[str, Any]) -> tuple[Route, ...]:
         if value is None:
             if len(backends) > 1:
@@ -489,134 +383,6 @@ class _ConfigBuilder:
                               f"or name it in a route (match = \"{domain}\") if relaying it is "
                               "intended")
                 break
-
-    # -- [stages] and [plugins.*] -----------------------------------------------
-    def _stages(self, stages: dict[str, Any], plugins: dict[str, Any]) -> dict[str, tuple[PluginInstance, ...]]:
-        with self.section("stages"):
-            opts = Options(stages)
-            lists = {stage: opts.list_str(stage, DEFAULT_STAGES[stage]) for stage in STAGES}
-            opts.finish()
-        references: dict[str, list[tuple[str, str]]] = {}
-        for stage, names in lists.items():
-            for index, name in enumerate(names):
-                key = f"stages.{stage}[{index}]"
-                if any(s == stage for s, _ in references.get(name, ())):
-                    self.fail(key, f"{name!r} is listed twice in this stage")
-                references.setdefault(name, []).append((stage, key))
-        for name, table in plugins.items():
-            if not isinstance(table, Mapping):
-                self.fail(f"plugins.{name}", f"expected a table, got {describe_value(table)}")
-
-        instances: dict[str, PluginInstance] = {}
-        for name, uses in references.items():
-            table = plugins.get(name)
-            use, obj = self._instantiate("plugins", name, table, uses[0][1])
-            for stage, key in uses:
-                self._verify(STAGES[stage], obj, use, f"plugins.{name}" if table is not None else key)
-            instances[name] = PluginInstance(name=name, use=use, obj=obj)
-        for name in plugins:
-            if name not in references:
-                self.fail(f"plugins.{name}", "defined but not listed in any [stages] list "
-                                             "(add it to a stage or remove the table)")
-        return {stage: tuple(instances[name] for name in names) for stage, names in lists.items()}
-
-    # -- instantiating one plugin ---------------------------------------------
-    def _instantiate(self, section: str, name: str, table: Mapping[str, Any] | None,
-                     reference: str) -> tuple[str, Any]:
-        """Create plugin ``name`` from its table (None: listed by short name only)."""
-        table_key = f"{section}.{name}"
-        if table is None:
-            use, use_key, options = name, reference, {}
-        else:
-            use = table.get("use", name)
-            use_key = f"{table_key}.use" if "use" in table else table_key
-            if not isinstance(use, str) or not use:
-                self.fail(use_key, f"expected a plugin name or 'module:Factory', got {describe_value(use)}")
-            options = {k: v for k, v in table.items() if k != "use"}
-        factory = self._factory(use, use_key, has_table=table is not None,
-                                defaulted=table is not None and "use" not in table)
-        try:
-            obj = factory(options, self.context)
-        except OptionError as e:
-            self.fail(f"{table_key}.{e.key}", e.problem)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(self.source, reference if table is None else table_key,
-                              _one_line(f"plugin {use!r} failed to start: {type(e).__name__}: {e}")) from e
-        return use, obj
-
-    def _factory(self, use: str, key: str, *, has_table: bool, defaulted: bool) -> Callable[..., Any]:
-        if ":" in use or "." in use:
-            return self._import_factory(use, key)
-        discovery = self.discovery
-        registration = discovery.registrations.get(use)
-        if registration is None:
-            candidates = list(discovery.registrations)
-            hint = closest(use, candidates)
-            suggestion = f" (did you mean {hint!r}?)" if hint else ""
-            problem = f"unknown plugin {use!r}{suggestion}; known: {', '.join(sorted(candidates))}"
-            if not has_table:
-                problem += f"; no [plugins.{use}] table defines it either"
-            elif defaulted:
-                problem += "; the table has no 'use' key, so its name was taken as the plugin name"
-            if discovery.failures:
-                problem += "; plugin modules that failed to import: " + " | ".join(discovery.failures)
-            self.fail(key, problem)
-        if use in discovery.duplicates:
-            self.fail(key, f"plugin short name {use!r} is registered by more than one module in "
-                           "the pymta/plugins directories; remove one of them")
-        try:
-            return registration.load()
-        except Exception as e:
-            self.fail(key, f"plugin {use!r} could not be loaded: {type(e).__name__}: {e}")
-
-    @property
-    def discovery(self) -> PluginDiscovery:
-        if self._discovery is None:
-            self._discovery = discover_plugins()
-        return self._discovery
-
-    def _import_factory(self, use: str, key: str) -> Callable[..., Any]:
-        module_name, colon, attribute = use.partition(":")
-        if not colon:
-            module_name, _, attribute = use.rpartition(".")
-        if not module_name or not attribute:
-            self.fail(key, f"invalid dotted path {use!r} (expected 'module:Factory')")
-        importlib.invalidate_caches()
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-                self.fail(key, f"cannot import module {module_name!r} for {use!r}: no such module "
-                               "(is its directory in [server] plugin_path?)")
-            self.fail(key, f"importing module {module_name!r} for {use!r} failed: "
-                           f"{type(e).__name__}: {e}")
-        except Exception as e:
-            self.fail(key, f"importing module {module_name!r} for {use!r} failed: "
-                           f"{type(e).__name__}: {e}")
-        owner = module_name
-        for part in attribute.split("."):
-            if not hasattr(obj, part):
-                names = [n for n in dir(obj) if not n.startswith("_")]
-                hint = closest(part, names)
-                suggestion = f" (did you mean {hint!r}?)" if hint else ""
-                kind = "module" if owner == module_name else "object"
-                self.fail(key, f"{kind} {owner!r} has no attribute {part!r}{suggestion}")
-            obj = getattr(obj, part)
-            owner = f"{owner}.{part}" if owner != module_name else f"{module_name}:{part}"
-        if not callable(obj):
-            self.fail(key, f"{use!r} is not callable (expected a class or function taking "
-                           "(options, context))")
-        return obj
-
-    def _verify(self, interface: Any, obj: Any, use: str, key: str) -> None:
-        try:
-            verifyObject(interface, obj)
-        except Invalid as e:
-            self.fail(key, f"plugin {use!r} does not provide {interface.__name__}: "
-                           f"{_describe_invalid(e, interface)}")
-
 
 def _reader_for(name: str, default: Any) -> tuple[str, dict[str, Any]]:
     """How to read a Limits field this module does not know, from its default's type."""

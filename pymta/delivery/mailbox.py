@@ -1,8 +1,7 @@
-"""What the local delivery backends share: safe mailbox names, paths, options.
+"""What the local delivery backends share: paths, options, results.
 
-:func:`safe_mailbox_name` is the single rule for turning the local part of
-an address into a file name; the recipient validator uses it too, so a
-recipient accepted at RCPT time can always be delivered.
+Mailbox, domain and folder names are made from addresses by the rules of
+:mod:`pymta.mailbox_names`, the ones the recipient validator applies too.
 """
 
 from __future__ import annotations
@@ -21,59 +20,14 @@ from twisted.logger import Logger
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
+from pymta.mailbox_names import safe_domain_name, safe_mailbox_name
 from pymta.spool import diskworker
 from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 
 log = Logger()
 
-#: longest local part RFC 5321 allows (section 4.5.3.1.1)
-MAX_LOCAL_OCTETS = 64
-#: longest domain name
-MAX_DOMAIN_OCTETS = 255
 #: the placeholders a ``layout`` may use
 LAYOUT_FIELDS = ("domain", "local")
-
-
-def _check_path_component(value: str, what: str, max_octets: int) -> str:
-    if not value:
-        raise ValueError(f"empty {what}")
-    if len(value.encode("utf-8", errors="surrogatepass")) > max_octets:
-        raise ValueError(f"{what} {value!r} is longer than {max_octets} octets")
-    if "/" in value or "\\" in value:
-        raise ValueError(f"{what} {value!r} contains a path separator")
-    if '"' in value:
-        raise ValueError(f"{what} {value!r} is a quoted local part")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-        raise ValueError(f"{what} {value!r} contains a control character")
-    if value.startswith("."):
-        raise ValueError(f"{what} {value!r} starts with a dot")
-    if ".." in value:
-        raise ValueError(f"{what} {value!r} contains '..'")
-    return value
-
-
-def safe_mailbox_name(local: str) -> str:
-    """The mailbox (file or directory) name for the local part ``local``.
-
-    Lower-cased.  Raises ValueError, with the reason, for anything that is
-    not safe as one path component: empty, "/" or "\\", NUL or other control
-    characters, a leading ".", "..", more than 64 octets.  UTF-8 letters
-    (RFC 6531 local parts) are allowed.
-    """
-    return _check_path_component(local.lower(), "mailbox name", MAX_LOCAL_OCTETS)
-
-
-def safe_domain_name(domain: str) -> str:
-    """The directory name for ``domain`` (lower-cased, trailing dot removed)."""
-    return _check_path_component(domain.lower().rstrip("."), "domain", MAX_DOMAIN_OCTETS)
-
-
-def safe_folder_name(extension: str) -> str:
-    """A Maildir++ folder name from an address extension (case kept; "." nests)."""
-    folder = _check_path_component(extension, "folder name", MAX_LOCAL_OCTETS)
-    if folder.endswith("."):
-        raise ValueError(f"folder name {folder!r} ends with a dot")
-    return folder
 
 
 def _header_safe(text: str) -> str:

@@ -37,9 +37,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
-                                    os_error_result, safe_folder_name, unsafe_result)
-from pymta.delivery.result import DeliveryResult
-from pymta.interfaces import IDeliveryBackend
+                                    os_error_result, unsafe_result)
+from pymta.plugin_api import DeliveryResult, IDeliveryBackend, safe_folder_name
 
 log = Logger()
 

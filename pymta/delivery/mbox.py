@@ -29,11 +29,9 @@ from typing import Any, Iterable, Iterator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
 from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, os_error_result,
                                     unsafe_result)
-from pymta.delivery.result import DeliveryResult
-from pymta.interfaces import IDeliveryBackend
+from pymta.plugin_api import DeliveryResult, IDeliveryBackend, OptionError
 
 log = Logger()
 

@@ -39,12 +39,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
-from pymta.config.options import Options, describe_value, normalize_domain
-from pymta.dns.resolver import DNSError
-from pymta.interfaces import IConnectPolicy, IConnectPrefetch
-from pymta.session import Session
-from pymta.verdict import DUNNO, Verdict
+from pymta.plugin_api import (DNSError, DUNNO, IConnectPolicy, IConnectPrefetch, OptionError,
+                              Options, Session, Verdict, describe_value, normalize_domain)
 
 __all__ = ["DNSBL", "Zone", "reverse_query_name", "DEFAULT_LISTED", "ERROR_CODES"]
 

@@ -32,11 +32,8 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.config.durations import format_duration
-from pymta.config.options import Options
-from pymta.interfaces import IConnectPolicy, IRecipientPolicy, ISenderPolicy
-from pymta.session import Session, Transaction
-from pymta.verdict import DUNNO, Verdict
+from pymta.plugin_api import (DUNNO, IConnectPolicy, IRecipientPolicy, ISenderPolicy, Options,
+                              Session, Transaction, Verdict, format_duration)
 
 __all__ = ["RateLimit", "SlidingWindowCounter"]
 

@@ -26,51 +26,12 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.config.errors import ConfigError, OptionError
-from pymta.config.options import Options, normalize_domain
-from pymta.config.watched_file import WatchedFile
-from pymta.delivery.mailbox import safe_folder_name, safe_mailbox_name
-from pymta.interfaces import IRecipientPolicy
-from pymta.verdict import DUNNO, Verdict
+from pymta.plugin_api import (DUNNO, ConfigError, IRecipientPolicy, Options, OptionError, Verdict,
+                              WatchedFile, normalize_domain, safe_folder_name, safe_mailbox_name,
+                              split_address, strip_extension)
 
 __all__ = ["LocalDomainRecipients", "StaticRecipients", "AliasMap", "AliasTable",
-           "parse_aliases", "load_alias_file", "split_address", "strip_extension"]
-
-
-# -- address helpers --------------------------------------------------------
-
-def domain_key(domain: str) -> str:
-    """The form a domain is compared in: lower case, no trailing dot, IDNA A-labels."""
-    text = domain.rstrip(".").lower()
-    if text.isascii():
-        return text
-    try:
-        return normalize_domain(text)
-    except ValueError:
-        return text
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """(local part as given, domain key); the domain is "" for an address without one."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, domain_key(domain)
-
-
-def strip_extension(local: str, delimiters: str) -> str | None:
-    """The local part without its ``+extension``, or None when it has none.
-
-    ``delimiters`` holds one or more delimiter characters (like Postfix's
-    ``recipient_delimiter``); the first one found ends the base name.  A
-    delimiter in the first position does not count ("+foo" has no extension).
-    """
-    if not delimiters:
-        return None
-    for index, char in enumerate(local):
-        if index > 0 and char in delimiters:
-            return local[:index]
-    return None
+           "parse_aliases", "load_alias_file"]
 
 
 def _read_delimiter(opts: Options) -> str:

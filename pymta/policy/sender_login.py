@@ -52,12 +52,8 @@ from typing import Any
 
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
-from pymta.config.options import Options, normalize_domain
-from pymta.config.watched_file import WatchedFile
-from pymta.interfaces import ISenderPolicy
-from pymta.policy.recipients import split_address, strip_extension
-from pymta.verdict import DUNNO, Verdict
+from pymta.plugin_api import (DUNNO, ISenderPolicy, OptionError, Options, Verdict, WatchedFile,
+                              normalize_domain, split_address, strip_extension)
 
 __all__ = ["SenderLoginPolicy", "SenderLoginMap", "SenderLoginMapError", "parse_sender_logins",
            "load_sender_logins"]

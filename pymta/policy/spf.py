@@ -34,12 +34,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.config.options import Options
-from pymta.interfaces import IHeloPolicy, IMessageFilter, ISenderPolicy
-from pymta.policy.authres import AuthResult, add_auth_result, comment_text, fold, quoted
-from pymta.session import Session, Transaction
+from pymta.authresults import comment_text, fold, quoted
+from pymta.plugin_api import (DUNNO, AuthResult, IHeloPolicy, IMessageFilter, ISenderPolicy, Kind,
+                              Options, Session, Transaction, Verdict, add_auth_result)
 from pymta.spf.check import SPFChecker, SPFResult, identity
-from pymta.verdict import DUNNO, Kind, Verdict
 
 __all__ = ["SPFPolicy", "SPFCheck", "received_spf", "ACTIONS", "FAIL_ACTIONS"]
 

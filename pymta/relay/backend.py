@@ -49,12 +49,10 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pymta.config.errors import OptionError
 from pymta.config.model import domain_key
-from pymta.config.options import Options
-from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Recipient
-from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
+from pymta.plugin_api import (DeliveryResult, IDeliveryBackend, IRemoteDelivery, OptionError,
+                              Options)
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
 from pymta.relay.protocol import ClientSession, Credentials, MessageContent, SessionSettings

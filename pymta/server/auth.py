@@ -13,11 +13,13 @@ from twisted.internet.defer import fail, maybeDeferred
 from zope.interface import Interface, implementer
 
 from pymta.config.model import PluginInstance
+from pymta.interfaces import STAGES
 from pymta.server.chain import StageDeadline, within
 
 MAX_DELAY = 30.0
 FORGET_AFTER = 900.0        # a client's failures are forgotten after 15 quiet minutes
 TRACKED_CLIENTS = 10000     # memory bound
+AUTH = STAGES["auth"]      # ICredentialsChecker.requestAvatarId
 
 
 class IAuthenticatedUser(Interface):
@@ -61,10 +63,10 @@ class CheckerChain:
             if index >= len(candidates):
                 return fail(UnauthorizedLogin("authentication failed"))
             plugin = candidates[index]
-            d = maybeDeferred(plugin.obj.requestAvatarId, credentials)
+            d = maybeDeferred(getattr(plugin.obj, AUTH.method), credentials)
             if deadline is not None:
                 d = within(d, deadline.clock, ends - deadline.clock.seconds(), plugin, "auth",
-                           "requestAvatarId", deadline.seconds)
+                           AUTH.method, deadline.seconds)
             return d.addErrback(lambda f: f.trap(UnauthorizedLogin) and attempt(index + 1))
 
         return attempt(0)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pymta.config.model import PluginInstance
+from pymta.interfaces import STAGES
 from pymta.verdict import DUNNO, Kind, Verdict, header_problem
 
 log = Logger(namespace="pymta.plugins")
@@ -41,6 +42,12 @@ class StageDeadline:
     """How long a stage may wait for its plugins: ``seconds`` on ``clock`` (an IReactorTime)."""
     clock: Any
     seconds: float
+
+
+def run_stage(stage: str, plugins: Sequence[PluginInstance], *args: Any,
+              deadline: StageDeadline | None = None) -> Verdict | Deferred:
+    """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it."""
+    return run_chain(plugins, STAGES[stage].method, *args, stage=stage, deadline=deadline)
 
 
 def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from pymta.config.model import Config
 from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
-from pymta.server.chain import StageDeadline, run_chain
+from pymta.server.chain import StageDeadline, run_stage
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
 
@@ -54,21 +54,20 @@ class SessionPolicy:
                     log.failure("plugin {name} ({use}) failed in prefetch_connect",
                                 name=plugin.name, use=plugin.use)
 
-    def _run(self, stage: str, method: str, *args):
-        return run_chain(self.stages.get(stage, ()), method, *args, stage=stage,
-                         deadline=self.deadline)
+    def _run(self, stage: str, *args):
+        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline)
 
     def connect(self, session: Session):
-        return self._run("connect", "check_connect", session)
+        return self._run("connect", session)
 
     def helo(self, session: Session, hostname: str):
-        return self._run("helo", "check_helo", session, hostname)
+        return self._run("helo", session, hostname)
 
     def mail(self, session: Session, transaction: Transaction):
-        return self._run("mail", "check_sender", session, transaction)
+        return self._run("mail", session, transaction)
 
     def message(self, session: Session, transaction: Transaction, view):
-        return self._run("data", "check_message", session, transaction, view)
+        return self._run("data", session, transaction, view)
 
     def rcpt(self, session: Session, transaction: Transaction, recipient: str, params: dict):
         """The rcpt stage's verdict, or a Deferred firing with it.  An accept carries
@@ -104,4 +103,4 @@ class SessionPolicy:
                                             notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
             return Verdict.accept(verdict.text, rewrite=recipients)
 
-        return _then(self._run("rcpt", "check_recipient", session, transaction, address), decided)
+        return _then(self._run("rcpt", session, transaction, address), decided)

@@ -8,8 +8,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from pymta.interfaces import IMessageFilter
-from pymta.verdict import Verdict
+from pymta.plugin_api import IMessageFilter, Verdict
 
 
 @implementer(IMessageFilter)

@@ -9,9 +9,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
-from pymta.interfaces import (IConnectPolicy, IHeloPolicy, IMessageFilter, IRecipientPolicy,
-                              ISenderPolicy)
-from pymta.verdict import DUNNO, Kind, Verdict
+from pymta.plugin_api import (DUNNO, IConnectPolicy, IHeloPolicy, IMessageFilter, IRecipientPolicy,
+                              ISenderPolicy, Kind, Verdict)
 
 #: how long a "late" answer takes, in seconds (longer than the tests' plugin_timeout)
 LATE = 1.5

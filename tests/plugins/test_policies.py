@@ -6,9 +6,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from pymta.delivery.result import DeliveryResult
-from pymta.interfaces import IDeliveryBackend, IMessageFilter, IRecipientPolicy
-from pymta.verdict import Kind, Verdict
+from pymta.plugin_api import (DeliveryResult, IDeliveryBackend, IMessageFilter, IRecipientPolicy,
+                              Kind, Verdict)
 
 
 @implementer(IRecipientPolicy)

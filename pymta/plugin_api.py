@@ -1,0 +1,95 @@
+"""What a plugin may import: the one public module for plugin authors.
+
+A site plugin (and every built-in one) takes what it needs from here, never
+from another plugin's module or from pymta's internals::
+
+    from zope.interface import implementer
+
+    from pymta.plugin_api import DUNNO, IRecipientPolicy, Options, Verdict
+
+- the interfaces of the stages and backends (:mod:`pymta.interfaces`; which
+  method each stage calls is :data:`STAGES`);
+- :class:`Verdict` (``DUNNO``, :class:`Kind`), what every stage method returns,
+  and :class:`DeliveryResult`, what a backend returns per recipient;
+  :class:`AuthResult` and :func:`add_auth_result`, how a check records its
+  outcome for the ``Authentication-Results`` field;
+- :class:`Options`, to read the plugin's own config table, and
+  :class:`OptionError` / :class:`ConfigError` for problems with it;
+- :class:`PluginContext` (what a factory is given besides its options), the
+  :class:`Session` and :class:`Transaction` a stage method is given, and
+  :class:`DNSError`, how the resolver's lookups fail;
+- :class:`WatchedFile`, a map file re-read when it changes;
+- address helpers: :func:`split_address`, :func:`strip_extension`,
+  :func:`normalize_domain`, and the mailbox-name rules of local delivery
+  (:func:`safe_mailbox_name`, :func:`safe_folder_name`).
+"""
+
+from __future__ import annotations
+
+from pymta.authresults import AuthResult, add_auth_result
+from pymta.config.durations import format_duration, parse_duration
+from pymta.config.errors import ConfigError, OptionError
+from pymta.config.options import Options, PluginContext, describe_value, normalize_domain
+from pymta.config.watched_file import WatchedFile
+from pymta.delivery.result import DeliveryResult
+from pymta.dns.resolver import DNSError
+from pymta.interfaces import (STAGES, IConnectPolicy, IConnectPrefetch, IDeliveryBackend,
+                              IHeloPolicy, IMessageFilter, IPluginContext, IRecipientPolicy,
+                              IRemoteDelivery, ISenderPolicy)
+from pymta.mailbox_names import safe_domain_name, safe_folder_name, safe_mailbox_name
+from pymta.session import Session, Transaction
+from pymta.verdict import DUNNO, Kind, Verdict
+
+__all__ = [
+    # interfaces
+    "STAGES", "IConnectPolicy", "IConnectPrefetch", "IHeloPolicy", "ISenderPolicy",
+    "IRecipientPolicy", "IMessageFilter", "IDeliveryBackend", "IRemoteDelivery",
+    "IPluginContext",
+    # what a stage method is given, and DNS failures (context.resolver, session.dns)
+    "Session", "Transaction", "DNSError",
+    # answers, and results for the Authentication-Results field
+    "Verdict", "Kind", "DUNNO", "DeliveryResult", "AuthResult", "add_auth_result",
+    # options and files
+    "Options", "OptionError", "ConfigError", "PluginContext", "WatchedFile",
+    "describe_value", "format_duration", "parse_duration",
+    # addresses
+    "split_address", "strip_extension", "normalize_domain",
+    "safe_mailbox_name", "safe_domain_name", "safe_folder_name",
+]
+
+
+# -- address helpers --------------------------------------------------------
+
+def _domain_key(domain: str) -> str:
+    """The form a domain is compared in: lower case, no trailing dot, IDNA A-labels."""
+    text = domain.rstrip(".").lower()
+    if text.isascii():
+        return text
+    try:
+        return normalize_domain(text)
+    except ValueError:
+        return text
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part as given, domain key); the domain is "" for an address without one."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, _domain_key(domain)
+
+
+def strip_extension(local: str, delimiters: str) -> str | None:
+    """The local part without its ``+extension``, or None when it has none.
+
+    ``delimiters`` holds one or more delimiter characters (like Postfix's
+    ``recipient_delimiter``); the first one found ends the base name.  A
+    delimiter in the first position does not count ("+foo" has no extension).
+    """
+    if not delimiters:
+        return None
+    for index, char in enumerate(local):
+        if index > 0 and char in delimiters:
+            return local[:index]
+    return None
+
