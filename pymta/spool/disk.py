@@ -72,6 +72,7 @@ from pymta.spool.queuefile import (BODY_SUFFIX, CORRUPT_DIR, ENVELOPE_SUFFIX, FR
 from pymta.spool.queueid import is_queue_id
 from pymta.worker.process import in_child
 
+# the namespace the spool's log lines had before the file side had its own module
 log = Logger(namespace="pymta.spool.store")
 
 SYNC_MODES = ("fsync", "syncfs")
@@ -199,7 +200,7 @@ class QueueDirectory:
     def envelope_path(self, queue_id: str) -> str:
         return os.path.join(self.queue_dir, queue_id + ENVELOPE_SUFFIX)
 
-    def apply(self, kind: str, batch: list[Change]) -> dict[int, SpoolError]:
+    def apply(self, kind: str, batch: list[Change]) -> dict[int, Exception]:
         """Apply one batch of ``kind`` ("commits", "updates", "removals") on the calling thread.
 
         Returns the errors of single requests by ``id(request)``; raising
@@ -214,7 +215,7 @@ class QueueDirectory:
         raise ValueError(f"unknown spool batch kind {kind!r}")
 
     def _write_each(self, batch: list[Change], write: Callable[[Change, bool], None],
-                    errors: dict[int, SpoolError], fsync: bool) -> None:
+                    errors: dict[int, Exception], fsync: bool) -> None:
         """``write(request, fsync)`` for every request; several at once when fsyncing.
 
         Concurrent fsyncs let the file system merge them into one journal
@@ -307,13 +308,13 @@ class QueueDirectory:
         finally:
             os.close(fd)
 
-    def commit(self, batch: list[Commit]) -> dict[int, SpoolError]:
+    def commit(self, batch: list[Commit]) -> dict[int, Exception]:
         """Commit one batch durably.
 
         Returns the failures of single requests by ``id(request)``; raising
         fails the whole batch.
         """
-        errors: dict[int, SpoolError] = {}
+        errors: dict[int, Exception] = {}
         fsync = self.sync == "fsync"
         # 1. the data: body files and envelope temps
         self._write_each(batch, self._write_commit, errors, fsync)
@@ -355,7 +356,7 @@ class QueueDirectory:
             raise
         return errors
 
-    def update(self, batch: list[Update]) -> dict[int, SpoolError]:
+    def update(self, batch: list[Update]) -> dict[int, Exception]:
         """Replace the envelopes of one batch durably."""
         with self._envelopes_replacing:
             return self._replace_envelopes(batch)
@@ -396,8 +397,8 @@ class QueueDirectory:
                 log.warn("{queue_id}: cannot record its deliveries in the spool: {error}",
                          queue_id=queue_id, error=str(error))
 
-    def _replace_envelopes(self, batch: list[Update]) -> dict[int, SpoolError]:
-        errors: dict[int, SpoolError] = {}
+    def _replace_envelopes(self, batch: list[Update]) -> dict[int, Exception]:
+        errors: dict[int, Exception] = {}
         fsync = self.sync == "fsync"
         try:
             self._write_each(batch, self._write_envelope, errors, fsync)
@@ -430,7 +431,7 @@ class QueueDirectory:
         self._free.extend(kept)                        # replaced durably: reusable now
         return errors
 
-    def remove(self, batch: list[Remove]) -> dict[int, SpoolError]:
+    def remove(self, batch: list[Remove]) -> dict[int, Exception]:
         """Retire each message's file, then its updated envelope; no barrier .
 
         The message file goes first: a crash between the two leaves an
@@ -438,7 +439,7 @@ class QueueDirectory:
         the message with its envelope as first committed, which would be
         delivered again to every recipient.
         """
-        errors: dict[int, SpoolError] = {}
+        errors: dict[int, Exception] = {}
         for request in batch:
             for path in (self.body_path(request.queue_id), self.envelope_path(request.queue_id)):
                 try:
