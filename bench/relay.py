@@ -59,7 +59,7 @@ sys.path.append(str(REPO_ROOT / "tests"))
 from postfixkit import PrivatePostfix  # noqa: E402
 from pymta.envelope import Envelope, Recipient  # noqa: E402
 from pymta.spool.queueid import new_queue_id  # noqa: E402
-from pymta.spool.store import queue_file_content  # noqa: E402
+from pymta.spool.queuefile import queue_file_content  # noqa: E402
 
 WORK = BENCH_DIR / ".work" / "relay"
 RESULTS = BENCH_DIR / "results"

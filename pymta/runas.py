@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 __all__ = ["RunAs", "StartupPermissionError", "check_python", "prepare_directories", "prepare_spool",
            "prepare_mail_base", "unreadable_later"]
 
-#: the spool's subdirectories (pymta.spool.store: TMP_DIR, QUEUE_DIR, CORRUPT_DIR, FREE_DIR)
+#: the spool's subdirectories (pymta.spool.queuefile: TMP_DIR, QUEUE_DIR, CORRUPT_DIR, FREE_DIR)
 SPOOL_SUBDIRS = ("tmp", "queue", "corrupt", "free")
 #: a directory owned by root is given to the run-as user as a spool only if it
 #: is empty or already holds this (a spool left by a run as root), never a

@@ -22,7 +22,7 @@ from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 from pymta.dns.reverse import ClientNames
 from pymta.logtext import speed_up_text_log
-from pymta.spool.diskworker import DiskWorker
+from pymta.worker.process import DiskWorker
 
 log = Logger(namespace="pymta")
 

@@ -17,9 +17,11 @@ from twisted.logger import Logger, globalLogPublisher
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.result import DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
-from pymta.spool import diskworker
-from pymta.spool.diskworker import DiskWorker, DiskWorkerError, apply_spool_batch
-from pymta.spool.store import TRAILER_BYTES, TRAILER_FORMAT, Spool, SpoolError
+from pymta.spool.disk import apply_spool_batch
+from pymta.spool.queuefile import TRAILER_BYTES, TRAILER_FORMAT, SpoolError
+from pymta.spool.store import Spool
+from pymta.worker import process as diskworker
+from pymta.worker.process import DiskWorker, DiskWorkerError
 from fakesmtp import run_reactor, sleep
 
 

@@ -8,7 +8,7 @@ import smtplib
 import textwrap
 import time
 
-from pymta.spool.store import load_queue_file
+from pymta.spool.queuefile import load_queue_file
 
 from conftest import PymtaServer, free_port
 from dnsserver import LoopbackDNS

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pymta.spool.store import load_queue_file
+from pymta.spool.queuefile import load_queue_file
 
 from conftest import BACKEND_TOML, ROOT, require_program
 from smtpwire import Wire

@@ -26,8 +26,10 @@ from twisted.python.failure import Failure
 from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
-from pymta.spool import store as store_module
-from pymta.spool.store import MEMORY_BODY_LIMIT, TRAILER_BYTES, TRAILER_FORMAT, Spool, SpoolError
+from pymta.spool import disk as store_module
+from pymta.spool.queuefile import TRAILER_BYTES, TRAILER_FORMAT, SpoolError
+from pymta.spool.store import Spool
+from pymta.spool.writer import MEMORY_BODY_LIMIT
 from schedulerkit import SyncThreadPool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,12 +299,12 @@ def test_group_commit_batches_concurrent_commits(tmp_path):
     pool = ManualThreadPool()
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(pool))
     batches = []
-    real_flush = spool._flush
+    real_flush = spool.disk.commit
 
     def counting_flush(batch):
         batches.append(len(batch))
         return real_flush(batch)
-    spool._flush = counting_flush
+    spool.disk.commit = counting_flush
 
     writers = [spool.new_message() for _ in range(50)]
     fired = []
@@ -556,7 +558,7 @@ def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
     result_of(spool.update(kept))                  # so that it has an envelope file to replace
     envelope_before = open(spool.envelope_path(kept.queue_id), "rb").read()
     message_before = open(spool.body_path(kept.queue_id), "rb").read()
-    assert spool._keep_old_envelope(kept.queue_id) is not None      # ... and then the crash
+    assert spool.disk._keep_old_envelope(kept.queue_id) is not None      # ... and then the crash
     # a removal's rename that a crash left half done: the same message file under both names
     os.link(spool.body_path(kept.queue_id), os.path.join(spool.free_dir, "777"))
     assert len(free_names(spool)) == 2
@@ -574,9 +576,9 @@ def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
 
 
 def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypatch):
-    monkeypatch.setattr("pymta.spool.store.FREE_FILES_KEPT", 3)
+    monkeypatch.setattr("pymta.spool.disk.FREE_FILES_KEPT", 3)
     # (a message file holds its envelope too: a few hundred bytes with make_envelope())
-    monkeypatch.setattr("pymta.spool.store.RECYCLE_MAX_BYTES", 1000)
+    monkeypatch.setattr("pymta.spool.disk.RECYCLE_MAX_BYTES", 1000)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     big = commit_message(spool, b"Subject: big\r\n\r\n" + b"y" * 2000)
     big.recipients[0].attempts = 1
@@ -803,7 +805,7 @@ def test_commits_complete_while_a_removal_and_an_update_wait(tmp_path):
 
 def test_removal_uses_no_durability_barrier(spool, monkeypatch):
     envelope = commit_message(spool, b"delivered")
-    import pymta.spool.store as store
+    import pymta.spool.disk as store
 
     def no_barrier(*args):
         raise AssertionError("removal asked for a barrier")
@@ -863,12 +865,12 @@ def test_a_stalled_removal_thread_holds_up_no_commit(tmp_path, monkeypatch):
         writer.write(b"delivered")
         delivered = make_envelope()
         wait_for(writer.commit(delivered))
-        real_removals = spool._apply_removals
+        real_removals = spool.disk.remove
 
         def stalled_removals(batch):
             assert release.wait(10)
             return real_removals(batch)
-        spool._apply_removals = stalled_removals
+        spool.disk.remove = stalled_removals
         removed = spool.remove(delivered.queue_id)
         for n in range(20):
             writer = spool.new_message()
@@ -936,7 +938,7 @@ def test_recover_deletes_the_envelope_a_crashed_removal_left_behind(tmp_path):
     gone = commit_message(spool, b"delivered")
     gone.recipients[0].state = DELIVERED
     result_of(spool.update(gone))
-    real_retire = spool._retire
+    real_retire = spool.disk._retire
     retired = []
 
     def dies_before_the_envelope(path, keep):
@@ -944,7 +946,7 @@ def test_recover_deletes_the_envelope_a_crashed_removal_left_behind(tmp_path):
             raise OSError(5, "the process died here")
         retired.append(path)
         return real_retire(path, keep)
-    spool._retire = dies_before_the_envelope
+    spool.disk._retire = dies_before_the_envelope
     with pytest.raises(SpoolError):
         result_of(spool.remove(gone.queue_id))
     assert retired == [spool.body_path(gone.queue_id)]          # the message file went first
@@ -1204,7 +1206,7 @@ def test_a_removed_file_is_reused_only_after_queue_is_synced(tmp_path, monkeypat
     monkeypatch.setattr(store_module, "_fsync_directory", fsync_directory)
     monkeypatch.setattr(os, "rename", rename)
     result_of(spool.remove(gone.queue_id, gone.size))
-    assert spool.free_files == 1 and spool._free == deque()          # retired, not reusable yet
+    assert spool.free_files == 1 and spool.disk._free == deque()          # retired, not reusable yet
     assert events == [("rename", "queue", "free")]
     new = commit_message(spool, b"Subject: new\r\n\r\nnew\r\n")
     # the queue/ sync came before the retired file was taken for the new message
@@ -1222,7 +1224,7 @@ def test_a_restarted_spool_syncs_queue_before_reusing_free_files(tmp_path, monke
     monkeypatch.setattr(store_module, "_fsync_directory",
                         lambda path: (synced.append(os.path.basename(path)), real_fsync_directory(path)))
     again = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
-    assert synced == ["queue"] and list(again._free) == free_names(again) and again.free_files == 1
+    assert synced == ["queue"] and list(again.disk._free) == free_names(again) and again.free_files == 1
 
 
 def test_syncfs_mode_syncs_a_recycled_file_before_naming_it_in_queue(tmp_path, monkeypatch):
@@ -1233,8 +1235,8 @@ def test_syncfs_mode_syncs_a_recycled_file_before_naming_it_in_queue(tmp_path, m
     gone = commit_message(spool, b"Subject: old\r\n\r\nold\r\n")
     result_of(spool.remove(gone.queue_id, gone.size))
     events = []
-    real_syncfs, real_rename = spool._call_syncfs, os.rename
-    monkeypatch.setattr(spool, "_call_syncfs", lambda: (events.append("syncfs"), real_syncfs()))
+    real_syncfs, real_rename = spool.disk._call_syncfs, os.rename
+    monkeypatch.setattr(spool.disk, "_call_syncfs", lambda: (events.append("syncfs"), real_syncfs()))
 
     def rename(src, dst):
         real_rename(src, dst)

@@ -12,9 +12,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pymta.envelope import Envelope, Recipient
-from pymta.spool.message import open_body_file, parse_headers
-from pymta.spool.store import (COPY_CHUNK, MEMORY_BODY_LIMIT, Spool, SpoolError, header_field_spans,
-                               load_queue_file)
+from pymta.spool.message import header_field_spans, open_body_file, parse_headers
+from pymta.spool.queuefile import COPY_CHUNK, SpoolError, load_queue_file
+from pymta.spool.store import Spool
+from pymta.spool.writer import MEMORY_BODY_LIMIT
 
 
 class SyncReactor(Clock):
@@ -240,7 +241,7 @@ def test_a_cut_that_fails_at_commit_fails_the_commit_and_leaves_nothing(tmp_path
 
     def broken(*args):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr("pymta.spool.store.cut_ranges", broken)
+    monkeypatch.setattr("pymta.spool.disk.cut_ranges", broken)
     envelope = new_envelope()
     results = []
     writer.commit(envelope).addBoth(results.append)

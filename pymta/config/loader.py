@@ -42,7 +42,7 @@ __all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", 
 
 EMBEDDED_SOURCE = "<embedded default>"
 SPOOL_SYNC_MODES = ("fsync", "syncfs")
-#: where the spool's and local deliveries' file work runs (pymta.spool.diskworker)
+#: where the spool's and local deliveries' file work runs (pymta.worker.process)
 SPOOL_DISK_WORK = ("process", "threads")
 
 DEFAULT_DOMAINS = ["localhost"]

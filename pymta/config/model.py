@@ -151,7 +151,7 @@ class Config:
     #: (pymta.spool.writer.MEMORY_BODY_LIMIT is the same default)
     spool_memory_limit: int = 64 * 1024
     #: where the spool's and local deliveries' file work runs: "process" (a
-    #: child process, pymta.spool.diskworker) or "threads" (in this process)
+    #: child process, pymta.worker.process) or "threads" (in this process)
     spool_disk_work: str = "process"
     #: stage name -> plugins in order ("connect", "helo", "mail", "rcpt", "data")
     stages: dict[str, tuple[PluginInstance, ...]] = field(default_factory=dict)

@@ -21,8 +21,9 @@ from pymta.config.errors import OptionError
 from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
 from pymta.mailbox_names import safe_domain_name, safe_mailbox_name
-from pymta.spool import diskworker
-from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
+from pymta.delivery.worker_call import deliver_local
+from pymta.worker import process as diskworker
+from pymta.worker.pipeline import BatchPipeline, pipeline_threadpool
 
 log = Logger()
 
@@ -187,8 +188,8 @@ class LocalMailboxBackend:
 
     Deliveries go in batches: while a batch is being written, new
     deliveries wait and then go together
-    (:class:`pymta.spool.pipeline.BatchPipeline`).  A batch runs in the
-    server's disk worker process (:mod:`pymta.spool.diskworker`) when there
+    (:class:`pymta.worker.pipeline.BatchPipeline`).  A batch runs in the
+    server's disk worker process (:mod:`pymta.worker.process`) when there
     is one, else in one thread of the backend's own: not one thread per
     concurrent delivery, since each file-system call releases and retakes
     the interpreter lock, and more threads mostly add lock hand-offs with
@@ -228,7 +229,7 @@ class LocalMailboxBackend:
     def deliver(self, message, recipients):
         """IDeliveryBackend: queue for the backend's delivery thread (see the class).
 
-        When the server runs a disk worker (:mod:`pymta.spool.diskworker`),
+        When the server runs a disk worker (:mod:`pymta.worker.process`),
         the batches go to its child process instead of a thread.
         """
         if self._pipeline is None:
@@ -253,7 +254,7 @@ class LocalMailboxBackend:
 
     def _apply_jobs_in_worker(self, worker, jobs: list[DeliveryJob]) -> defer.Deferred:
         """The same, in the disk worker's child (a dead child defers the whole batch)."""
-        d = worker.call(diskworker.deliver_local, self.worker_spec,
+        d = worker.call(deliver_local, self.worker_spec,
                         [(job.message, job.recipients) for job in jobs])
 
         def failed(failure):
@@ -295,7 +296,7 @@ class LocalMailboxBackend:
         """:meth:`deliver_all`, then each job's deliveries recorded in the spool.
 
         A message the scheduler sent with a ``record_delivery``
-        (:class:`pymta.spool.store.DeliveryRecord`) has its delivered
+        (:class:`pymta.spool.disk.DeliveryRecord`) has its delivered
         recipients recorded here, right after the mailbox sync and before
         the batch answers: the message leaves the spool when that finished
         it.  Returns the results and, per job, whether its message left the

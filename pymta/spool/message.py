@@ -53,7 +53,7 @@ def open_body_file(path: str, size: int) -> BinaryIO:
     """The first ``size`` bytes of the file at ``path``, as a buffered binary file.
 
     A committed spool file holds the message's envelope after its body
-    (:mod:`pymta.spool.store`): readers of the body stop at the envelope's
+    (:mod:`pymta.spool.queuefile`): readers of the body stop at the envelope's
     ``size``.
     """
     raw = open(path, "rb", buffering=0)
@@ -63,6 +63,53 @@ def open_body_file(path: str, size: int) -> BinaryIO:
 def _decode(raw: bytes) -> str:
     """Header bytes as text: UTF-8 (RFC 6532), undecodable bytes replaced."""
     return raw.decode("utf-8", errors="replace")
+
+
+class _Field:
+    """One header field found by :func:`_scan_header`: where it is, and what it says."""
+
+    __slots__ = ("start", "end", "name", "parts")
+
+    def __init__(self, start: int, end: int, name: bytes, first: bytes) -> None:
+        #: byte range of the field's lines in the body, line endings included
+        self.start = start
+        self.end = end
+        self.name = name
+        #: the value after the colon, then each continuation line (line endings removed)
+        self.parts = [first]
+
+
+def _scan_header(fp: BinaryIO, limit: int) -> list[_Field]:
+    """The header fields at the top of ``fp``: the one scanner of the header section.
+
+    The section ends at the first empty line, at the first line that is
+    neither a field nor a continuation (the body started without a blank
+    line), or before the line that crosses ``limit`` bytes.
+    """
+    fields: list[_Field] = []
+    consumed = 0
+    while consumed < limit:
+        line = fp.readline(limit - consumed)
+        if not line:
+            break
+        start = consumed
+        consumed += len(line)
+        if consumed >= limit and not line.endswith(b"\n"):
+            break                              # cut by the limit: not a whole line
+        content = line.rstrip(b"\r\n")
+        if not content:
+            break                              # end of the header section
+        if content[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1].parts.append(content)   # continuation of the previous field
+                fields[-1].end = consumed
+                continue
+            break                              # continuation with nothing to continue
+        match = _FIELD_NAME.match(content)
+        if match is None:
+            break                              # not a header field: the body begins
+        fields.append(_Field(start, consumed, match.group(1), content[match.end():]))
+    return fields
 
 
 def parse_headers(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[str, str]]:
@@ -76,32 +123,19 @@ def parse_headers(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[st
     line), or before the line that crosses ``limit`` bytes.  Names keep their case; compare them
     case-insensitively.  Encoded words (RFC 2047) are left as they are.
     """
-    fields: list[tuple[bytes, list[bytes]]] = []
-    consumed = 0
-    while consumed < limit:
-        line = fp.readline(limit - consumed)
-        if not line:
-            break
-        consumed += len(line)
-        if consumed >= limit and not line.endswith(b"\n"):
-            break                              # cut by the limit: not a whole line
-        content = line.rstrip(b"\r\n")
-        if not content:
-            break                              # end of the header section
-        if content[:1] in (b" ", b"\t"):
-            if fields:
-                fields[-1][1].append(content)  # continuation of the previous field
-                continue
-            break                              # continuation with nothing to continue
-        match = _FIELD_NAME.match(content)
-        if match is None:
-            break                              # not a header field: the body begins
-        fields.append((match.group(1), [content[match.end():]]))
-    result = []
-    for name, parts in fields:
-        value = b"".join(parts)  # unfolding: the CRLF is dropped, the WSP kept
-        result.append((_decode(name), _decode(value).strip(" \t")))
-    return result
+    # unfolding: the CRLF is dropped, the WSP kept
+    return [(_decode(field.name), _decode(b"".join(field.parts)).strip(" \t"))
+            for field in _scan_header(fp, limit)]
+
+
+def header_field_spans(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` of the header fields at the top of ``fp``.
+
+    Field *n* here is field *n* of :func:`parse_headers` (the same scanner);
+    a range covers the field's first line and its continuation lines, line
+    endings included.
+    """
+    return [(field.start, field.end) for field in _scan_header(fp, limit)]
 
 
 class MessageView:
@@ -151,7 +185,7 @@ class SpooledMessage:
         self.envelope = envelope
         self.body_path = body_path
         self._body = body
-        #: a :class:`pymta.spool.store.DeliveryRecord` when the recipients
+        #: a :class:`pymta.spool.disk.DeliveryRecord` when the recipients
         #: given with it are the only ones in flight, else None; a local
         #: backend applies it after its mailbox sync and sets ``removed``
         #: when that took the message out of the spool

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, BinaryIO
+from typing import Any, BinaryIO
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pymta.envelope import Envelope
-from pymta.spool.message import _FIELD_NAME, HEADER_READ_LIMIT, MessageView
-
-if TYPE_CHECKING:
-    from pymta.spool.store import Spool
+from pymta.spool.disk import Commit
+from pymta.spool.message import MessageView, header_field_spans
+from pymta.spool.queuefile import SpoolError, cut_ranges, encode_envelope, open_exclusive
 
 log = Logger(namespace="pymta.spool.store")
 
@@ -30,88 +29,15 @@ log = Logger(namespace="pymta.spool.store")
 WRITE_BUFFER = 64 * 1024
 #: bodies up to this size are held in memory until commit (Spool's default)
 MEMORY_BODY_LIMIT = 64 * 1024
-#: chunk size when moving the rest of a body (drop_headers)
-COPY_CHUNK = 256 * 1024
-
-
-class SpoolError(Exception):
-    """A spool operation could not be carried out (the message names it)."""
-
-
-def header_field_spans(fp: BinaryIO, limit: int = HEADER_READ_LIMIT) -> list[tuple[int, int]]:
-    """Byte ranges ``(start, end)`` of the header fields at the top of ``fp``.
-
-    Field *n* here is field *n* of :func:`pymta.spool.message.parse_headers`
-    (same line rules, same read limit); a range covers the field's first line
-    and its continuation lines, line endings included.
-    """
-    spans: list[list[int]] = []
-    consumed = 0
-    while consumed < limit:
-        line = fp.readline(limit - consumed)
-        if not line:
-            break
-        start = consumed
-        consumed += len(line)
-        if consumed >= limit and not line.endswith(b"\n"):
-            break                              # cut by the limit: not a whole line
-        content = line.rstrip(b"\r\n")
-        if not content:
-            break                              # end of the header section
-        if content[:1] in (b" ", b"\t"):
-            if spans:
-                spans[-1][1] = consumed        # continuation of the previous field
-                continue
-            break
-        if _FIELD_NAME.match(content) is None:
-            break                              # not a header field: the body begins
-        spans.append([start, consumed])
-    return [(start, end) for start, end in spans]
-
-
-def cut_ranges(path: str, file: BinaryIO, drop: list[tuple[int, int]]) -> int:
-    """Remove the byte ranges ``drop`` (sorted, disjoint) from the file; returns its new length.
-
-    ``file`` is the open (write-only) body file at ``path``; the bytes after
-    each range move left in order, the file is truncated and ``file``
-    positioned at the new end.  Raises OSError.
-    """
-    file.flush()
-    end = os.fstat(file.fileno()).st_size
-    if not drop:
-        return end
-    # the byte ranges to keep after the first dropped field, moved left in order
-    keep = [(stop, drop[k + 1][0]) for k, (_, stop) in enumerate(drop[:-1])]
-    keep.append((drop[-1][1], end))
-    write_at = drop[0][0]
-    fd = file.fileno()                     # write-only: reading goes through a second descriptor
-    with open(path, "rb") as reader:
-        for start, stop in keep:
-            position = start
-            while position < stop:
-                chunk = os.pread(reader.fileno(), min(COPY_CHUNK, stop - position), position)
-                if not chunk:
-                    raise OSError(f"{path}: unexpected end of file at {position}")
-                view = memoryview(chunk)
-                while view:
-                    written = os.pwrite(fd, view, write_at)
-                    view = view[written:]
-                    write_at += written
-                position += len(chunk)
-    os.ftruncate(fd, write_at)
-    file.seek(write_at)
-    return write_at
-
-
-def open_exclusive(path: str) -> int:
-    """Create ``path`` for writing (0600); FileExistsError if it exists."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
 class SpoolWriter:
-    """A message being received: the body in memory while small, else in a temp file."""
+    """A message being received: the body in memory while small, else in a temp file.
 
-    def __init__(self, spool: "Spool", queue_id: str, path: str, memory_limit: int):
+    ``spool``: the :class:`pymta.spool.store.Spool` its commit goes to.
+    """
+
+    def __init__(self, spool: Any, queue_id: str, path: str, memory_limit: int):
         self._spool = spool
         self.queue_id = queue_id
         #: the body file while uncommitted (``tmp/<ID>.msg``); it exists only
@@ -146,11 +72,11 @@ class SpoolWriter:
                 memory += data
                 self.size += len(data)
                 return
-            self._spill()
+            self.spill()
         self._file.write(data)
         self.size += len(data)
 
-    def _spill(self) -> None:
+    def spill(self) -> None:
         """Move the body from memory into ``tmp/<ID>.msg``; it streams there from now on."""
         file = os.fdopen(open_exclusive(self.path), "wb", buffering=WRITE_BUFFER)
         try:
@@ -237,8 +163,9 @@ class SpoolWriter:
                              f"but the body was spooled as {self.queue_id}")
         envelope.size = self.size
         self._committing = True
-        result = self._spool._commit(self.queue_id, self.path, self._file, self._memory,
-                                      envelope, self._pending_drop)
+        # the envelope is written after the body, then the file is renamed into queue/
+        result = self._spool.commit(Commit(self.queue_id, self.path, self._file, self._memory,
+                                           encode_envelope(envelope), list(self._pending_drop)))
 
         def forget(outcome):
             self._open = False

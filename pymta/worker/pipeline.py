@@ -4,7 +4,8 @@ A :class:`BatchPipeline` runs one batch at a time in a thread pool.  While a
 batch is being applied, new requests wait; when it ends they all go in the
 next batch, and each request's Deferred fires (on the reactor thread) when
 its batch was applied.  The spool runs one pipeline per kind of change
-(commits, envelope updates, removals) so that none waits behind another.
+(commits, envelope updates, removals) so that none waits behind another,
+and each local delivery backend one of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from twisted.python.threadpool import ThreadPool
 
 
 class Request(Protocol):
-    queue_id: str
     #: fires with None when the request was applied, or errbacks
     done: defer.Deferred
 

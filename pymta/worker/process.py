@@ -1,4 +1,4 @@
-"""The disk worker: a child process for the spool's and the local deliveries' file work.
+"""The disk worker: a child process for batched calls (the spool's and the local deliveries' file work).
 
 In CPython every file-system call releases the GIL and takes it back.  With
 the spool's flushes and the local deliveries in threads of the server
@@ -17,12 +17,11 @@ thread for this and each call costs it one write and one read.  The child
 runs each call in a thread of its own pool (a commit batch never waits
 behind a delivery batch) and answers as each finishes.
 
-The functions the child runs live here too: :func:`apply_spool_batch` (the
-same :class:`pymta.spool.store.Spool` code the threads run, on the child's
-own ``Spool`` for that directory) and :func:`deliver_local` (the same
-backend class, built in the child from its options; the deliveries are
-recorded in the spool in that same call, through the child's ``Spool``:
-a message they finished leaves it).  What the child logs
+The worker knows neither the spool nor delivery: a caller names the
+function to run, which travels by reference (its module and name) and is
+imported by the child; the caller's side keeps such functions in its own
+modules (:func:`pymta.spool.disk.apply_spool_batch`,
+:func:`pymta.delivery.worker_call.deliver_local`).  What the child logs
 while running a call comes back with the answer and is logged by the
 server, so nothing goes missing from the log file.
 
@@ -136,7 +135,7 @@ class DiskWorker:
         env = dict(os.environ)
         # the child imports what the server imports (and pickled functions by name)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        code = "from pymta.spool.diskworker import child_main; child_main()"
+        code = "from pymta.worker.process import child_main; child_main()"
         self._reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code, str(os.getpid())],
                                    env=env, childFDs={0: "w", 1: "r", 2: "r"})
         return child
@@ -365,11 +364,18 @@ def _watch_parent(server_pid: int) -> None:
     os._exit(0)
 
 
+def in_child() -> bool:
+    """Is this process a disk worker's child?"""
+    return _in_child
+
+
 def _ready() -> bool:
     return True
 
 
 _collected = threading.local()
+#: is this process the disk worker's child?
+_in_child = False
 
 
 def _collect(event: dict) -> None:
@@ -386,78 +392,3 @@ def _collect(event: dict) -> None:
         prefix_end = body.find("] ")
         body = body[prefix_end + 2:] if body.startswith("[") and prefix_end > 0 else body
         lines.append((event.get("log_namespace", "pymta"), event["log_level"].name, body))
-
-
-class _NoReactor:
-    """The child's spools never schedule anything: their pipelines are not used."""
-
-    def callFromThread(self, f, *args, **kwargs):  # pragma: no cover - never called
-        f(*args, **kwargs)
-
-
-_spools: dict[tuple[str, str], Any] = {}
-_backends: dict[str, Any] = {}
-#: calls run in several threads of the child: one Spool per directory, one backend per spec
-_made = threading.Lock()
-#: is this process the disk worker's child?
-_in_child = False
-
-
-def _spool_here(directory: str, sync: str) -> Any:
-    """This process's Spool of ``directory`` for the child's work (made on first use)."""
-    from pymta.spool.store import Spool
-    with _made:
-        spool = _spools.get((directory, sync))
-        if spool is None:
-            spool = _spools[(directory, sync)] = Spool(directory, reactor=_NoReactor(), sync=sync,
-                                                       threadpool=object())
-    return spool
-
-
-def child_spool(directory: str, sync: str) -> Any:
-    """In the disk worker's child: its Spool of ``directory`` (the one its spool batches use).
-
-    None in any other process: there the server's own Spool keeps the free
-    list, and a second one on the same directory would hand out its files twice.
-    """
-    return _spool_here(directory, sync) if _in_child else None
-
-
-def apply_spool_batch(directory: str, sync: str, kind: str, records: list[tuple]) -> dict[int, str]:
-    """One batch of a spool pipeline ("commits", "updates" or "removals") in the child.
-
-    ``records`` are the requests' plain fields (see
-    :meth:`pymta.spool.store.Spool.records`); returns the errors of single
-    requests by position.  Raising fails the whole batch.
-    """
-    from pymta.spool.store import requests_from_records
-    spool = _spool_here(directory, sync)
-    requests = requests_from_records(kind, records)
-    errors = spool.apply_batch(kind, requests)
-    return {n: str(errors[id(request)].value) for n, request in enumerate(requests)
-            if id(request) in errors}
-
-
-def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> tuple[list[list], list[bool]]:
-    """``backend.deliver_and_record(jobs)`` for the local backend described by ``spec`` in the child.
-
-    ``spec``: (module, class name, options, hostname, domains, config dir),
-    see :meth:`pymta.delivery.mailbox.LocalMailboxBackend.worker_spec`.
-    Returns the results of each job, and whether each job's message left the
-    spool in this same call (see :class:`pymta.spool.store.DeliveryRecord`).
-    """
-    key = repr(spec)
-    with _made:
-        backend = _backends.get(key)
-        if backend is None:
-            backend = _backends[key] = _make_backend(spec)
-    return backend.deliver_and_record(jobs)
-
-
-def _make_backend(spec: tuple) -> Any:
-    import importlib
-    from pymta.config.options import PluginContext
-    module, name, options, hostname, domains, config_dir = spec
-    cls = getattr(importlib.import_module(module), name)
-    context = PluginContext(hostname=hostname, domains=domains, config_dir=config_dir)
-    return cls(dict(options), context)
