@@ -49,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import results_path, utc_stamp  # noqa: E402
 from prerequisites import PrerequisiteError, ensure_postfix, find_tool  # noqa: E402
 from procstat import tree_cpu_seconds  # noqa: E402
 from servers import BENCH_DIR, REPO_ROOT, SmtpSink, free_port, log_tail  # noqa: E402
@@ -62,7 +63,6 @@ from pymta.spool.queueid import new_queue_id  # noqa: E402
 from pymta.spool.queuefile import queue_file_content  # noqa: E402
 
 WORK = BENCH_DIR / ".work" / "relay"
-RESULTS = BENCH_DIR / "results"
 SENDER = "sender@bench.localhost"
 RECIPIENT = "user@relay.bench.test"
 
@@ -110,6 +110,16 @@ class Sink:
                 return time.monotonic()
             time.sleep(0.02)
         return None
+
+
+def add_rate(result: dict, count: int, start: float, done: float | None) -> bool:
+    """The seconds and messages/second of a run whose sink got every message (``done``, the time
+    it did) into ``result``; False for a run that did not finish."""
+    if done is None:
+        return False
+    result["seconds"] = round(done - start, 3)
+    result["messages_per_second"] = round(count / (done - start), 1)
+    return True
 
 
 # -- pymta -------------------------------------------------------------------------------
@@ -227,10 +237,7 @@ backend = "sink"
             time.sleep(0.1)
         result["received_by_sink"] = sink.count() - before
         result["left_in_queue"] = len(list((spool / "queue").glob("*.msg")))
-        if done is not None:
-            result["seconds"] = round(done - start, 3)
-            result["messages_per_second"] = round(count / (done - start), 1)
-        else:
+        if not add_rate(result, count, start, done):
             result["problem"] = (f"sink counted {result['received_by_sink']} of {count} within "
                                  f"{timeout:.0f}s; log tail:\n{log_tail(log_path)}")
     finally:
@@ -303,10 +310,7 @@ def run_postfix(sink: Sink, count: int, body_size: int, timeout: float) -> dict:
             time.sleep(0.1)
         result = {"mta": "postfix", "messages": count, "received_by_sink": sink.count() - before,
                   "left_in_queue": postfix.queued(), "cpu_ms_per_message": cpu_ms}
-        if done is not None:
-            result["seconds"] = round(done - start, 3)
-            result["messages_per_second"] = round(count / (done - start), 1)
-        else:
+        if not add_rate(result, count, start, done):
             result["problem"] = f"sink counted {sink.count() - before} of {count} within {timeout:.0f}s"
         return result
     finally:
@@ -368,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rates["pymta"] / rates["postfix"]
         print(f"\npymta / postfix: {ratio:.2f}x  (target: at least 1.00x: "
               f"{'OK' if ratio >= 1 else 'MISSED'})")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"relay-{stamp}.json"
-    path.write_text(json.dumps({"time": stamp, "results": results}, indent=2) + "\n")
+    now = dt.datetime.now(dt.timezone.utc)
+    path = results_path("relay-", now)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"time": utc_stamp(now), "results": results}, indent=2) + "\n")
     print(f"results: {path}")
     return 1 if problems else 0
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from footprint import IdleResult, LargeMessageResult
+from harness import busy_load, load_average, median_round, print_unmeasured_and_problems
+from harness import spread as rate_spread
 from prerequisites import find_tool
 from servers import REPO_ROOT
 from smtp_load import LoadCase
@@ -60,8 +61,7 @@ class CaseSummary:
 
     @property
     def median(self) -> CaseResult:
-        ordered = sorted(self.rounds, key=lambda r: r.rate)
-        return ordered[(len(ordered) - 1) // 2]
+        return median_round(self.rounds)
 
     @property
     def problem(self) -> str:
@@ -69,12 +69,8 @@ class CaseSummary:
 
     @property
     def spread(self) -> str:
-        """min-max of msg/s over the rounds, as a percentage of the median ("" for one round)."""
-        if len(self.rounds) < 2:
-            return ""
-        rates = [r.rate for r in self.rounds]
-        mid = statistics.median(rates)
-        return f"±{50 * (max(rates) - min(rates)) / mid:.0f}%" if mid else ""
+        """Half the min-max range of msg/s over the rounds, as a share of the median ("" for one round)."""
+        return rate_spread(self.rounds)
 
 
 @dataclass
@@ -117,14 +113,6 @@ def machine_info() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 # -- printing ------------------------------------------------------------------------
@@ -234,27 +222,12 @@ def print_summary(report: RunReport, names: list[str], cases: list[LoadCase]) ->
             print(f"  {large.server:<13} {large.body_bytes / 2**20:.0f} MiB: +{large.growth_kib / 1024:.1f} MiB "
                   f"peak RSS, {mib_s:.0f} MiB/s to 250{verdict}"
                   + (f" ({large.problem})" if large.problem else ""))
-    if report.not_started:
-        print("\nNOT MEASURED")
-        for name, why in report.not_started.items():
-            print(f"  {name}: {why}")
-    if report.problems:
-        print("\nPROBLEMS")
-        for problem in report.problems:
-            print(f"  {problem}")
-    busy = _busy(report.machine.get("load_at_start", ""))
+    print_unmeasured_and_problems(report)
+    busy = busy_load(report.machine.get("load_at_start", ""), os.cpu_count() or 1)
     if busy:
         print(f"\nNOTE: the machine was busy when the run started (load average {busy} on "
               f"{report.machine.get('cpus')} CPUs): absolute figures are low and noisy; "
               "the ratios, measured interleaved, suffer less.")
-
-
-def _busy(load: str) -> str:
-    try:
-        one_minute = float(load.split()[0])
-    except (ValueError, IndexError):
-        return ""
-    return f"{one_minute:.1f}" if one_minute > 0.5 * (os.cpu_count() or 1) else ""
 
 
 def write_json(report: RunReport, path: Path) -> None:

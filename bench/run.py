@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fcntl
 import math
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -26,11 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from footprint import measure_idle_connections, measure_large_message, wait_for_landing  # noqa: E402
+from harness import (append_problem, apply_defaults, exit_status, lock_work_dir, measuring,  # noqa: E402
+                     names_of, results_path, start_servers, stop_on_sigterm)
 from postfix_instance import PostfixMaildir  # noqa: E402
 from prerequisites import PrerequisiteError, ensure_all, find_tool  # noqa: E402
 from procstat import tree_cpu_seconds  # noqa: E402
-from report import (CaseResult, RunReport, format_progress, is_headline, load_average,  # noqa: E402
-                    machine_info, print_summary, write_json)
+from report import (CaseResult, RunReport, format_progress, is_headline, machine_info,  # noqa: E402
+                    print_summary, write_json)
 from servers import (BENCH_DIR, AiosmtpdMaildir, BenchServer, Pymta, ServerStartError,  # noqa: E402
                      SmtpSink, raise_fd_limit)
 from smtp_load import LoadCase, run_smtp_source  # noqa: E402
@@ -70,10 +70,6 @@ def make_server(name: str, work_root: Path) -> BenchServer:
 
 # -- one load case on one server -----------------------------------------------------
 
-def _append(problem: str, more: str) -> str:
-    return f"{problem}; {more}" if problem else more
-
-
 def run_case(server: BenchServer, case: LoadCase, time_cap: float, land_timeout: float) -> CaseResult:
     """smtp-source against the server, then check that every accepted message arrived."""
     sink_before = server.messages_seen() if isinstance(server, SmtpSink) else None
@@ -91,10 +87,10 @@ def run_case(server: BenchServer, case: LoadCase, time_cap: float, land_timeout:
         # smtp-source stopped at the cap may have had a 250 in flight that it never counted
         slack = case.sessions if load.capped else 0
         if landed < load.accepted:
-            problem = _append(problem, f"LOST: {load.accepted - landed} of {load.accepted} accepted "
+            problem = append_problem(problem, f"LOST: {load.accepted - landed} of {load.accepted} accepted "
                                        f"messages not in the Maildir after {land_timeout:.0f}s")
         elif landed > load.accepted + slack:
-            problem = _append(problem, f"{landed - load.accepted} more Maildir files than accepted messages")
+            problem = append_problem(problem, f"{landed - load.accepted} more Maildir files than accepted messages")
     else:
         landed_at = started + load.seconds
         time.sleep(0.2)  # smtp-sink prints its counter as sessions end
@@ -102,9 +98,9 @@ def run_case(server: BenchServer, case: LoadCase, time_cap: float, land_timeout:
             sink_after = server.messages_seen()
             seen = (sink_after or 0) - (sink_before or 0)
             if sink_after is None:
-                problem = _append(problem, f"no message counter in smtp-sink's output {server.log_path}")
+                problem = append_problem(problem, f"no message counter in smtp-sink's output {server.log_path}")
             elif seen < load.accepted:
-                problem = _append(problem, f"smtp-sink counted {seen} messages, smtp-source {load.accepted}")
+                problem = append_problem(problem, f"smtp-sink counted {seen} messages, smtp-source {load.accepted}")
     cpu_after = tree_cpu_seconds(server.root_pid)
     cpu_ms = (cpu_after - cpu_before) * 1000 / load.accepted if load.accepted else 0.0
     server.clear_delivered()
@@ -126,29 +122,13 @@ def warm_up(server: BenchServer, time_cap: float) -> None:
 
 # -- the two parts of the run --------------------------------------------------------
 
-def start_servers(names: list[str], args: argparse.Namespace, report: RunReport,
-                  running: list[BenchServer]) -> None:
-    """Start and warm up each server; those that come up are appended to `running`."""
-    for name in names:
-        server = make_server(name, args.work_dir)
-        try:
-            server.start()
-            warm_up(server, args.time_cap)
-        except ServerStartError as exc:
-            server.stop()
-            report.not_started[name] = str(exc)
-            print(f"   {name}: NOT MEASURED: {exc}", flush=True)
-            continue
-        running.append(server)
-        print(f"   {name}: 127.0.0.1:{server.port}, pid {server.root_pid}, warmed up", flush=True)
-
-
 def run_throughput(names: list[str], cases: list[LoadCase], args: argparse.Namespace,
                    report: RunReport) -> None:
     print("\n== throughput: starting servers", flush=True)
     running: list[BenchServer] = []
     try:
-        start_servers(names, args, report, running)
+        start_servers(names, lambda name: make_server(name, args.work_dir),
+                      lambda server: warm_up(server, args.time_cap), report, running)
         if not running:
             return
         #: per (server, case): the message count after a too-short first try
@@ -254,28 +234,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where to write the results (default bench/results/<UTC time>.json)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get/pip install missing tools; fail instead")
-    args = parser.parse_args(argv)
-    defaults = {"rounds": (1, 3), "time_cap": (20.0, 40.0), "min_seconds": (0.0, 2.0),
-                "idle_connections": (1000, 10000), "large_message_mib": (10, 50)}
-    for name, (quick_value, full_value) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
-    args.rounds = max(1, args.rounds)
-    args.work_dir = args.work_dir.resolve()
-    return args
-
-
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return apply_defaults(parser.parse_args(argv), {
+        "rounds": (1, 3), "time_cap": (20.0, 40.0), "min_seconds": (0.0, 2.0),
+        "idle_connections": (1000, 10000), "large_message_mib": (10, 50)})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.servers.split(",") if n.strip()]
-    footprint_names = [n.strip() for n in args.footprint_servers.split(",") if n.strip()]
+    names = names_of(args.servers)
+    footprint_names = names_of(args.footprint_servers)
     for n in names + footprint_names:
         make_server(n, args.work_dir)  # an unknown name stops here
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     try:
         if args.no_install:
             missing = [t for t in ("smtp-source", "smtp-sink", "postfix") if not find_tool(t)]
@@ -291,34 +261,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: RLIMIT_NOFILE is {fd_limit}, too low for {args.idle_connections} connections",
               file=sys.stderr)
         return 2
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(args.work_dir / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"bench: another bench run is using {args.work_dir}; wait for it or pass --work-dir",
-              file=sys.stderr)
+    lock = lock_work_dir(args.work_dir, "bench")
+    if lock is None:
         return 2
     started = dt.datetime.now(dt.timezone.utc)
     report = RunReport(started=started.strftime("%Y-%m-%d %H:%M UTC"), quick=args.quick,
                        machine=machine_info())
     cases = build_cases(args.quick, args.scale)
-    t0 = time.monotonic()
-    try:
+    with measuring(report, "bench") as t0:
         if not args.skip_throughput:
             run_throughput(names, cases, args, report)
         if not args.skip_footprint:
             run_footprint(footprint_names, args, report)
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; servers stopped", file=sys.stderr)
-        report.problems.append("run interrupted")
-    report.machine["load_at_end"] = load_average()
-    report.machine["seconds"] = f"{time.monotonic() - t0:.0f}"
     print_summary(report, names, cases)
-    json_path = args.json or (BENCH_DIR / "results" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    json_path = args.json or results_path("", started)
     write_json(report, json_path)
     print(f"\nbench: {time.monotonic() - t0:.0f}s; results written to {json_path}")
-    return 1 if report.problems or report.not_started else 0
+    return exit_status(report)
 
 
 if __name__ == "__main__":

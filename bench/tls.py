@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fcntl
 import hashlib
 import json
-import signal
 import ssl
-import statistics
 import subprocess
 import sys
 import time
@@ -35,10 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from footprint import wait_for_landing  # noqa: E402
+from harness import (append_problem, apply_defaults, busy_load, exit_status, lock_work_dir,  # noqa: E402
+                     measuring, median_round, names_of, print_unmeasured_and_problems, results_path,
+                     spread, start_servers, stop_on_sigterm)
 from postfix_instance import PostfixMaildir  # noqa: E402
 from prerequisites import PrerequisiteError, ensure_all, find_tool  # noqa: E402
 from procstat import tree_cpu_seconds  # noqa: E402
-from report import load_average, machine_info  # noqa: E402
+from report import machine_info  # noqa: E402
 from servers import BENCH_DIR, REPO_ROOT, BenchServer, Pymta, ServerStartError, TlsFiles  # noqa: E402
 from tls_load import KINDS, SERVER_NAME, TlsCase, TlsLoadResult, run_tls_load  # noqa: E402
 
@@ -119,10 +119,6 @@ class TlsCaseResult:
         return self.load.rate
 
 
-def _append(problem: str, more: str) -> str:
-    return f"{problem}; {more}" if problem else more
-
-
 def run_case(server: BenchServer, case: TlsCase, certificate: str, round_number: int,
              args: argparse.Namespace) -> TlsCaseResult:
     cpu_before = tree_cpu_seconds(server.root_pid)
@@ -137,15 +133,15 @@ def run_case(server: BenchServer, case: TlsCase, certificate: str, round_number:
         # a 250 may have been on its way when a session failed or the cap stopped it
         slack = load.failed + (case.sessions if load.capped else 0)
         if landed < load.completed:
-            problem = _append(problem, f"LOST: {load.completed - landed} of {load.completed} accepted "
+            problem = append_problem(problem, f"LOST: {load.completed - landed} of {load.completed} accepted "
                                        f"messages not in {server.maildir_base} after {args.land_timeout:.0f}s")
         elif landed > load.completed + slack:
-            problem = _append(problem, f"{landed - load.completed} more Maildir files than accepted messages")
+            problem = append_problem(problem, f"{landed - load.completed} more Maildir files than accepted messages")
     else:
         time.sleep(0.1)  # let the server finish closing the last connections
     cpu_after = tree_cpu_seconds(server.root_pid)
     if load.completed < case.jobs and not load.capped and not load.failed:
-        problem = _append(problem, f"only {load.completed} of {case.jobs} completed")
+        problem = append_problem(problem, f"only {load.completed} of {case.jobs} completed")
     server.clear_delivered()
     cpu_ms = 1000 * (cpu_after - cpu_before) / load.completed if load.completed else 0.0
     return TlsCaseResult(server=server.name, certificate=certificate, case=case.label, kind=case.kind,
@@ -186,19 +182,6 @@ class TlsRunReport:
         return [r for r in self.results if (r.server, r.certificate, r.kind) == (server, certificate, kind)]
 
 
-def median_round(results: list[TlsCaseResult]) -> TlsCaseResult:
-    ordered = sorted(results, key=lambda r: r.rate)
-    return ordered[(len(ordered) - 1) // 2]
-
-
-def spread(results: list[TlsCaseResult]) -> str:
-    """Half the min-max range of the rounds' rates, as a share of their median ("" for one round)."""
-    rates = [r.rate for r in results]
-    if len(rates) < 2 or not statistics.median(rates):
-        return ""
-    return f"±{50 * (max(rates) - min(rates)) / statistics.median(rates):.0f}%"
-
-
 def format_progress(r: TlsCaseResult) -> str:
     landed = "" if r.landed is None else f", landed {r.landed}"
     status = f"  PROBLEM: {r.problem}" if r.problem else ""
@@ -214,18 +197,9 @@ def run_certificate(kind: str, names: list[str], cases: list[TlsCase], args: arg
     print(f"\n== {certificate} certificate {files.certificate}: starting servers", flush=True)
     running: list[BenchServer] = []
     try:
-        for name in names:
-            server = make_server(name, args.work_dir, files)
-            try:
-                server.start()
-                warm_up(server, files, args)
-            except ServerStartError as exc:
-                server.stop()
-                report.not_started[f"{name} ({certificate})"] = str(exc)
-                print(f"   {name}: NOT MEASURED: {exc}", flush=True)
-                continue
-            running.append(server)
-            print(f"   {name}: 127.0.0.1:{server.port}, pid {server.root_pid}, warmed up", flush=True)
+        start_servers(names, lambda name: make_server(name, args.work_dir, files),
+                      lambda server: warm_up(server, files, args), report, running,
+                      label=lambda name: f"{name} ({certificate})")
         for round_number in range(args.rounds):
             for case in cases:
                 if case.kind in CONTROL_KINDS and round_number > 0:
@@ -315,26 +289,11 @@ def print_summary(report: TlsRunReport, names: list[str], certificates: list[str
     print(f"\nThe client ran on the same {cpus} CPUs as the servers; its busiest case kept its "
           f"{report.client_processes} processes {100 * busiest:.0f}% busy"
           + (" (CLIENT-BOUND: add --client-processes)" if busiest > 0.8 else "") + ".")
-    busy = _busy(report.machine.get("load_at_start", ""), cpus)
+    busy = busy_load(report.machine.get("load_at_start", ""), cpus)
     if busy:
         print(f"NOTE: the machine was busy when the run started (load average {busy} on {cpus} CPUs): "
               "absolute figures are low and noisy; the ratios, measured interleaved, suffer less.")
-    if report.not_started:
-        print("\nNOT MEASURED")
-        for name, why in report.not_started.items():
-            print(f"  {name}: {why}")
-    if report.problems:
-        print("\nPROBLEMS")
-        for problem in report.problems:
-            print(f"  {problem}")
-
-
-def _busy(load: str, cpus: int) -> str:
-    try:
-        one_minute = float(load.split()[0])
-    except (ValueError, IndexError):
-        return ""
-    return f"{one_minute:.1f}" if one_minute > 0.5 * cpus else ""
+    print_unmeasured_and_problems(report)
 
 
 def pymta_state() -> str:
@@ -384,30 +343,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where to write the results (default bench/results/tls-<UTC time>.json)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install Postfix when missing; fail instead")
-    args = parser.parse_args(argv)
-    for name, (quick_value, full_value) in {"jobs": (200, 1000), "rounds": (1, 3),
-                                            "time_cap": (15.0, 30.0)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick_value if args.quick else full_value)
-    args.rounds = max(1, args.rounds)
-    args.work_dir = args.work_dir.resolve()
-    return args
-
-
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    return apply_defaults(parser.parse_args(argv), {"jobs": (200, 1000), "rounds": (1, 3),
+                                                    "time_cap": (15.0, 30.0)})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.servers.split(",") if n.strip()]
-    kinds = [k.strip() for k in args.certificates.split(",") if k.strip()]
+    names = names_of(args.servers)
+    kinds = names_of(args.certificates)
     for kind in kinds:
         if kind not in CERTIFICATE_KINDS:
             raise SystemExit(f"bench/tls.py: unknown certificate type {kind!r}; choose from ecdsa, rsa")
     for name in names:
         make_server(name, args.work_dir, TlsFiles(Path("-"), Path("-")))  # an unknown name stops here
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     try:
         if args.no_install and "postfix" in names and not find_tool("postfix"):
             raise PrerequisiteError("missing tool: postfix")
@@ -416,13 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrerequisiteError as exc:
         print(f"bench/tls.py: {exc}", file=sys.stderr)
         return 2
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(args.work_dir / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"bench/tls.py: another bench run is using {args.work_dir}; wait for it or pass --work-dir",
-              file=sys.stderr)
+    lock = lock_work_dir(args.work_dir, "bench/tls.py")
+    if lock is None:
         return 2
     started = dt.datetime.now(dt.timezone.utc)
     machine = machine_info()
@@ -437,21 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     report = TlsRunReport(started=started.strftime("%Y-%m-%d %H:%M UTC"), quick=args.quick, machine=machine,
                           client_processes=args.client_processes, sessions=args.sessions)
     cases = build_cases(args.jobs, args.sessions)
-    t0 = time.monotonic()
-    try:
+    with measuring(report, "bench/tls.py") as t0:
         for kind in kinds:
             run_certificate(kind, names, cases, args, report)
-    except KeyboardInterrupt:
-        print("\nbench/tls.py: interrupted; servers stopped", file=sys.stderr)
-        report.problems.append("run interrupted")
-    report.machine["load_at_end"] = load_average()
-    report.machine["seconds"] = f"{time.monotonic() - t0:.0f}"
     certificates = [CERTIFICATE_KINDS[k] for k in kinds]
     print_summary(report, names, certificates)
-    json_path = args.json or (BENCH_DIR / "results" / f"tls-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    json_path = args.json or results_path("tls-", started)
     write_json(report, json_path, names, certificates)
     print(f"\nbench/tls.py: {time.monotonic() - t0:.0f}s; results written to {json_path}")
-    return 1 if report.problems or report.not_started else 0
+    return exit_status(report)
 
 
 if __name__ == "__main__":

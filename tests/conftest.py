@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -142,6 +143,30 @@ BACKEND_TOML = """
 use = "maildir"
 base = "mail"
 """
+
+
+def routes_toml(*routes: tuple[str, str]) -> str:
+    """``[[routes]]`` tables, one a ``(match, backend)`` pair, in the order given."""
+    return "".join(f'\n[[routes]]\nmatch = "{match}"\nbackend = "{backend}"\n' for match, backend in routes)
+
+
+def relay_toml(nameserver: str, backends: str, *routes: tuple[str, str], dns: str = "") -> str:
+    """A relaying server's tables: ``[dns]`` on ``nameserver`` (plus the ``dns`` lines), the
+    local Maildir backend for ``local.test``, the relay ``backends`` (TOML, dedented) and
+    their ``routes`` after the local one."""
+    return (f'\n[dns]\nnameservers = ["{nameserver}"]\n{textwrap.dedent(dns)}' + BACKEND_TOML
+            + textwrap.dedent(backends) + routes_toml(("local.test", "local"), *routes))
+
+
+def wait_for_log(server: PymtaServer, pattern: str, timeout: float = 15.0) -> str:
+    """The first match of ``pattern`` in the server's log, waiting up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, server.log_text())
+        if match:
+            return match.group(0)
+        time.sleep(0.05)
+    raise AssertionError(f"no log line matching {pattern!r}:\n{server.log_text()[-3000:]}")
 
 
 @pytest.fixture

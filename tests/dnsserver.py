@@ -67,6 +67,18 @@ class LoopbackDNS:
         return f"127.0.0.1:{self.port}"
 
 
+def zone_fixture(zone: dict):
+    """A module-scoped pytest fixture named ``dns``: a LoopbackDNS serving ``zone`` to the
+    module's tests.  Use as ``dns = zone_fixture(ZONE)`` at module level."""
+    import pytest
+
+    @pytest.fixture(scope="module", name="dns")
+    def dns_fixture():
+        with LoopbackDNS(zone) as server:
+            yield server
+    return dns_fixture
+
+
 def _serve(zonefile: str, querylog: str | None = None) -> None:
     from twisted.internet import defer, reactor
     from twisted.names import dns, error, server

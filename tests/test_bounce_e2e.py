@@ -7,28 +7,15 @@ import re
 import smtplib
 import time
 
-from conftest import ROOT
+from conftest import BACKEND_TOML, ROOT, routes_toml
 
 PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
+REFUSE_TOML = BACKEND_TOML + '\n[backends.refuse]\nuse = "test_policies:RefuseAll"\n'
 
 
 def test_permanent_failure_bounces_to_sender(make_server):
-    srv = make_server('''
-[backends.local]
-use = "maildir"
-base = "mail"
-
-[backends.refuse]
-use = "test_policies:RefuseAll"
-
-[[routes]]
-match = "nobody@example.test"
-backend = "refuse"
-
-[[routes]]
-match = "example.test"
-backend = "local"
-''', server_toml=PLUGIN_PATH)
+    srv = make_server(REFUSE_TOML + routes_toml(("nobody@example.test", "refuse"), ("example.test", "local")),
+                      server_toml=PLUGIN_PATH)
     with smtplib.SMTP("127.0.0.1", srv.port) as s:
         s.sendmail("alice@example.test", ["nobody@example.test"],
                    b"Subject: doomed\r\nMessage-ID: <doomed@example.test>\r\n\r\nhello\r\n")
@@ -47,26 +34,8 @@ def test_a_failed_postmaster_notification_is_held_in_the_queue_across_a_restart(
 retry_initial = 0.5
 retry_max = 0.5
 lifetime = 2
-
-[backends.local]
-use = "maildir"
-base = "mail"
-
-[backends.refuse]
-use = "test_policies:RefuseAll"
-
-[[routes]]
-match = "nobody@example.test"
-backend = "refuse"
-
-[[routes]]
-match = "postmaster@example.test"
-backend = "refuse"
-
-[[routes]]
-match = "example.test"
-backend = "local"
-''', server_toml=PLUGIN_PATH)
+''' + REFUSE_TOML + routes_toml(("nobody@example.test", "refuse"), ("postmaster@example.test", "refuse"),
+                                ("example.test", "local")), server_toml=PLUGIN_PATH)
     with smtplib.SMTP("127.0.0.1", srv.port) as s:
         s.sendmail("", ["nobody@example.test"], b"Subject: doomed\r\n\r\nhello\r\n")
     queue = srv.spool / "queue"

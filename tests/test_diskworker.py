@@ -23,6 +23,7 @@ from pymta.spool.store import Spool
 from pymta.worker import process as diskworker
 from pymta.worker.process import DiskWorker, DiskWorkerError
 from fakesmtp import run_reactor, sleep
+from relaykit import local_backend
 
 
 def in_reactor(test):
@@ -349,24 +350,12 @@ class WorkerThatRunsHere:
 
 DONE = "250 2.0.0 delivered"
 
-class Context:
-    hostname = "mx.example.org"
-    domains = ("example.org",)
-
-    def __init__(self, config_dir: Path, reactor) -> None:
-        self.config_dir = str(config_dir)
-        self.reactor = reactor
-
-    def resolve_path(self, path: str) -> str:
-        return os.path.join(self.config_dir, path)
-
-
 def test_maildir_delivers_in_the_child(tmp_path):
     @defer.inlineCallbacks
     def test(reactor, worker):
         spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
         env = yield commit(spool, b"Subject: to the maildir\r\n\r\nhello\r\n")
-        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        backend = local_backend(MaildirBackend, tmp_path, reactor)
         results = yield backend.deliver(spool.message(env), [
             Recipient("a@example.org", "a@example.org", "local"), Recipient("../x@example.org", "x", "local")])
         assert [r.status for r in results] == [DELIVERED, FAILED]
@@ -385,7 +374,7 @@ def test_the_child_removes_a_delivered_message_from_the_spool_before_it_answers(
         spool = Spool(str(tmp_path / "spool"), reactor=reactor, worker=worker)
         done = yield commit(spool, b"Subject: done\r\n\r\nhello\r\n")
         refused = yield commit(spool, b"Subject: refused\r\n\r\nhello\r\n")
-        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        backend = local_backend(MaildirBackend, tmp_path, reactor)
         messages = [spool.message(env) for env in (done, refused)]
         for message in messages:
             message.record_delivery = spool.delivery_record(message.envelope, (0,), True)
@@ -412,7 +401,7 @@ def test_the_child_records_deliveries_that_do_not_finish_the_message(tmp_path):
         env = yield commit(spool, b"Subject: two\r\n\r\nhello\r\n")
         env.recipients.append(Recipient("c@example.net", "c@example.net", "relay"))
         yield spool.update(env)
-        backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+        backend = local_backend(MaildirBackend, tmp_path, reactor)
         message = spool.message(env)
         message.record_delivery = spool.delivery_record(env, (0,), False)
         [result] = yield backend.deliver(message, [env.recipients[0]])
@@ -442,7 +431,7 @@ def test_a_delivery_batch_whose_child_died_after_removing_counts_as_delivered(tm
     writer.write(b"Subject: x\r\n\r\nx\r\n")
     env = envelope()
     writer.commit(env)
-    backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+    backend = local_backend(MaildirBackend, tmp_path, reactor)
     message = spool.message(env)
     message.record_delivery = spool.delivery_record(env, (0,), True)
     from pymta.delivery.mailbox import BatchPipeline

@@ -22,6 +22,7 @@ from pymta.delivery.result import DEFERRED, DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
 from pymta.interfaces import IDeliveryBackend
 from pymta.spool.message import SpooledMessage
+from relaykit import LocalContext, local_backend, spooled
 from schedulerkit import SyncThreadPool
 
 PREPEND = "Received: from client.example.net\r\n\tby mx.example.org with ESMTP id X; now\r\n"
@@ -29,24 +30,9 @@ BODY = b"From: a@example.net\r\nSubject: hi\r\n\r\nline\r\n.dot\r\nFrom the star
 NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)Q(\d+)\.mx\.example\.org,S=(\d+)$")
 
 
-class Context:
-    hostname = "mx.example.org"
-    domains = ("example.org",)
-
-    def __init__(self, config_dir: Path, reactor=None):
-        self.config_dir = str(config_dir)
-        self.reactor = reactor
-
-    def resolve_path(self, path: str) -> str:
-        return os.path.join(self.config_dir, path)
-
-
 def make_message(tmp_path: Path, body: bytes = BODY, sender: str = "sender@example.net") -> SpooledMessage:
-    body_path = tmp_path / "spooled.msg"
-    body_path.write_bytes(body)
-    envelope = Envelope("1K0TJEHGTP5CKM06", sender, [], 1_700_000_000.0, size=len(body),
-                        prepend=[PREPEND])
-    return SpooledMessage(envelope, str(body_path))
+    return spooled(tmp_path, body=body, sender=sender, prepend=(PREPEND,), queue_id="1K0TJEHGTP5CKM06",
+                   name="spooled.msg")
 
 
 def rcpt(address: str) -> Recipient:
@@ -55,7 +41,7 @@ def rcpt(address: str) -> Recipient:
 
 def backend(tmp_path: Path, **options) -> MaildirBackend:
     (tmp_path / "mail").mkdir(exist_ok=True)
-    return MaildirBackend({"base": "mail", **options}, Context(tmp_path))
+    return local_backend(MaildirBackend, tmp_path, **options)
 
 
 def files_under(path: Path) -> set[str]:
@@ -115,7 +101,7 @@ def test_provides_the_backend_interface(tmp_path):
 ])
 def test_bad_options_name_the_key(tmp_path, options, key):
     with pytest.raises(OptionError) as caught:
-        MaildirBackend(options, Context(tmp_path))
+        MaildirBackend(options, LocalContext(tmp_path))
     assert caught.value.key == key
 
 
@@ -228,7 +214,7 @@ def test_a_symlink_out_of_base_is_refused(tmp_path):
 
 
 def test_missing_base_is_created(tmp_path):
-    maildir_backend = MaildirBackend({"base": "var/mail"}, Context(tmp_path))
+    maildir_backend = MaildirBackend({"base": "var/mail"}, LocalContext(tmp_path))
     [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org")])
     assert result.status == DELIVERED
     assert stat.S_IMODE(os.stat(tmp_path / "var" / "mail").st_mode) == 0o700
@@ -237,7 +223,7 @@ def test_missing_base_is_created(tmp_path):
 
 def test_uncreatable_base_is_a_temporary_failure(tmp_path):
     (tmp_path / "file").write_text("")
-    maildir_backend = MaildirBackend({"base": "file/mail"}, Context(tmp_path))
+    maildir_backend = MaildirBackend({"base": "file/mail"}, LocalContext(tmp_path))
     [result] = maildir_backend.deliver_sync(make_message(tmp_path), [rcpt("a@example.org")])
     assert result.status == DEFERRED
     assert str(tmp_path / "file" / "mail") in result.text
@@ -350,7 +336,7 @@ class FakeReactor(Clock):
 def test_deliver_runs_in_the_thread_pool(tmp_path):
     reactor = FakeReactor()
     (tmp_path / "mail").mkdir()
-    maildir_backend = MaildirBackend({"base": "mail"}, Context(tmp_path, reactor))
+    maildir_backend = local_backend(MaildirBackend, tmp_path, reactor)
     results = []
     maildir_backend.deliver(make_message(tmp_path), [rcpt("a@example.org"), rcpt("../b@example.org")]
                             ).addCallback(results.append)

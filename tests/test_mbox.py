@@ -18,34 +18,20 @@ from pymta.config.errors import OptionError
 from pymta.delivery import mbox as mbox_module
 from pymta.delivery.mbox import MboxBackend, mboxrd_escape, mboxrd_unescape_line
 from pymta.delivery.result import DEFERRED, DELIVERED, FAILED
-from pymta.envelope import Envelope, Recipient
+from pymta.envelope import Recipient
 from pymta.interfaces import IDeliveryBackend
 from pymta.spool.message import SpooledMessage
+from relaykit import LocalContext, local_backend, spooled
 
 REPO = Path(__file__).resolve().parent.parent
 PREPEND = "Received: from client.example.net\r\n\tby mx.example.org; now\r\n"
 FROM_LINE = re.compile(rb"^From (\S+) [A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}$")
 
 
-class Context:
-    hostname = "mx.example.org"
-    domains = ("example.org",)
-    reactor = None
-
-    def __init__(self, config_dir: Path):
-        self.config_dir = str(config_dir)
-
-    def resolve_path(self, path: str) -> str:
-        return os.path.join(self.config_dir, path)
-
-
 def make_message(tmp_path: Path, body: bytes, sender: str = "sender@example.net",
                  name: str = "spooled.msg") -> SpooledMessage:
-    body_path = tmp_path / name
-    body_path.write_bytes(body)
-    envelope = Envelope("1K0TJEHGTP5CKM06", sender, [], 1_700_000_000.0, size=len(body),
-                        prepend=[PREPEND])
-    return SpooledMessage(envelope, str(body_path))
+    return spooled(tmp_path, body=body, sender=sender, prepend=(PREPEND,), queue_id="1K0TJEHGTP5CKM06",
+                   name=name)
 
 
 def rcpt(address: str) -> Recipient:
@@ -54,7 +40,7 @@ def rcpt(address: str) -> Recipient:
 
 def backend(tmp_path: Path, **options) -> MboxBackend:
     (tmp_path / "mail").mkdir(exist_ok=True)
-    return MboxBackend({"base": "mail", **options}, Context(tmp_path))
+    return local_backend(MboxBackend, tmp_path, **options)
 
 
 def read_mbox(path: Path) -> list[tuple[bytes, bytes]]:
@@ -142,7 +128,7 @@ def test_provides_the_interface_and_checks_options(tmp_path):
                          ({"base": "mail", "lock_timeout": -1}, "lock_timeout"),
                          ({"layout": "{local}"}, "base")]:
         with pytest.raises(OptionError) as caught:
-            MboxBackend(options, Context(tmp_path))
+            MboxBackend(options, LocalContext(tmp_path))
         assert caught.value.key == key
 
 

@@ -19,7 +19,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from certs import make_cert
-from conftest import BACKEND_TOML, free_port
+from conftest import BACKEND_TOML, free_port, routes_toml
 from dnsserver import LoopbackDNS
 from haproxykit import PrivateHAProxy
 from smtpwire import Wire
@@ -117,11 +117,7 @@ file = "passwd"
 
 [plugins.dnsbl]
 zones = ["bl.test"]
-""" + BACKEND_TOML + """
-[[routes]]
-match = "*"
-backend = "local"
-""")
+""" + BACKEND_TOML + routes_toml(("*", "local")))
         srv.start()
         haproxy = PrivateHAProxy(tmp_path / "haproxy", {
             "v1": f"127.0.0.1:{srv.proxied_port} send-proxy",

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import free_port
+from conftest import BACKEND_TOML, free_port, routes_toml
 
 WARNING = "{qid}: queue file removed behind the server's back; message forgotten"
 
@@ -24,25 +24,13 @@ RELAY_TOML = """
 [queue]
 retry_initial = 0.5
 retry_max = 0.5
-
-[backends.local]
-use = "maildir"
-base = "mail"
-
+""" + BACKEND_TOML + """
 [backends.out]
 use = "smarthost"
 host = "127.0.0.1:{port}"
 tls = "none"
 dead_destination_time = 0
-
-[[routes]]
-match = "example.test"
-backend = "local"
-
-[[routes]]
-match = "*"
-backend = "out"
-"""
+""" + routes_toml(("example.test", "local"), ("*", "out"))
 
 
 def send(srv, to: str) -> str:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import re
 import smtplib
-import textwrap
 import time
 
 import pytest
 
 from certs import make_cert
-from conftest import PymtaServer, free_port
+from conftest import PymtaServer, free_port, relay_toml, wait_for_log
 from dnsserver import LoopbackDNS
 from postfix import PostfixInstance, require_postfix
 
@@ -33,15 +32,7 @@ def setup(tmp_path_factory):
     try:
         postfix.start()
         (work / "pymta").mkdir()
-        pymta = PymtaServer(work / "pymta", domains=("local.test",), extra_toml=textwrap.dedent(f"""
-            [dns]
-            nameservers = ["{dns.nameserver}"]
-            timeout = "2s"
-
-            [backends.local]
-            use = "maildir"
-            base = "mail"
-
+        pymta = PymtaServer(work / "pymta", domains=("local.test",), extra_toml=relay_toml(dns.nameserver, f"""
             [backends.plain]
             use = "relay"
             port = {postfix.port}
@@ -56,23 +47,8 @@ def setup(tmp_path_factory):
             port = {postfix.port}
             tls = "verify"
             ca_file = "{cert[0]}"
-
-            [[routes]]
-            match = "local.test"
-            backend = "local"
-
-            [[routes]]
-            match = "may.postfix.test"
-            backend = "opportunistic"
-
-            [[routes]]
-            match = "tls.postfix.test"
-            backend = "verified"
-
-            [[routes]]
-            match = "*"
-            backend = "plain"
-            """)).start()
+            """, ("may.postfix.test", "opportunistic"), ("tls.postfix.test", "verified"), ("*", "plain"),
+            dns='timeout = "2s"\n')).start()
         yield pymta, postfix
     finally:
         if pymta is not None:
@@ -84,16 +60,6 @@ def setup(tmp_path_factory):
 def send(pymta: PymtaServer, recipients: list[str], body: bytes, **kw) -> None:
     with smtplib.SMTP("127.0.0.1", pymta.port, timeout=10) as client:
         client.sendmail("alice@local.test", recipients, body, **kw)
-
-
-def wait_for_log(server: PymtaServer, pattern: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, server.log_text())
-        if match:
-            return match.group(0)
-        time.sleep(0.05)
-    raise AssertionError(f"no log line matching {pattern!r}:\n{server.log_text()[-3000:]}")
 
 
 HEADERS = (b"From: alice@local.test\r\nTo: someone@postfix.test\r\n"

@@ -3,27 +3,16 @@ retry times, and ETRN from a trusted client starts the delivery at once."""
 
 from __future__ import annotations
 
-import re
 import smtplib
 import textwrap
 import time
 
 from pymta.spool.queuefile import load_queue_file
 
-from conftest import PymtaServer, free_port
+from conftest import BACKEND_TOML, PymtaServer, free_port, relay_toml, wait_for_log
 from dnsserver import LoopbackDNS
 
 ZONE = {"remote.test": [("MX", (10, "mx.remote.test"))], "mx.remote.test": [("A", "127.0.0.1")]}
-
-
-def wait_for_log(server: PymtaServer, pattern: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, server.log_text())
-        if match:
-            return match.group(0)
-        time.sleep(0.05)
-    raise AssertionError(f"no log line matching {pattern!r}:\n{server.log_text()[-3000:]}")
 
 
 def test_relay_to_a_second_pymta_with_restart_and_etrn(tmp_path):
@@ -32,28 +21,13 @@ def test_relay_to_a_second_pymta_with_restart_and_etrn(tmp_path):
         (tmp_path / "receiver").mkdir()
         (tmp_path / "sender").mkdir()
         receiver = PymtaServer(tmp_path / "receiver", domains=("remote.test",), port=receiver_port,
-                               extra_toml='[backends.local]\nuse = "maildir"\nbase = "mail"\n')
+                               extra_toml=BACKEND_TOML)
         sender = PymtaServer(tmp_path / "sender", domains=("local.test",),
-                             extra_toml=textwrap.dedent(f"""
-            [dns]
-            nameservers = ["{dns.nameserver}"]
-
-            [backends.local]
-            use = "maildir"
-            base = "mail"
-
+                             extra_toml=relay_toml(dns.nameserver, f"""
             [backends.out]
             use = "relay"
             port = {receiver_port}
-
-            [[routes]]
-            match = "local.test"
-            backend = "local"
-
-            [[routes]]
-            match = "*"
-            backend = "out"
-            """))
+            """, ("*", "out")))
         try:
             sender.start()
             body = b"Subject: across\r\n\r\n.\r\nmiddle\r\n..\r\nend\r\n"
@@ -108,34 +82,15 @@ def test_relay_to_pymta_over_verified_starttls(tmp_path):
             [tls]
             certificate = "{cert}"
             key = "{key}"
-
-            [backends.local]
-            use = "maildir"
-            base = "mail"
-            """))
+            """) + BACKEND_TOML)
         sender = PymtaServer(tmp_path / "sender", domains=("local.test",),
-                             extra_toml=textwrap.dedent(f"""
-            [dns]
-            nameservers = ["{dns.nameserver}"]
-
-            [backends.local]
-            use = "maildir"
-            base = "mail"
-
+                             extra_toml=relay_toml(dns.nameserver, f"""
             [backends.out]
             use = "relay"
             port = {receiver.port}
             tls = "verify"
             ca_file = "{cert}"
-
-            [[routes]]
-            match = "local.test"
-            backend = "local"
-
-            [[routes]]
-            match = "*"
-            backend = "out"
-            """))
+            """, ("*", "out")))
         try:
             receiver.start()
             sender.start()

@@ -9,7 +9,7 @@ import socket
 import pytest
 from twisted.internet import defer
 
-from dnsserver import LoopbackDNS
+from dnsserver import zone_fixture
 from fakesmtp import FakeSMTP, run_reactor
 from relaykit import relay, spooled, statuses
 from pymta.dns.resolver import MX, DNSError
@@ -136,10 +136,7 @@ ZONE = {
 }
 
 
-@pytest.fixture(scope="module")
-def dns():
-    with LoopbackDNS(ZONE) as server:
-        yield server
+dns = zone_fixture(ZONE)
 
 
 def relay_one(tmp_path, dns, address, setup=None, **options):

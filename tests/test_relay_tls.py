@@ -8,17 +8,14 @@ import pytest
 from twisted.internet import ssl
 
 from certs import make_cert
-from dnsserver import LoopbackDNS
+from dnsserver import zone_fixture
 from fakesmtp import BREAK_TLS, DEFAULT_EHLO, FakeSMTP, run_reactor
 from relaykit import relay, smarthost, spooled
 
 ZONE = {"tls.test": [("MX", (10, "mx.tls.test"))], "mx.tls.test": [("A", "127.0.0.1")]}
 
 
-@pytest.fixture(scope="module")
-def dns():
-    with LoopbackDNS(ZONE) as server:
-        yield server
+dns = zone_fixture(ZONE)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from twisted.logger import globalLogPublisher
 from pymta.dns.resolver import DNSError, DNSResolver
 from pymta.dns.reverse import ClientNames, parse_hosts, well_formed_host_name
 from conftest import BACKEND_TOML
-from dnsserver import LoopbackDNS
+from dnsserver import zone_fixture
 from fakesmtp import run_reactor
 
 ZONE = {
@@ -50,10 +50,7 @@ ZONE = {
 }
 
 
-@pytest.fixture(scope="module")
-def dns():
-    with LoopbackDNS(ZONE) as server:
-        yield server
+dns = zone_fixture(ZONE)
 
 
 def names_of(dns, addresses, hosts_file=None, timeout=1.0):

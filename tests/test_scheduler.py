@@ -361,21 +361,11 @@ def test_a_slow_group_does_not_block_the_others_and_removal_waits_for_both(tmp_p
 
 def test_end_to_end_from_spool_into_a_maildir(tmp_path):
     from pymta.delivery.maildir import MaildirBackend
-
-    class Context:
-        hostname = "mx.example.org"
-        domains = ("example.org",)
-        config_dir = str(tmp_path)
-
-        def __init__(self, reactor):
-            self.reactor = reactor
-
-        def resolve_path(self, path):
-            return str(tmp_path / path)
+    from relaykit import local_backend
 
     (tmp_path / "mail").mkdir()
     h = Harness(tmp_path, {})
-    h.scheduler.backends = {"local": MaildirBackend({"base": "mail"}, Context(h.reactor))}
+    h.scheduler.backends = {"local": local_backend(MaildirBackend, tmp_path, h.reactor)}
     h.scheduler.startService()
     body = b"Subject: e2e\r\n\r\nbody\r\n"
     envelope = h.spool_message(rcpt("alice@example.org"), rcpt("bob+Work@example.org"),
@@ -512,20 +502,10 @@ def test_only_the_updated_envelope_removed_keeps_the_message(tmp_path):
 
 def _maildir_harness(tmp_path):
     from pymta.delivery.maildir import MaildirBackend
-
-    class Context:
-        hostname = "mx.example.org"
-        domains = ("example.org",)
-        config_dir = str(tmp_path)
-
-        def __init__(self, reactor):
-            self.reactor = reactor
-
-        def resolve_path(self, path):
-            return str(tmp_path / path)
+    from relaykit import local_backend
 
     h = Harness(tmp_path, {})
-    backend = MaildirBackend({"base": "mail"}, Context(h.reactor))
+    backend = local_backend(MaildirBackend, tmp_path, h.reactor)
     seen = []                      # (queue file still there?, maildir files) when the results came
     stored = []                    # then, the recipients' states on disk (if still there)
 

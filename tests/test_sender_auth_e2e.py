@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import TWISTD
-from dnsserver import LoopbackDNS
+from dnsserver import zone_fixture
 from smtpwire import Wire
 
 ZONE = {
@@ -32,10 +32,7 @@ ZONE = {
 }
 
 
-@pytest.fixture(scope="module")
-def dns():
-    with LoopbackDNS(ZONE) as server:
-        yield server
+dns = zone_fixture(ZONE)
 
 
 def dns_toml(dns, extra: str = "") -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from pymta.spool.queuefile import load_queue_file
 
-from conftest import BACKEND_TOML, ROOT, require_program
+from conftest import BACKEND_TOML, ROOT, require_program, routes_toml
 from smtpwire import Wire
 
 PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
@@ -398,15 +398,7 @@ def test_mbox_route(make_server):
 [backends.boxes]
 use = "mbox"
 base = "mboxes"
-
-[[routes]]
-match = "mbox.example.test"
-backend = "boxes"
-
-[[routes]]
-match = "*"
-backend = "local"
-""", domains=("example.test", "mbox.example.test"))
+""" + routes_toml(("mbox.example.test", "boxes"), ("*", "local")), domains=("example.test", "mbox.example.test"))
     with smtplib.SMTP("127.0.0.1", srv.port) as s:
         s.sendmail("a@example.org", ["kim@mbox.example.test"], b"Subject: m\r\n\r\nFrom here\r\n>From there\r\n")
     path = srv.dir / "mboxes" / "mbox.example.test" / "kim"
@@ -561,15 +553,7 @@ def test_lf_only_content_is_relayed_with_crlf_and_dot_stuffing(make_server):
 use = "smarthost"
 host = "127.0.0.1:{sink.port}"
 tls = "none"
-
-[[routes]]
-match = "example.test"
-backend = "local"
-
-[[routes]]
-match = "elsewhere.example"
-backend = "out"
-""")
+""" + routes_toml(("example.test", "local"), ("elsewhere.example", "out")))
         text = b"Subject: lf\n\n..stuffed\n.\nlone dot dropped\r\n\x00.\r\nNUL dot\n"
         assert lf_session(srv.port, "someone@elsewhere.example", text)[0] == 250
         deadline = time.monotonic() + 15

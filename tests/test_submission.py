@@ -16,7 +16,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from certs import make_cert, pem_fingerprint, fingerprint
-from conftest import BACKEND_TOML, free_port, require_program
+from conftest import BACKEND_TOML, free_port, require_program, routes_toml
 from smtpwire import Wire
 
 # cheap argon2id parameters: the checker verifies with whatever the hash says
@@ -65,15 +65,7 @@ auth = ["passwords"]
 [plugins.passwords]
 use = "passwdfile"
 file = "passwd"
-
-[backends.local]
-use = "maildir"
-base = "mail"
-
-[[routes]]
-match = "*"
-backend = "local"
-""")
+""" + BACKEND_TOML + routes_toml(("*", "local")))
     return srv.start()
 
 
