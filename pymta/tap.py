@@ -185,7 +185,7 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.server.policy import SessionPolicy
     from pymta.server.proxy import ProxyHeaderFactory
     from pymta.server.tls import server_tls
-    from pymta.spool.scheduler import DeliveryScheduler
+    from pymta.delivery.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
 
     worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None

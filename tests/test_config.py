@@ -24,7 +24,7 @@ from pymta.config.options import Options, PluginContext
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.mbox import MboxBackend
 from pymta.policy.recipients import AliasMap, LocalDomainRecipients, StaticRecipients
-from pymta.spool.scheduler import DeliveryScheduler
+from pymta.delivery.scheduler import DeliveryScheduler
 from pymta.spool.writer import MEMORY_BODY_LIMIT
 from pymta.tap import build_service
 
