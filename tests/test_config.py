@@ -218,6 +218,16 @@ def test_spool_disk_work_chooses_the_worker_process_or_threads(tmp_path, setting
     assert service.worker is scheduler.spool._worker
 
 
+@pytest.mark.parametrize("setting, in_a_process", [("", True), ("disk_work = 'threads'", False)])
+def test_the_local_backends_are_given_the_disk_worker(tmp_path, setting, in_a_process):
+    path = write(tmp_path / "pymta.toml", f"[spool]\ndirectory = 'spool'\n{setting}\n")
+    reactor = ThreadedMemoryReactor()
+    config = load_config(str(path), reactor)
+    service = build_service(config, reactor)
+    [backend] = config.backends.values()                    # the default maildir
+    assert backend._worker is (service.worker if in_a_process else None)
+
+
 # -- durations and options ----------------------------------------------------
 
 @pytest.mark.parametrize("value, seconds", [
