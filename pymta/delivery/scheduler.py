@@ -34,6 +34,7 @@ One log line per recipient and attempt, in the style of Postfix::
 from __future__ import annotations
 
 import collections
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,16 @@ from pymta.envelope import Envelope, Recipient
 from pymta.spool.store import Spool
 
 log = Logger()
+
+
+class _Pump(enum.Enum):
+    """Whether the scheduler starts deliveries (see DeliveryScheduler._pump)."""
+    #: deliveries start as jobs come (also before startService)
+    READY = "ready"
+    #: inside _pump: a job that ends at once does not pump again (no nesting)
+    PUMPING = "pumping"
+    #: stopService was called: no delivery starts until startService
+    STOPPED = "stopped"
 
 
 @dataclass
@@ -99,17 +110,17 @@ class DeliveryScheduler(Service):
         self._held: dict[str, Envelope] = {}
         self._run_queue: collections.deque[_Job] = collections.deque()
         self._in_flight = 0
-        self._pumping = False
+        self._pump_state = _Pump.READY
         self._spool_writes = 0
         #: queue id -> notifications being spooled before its update or removal
         self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
-        self._stopping = False
 
     # -- service ---------------------------------------------------------------
 
     def startService(self) -> None:
-        self._stopping = False
+        if self._pump_state is _Pump.STOPPED:
+            self._pump_state = _Pump.READY
         self._messages.clear()
         self._held.clear()
         envelopes = self.spool.recover()
@@ -127,7 +138,7 @@ class DeliveryScheduler(Service):
     def stopService(self) -> defer.Deferred:
         """Start no new deliveries; fire when those in flight are recorded."""
         super().stopService()
-        self._stopping = True
+        self._pump_state = _Pump.STOPPED
         for message in self._messages.values():
             self._cancel_timer(message)
         for job in self._run_queue:
@@ -141,7 +152,7 @@ class DeliveryScheduler(Service):
             log.warn("{queue_id}: submitted twice; ignoring the second submission",
                      queue_id=envelope.queue_id)
             return
-        if self._stopping:
+        if self._stopped:
             log.info("{queue_id}: scheduler stopping; delivery waits for the next start",
                      queue_id=envelope.queue_id)
             return
@@ -173,7 +184,7 @@ class DeliveryScheduler(Service):
         envelope.release(self._now())
         log.info("{queue_id}: released", queue_id=queue_id)
         self._persist(self.spool.update(envelope), envelope, "update")
-        if not self._stopping:
+        if not self._stopped:
             self._track(envelope)
         return True
 
@@ -184,7 +195,7 @@ class DeliveryScheduler(Service):
         subdomains; None every pending recipient.  Recipients being
         delivered right now are left alone.
         """
-        if self._stopping:
+        if self._stopped:
             return 0
         for backend in self.backends.values():
             forget = getattr(backend, "forget_failures", None)    # optional: relay backends
@@ -200,6 +211,11 @@ class DeliveryScheduler(Service):
         return count
 
     # -- scheduling --------------------------------------------------------------
+
+    @property
+    def _stopped(self) -> bool:
+        """stopService was called (and startService not since)."""
+        return self._pump_state is _Pump.STOPPED
 
     def _now(self) -> float:
         return self._reactor.seconds()
@@ -217,7 +233,7 @@ class DeliveryScheduler(Service):
             if not message.busy:
                 self._finish(message)
             return
-        if self._stopping:
+        if self._stopped:
             return
         delay = max(0.0, due - self._now())
         message.timer = self._reactor.callLater(delay, self._due, message)
@@ -229,7 +245,7 @@ class DeliveryScheduler(Service):
 
     def _due(self, message: _Message) -> None:
         message.timer = None
-        if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
+        if self._stopped or self._messages.get(message.envelope.queue_id) is not message:
             return
         envelope = message.envelope
         if self._noticing[envelope.queue_id]:
@@ -253,14 +269,16 @@ class DeliveryScheduler(Service):
         # Not re-entrant: a backend that answers at once (a cached failure, a
         # local error) ends its job inside _start, whose _job_done pumps again;
         # nesting that once per message would exhaust the stack on a big queue.
-        if self._pumping:
+        if self._pump_state is not _Pump.READY:
             return
-        self._pumping = True
+        self._pump_state = _Pump.PUMPING
         try:
-            while not self._stopping and self._run_queue and self._in_flight < self.concurrency:
+            while (self._pump_state is _Pump.PUMPING and self._run_queue
+                   and self._in_flight < self.concurrency):
                 self._start(self._run_queue.popleft())
         finally:
-            self._pumping = False
+            if self._pump_state is _Pump.PUMPING:      # not stopped meanwhile
+                self._pump_state = _Pump.READY
 
     # -- one backend call ----------------------------------------------------------
 
@@ -539,7 +557,7 @@ class DeliveryScheduler(Service):
             log.info("{queue_id}: client=local, from=<>, size={size}, nrcpt=1 ({kind} for {original})",
                      queue_id=writer.queue_id, size=notice.envelope.size,
                      kind=notice.envelope.notification, original=original.queue_id)
-            if self._stopping:
+            if self._stopped:
                 return
             self.submit(notice.envelope)
 
