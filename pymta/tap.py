@@ -185,10 +185,15 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.server.policy import SessionPolicy
     from pymta.server.proxy import ProxyHeaderFactory
     from pymta.server.tls import server_tls
-    from pymta.spool.scheduler import DeliveryScheduler
+    from pymta.delivery.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
 
     worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None
+    if worker is not None:
+        for backend in config.backends.values():
+            use_disk_worker = getattr(backend, "use_disk_worker", None)   # local backends
+            if callable(use_disk_worker):
+                use_disk_worker(worker)
     top = ServerServices(worker)
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
                   memory_limit=config.spool_memory_limit, worker=worker)

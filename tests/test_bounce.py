@@ -14,7 +14,7 @@ from pymta.config.model import Retry
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import SpooledMessage
-from pymta.spool.scheduler import DeliveryScheduler
+from pymta.delivery.scheduler import DeliveryScheduler
 from pymta.spool.store import Spool
 
 from schedulerkit import START, FakeReactor

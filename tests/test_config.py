@@ -25,7 +25,7 @@ from pymta.config.plugins import discover_plugins
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.mbox import MboxBackend
 from pymta.policy.recipients import AliasMap, LocalDomainRecipients, StaticRecipients
-from pymta.spool.scheduler import DeliveryScheduler
+from pymta.delivery.scheduler import DeliveryScheduler
 from pymta.spool.writer import MEMORY_BODY_LIMIT
 from pymta.tap import build_service
 
@@ -217,6 +217,16 @@ def test_spool_disk_work_chooses_the_worker_process_or_threads(tmp_path, setting
     [scheduler] = [s for s in service if isinstance(s, DeliveryScheduler)]
     assert (scheduler.spool._worker is not None) is in_a_process
     assert service.worker is scheduler.spool._worker
+
+
+@pytest.mark.parametrize("setting, in_a_process", [("", True), ("disk_work = 'threads'", False)])
+def test_the_local_backends_are_given_the_disk_worker(tmp_path, setting, in_a_process):
+    path = write(tmp_path / "pymta.toml", f"[spool]\ndirectory = 'spool'\n{setting}\n")
+    reactor = ThreadedMemoryReactor()
+    config = load_config(str(path), reactor)
+    service = build_service(config, reactor)
+    [backend] = config.backends.values()                    # the default maildir
+    assert backend._worker is (service.worker if in_a_process else None)
 
 
 # -- durations and options ----------------------------------------------------

@@ -14,7 +14,8 @@ from twisted.logger import capturedLogs, formatEvent
 from pymta.config.model import Retry
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import DELIVERED, PENDING, Envelope, Recipient
-from pymta.spool.scheduler import DeliveryScheduler, RetrySchedule, format_delay
+from pymta.delivery.retry import RetrySchedule, format_delay
+from pymta.delivery.scheduler import DeliveryScheduler
 from pymta.spool.store import Spool
 
 from schedulerkit import START, FakeReactor

@@ -1,1 +1,1 @@
-"""Delivery backends: maildir, mbox (and later lmtp, relay)."""
+"""Delivery: the scheduler (retries, bounces) and the local backends, maildir and mbox."""

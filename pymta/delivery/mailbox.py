@@ -22,7 +22,6 @@ from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
 from pymta.mailbox_names import safe_domain_name, safe_mailbox_name
 from pymta.delivery.worker_call import deliver_local
-from pymta.worker import process as diskworker
 from pymta.worker.pipeline import BatchPipeline, pipeline_threadpool
 
 log = Logger()
@@ -189,8 +188,9 @@ class LocalMailboxBackend:
     Deliveries go in batches: while a batch is being written, new
     deliveries wait and then go together
     (:class:`pymta.worker.pipeline.BatchPipeline`).  A batch runs in the
-    server's disk worker process (:mod:`pymta.worker.process`) when there
-    is one, else in one thread of the backend's own: not one thread per
+    server's disk worker process (:mod:`pymta.worker.process`) when the
+    server gave the backend one (:meth:`use_disk_worker`), else in one
+    thread of the backend's own: not one thread per
     concurrent delivery, since each file-system call releases and retakes
     the interpreter lock, and more threads mostly add lock hand-offs with
     the reactor thread.
@@ -217,6 +217,8 @@ class LocalMailboxBackend:
         self.hostname = getattr(context, "hostname", None) or _local_hostname()
         self._reactor = getattr(context, "reactor", None)
         self._pipeline: BatchPipeline | None = None
+        #: the server's pymta.worker.process.DiskWorker (see use_disk_worker), or None
+        self._worker = None
         # what the disk worker's child needs to build the same backend
         self.worker_spec = (type(self).__module__, type(self).__qualname__, dict(options), self.hostname,
                             tuple(getattr(context, "domains", ())),
@@ -226,17 +228,26 @@ class LocalMailboxBackend:
     def base(self) -> str:
         return self.locator.base
 
+    def use_disk_worker(self, worker) -> None:
+        """Run the delivery batches in ``worker``'s child process, not in a thread.
+
+        ``worker`` is the server's :class:`pymta.worker.process.DiskWorker`
+        (pymta.tap gives it to every backend that has this method); called
+        before the first delivery.
+        """
+        self._worker = worker
+
     def deliver(self, message, recipients):
         """IDeliveryBackend: queue for the backend's delivery thread (see the class).
 
-        When the server runs a disk worker (:mod:`pymta.worker.process`),
-        the batches go to its child process instead of a thread.
+        When the server gave the backend its disk worker (:meth:`use_disk_worker`),
+        the batches go to the worker's child process instead of a thread.
         """
         if self._pipeline is None:
             reactor = self._reactor
             if reactor is None:
                 from twisted.internet import reactor  # type: ignore[no-redef]
-            worker = diskworker.active()
+            worker = self._worker
             if worker is not None:
                 self._pipeline = BatchPipeline(reactor, None,
                                                lambda jobs: self._apply_jobs_in_worker(worker, jobs))

@@ -27,7 +27,7 @@ class ServerContext:
     config: Config
     policy: SessionPolicy
     spool: Any          # pymta.spool.store.Spool
-    scheduler: Any      # pymta.spool.scheduler.DeliveryScheduler
+    scheduler: Any      # pymta.delivery.scheduler.DeliveryScheduler
     reactor: Any
     tls: Any = None             # pymta.server.tls.ServerTLS when [tls] is configured
     portal: Any = None          # twisted.cred Portal when [stages] auth has checkers

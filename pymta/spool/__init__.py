@@ -1,4 +1,4 @@
-"""The durable spool (the commit point) and the delivery scheduler that works from it."""
+"""The durable spool: the commit point (the delivery scheduler works from it)."""
 
 from pymta.spool.message import MessageView, SpooledMessage
 from pymta.spool.queueid import is_queue_id, new_queue_id

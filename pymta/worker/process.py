@@ -66,15 +66,6 @@ MAX_FRAME = 1 << 30
 #: seconds stop() waits for the calls in flight before it kills the child
 STOP_TIMEOUT = 60.0
 
-#: the worker the server started, if any (local backends look here)
-_active: "DiskWorker | None" = None
-
-
-def active() -> "DiskWorker | None":
-    """The running server's disk worker, or None (work then runs in threads)."""
-    return _active
-
-
 class DiskWorkerError(Exception):
     """The disk worker's child process ended with calls in flight."""
 
@@ -96,9 +87,7 @@ class DiskWorker:
     # -- life cycle ------------------------------------------------------------
 
     def start(self) -> defer.Deferred:
-        """Start the child (and make this the active worker); fires when it answers."""
-        global _active
-        _active = self
+        """Start the child; fires when it answers."""
         return self.call(_ready)
 
     def stop(self) -> defer.Deferred:
@@ -106,9 +95,6 @@ class DiskWorker:
 
         For good: later calls fail rather than start a new child.
         """
-        global _active
-        if _active is self:
-            _active = None
         self._stopped = True
         child = self._child
         if child is None:

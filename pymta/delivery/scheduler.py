@@ -7,7 +7,9 @@ their route (the backend name chosen at RCPT time) and calls
 :class:`pymta.envelope.Recipient`, the envelope is persisted with
 ``Spool.update``, and the message leaves the spool when no recipient is
 pending.  Temporary failures are retried on a :class:`RetrySchedule`; a
-recipient still deferred after the queue lifetime fails.
+recipient still deferred after the queue lifetime fails.  Those decisions,
+and the others that need no reactor (which recipients are due, whether a
+delivery finishes its message), are in :mod:`pymta.delivery.retry`.
 
 Delivery status notifications (bounces, delay warnings, success reports)
 are decided by a :class:`pymta.bounce.notifier.DeliveryNotifier` whenever
@@ -32,6 +34,7 @@ One log line per recipient and attempt, in the style of Postfix::
 from __future__ import annotations
 
 import collections
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,56 +44,25 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pymta.bounce.notifier import NotificationHeld
-from pymta.config.model import Retry, domain_key
+from pymta.config.model import Retry
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
-from pymta.envelope import FAILED as RECIPIENT_FAILED
-from pymta.envelope import DELIVERED as RECIPIENT_DELIVERED
-from pymta.envelope import PENDING, Envelope, Recipient
+from pymta.delivery.retry import (RetrySchedule, delivery_finishes, domain_matcher, due_by_route,
+                                  format_delay, make_due, next_due, postpone, record_result,
+                                  unreported_failures)
+from pymta.envelope import Envelope, Recipient
 from pymta.spool.store import Spool
 
 log = Logger()
 
-#: exponent cap in RetrySchedule.next_delay (2**64 * any sane initial is past any maximum)
-_MAX_DOUBLINGS = 64
 
-
-class RetrySchedule:
-    """When to retry, and when to give up.  Pure arithmetic, no clock of its own."""
-
-    def __init__(self, initial: float, maximum: float, lifetime: float):
-        if initial <= 0 or maximum < initial or lifetime < 0:
-            raise ValueError("retry schedule needs 0 < initial <= maximum and lifetime >= 0 "
-                             f"(got initial={initial}, maximum={maximum}, lifetime={lifetime})")
-        self.initial = float(initial)
-        self.maximum = float(maximum)
-        self.lifetime = float(lifetime)
-
-    def next_delay(self, attempts: int) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt (attempts >= 1)."""
-        if attempts < 1:
-            raise ValueError(f"attempts must be at least 1, not {attempts}")
-        return min(self.initial * 2 ** min(attempts - 1, _MAX_DOUBLINGS), self.maximum)
-
-    def expired(self, received_at: float, now: float) -> bool:
-        """Has a message received at ``received_at`` been queued too long?"""
-        return now - received_at >= self.lifetime
-
-
-def format_delay(seconds: float) -> str:
-    """Seconds as Postfix prints them: two significant digits, no exponent."""
-    seconds = max(seconds, 0.0)
-    if seconds >= 10:
-        return str(int(round(seconds)))
-    return f"{seconds:.2g}"
-
-
-def format_duration(seconds: float) -> str:
-    """A time in the queue for humans: "5 days", "2.5 hours", "90 seconds"."""
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            count = f"{seconds / size:.1f}".removesuffix(".0")
-            return f"{count} {unit}{'' if count == '1' else 's'}"
-    return f"{seconds:.0f} seconds"
+class _Pump(enum.Enum):
+    """Whether the scheduler starts deliveries (see DeliveryScheduler._pump)."""
+    #: deliveries start as jobs come (also before startService)
+    READY = "ready"
+    #: inside _pump: a job that ends at once does not pump again (no nesting)
+    PUMPING = "pumping"
+    #: stopService was called: no delivery starts until startService
+    STOPPED = "stopped"
 
 
 @dataclass
@@ -138,17 +110,17 @@ class DeliveryScheduler(Service):
         self._held: dict[str, Envelope] = {}
         self._run_queue: collections.deque[_Job] = collections.deque()
         self._in_flight = 0
-        self._pumping = False
+        self._pump_state = _Pump.READY
         self._spool_writes = 0
         #: queue id -> notifications being spooled before its update or removal
         self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
-        self._stopping = False
 
     # -- service ---------------------------------------------------------------
 
     def startService(self) -> None:
-        self._stopping = False
+        if self._pump_state is _Pump.STOPPED:
+            self._pump_state = _Pump.READY
         self._messages.clear()
         self._held.clear()
         envelopes = self.spool.recover()
@@ -166,7 +138,7 @@ class DeliveryScheduler(Service):
     def stopService(self) -> defer.Deferred:
         """Start no new deliveries; fire when those in flight are recorded."""
         super().stopService()
-        self._stopping = True
+        self._pump_state = _Pump.STOPPED
         for message in self._messages.values():
             self._cancel_timer(message)
         for job in self._run_queue:
@@ -180,7 +152,7 @@ class DeliveryScheduler(Service):
             log.warn("{queue_id}: submitted twice; ignoring the second submission",
                      queue_id=envelope.queue_id)
             return
-        if self._stopping:
+        if self._stopped:
             log.info("{queue_id}: scheduler stopping; delivery waits for the next start",
                      queue_id=envelope.queue_id)
             return
@@ -212,7 +184,7 @@ class DeliveryScheduler(Service):
         envelope.release(self._now())
         log.info("{queue_id}: released", queue_id=queue_id)
         self._persist(self.spool.update(envelope), envelope, "update")
-        if not self._stopping:
+        if not self._stopped:
             self._track(envelope)
         return True
 
@@ -223,28 +195,27 @@ class DeliveryScheduler(Service):
         subdomains; None every pending recipient.  Recipients being
         delivered right now are left alone.
         """
-        if self._stopping:
+        if self._stopped:
             return 0
         for backend in self.backends.values():
             forget = getattr(backend, "forget_failures", None)    # optional: relay backends
             if callable(forget):
                 forget()
-        match = _domain_matcher(domain)
+        match = domain_matcher(domain)
         now = self._now()
         count = 0
         for message in list(self._messages.values()):
-            hit = False
-            for index, recipient in enumerate(message.envelope.recipients):
-                if recipient.state == PENDING and index not in message.busy \
-                        and match(recipient.address):
-                    recipient.next_attempt = min(recipient.next_attempt, now)
-                    hit = True
-            if hit:
+            if make_due(message.envelope, message.busy, match, now):
                 count += 1
                 self._reschedule(message)
         return count
 
     # -- scheduling --------------------------------------------------------------
+
+    @property
+    def _stopped(self) -> bool:
+        """stopService was called (and startService not since)."""
+        return self._pump_state is _Pump.STOPPED
 
     def _now(self) -> float:
         return self._reactor.seconds()
@@ -257,15 +228,13 @@ class DeliveryScheduler(Service):
     def _reschedule(self, message: _Message) -> None:
         """Set the timer for the next due recipient, or finish the message."""
         self._cancel_timer(message)
-        waiting = [r for i, r in enumerate(message.envelope.recipients)
-                   if r.state == PENDING and i not in message.busy]
-        if not waiting:
+        due = next_due(message.envelope, message.busy)
+        if due is None:
             if not message.busy:
                 self._finish(message)
             return
-        if self._stopping:
+        if self._stopped:
             return
-        due = min(r.next_attempt for r in waiting)
         delay = max(0.0, due - self._now())
         message.timer = self._reactor.callLater(delay, self._due, message)
 
@@ -276,7 +245,7 @@ class DeliveryScheduler(Service):
 
     def _due(self, message: _Message) -> None:
         message.timer = None
-        if self._stopping or self._messages.get(message.envelope.queue_id) is not message:
+        if self._stopped or self._messages.get(message.envelope.queue_id) is not message:
             return
         envelope = message.envelope
         if self._noticing[envelope.queue_id]:
@@ -290,13 +259,7 @@ class DeliveryScheduler(Service):
                 and not self.spool.is_queued(envelope.queue_id):
             self._forget_removed(message)
             return
-        now = self._now()
-        groups: dict[str, list[int]] = {}
-        for index, recipient in enumerate(message.envelope.recipients):
-            if (recipient.state == PENDING and index not in message.busy
-                    and recipient.next_attempt <= now):
-                groups.setdefault(recipient.route, []).append(index)
-        for route, indices in groups.items():
+        for route, indices in due_by_route(envelope, message.busy, self._now()).items():
             message.busy.update(indices)
             self._run_queue.append(_Job(message, route, indices))
         self._reschedule(message)
@@ -306,14 +269,16 @@ class DeliveryScheduler(Service):
         # Not re-entrant: a backend that answers at once (a cached failure, a
         # local error) ends its job inside _start, whose _job_done pumps again;
         # nesting that once per message would exhaust the stack on a big queue.
-        if self._pumping:
+        if self._pump_state is not _Pump.READY:
             return
-        self._pumping = True
+        self._pump_state = _Pump.PUMPING
         try:
-            while not self._stopping and self._run_queue and self._in_flight < self.concurrency:
+            while (self._pump_state is _Pump.PUMPING and self._run_queue
+                   and self._in_flight < self.concurrency):
                 self._start(self._run_queue.popleft())
         finally:
-            self._pumping = False
+            if self._pump_state is _Pump.PUMPING:      # not stopped meanwhile
+                self._pump_state = _Pump.READY
 
     # -- one backend call ----------------------------------------------------------
 
@@ -348,15 +313,7 @@ class DeliveryScheduler(Service):
         message = job.message
         if len(message.busy) != len(job.indices) or self._noticing[message.envelope.queue_id]:
             return None
-        chosen = set(job.indices)
-        finishes = True
-        for index, recipient in enumerate(message.envelope.recipients):
-            if index in chosen:
-                if recipient.notify and "SUCCESS" in recipient.notify:
-                    finishes = False
-            elif recipient.state == PENDING or not (
-                    recipient.notified or (recipient.state == RECIPIENT_DELIVERED and self.notifier is None)):
-                finishes = False
+        finishes = delivery_finishes(message.envelope, set(job.indices), self.notifier is not None)
         return self.spool.delivery_record(message.envelope, tuple(job.indices), finishes)
 
     def _check_results(self, results, job: _Job, count: int) -> list[DeliveryResult]:
@@ -397,25 +354,7 @@ class DeliveryScheduler(Service):
                           "taken as deferred", queue_id=envelope.queue_id, backend=job.route,
                           status=result.status)
             recipient = envelope.recipients[index]
-            recipient.attempts += 1
-            recipient.remote_mta = getattr(result, "remote_mta", None)
-            recipient.diagnostic = getattr(result, "diagnostic", None)
-            summary = result.summary()
-            if result.status == DELIVERED:
-                recipient.state, recipient.finished_at, status = RECIPIENT_DELIVERED, now, "sent"
-                if getattr(result, "notify_forwarded", False):
-                    recipient.notified = True     # the next hop reports success (RFC 3461 4.3)
-            elif result.status == FAILED:
-                recipient.state, recipient.finished_at, status = RECIPIENT_FAILED, now, "bounced"
-            elif self.schedule.expired(envelope.received_at, now):
-                summary = (f"{result.code} 4.4.7 message expired after "
-                           f"{format_duration(now - envelope.received_at)} in the queue; "
-                           f"last error: {summary}")
-                recipient.state, recipient.finished_at, status = RECIPIENT_FAILED, now, "bounced"
-            else:
-                recipient.next_attempt = now + self.schedule.next_delay(recipient.attempts)
-                status = "deferred"
-            recipient.last_result = summary
+            status, summary = record_result(recipient, result, self.schedule, envelope.received_at, now)
             self._log_attempt(envelope, recipient, job.route, result.relay, now, status, summary)
         message.busy.difference_update(job.indices)
         notices = [] if message.busy else self._notices(message, now)
@@ -448,12 +387,7 @@ class DeliveryScheduler(Service):
         log.failure("{queue_id}: scheduler error; delivery will be retried",
                     failure, LogLevel.critical, queue_id=job.message.envelope.queue_id)
         job.message.busy.difference_update(job.indices)
-        envelope = job.message.envelope
-        retry_at = self._now() + self.schedule.initial
-        for index in job.indices:
-            recipient = envelope.recipients[index]
-            if recipient.state == PENDING:
-                recipient.next_attempt = max(recipient.next_attempt, retry_at)
+        postpone(job.message.envelope, job.indices, self._now() + self.schedule.initial)
         self._reschedule(job.message)
 
     def _forget_removed(self, message: _Message) -> None:
@@ -513,7 +447,7 @@ class DeliveryScheduler(Service):
     def _notices(self, message: _Message, now: float) -> list:
         """The notifications due for a message none of whose recipients is in flight."""
         envelope = message.envelope
-        failed = [r for r in envelope.recipients if r.state == RECIPIENT_FAILED and not r.notified]
+        failed = unreported_failures(envelope)
         notices = []
         if failed:
             try:
@@ -623,7 +557,7 @@ class DeliveryScheduler(Service):
             log.info("{queue_id}: client=local, from=<>, size={size}, nrcpt=1 ({kind} for {original})",
                      queue_id=writer.queue_id, size=notice.envelope.size,
                      kind=notice.envelope.notification, original=original.queue_id)
-            if self._stopping:
+            if self._stopped:
                 return
             self.submit(notice.envelope)
 
@@ -665,15 +599,3 @@ class DeliveryScheduler(Service):
             for d in waiters:
                 d.callback(None)
 
-
-def _domain_matcher(domain: str | None):
-    """ETRN's node: None (everything), "example.org", or "@example.org" (and its subdomains)."""
-    if domain is None:
-        return lambda address: True
-    wanted = domain_key(domain.lstrip("@"))
-    subdomains = domain.startswith("@")
-
-    def match(address: str) -> bool:
-        got = domain_key(address.rpartition("@")[2])
-        return got == wanted or (subdomains and got.endswith("." + wanted))
-    return match
