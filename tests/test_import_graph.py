@@ -106,3 +106,12 @@ def test_the_cycle_finder_sees_a_circle_hidden_in_a_function(tmp_path):
     assert any(isinstance(node, ast.ImportFrom) for node in ast.walk(tree))
     assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_nothing_below_delivery_imports_it_back():
+    """Delivery builds on the spool and the worker; neither reaches up into delivery
+    (the worker runs delivery's calls by name, never by import)."""
+    for package in ("pymta.spool", "pymta.worker"):
+        for name, path in modules_under(package).items():
+            for imported in imports_of(path):
+                assert not imported.startswith("pymta.delivery"), (name, imported)
