@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 from pymta.admin import EXIT_OK, CommandError
 from pymta.auth import passwdfile
+from pymta.filesync import fsync_directory
 
 __all__ = ["register", "run", "read_password", "write_atomically"]
 
@@ -201,11 +202,7 @@ def write_atomically(path: str, data: bytes, existing: os.stat_result | None) ->
         if isinstance(e, OSError):
             raise CommandError(f"cannot write {path}: {e.strerror or e}; nothing changed") from None
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
 
 
 def _warn_about(text: str, path: str, user: str, existing: os.stat_result | None) -> None:

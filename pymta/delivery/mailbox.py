@@ -407,11 +407,3 @@ def _local_hostname() -> str:
 def ensure_directory(path: str, mode: int = 0o700) -> None:
     """Create ``path`` and missing parents (0700); an existing one is fine."""
     os.makedirs(path, mode=mode, exist_ok=True)
-
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

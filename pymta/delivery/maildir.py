@@ -36,9 +36,10 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
-                                    os_error_result, safe_folder_name, unsafe_result)
+from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, os_error_result,
+                                    safe_folder_name, unsafe_result)
 from pymta.delivery.result import DeliveryResult
+from pymta.filesync import fsync_directory
 from pymta.interfaces import IDeliveryBackend
 
 log = Logger()

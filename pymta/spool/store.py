@@ -76,11 +76,9 @@ or removal waits for the message's earlier commit, update or removal.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import itertools
 import json
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -93,6 +91,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pymta.envelope import DELIVERED, PENDING, Envelope
+from pymta.filesync import SYNC_MODES
+from pymta.filesync import fsync_directory as _fsync_directory
+from pymta.libc import load_syncfs as _load_syncfs
 from pymta.spool.message import SpooledMessage
 from pymta.spool.pipeline import BatchPipeline, pipeline_threadpool
 from pymta.spool.queueid import is_queue_id, new_queue_id
@@ -101,8 +102,6 @@ from pymta.spool.writer import (COPY_CHUNK, MEMORY_BODY_LIMIT, WRITE_BUFFER, Spo
                                 SpoolWriter, cut_ranges, header_field_spans, open_exclusive)
 
 log = Logger()
-
-SYNC_MODES = ("fsync", "syncfs")
 
 TMP_DIR = "tmp"
 QUEUE_DIR = "queue"
@@ -127,27 +126,6 @@ FREE_FILES_KEPT = 1024
 RECYCLE_MAX_BYTES = 256 * 1024
 #: bodies committed from memory stay there for their delivery, up to this many bytes in all
 BODY_CACHE_BYTES = 8 * 1024 * 1024
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
 
 
 def _encode_envelope(envelope: Envelope) -> bytes:
