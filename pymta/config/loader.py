@@ -34,12 +34,12 @@ from zope.interface.exceptions import (BrokenImplementation, BrokenMethodImpleme
                                        DoesNotImplement, Invalid, MultipleInvalid)
 from zope.interface.verify import verifyObject
 
+from pymta.addresses import normalize_domain
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.model import Config, DNSSettings, Limits, Listener, PluginInstance, Retry, Route
 from pymta.config.listeners import DEFAULT_LISTENERS, ROLES, read_listeners, read_tls
 from pymta.dns.resolver import DNSResolver, parse_nameserver
-from pymta.config.options import (Options, PluginContext, closest, describe_value,
-                                  normalize_domain)
+from pymta.config.options import Options, PluginContext, closest, describe_value
 from pymta.config.durations import format_duration
 from pymta.filesync import SYNC_MODES
 from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration, IRemoteDelivery

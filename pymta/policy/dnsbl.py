@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.config.errors import OptionError
-from pymta.config.options import Options, describe_value, normalize_domain
+from pymta.addresses import normalize_domain, unmap_ipv4
+from pymta.config.options import Options, describe_value
 from pymta.dns.resolver import DNSError
 from pymta.interfaces import IConnectPolicy, IConnectPrefetch
 from pymta.session import Session
@@ -82,9 +83,7 @@ class _Entry:
 
 def reverse_query_name(ip: str, zone: str) -> str:
     """The name to look up for ``ip`` in ``zone`` (RFC 5782 2.1, 2.4)."""
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = unmap_ipv4(ipaddress.ip_address(ip))
     if address.version == 4:
         labels = reversed(str(address).split("."))
     else:

@@ -26,37 +26,19 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.addresses import domain_key, normalize_domain, split_address
 from pymta.config.errors import ConfigError, OptionError
-from pymta.config.options import Options, normalize_domain
+from pymta.config.options import Options
 from pymta.config.watched_file import WatchedFile
 from pymta.delivery.mailbox import safe_folder_name, safe_mailbox_name
 from pymta.interfaces import IRecipientPolicy
 from pymta.verdict import DUNNO, Verdict
 
 __all__ = ["LocalDomainRecipients", "StaticRecipients", "AliasMap", "AliasTable",
-           "parse_aliases", "load_alias_file", "split_address", "strip_extension"]
+           "parse_aliases", "load_alias_file", "strip_extension"]
 
 
 # -- address helpers --------------------------------------------------------
-
-def domain_key(domain: str) -> str:
-    """The form a domain is compared in: lower case, no trailing dot, IDNA A-labels."""
-    text = domain.rstrip(".").lower()
-    if text.isascii():
-        return text
-    try:
-        return normalize_domain(text)
-    except ValueError:
-        return text
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """(local part as given, domain key); the domain is "" for an address without one."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, domain_key(domain)
-
 
 def strip_extension(local: str, delimiters: str) -> str | None:
     """The local part without its ``+extension``, or None when it has none.
@@ -106,6 +88,7 @@ class LocalDomainRecipients:
 
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if domain not in self.domains:
             return DUNNO
         base = strip_extension(local, self.delimiters)
@@ -158,6 +141,7 @@ class StaticRecipients:
 
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if not domain:
             return DUNNO
         local = local.lower()
@@ -352,6 +336,7 @@ class AliasMap:
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         table = self._file.current()
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if domain not in table.domains:
             return DUNNO
         local = local.lower()

@@ -52,11 +52,12 @@ from typing import Any
 
 from zope.interface import implementer
 
+from pymta.addresses import domain_key, normalize_domain, split_address
 from pymta.config.errors import OptionError
-from pymta.config.options import Options, normalize_domain
+from pymta.config.options import Options
 from pymta.config.watched_file import WatchedFile
 from pymta.interfaces import ISenderPolicy
-from pymta.policy.recipients import split_address, strip_extension
+from pymta.policy.recipients import strip_extension
 from pymta.verdict import DUNNO, Verdict
 
 __all__ = ["SenderLoginPolicy", "SenderLoginMap", "SenderLoginMapError", "parse_sender_logins",
@@ -83,6 +84,7 @@ class SenderLoginMap:
     def owners(self, sender: str, delimiters: str = "+") -> frozenset[str] | None:
         """The logins that own ``sender``, or None when the map does not list it."""
         local, domain = split_address(sender)
+        domain = domain_key(domain)
         if not domain:
             return None
         local = local.lower()

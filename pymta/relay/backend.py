@@ -49,8 +49,8 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
+from pymta.addresses import domain_key
 from pymta.config.errors import OptionError
-from pymta.config.model import domain_key
 from pymta.config.options import Options
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Recipient
