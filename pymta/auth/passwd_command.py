@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pymta.admin import EXIT_OK, CommandError
 from pymta.auth import passwdfile
 from pymta.filesync import fsync_directory
+from pymta.permissions import is_world_readable
 
 __all__ = ["register", "run", "read_password", "write_atomically"]
 
@@ -210,7 +211,7 @@ def _warn_about(text: str, path: str, user: str, existing: os.stat_result | None
     def warn(message: str) -> None:
         print(f"pymta passwd: warning: {message}", file=sys.stderr)
 
-    if existing is not None and passwdfile.is_world_readable(existing.st_mode):
+    if existing is not None and is_world_readable(existing.st_mode):
         warn(f"{path} is world-readable; the server refuses it: chmod 600 it")
     try:
         table = passwdfile.parse_password_file(text, path)

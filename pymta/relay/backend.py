@@ -55,6 +55,7 @@ from pymta.config.options import Options
 from pymta.delivery.result import DeliveryResult
 from pymta.envelope import Recipient
 from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
+from pymta.permissions import is_world_readable
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
 from pymta.relay.protocol import ClientSession, Credentials, MessageContent, SessionSettings
@@ -348,7 +349,7 @@ class SmarthostBackend(_SMTPBackend):
             try:
                 with open(password_file, encoding="utf-8") as fp:
                     mode = os.fstat(fp.fileno()).st_mode
-                    if mode & stat.S_IROTH:
+                    if is_world_readable(mode):
                         # as the AUTH password file (pymta.auth.passwdfile)
                         raise OptionError("password_file", f"{password_file} is world-readable "
                                           f"(mode {stat.S_IMODE(mode):04o}); the password is a secret: "
