@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta import tls_description
 from pymta.relay.tls import TLSPolicy
 from pymta.smtp import client as C
 from pymta.spool.message import open_body_file
@@ -361,7 +362,7 @@ class ClientSession(Protocol):
         self._handshaking = False
         settings = self.settings
         if event.tls:
-            self.tls_info = _describe_tls(self.transport)
+            self.tls_info = tls_description.as_text(tls_description.describe(self.transport.getHandle()))
         if not event.tls and settings.tls.wanted and not self._tls_declined:
             if "STARTTLS" in event.extensions:
                 self.conn.start_tls()
@@ -461,15 +462,6 @@ _HANDLERS: dict[type, Callable[[ClientSession, Any], None]] = {
     C.TransactionDone: ClientSession._on_transaction_done,
     C.Closed: ClientSession._on_closed,
 }
-
-
-def _describe_tls(transport: Any) -> str:
-    """ "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384", or "" when unknown."""
-    try:
-        handle = transport.getHandle()
-        return f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
-    except Exception:
-        return ""
 
 
 class SessionFactory(Factory):

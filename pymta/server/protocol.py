@@ -31,7 +31,7 @@ from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
 from pymta.smtp import events as E
 from pymta.spool.store import SpoolError
-from pymta.server.tls import describe as describe_tls
+from pymta.tls_description import describe as describe_tls
 from pymta.smtp.server import ServerConnection
 from pymta.verdict import Kind, Verdict
 
