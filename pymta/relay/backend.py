@@ -58,7 +58,7 @@ from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
 from pymta.permissions import is_world_readable
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
-from pymta.relay.protocol import ClientSession, Credentials, MessageContent, SessionSettings
+from pymta.relay.protocol import ClientSession, Credentials, SessionSettings
 from pymta.relay.routing import FixedRouter, MXRouter, RoutingFailure
 from pymta.relay.tls import TLS_LEVELS, TLSPolicy
 from pymta.smtp import client as C
@@ -229,14 +229,10 @@ class _SMTPBackend:
         state: dict[str, Any] = {}
 
         def job(session: ClientSession) -> defer.Deferred:
-            if "content" not in state:
-                # the body is envelope.size bytes from the start of the spool file
-                # (the spool checks it at start-up)
-                state["content"] = MessageContent(message.prepend_bytes(), message.body_path,
-                                                  message.envelope.size)
-            content = state["content"]
-            transaction = self._transaction(message, recipients, session, state, content.size)
-            d = session.send(transaction, content)
+            if "size" not in state:
+                state["size"] = len(message.prepend_bytes()) + message.envelope.size
+            transaction = self._transaction(message, recipients, session, state, state["size"])
+            d = session.send(transaction, message)
 
             def done(event: C.TransactionDone):
                 results = [delivery_result(r, session) for r in event.results]
