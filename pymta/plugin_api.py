@@ -29,7 +29,8 @@ from __future__ import annotations
 from pymta.authresults import AuthResult, add_auth_result
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import ConfigError, OptionError
-from pymta.config.options import Options, PluginContext, describe_value, normalize_domain
+from pymta.addresses import domain_key, normalize_domain, split_address
+from pymta.config.options import Options, PluginContext, describe_value
 from pymta.config.watched_file import WatchedFile
 from pymta.delivery.result import DeliveryResult
 from pymta.dns.resolver import DNSError
@@ -53,31 +54,12 @@ __all__ = [
     "Options", "OptionError", "ConfigError", "PluginContext", "WatchedFile",
     "describe_value", "format_duration", "parse_duration",
     # addresses
-    "split_address", "strip_extension", "normalize_domain",
+    "split_address", "domain_key", "strip_extension", "read_recipient_delimiter", "normalize_domain",
     "safe_mailbox_name", "safe_domain_name", "safe_folder_name",
 ]
 
 
 # -- address helpers --------------------------------------------------------
-
-def _domain_key(domain: str) -> str:
-    """The form a domain is compared in: lower case, no trailing dot, IDNA A-labels."""
-    text = domain.rstrip(".").lower()
-    if text.isascii():
-        return text
-    try:
-        return normalize_domain(text)
-    except ValueError:
-        return text
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """(local part as given, domain key); the domain is "" for an address without one."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, _domain_key(domain)
-
 
 def strip_extension(local: str, delimiters: str) -> str | None:
     """The local part without its ``+extension``, or None when it has none.
@@ -93,3 +75,11 @@ def strip_extension(local: str, delimiters: str) -> str | None:
             return local[:index]
     return None
 
+
+def read_recipient_delimiter(opts: Options) -> str:
+    """The ``recipient_delimiter`` option (default ``"+"``, ``""`` for none), checked."""
+    delimiters = opts.str("recipient_delimiter", default="+", allow_empty=True)
+    bad = [c for c in delimiters if c == "@" or c.isspace() or not c.isprintable()]
+    if bad:
+        raise OptionError("recipient_delimiter", f"{bad[0]!r} cannot be a delimiter")
+    return delimiters

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 from pymta.admin import EXIT_OK, CommandError
 from pymta.auth import passwdfile
+from pymta.filesync import fsync_directory
+from pymta.permissions import is_world_readable
 
 __all__ = ["register", "run", "read_password", "write_atomically"]
 
@@ -201,11 +203,7 @@ def write_atomically(path: str, data: bytes, existing: os.stat_result | None) ->
         if isinstance(e, OSError):
             raise CommandError(f"cannot write {path}: {e.strerror or e}; nothing changed") from None
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
 
 
 def _warn_about(text: str, path: str, user: str, existing: os.stat_result | None) -> None:
@@ -213,7 +211,7 @@ def _warn_about(text: str, path: str, user: str, existing: os.stat_result | None
     def warn(message: str) -> None:
         print(f"pymta passwd: warning: {message}", file=sys.stderr)
 
-    if existing is not None and passwdfile.is_world_readable(existing.st_mode):
+    if existing is not None and is_world_readable(existing.st_mode):
         warn(f"{path} is world-readable; the server refuses it: chmod 600 it")
     try:
         table = passwdfile.parse_password_file(text, path)

@@ -63,10 +63,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.plugin_api import OptionError, Options, WatchedFile
+from pymta.permissions import is_world_readable
 
 __all__ = ["PasswordFileChecker", "PasswordFileError", "PasswordTable", "parse_password_file",
            "load_password_file", "edit_password_text", "user_name_problem", "hash_password",
-           "verify_password", "is_world_readable"]
+           "verify_password"]
 
 #: the hasher for new passwords: argon2-cffi's defaults (RFC 9106 "low memory" profile)
 _HASHER = PasswordHasher()
@@ -182,10 +183,6 @@ def parse_password_file(text: str, source: str, *, case_insensitive: bool = Fals
         parameters.setdefault(parameter_key, found)
     typical = parameters[parameter_counts.most_common(1)[0][0]] if parameter_counts else None
     return PasswordTable(entries, typical, case_insensitive)
-
-
-def is_world_readable(mode: int) -> bool:
-    return bool(mode & stat.S_IROTH)
 
 
 def load_password_file(path: str, *, case_insensitive: bool = False) -> PasswordTable:

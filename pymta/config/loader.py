@@ -34,14 +34,15 @@ from pymta.config.model import Config, DNSSettings, Limits, Retry, Route
 from pymta.config.listeners import ROLES, read_listeners, read_tls
 from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
-from pymta.config.options import Options, PluginContext, closest, describe_value, normalize_domain
+from pymta.addresses import normalize_domain
+from pymta.config.options import Options, PluginContext, closest, describe_value
 from pymta.config.durations import format_duration
+from pymta.filesync import SYNC_MODES
 from pymta.interfaces import IRemoteDelivery
 
-__all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK", "SPOOL_SYNC_MODES"]
+__all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK"]
 
 EMBEDDED_SOURCE = "<embedded default>"
-SPOOL_SYNC_MODES = ("fsync", "syncfs")
 #: where the spool's and local deliveries' file work runs (pymta.worker.process)
 SPOOL_DISK_WORK = ("process", "threads")
 
@@ -246,7 +247,7 @@ class _ConfigBuilder:
         with self.section("spool"):
             opts = Options(table)
             directory = opts.path("directory", self.context, default=DEFAULT_SPOOL_DIR)
-            sync = opts.str("sync", default="fsync", choices=SPOOL_SYNC_MODES)
+            sync = opts.str("sync", default="fsync", choices=SYNC_MODES)
             memory_limit = opts.int("memory_limit", Config.spool_memory_limit, minimum=0)
             disk_work = opts.str("disk_work", default=Config.spool_disk_work, choices=SPOOL_DISK_WORK)
             opts.finish()

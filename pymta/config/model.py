@@ -11,16 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def domain_key(domain: str) -> str:
-    """A domain as compared: lower case, no trailing dot, IDNA (A-label) form."""
-    domain = domain.lower().rstrip(".")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return domain
+from pymta.addresses import domain_key, ip_address
 
 
 @dataclass(frozen=True)
@@ -170,12 +161,9 @@ class Config:
         return domain_key(domain) in self.domains
 
     def is_trusted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = ip_address(ip)
+        if addr is None:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
         return any(addr in net for net in self.trusted_networks)
 
     def route_for(self, address: str) -> str | None:

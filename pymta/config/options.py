@@ -28,12 +28,12 @@ from typing import Any
 
 from zope.interface import implementer
 
+from pymta.addresses import domain_key
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import OptionError
-from pymta.config.model import domain_key
 from pymta.interfaces import IPluginContext
 
-__all__ = ["Options", "PluginContext", "describe_value", "normalize_domain", "closest"]
+__all__ = ["Options", "PluginContext", "describe_value", "closest"]
 
 
 class _Missing:
@@ -79,26 +79,6 @@ def unknown_key_problem(key: builtins.str, known: Iterable[builtins.str]) -> bui
     hint = closest(key, known)
     suggestion = f" (did you mean '{hint}'?)" if hint else ""
     return f"unknown key{suggestion}; known keys: {', '.join(known)}"
-
-
-def normalize_domain(domain: builtins.str) -> builtins.str:
-    """Return ``domain`` lower-case and IDNA-encoded (A-labels), without a trailing dot.
-
-    Raises ``ValueError`` with a readable message for something that is not
-    a valid domain name.
-    """
-    import idna  # a dependency of Twisted (via hyperlink)
-
-    text = domain.strip().rstrip(".")
-    if not text:
-        raise ValueError(f"invalid domain {domain!r}: empty")
-    if text.startswith("[") or text.replace(".", "").isdigit():
-        raise ValueError(f"invalid domain {domain!r}: an address literal is not a domain name")
-    try:
-        encoded = idna.encode(text, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError) as e:
-        raise ValueError(f"invalid domain {domain!r}: {e}") from None
-    return encoded.lower()
 
 
 @implementer(IPluginContext)

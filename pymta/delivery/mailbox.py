@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pymta.addresses import split_address
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
@@ -38,14 +39,6 @@ def local_delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
     """``Return-Path:`` and ``Delivered-To:`` for a local delivery (CRLF lines)."""
     return (f"Return-Path: <{_header_safe(envelope.sender)}>\r\n"
             f"Delivered-To: {_header_safe(recipient.address)}\r\n").encode("utf-8")
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """``local@domain`` -> (local, domain); the domain is "" when there is no "@"."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address, ""
-    return local, domain
 
 
 def split_extension(local: str, delimiters: str) -> tuple[str, str | None]:
@@ -373,11 +366,3 @@ def _local_hostname() -> str:
 def ensure_directory(path: str, mode: int = 0o700) -> None:
     """Create ``path`` and missing parents (0700); an existing one is fine."""
     os.makedirs(path, mode=mode, exist_ok=True)
-
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,8 +36,8 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.delivery.mailbox import (LocalMailboxBackend, ensure_directory, fsync_directory,
-                                    os_error_result, unsafe_result)
+from pymta.delivery.mailbox import LocalMailboxBackend, ensure_directory, os_error_result, unsafe_result
+from pymta.filesync import fsync_directory
 from pymta.plugin_api import DeliveryResult, IDeliveryBackend, safe_folder_name
 
 log = Logger()

@@ -30,6 +30,7 @@ import re
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pymta.addresses import ip_address
 from pymta.config.watched_file import WatchedFile
 from pymta.dns.resolver import DNSError
 
@@ -54,16 +55,6 @@ def well_formed_host_name(name: str) -> bool:
             and not name.rpartition(".")[2].isdigit())
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def parse_hosts(path: str) -> dict[str, str]:
     """address -> first name, from a hosts(5) file (the first line for an address wins)."""
     names: dict[str, str] = {}
@@ -72,7 +63,7 @@ def parse_hosts(path: str) -> dict[str, str]:
             fields = line.split("#", 1)[0].split()
             if len(fields) < 2:
                 continue
-            address = _address(fields[0])
+            address = ip_address(fields[0])
             name = fields[1].rstrip(".").lower()
             if address is None or not well_formed_host_name(name):
                 continue
@@ -101,7 +92,7 @@ class ClientNames:
         ``resolver``: the session's (``session.dns``, which bounds the wait by
         the session's DNS time budget); the shared one when None."""
         resolver = resolver if resolver is not None else self.resolver
-        address = _address(ip)
+        address = ip_address(ip)
         if address is None:
             return defer.succeed(UNKNOWN)
         if self._hosts is not None:
@@ -132,7 +123,7 @@ class ClientNames:
             if not ok:
                 log.info("{ip}: cannot confirm its host name {name}: {error}",
                          ip=str(address), name=name, error=result.getErrorMessage())
-            elif any(_address(a) == address for a in result):
+            elif any(ip_address(a) == address for a in result):
                 return name
             else:
                 log.warn("hostname {name} does not resolve to address {ip}", name=name, ip=str(address))

@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.addresses import unmap_ipv4
 from pymta.plugin_api import (DNSError, DUNNO, IConnectPolicy, IConnectPrefetch, OptionError,
                               Options, Session, Verdict, describe_value, normalize_domain)
 
@@ -78,9 +79,7 @@ class _Entry:
 
 def reverse_query_name(ip: str, zone: str) -> str:
     """The name to look up for ``ip`` in ``zone`` (RFC 5782 2.1, 2.4)."""
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = unmap_ipv4(ipaddress.ip_address(ip))
     if address.version == 4:
         labels = reversed(str(address).split("."))
     else:

@@ -17,7 +17,6 @@ Addresses are compared case-insensitively, with the domain IDNA-encoded.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,19 +26,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.plugin_api import (DUNNO, ConfigError, IRecipientPolicy, Options, OptionError, Verdict,
-                              WatchedFile, normalize_domain, safe_folder_name, safe_mailbox_name,
-                              split_address, strip_extension)
+                              WatchedFile, domain_key, normalize_domain, read_recipient_delimiter,
+                              safe_folder_name, safe_mailbox_name, split_address, strip_extension)
+from pymta.policy.mapfile import map_entries, read_map_file
 
 __all__ = ["LocalDomainRecipients", "StaticRecipients", "AliasMap", "AliasTable",
            "parse_aliases", "load_alias_file"]
-
-
-def _read_delimiter(opts: Options) -> str:
-    delimiters = opts.str("recipient_delimiter", default="+", allow_empty=True)
-    bad = [c for c in delimiters if c == "@" or c.isspace() or not c.isprintable()]
-    if bad:
-        raise OptionError("recipient_delimiter", f"{bad[0]!r} cannot be a delimiter")
-    return delimiters
 
 
 def _unknown_user(recipient: str) -> Verdict:
@@ -61,12 +53,13 @@ class LocalDomainRecipients:
 
     def __init__(self, options: Mapping[str, Any], context: Any):
         opts = Options(options)
-        self.delimiters = _read_delimiter(opts)
+        self.delimiters = read_recipient_delimiter(opts)
         opts.finish()
         self.domains = frozenset(context.domains)
 
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if domain not in self.domains:
             return DUNNO
         base = strip_extension(local, self.delimiters)
@@ -98,7 +91,7 @@ class StaticRecipients:
     def __init__(self, options: Mapping[str, Any], context: Any):
         opts = Options(options)
         listed = opts.list_str("addresses")
-        self.delimiters = _read_delimiter(opts)
+        self.delimiters = read_recipient_delimiter(opts)
         opts.finish()
         self.addresses: set[str] = set()
         self.whole_domains: set[str] = set()
@@ -119,6 +112,7 @@ class StaticRecipients:
 
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if not domain:
             return DUNNO
         local = local.lower()
@@ -132,9 +126,6 @@ class StaticRecipients:
 
 
 # -- aliasmap ---------------------------------------------------------------
-
-_COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
-
 
 @dataclass(frozen=True)
 class AliasTable:
@@ -159,57 +150,23 @@ def parse_aliases(text: str, source: str) -> AliasTable:
     A target without ``@`` is that local part in the key's domain.  ``#`` at
     the start of a line or after whitespace starts a comment.
     """
-    # Group physical lines into logical entries: [(first line, [(line, text), ...])]
-    logical: list[list[tuple[int, str]]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        raw = _COMMENT.sub("", raw)
-        stripped = raw.strip()
-        if not stripped:
-            continue
-        if raw[0] in " \t":
-            if not logical:
-                raise ConfigError(source, f"line {number}",
-                                  "continuation line (starts with whitespace) before any entry")
-            logical[-1].append((number, stripped))
-        else:
-            logical.append([(number, stripped)])
-
     entries: dict[str, tuple[str, ...]] = {}
-    first_seen: dict[str, int] = {}
-    for segments in logical:
-        number, head = segments[0]
-        key_text, colon, rest = head.partition(":")
-        if not colon:
-            raise ConfigError(source, f"line {number}",
-                              f"expected 'address: target, ...', got {head!r}")
-        key, key_domain = _parse_alias_key(key_text.strip(), source, number)
-        if key in entries:
-            raise ConfigError(source, f"line {number}",
-                              f"duplicate entry for {key!r} (first on line {first_seen[key]})")
+    for entry in map_entries(text, source, _alias_error, value_name="target"):
         targets: list[str] = []
-        for line_number, segment in [(number, rest)] + segments[1:]:
+        for line_number, segment in entry.values:
             for piece in segment.split(","):
                 piece = piece.strip()
                 if piece:
-                    targets.append(_parse_alias_target(piece, key_domain, source, line_number))
+                    targets.append(_parse_alias_target(piece, entry.domain, source, line_number))
         if not targets:
-            raise ConfigError(source, f"line {number}", f"no targets for {key!r}")
-        entries[key] = tuple(targets)
-        first_seen[key] = number
+            raise ConfigError(source, f"line {entry.line}", f"no targets for {entry.key!r}")
+        entries[entry.key] = tuple(targets)
     domains = frozenset(key.rpartition("@")[2] for key in entries)
     return AliasTable(entries, domains)
 
 
-def _parse_alias_key(text: str, source: str, number: int) -> tuple[str, str]:
-    local, at, domain = text.rpartition("@")
-    if not at or not domain or any(c.isspace() for c in text):
-        raise ConfigError(source, f"line {number}",
-                          f"expected 'user@domain' or '@domain' before ':', got {text!r}")
-    try:
-        domain = normalize_domain(domain)
-    except ValueError as e:
-        raise ConfigError(source, f"line {number}", str(e)) from None
-    return f"{local.lower()}@{domain}", domain
+def _alias_error(source: str, line: int, problem: str) -> ConfigError:
+    return ConfigError(source, f"line {line}", problem)
 
 
 def _parse_alias_target(text: str, key_domain: str, source: str, number: int) -> str:
@@ -233,14 +190,7 @@ def _parse_alias_target(text: str, key_domain: str, source: str, number: int) ->
 
 def load_alias_file(path: str) -> AliasTable:
     """Read and parse ``path``; OSError if unreadable, ConfigError on bad content."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(path, f"line {line}", "not valid UTF-8") from None
-    return parse_aliases(text.removeprefix("\ufeff"), path)
+    return read_map_file(path, parse_aliases, _alias_error)
 
 
 class _AliasFile(WatchedFile[AliasTable]):
@@ -297,7 +247,7 @@ class AliasMap:
                  clock: Callable[[], float] = time.monotonic):
         opts = Options(options)
         self.path = opts.path("file", context)
-        self.delimiters = _read_delimiter(opts)
+        self.delimiters = read_recipient_delimiter(opts)
         self.unmatched = opts.str("unmatched", default="reject", choices=("reject", "dunno"))
         opts.finish()
         try:
@@ -313,6 +263,7 @@ class AliasMap:
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
         table = self._file.current()
         local, domain = split_address(recipient)
+        domain = domain_key(domain)
         if domain not in table.domains:
             return DUNNO
         local = local.lower()

@@ -53,12 +53,12 @@ from typing import Any
 from zope.interface import implementer
 
 from pymta.plugin_api import (DUNNO, ISenderPolicy, OptionError, Options, Verdict, WatchedFile,
-                              normalize_domain, split_address, strip_extension)
+                              domain_key, read_recipient_delimiter, split_address, strip_extension)
+from pymta.policy.mapfile import map_entries, read_map_file
 
 __all__ = ["SenderLoginPolicy", "SenderLoginMap", "SenderLoginMapError", "parse_sender_logins",
            "load_sender_logins"]
 
-_COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
 _LOGIN_SEPARATORS = re.compile(r"[,\s]+")
 
 
@@ -79,6 +79,7 @@ class SenderLoginMap:
     def owners(self, sender: str, delimiters: str = "+") -> frozenset[str] | None:
         """The logins that own ``sender``, or None when the map does not list it."""
         local, domain = split_address(sender)
+        domain = domain_key(domain)
         if not domain:
             return None
         local = local.lower()
@@ -94,62 +95,21 @@ class SenderLoginMap:
 
 def parse_sender_logins(text: str, source: str) -> SenderLoginMap:
     """Parse map text (see the module docstring); SenderLoginMapError on a problem."""
-    logical: list[list[tuple[int, str]]] = []
-    for number, raw in enumerate(text.split("\n"), 1):
-        raw = _COMMENT.sub("", raw.rstrip("\r"))
-        stripped = raw.strip()
-        if not stripped:
-            continue
-        if raw[0] in " \t":
-            if not logical:
-                raise SenderLoginMapError(source, number,
-                                          "continuation line (starts with blanks) before any entry")
-            logical[-1].append((number, stripped))
-        else:
-            logical.append([(number, stripped)])
-
     entries: dict[str, frozenset[str]] = {}
-    first_seen: dict[str, int] = {}
-    for segments in logical:
-        number, head = segments[0]
-        key_text, colon, rest = head.partition(":")
-        if not colon:
-            raise SenderLoginMapError(source, number, f"expected 'address: login, ...', got {head!r}")
-        key = _parse_key(key_text.strip(), source, number)
-        if key in entries:
-            raise SenderLoginMapError(source, number, f"duplicate entry for {key!r} "
-                                      f"(first on line {first_seen[key]})")
+    for entry in map_entries(text, source, SenderLoginMapError, value_name="login",
+                             indent_name="blanks"):
         logins: set[str] = set()
-        for piece in [rest] + [segment for _, segment in segments[1:]]:
+        for _, piece in entry.values:
             logins.update(login.casefold() for login in _LOGIN_SEPARATORS.split(piece) if login)
         if not logins:
-            raise SenderLoginMapError(source, number, f"no logins for {key!r}")
-        entries[key] = frozenset(logins)
-        first_seen[key] = number
+            raise SenderLoginMapError(source, entry.line, f"no logins for {entry.key!r}")
+        entries[entry.key] = frozenset(logins)
     return SenderLoginMap(entries)
-
-
-def _parse_key(text: str, source: str, number: int) -> str:
-    local, at, domain = text.rpartition("@")
-    if not at or not domain or any(c.isspace() for c in text):
-        raise SenderLoginMapError(source, number,
-                                  f"expected 'user@domain' or '@domain' before ':', got {text!r}")
-    try:
-        domain = normalize_domain(domain)
-    except ValueError as e:
-        raise SenderLoginMapError(source, number, str(e)) from None
-    return f"{local.lower()}@{domain}"
 
 
 def load_sender_logins(path: str) -> SenderLoginMap:
     """Read and parse ``path``: OSError if unreadable, SenderLoginMapError on bad content."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SenderLoginMapError(path, data[: e.start].count(b"\n") + 1, "not valid UTF-8") from None
-    return parse_sender_logins(text.removeprefix("\ufeff"), path)
+    return read_map_file(path, parse_sender_logins, SenderLoginMapError)
 
 
 @implementer(ISenderPolicy)
@@ -163,10 +123,7 @@ class SenderLoginPolicy:
         self.unlisted_senders = opts.str("unlisted_senders", default="reject",
                                          choices=("reject", "dunno"))
         self.reject_unauthenticated_owned = opts.bool("reject_unauthenticated_owned", default=False)
-        self.delimiters = opts.str("recipient_delimiter", default="+", allow_empty=True)
-        bad = [c for c in self.delimiters if c == "@" or c.isspace() or not c.isprintable()]
-        if bad:
-            raise OptionError("recipient_delimiter", f"{bad[0]!r} cannot be a delimiter")
+        self.delimiters = read_recipient_delimiter(opts)
         opts.finish()
         try:
             self._file = WatchedFile(self.path, load_sender_logins, what="sender login map",

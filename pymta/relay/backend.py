@@ -49,13 +49,14 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
-from pymta.config.model import domain_key
+from pymta.addresses import domain_key
 from pymta.envelope import Recipient
+from pymta.permissions import is_world_readable
 from pymta.plugin_api import (DeliveryResult, IDeliveryBackend, IRemoteDelivery, OptionError,
                               Options)
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
-from pymta.relay.protocol import ClientSession, Credentials, MessageContent, SessionSettings
+from pymta.relay.protocol import ClientSession, Credentials, SessionSettings
 from pymta.relay.routing import FixedRouter, MXRouter, RoutingFailure
 from pymta.relay.tls import TLS_LEVELS, TLSPolicy
 from pymta.smtp import client as C
@@ -226,14 +227,10 @@ class _SMTPBackend:
         state: dict[str, Any] = {}
 
         def job(session: ClientSession) -> defer.Deferred:
-            if "content" not in state:
-                # the body is envelope.size bytes from the start of the spool file
-                # (the spool checks it at start-up)
-                state["content"] = MessageContent(message.prepend_bytes(), message.body_path,
-                                                  message.envelope.size)
-            content = state["content"]
-            transaction = self._transaction(message, recipients, session, state, content.size)
-            d = session.send(transaction, content)
+            if "size" not in state:
+                state["size"] = len(message.prepend_bytes()) + message.envelope.size
+            transaction = self._transaction(message, recipients, session, state, state["size"])
+            d = session.send(transaction, message)
 
             def done(event: C.TransactionDone):
                 results = [delivery_result(r, session) for r in event.results]
@@ -346,7 +343,7 @@ class SmarthostBackend(_SMTPBackend):
             try:
                 with open(password_file, encoding="utf-8") as fp:
                     mode = os.fstat(fp.fileno()).st_mode
-                    if mode & stat.S_IROTH:
+                    if is_world_readable(mode):
                         # as the AUTH password file (pymta.auth.passwdfile)
                         raise OptionError("password_file", f"{password_file} is world-readable "
                                           f"(mode {stat.S_IMODE(mode):04o}); the password is a secret: "

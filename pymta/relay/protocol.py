@@ -16,7 +16,6 @@ machine's :class:`~pymta.smtp.client.TransactionDone`.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
@@ -26,10 +25,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta import tls_description
 from pymta.relay.tls import TLSPolicy
 from pymta.smtp import client as C
 from pymta.smtp import events as E
-from pymta.spool.message import open_body_file
+from pymta.spool.message import SpooledMessage, open_body_file
 
 log = Logger()
 
@@ -67,32 +67,20 @@ class SessionError(Exception):
         self.tls_failed = tls_failed
 
 
-class MessageContent:
-    """The octets of a spooled message as sent: the prepended header fields, then the body file.
-
-    ``body_size``: the body is that many bytes from the start of the file
-    (a spool file holds the envelope after it); None: the whole file.
-    """
-
-    def __init__(self, prepend: bytes, body_path: str, body_size: int | None = None) -> None:
-        self.prepend = prepend
-        self.body_path = body_path
-        if body_size is None:
-            body_size = os.path.getsize(body_path)
-        self.body_size = body_size
-        self.size = len(prepend) + body_size
-
-    def open(self) -> BinaryIO:
-        return open_body_file(self.body_path, self.body_size)
+def _open_body(message: SpooledMessage) -> BinaryIO:
+    """The body from the spool file, even when the spool still holds it in memory: a
+    file removed behind the server's back (an admin ``rm``) must fail the attempt."""
+    return open_body_file(message.body_path, message.envelope.size)
 
 
 @implementer(IPushProducer)
 class _ContentSender:
-    """Writes one message's content through the machine, as fast as the transport takes it."""
+    """Writes one message (its prepended header fields, then its body) through the machine,
+    as fast as the transport takes it."""
 
-    def __init__(self, session: "ClientSession", content: MessageContent) -> None:
+    def __init__(self, session: "ClientSession", message: SpooledMessage) -> None:
         self.session = session
-        self.content = content
+        self.message = message
         self.file: BinaryIO | None = None
         self.paused = False
         self.done = False
@@ -115,8 +103,8 @@ class _ContentSender:
                     return
                 if not self._prepend_sent:
                     self._prepend_sent = True
-                    self.file = self.content.open()
-                    conn.send_body(self.content.prepend)      # may be empty
+                    self.file = _open_body(self.message)
+                    conn.send_body(self.message.prepend_bytes())      # may be empty
                 else:
                     chunk = self.file.read(CHUNK)
                     if chunk:
@@ -177,7 +165,7 @@ class ClientSession(Protocol):
         self.created = reactor.seconds()
         self._ready_fired = False
         self._pending: defer.Deferred | None = None
-        self._content: MessageContent | None = None
+        self._message: SpooledMessage | None = None
         self._sender: _ContentSender | None = None
         self._timer: Any = None
         self._timer_key: Any = None
@@ -237,14 +225,14 @@ class ClientSession(Protocol):
             callback(self)
 
     # -- the caller's side ----------------------------------------------------------
-    def send(self, transaction: C.MailTransaction, content: MessageContent) -> defer.Deferred:
-        """Run one transaction; fires with TransactionDone."""
+    def send(self, transaction: C.MailTransaction, message: SpooledMessage) -> defer.Deferred:
+        """Run one transaction sending ``message``; fires with TransactionDone."""
         if not self.usable:
             raise C.ClientError(f"session to {self.peer} cannot start a transaction now "
                                 f"(state {self.conn.state.value})")
         self.messages += 1
         self._pending = defer.Deferred()
-        self._content = content
+        self._message = message
         pending = self._pending
         self.conn.start_transaction(transaction)
         self._drive()
@@ -371,7 +359,7 @@ class ClientSession(Protocol):
         settings = self.settings
         if event.tls:
             self.tls = TLSStage.ENCRYPTED
-            self.tls_info = _describe_tls(self.transport)
+            self.tls_info = tls_description.as_text(tls_description.describe(self.transport.getHandle()))
         if not event.tls and settings.tls.wanted and self.tls is not TLSStage.DECLINED:
             if "STARTTLS" in event.extensions:
                 self.conn.start_tls()
@@ -430,20 +418,21 @@ class ClientSession(Protocol):
         self._fail(error)
 
     def _on_body_wanted(self, event: C.BodyWanted) -> None:
-        content = self._content
-        if content.size <= CHUNK:
+        message = self._message
+        prepend = message.prepend_bytes()
+        if len(prepend) + message.envelope.size <= CHUNK:
             # small: all of it at once, no producer needed
             try:
-                with content.open() as fp:
+                with _open_body(message) as fp:
                     body = fp.read(CHUNK + 1)
-                self.conn.send_body(content.prepend)
+                self.conn.send_body(prepend)
                 self.conn.send_body(body)
                 self.conn.end_body()
             except (OSError, C.ClientError) as e:
                 log.error("{peer}: cannot send message content: {error}", peer=self.peer, error=e)
                 self.abort(f"cannot read the message from the spool: {e}")
             return
-        self._sender = _ContentSender(self, content)
+        self._sender = _ContentSender(self, message)
         self._sender.start()
 
     def _on_transaction_done(self, event: C.TransactionDone) -> None:
@@ -451,7 +440,7 @@ class ClientSession(Protocol):
             self._sender.stopProducing()
             self._sender = None
         pending, self._pending = self._pending, None
-        self._content = None
+        self._message = None
         if pending is not None:
             pending.callback(event)
 
@@ -471,15 +460,6 @@ _HANDLERS: dict[type, Callable[[ClientSession, Any], None]] = {
     C.TransactionDone: ClientSession._on_transaction_done,
     C.Closed: ClientSession._on_closed,
 }
-
-
-def _describe_tls(transport: Any) -> str:
-    """ "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384", or "" when unknown."""
-    try:
-        handle = transport.getHandle()
-        return f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
-    except Exception:
-        return ""
 
 
 class SessionFactory(Factory):

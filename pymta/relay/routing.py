@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from pymta.config.model import domain_key
+from pymta.addresses import domain_key
 from pymta.delivery.result import DeliveryResult
 from pymta.dns.resolver import DNSError
 

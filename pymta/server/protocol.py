@@ -30,7 +30,7 @@ from pymta.server.chain import PluginTimeout
 from pymta.server.reception import QUEUE_WRITE_ERROR, Reception
 from pymta.session import Session
 from pymta.smtp import events as E
-from pymta.server.tls import describe as describe_tls
+from pymta.tls_description import describe as describe_tls
 from pymta.smtp.server import ServerConnection
 from pymta.verdict import Kind, Verdict
 

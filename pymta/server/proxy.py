@@ -20,26 +20,15 @@ Each refusal is one log line.
 
 from __future__ import annotations
 
-import ipaddress
-
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from pymta.addresses import ip_address
 from pymta.config.durations import format_duration
 from pymta.smtp.proxy import NEED_DATA, ProxyHeaderError, parse_header
 
 log = Logger(namespace="pymta.smtpd")
-
-
-def _address(host: str):
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return addr
 
 
 class ProxyHeaderFactory(Factory):
@@ -61,7 +50,7 @@ class ProxyHeaderFactory(Factory):
         super().doStop()
 
     def from_proxy(self, host: str) -> bool:
-        addr = _address(host)
+        addr = ip_address(host)
         return addr is not None and any(addr in net for net in self.listener.proxy_networks)
 
     def buildProtocol(self, addr):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
+from pymta import tls_description
 from pymta.session import Session
 
 
@@ -21,7 +22,7 @@ def received_header(session: Session, hostname: str, queue_id: str, recipients: 
     literal = f"IPv6:{session.client_ip}" if ":" in session.client_ip else session.client_ip
     lines = [f"Received: from {helo} ({session.client_name} [{literal}])"]
     if session.tls:
-        lines.append(f"\t(using {session.tls.get('version', 'TLS')} with cipher {session.tls.get('cipher', 'unknown')})")
+        lines.append(f"\t(using {tls_description.as_text(session.tls)})")
     if session.auth_user:
         lines.append(f"\t(Authenticated sender: {session.auth_user})")
     by = f"\tby {hostname} (pymta) with {with_protocol(session, smtputf8)} id {queue_id}"

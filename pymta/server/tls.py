@@ -119,15 +119,6 @@ class ServerTLS:
         return SSL.Connection(self._contexts[None], None)
 
 
-def describe(connection) -> dict[str, str]:
-    """{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"} for an established connection."""
-    try:
-        return {"version": connection.get_protocol_version_name(),
-                "cipher": connection.get_cipher_name() or "unknown"}
-    except Exception:
-        return {"version": "TLS", "cipher": "unknown"}
-
-
 def server_tls(settings) -> ServerTLS:
     """A ServerTLS from pymta.config.model.TLSSettings."""
     def files(paths) -> CertificateFiles:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
+from pymta.addresses import unmap_ipv4
 from pymta.dns.resolver import DNSError
 from pymta.spf.macro import MacroString
 from pymta.spf.record import (Mechanism, Record, SPFSyntaxError, is_spf_record, parse_explanation,
@@ -373,10 +374,8 @@ class _Evaluation:
 # -- helpers -------------------------------------------------------------------
 
 def _client_address(text: str) -> IPAddress:
-    address = ipaddress.ip_address(text.strip().strip("[]"))
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped           # 5/9/2: an IPv4-mapped address is IPv4
-    return address
+    # 5/9/2: an IPv4-mapped address is IPv4
+    return unmap_ipv4(ipaddress.ip_address(text.strip().strip("[]")))
 
 
 def _parse_addresses(values: list) -> list[IPAddress]:

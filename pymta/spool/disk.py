@@ -52,10 +52,8 @@ child makes its own on first use (:func:`worker_directory`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import itertools
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -66,6 +64,9 @@ from typing import Any, BinaryIO, Callable
 from twisted.logger import Logger
 
 from pymta.envelope import DELIVERED, PENDING, Envelope
+from pymta.filesync import SYNC_MODES
+from pymta.filesync import fsync_directory as _fsync_directory
+from pymta.libc import load_syncfs as _load_syncfs
 from pymta.spool.queuefile import (BODY_SUFFIX, CORRUPT_DIR, ENVELOPE_SUFFIX, FREE_DIR, QUEUE_DIR,
                                    TMP_DIR, SpoolError, cut_ranges, encode_envelope, load_queue_file,
                                    open_exclusive, queue_ids, trailer, unlink_quietly)
@@ -74,8 +75,6 @@ from pymta.worker.process import in_child
 
 # the namespace the spool's log lines had before the file side had its own module
 log = Logger(namespace="pymta.spool.store")
-
-SYNC_MODES = ("fsync", "syncfs")
 
 #: files written and fsynced at once within one flush (fsync mode).  Measured
 #: with 20 sessions on 2 cores and a virtio disk: 2 lanes beat 1 (the disk
@@ -86,27 +85,6 @@ PARALLEL_FSYNCS = 2
 FREE_FILES_KEPT = 1024
 #: larger files are deleted rather than kept for reuse
 RECYCLE_MAX_BYTES = 256 * 1024
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
 
 
 def prepare_directory(directory: str, sync: str) -> tuple[str, Callable[[int], int] | None]:

@@ -34,8 +34,6 @@ a watchdog.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import pickle
 import signal
@@ -52,10 +50,10 @@ from twisted.internet.process import ProcessWriter
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogPublisher
 
+from pymta.libc import die_with_parent as _die_with_parent
+
 log = Logger()
 
-#: prctl(2) option: signal to get when the parent dies (linux/prctl.h)
-PR_SET_PDEATHSIG = 1
 #: calls the child runs at once: more than ever come (3 spool pipelines and
 #: one per local backend, each with one call in flight), so none waits
 CHILD_THREADS = 32
@@ -332,16 +330,6 @@ def _child_start(server_pid: int) -> None:
         os._exit(0)                        # the server is already gone
     threading.Thread(target=_watch_parent, args=(server_pid,), daemon=True,
                      name="pymta.diskworker.watchdog").start()
-
-
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _watch_parent(server_pid: int) -> None:
