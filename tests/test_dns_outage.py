@@ -17,7 +17,6 @@ import smtplib
 import socket
 import time
 
-import pytest
 from twisted.internet import defer, task
 from twisted.names import dns, error
 

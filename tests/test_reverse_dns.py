@@ -13,7 +13,6 @@ import smtplib
 import socket
 import time
 
-import pytest
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 

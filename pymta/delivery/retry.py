@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
 
-from pymta.config.model import domain_key
+from pymta.addresses import domain_key
 from pymta.delivery.result import DELIVERED, FAILED
 from pymta.envelope import DELIVERED as RECIPIENT_DELIVERED
 from pymta.envelope import FAILED as RECIPIENT_FAILED
@@ -54,7 +54,7 @@ def format_delay(seconds: float) -> str:
     return f"{seconds:.2g}"
 
 
-def format_duration(seconds: float) -> str:
+def format_queue_time(seconds: float) -> str:
     """A time in the queue for humans: "5 days", "2.5 hours", "90 seconds"."""
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
@@ -136,7 +136,7 @@ def record_result(recipient: Recipient, result, schedule: RetrySchedule, receive
         recipient.state, recipient.finished_at, status = RECIPIENT_FAILED, now, "bounced"
     elif schedule.expired(received_at, now):
         summary = (f"{result.code} 4.4.7 message expired after "
-                   f"{format_duration(now - received_at)} in the queue; "
+                   f"{format_queue_time(now - received_at)} in the queue; "
                    f"last error: {summary}")
         recipient.state, recipient.finished_at, status = RECIPIENT_FAILED, now, "bounced"
     else:
