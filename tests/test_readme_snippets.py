@@ -132,3 +132,34 @@ def test_the_relay_snippet_relays_only_other_domains(tmp_path):
     assert config.route_for("carol@elsewhere.example") == "relay"
     assert IRemoteDelivery.providedBy(config.backends["relay"])
     assert IRemoteDelivery.providedBy(config.backends["provider"])
+
+
+# -- the site plugin example (```python) ------------------------------------------
+
+_PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def test_the_site_plugin_example_runs_as_written():
+    """The README's plugin example, executed as written: it imports only
+    pymta.plugin_api, verifies against its interface, and does what it says."""
+    from zope.interface.verify import verifyObject
+
+    from pymta.interfaces import IRecipientPolicy
+    from pymta.session import Session, Transaction
+    from pymta.verdict import Kind
+
+    [snippet] = [m[1] for m in _PYTHON_FENCE.finditer(README.read_text(encoding="utf-8"))
+                 if "pymta.plugin_api" in m[1]]
+    imported = {m[1] for m in re.finditer(r"^(?:from|import) (\S+)", snippet, re.M)}
+    assert imported <= {"zope.interface", "pymta.plugin_api"}, imported
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    plugin = namespace["VipOnly"]({"domain": "Example.ORG"}, None)
+    assert verifyObject(IRecipientPolicy, plugin)
+    session = Session(client_ip="192.0.2.1", client_port=1, listener="mx", role="mx")
+    txn = Transaction(sender="a@example.net")
+    check = plugin.check_recipient
+    assert check(session, txn, "bob@example.org").kind is Kind.REJECT
+    assert check(session, txn, "bob@EXAMPLE.org.").kind is Kind.REJECT
+    assert check(session, txn, "vip-bob@example.org").decided is False
+    assert check(session, txn, "bob@elsewhere.example").decided is False
