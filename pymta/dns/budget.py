@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pymta.dns.resolver import DNSError
+from pymta.handoff import handed_off
 
 __all__ = ["SessionResolver", "BUDGET_USED_UP", "SESSION_CLOSED"]
 
@@ -120,19 +120,8 @@ class SessionResolver:
         inner = getattr(self.resolver, method)(name)
         if inner.called:                     # cached: no wait, no budget spent
             return inner
-        out: Deferred = Deferred(lambda d: self._finish(d))
+        out = handed_off(inner, canceller=self._finish, before=lambda: self._finish(out))
         self._start(out, name, rtype)
-
-        def deliver(result):
-            if not out.called:
-                self._finish(out)
-                if isinstance(result, Failure):
-                    out.errback(result)
-                else:
-                    out.callback(result)
-            return None
-
-        inner.addBoth(deliver)
         return out
 
     def mx(self, name: str) -> Deferred:

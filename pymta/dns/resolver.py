@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import client, dns, error
-from twisted.python.failure import Failure
 
 from pymta.dns.cache import AnswerCache
+from pymta.handoff import handed_off
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class DNSResolver:
             raise problem
 
         d.addCallbacks(ok, failed)
-        return _detached(d)
+        return handed_off(d)
 
     @staticmethod
     def _records(answers, rtype_code):
@@ -190,26 +190,6 @@ class DNSResolver:
         return self._query("lookupPointer", name, "PTR",
                            lambda ans: [_host_text(p.name)
                                         for p in self._records(ans, dns.PTR)])
-
-
-def _detached(d: Deferred) -> Deferred:
-    """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running.
-
-    The query goes on for the other askers of the same name (twisted.names
-    shares identical queries in flight) and its outcome still reaches the
-    cache."""
-    out: Deferred = Deferred()
-
-    def deliver(result):
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-        return None
-
-    d.addBoth(deliver)
-    return out
 
 
 def _problem(failure, name: str, rtype: str) -> DNSError:

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pymta.config.model import PluginInstance
+from pymta.handoff import handed_off
 from pymta.interfaces import STAGES
 from pymta.verdict import DUNNO, Kind, Verdict, header_problem
 
@@ -115,21 +115,15 @@ def within(d: Deferred, clock: Any, remaining: float, plugin: PluginInstance, st
     did not) never reaches the returned Deferred, so it cannot touch the
     session that asked.
     """
-    out = Deferred()
     timer = None
 
-    def settled(result):
-        if out.called:               # too late: the stage has answered already
-            return None              # (a late failure, or the CancelledError, ends here)
+    def answered() -> None:
         if timer is not None:
             timer.cancel()
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return None
 
-    d.addBoth(settled)
+    # too late, the stage has answered already: a late result or failure (or
+    # the CancelledError) ends in handed_off
+    out = handed_off(d, before=answered)
     if out.called:                   # answered at once: no timer needed
         return out
 
