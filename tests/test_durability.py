@@ -49,21 +49,29 @@ def _delivered_bodies(server, tokens, timeout: float = 30.0) -> dict[str, bytes]
         time.sleep(0.1)
 
 
-def test_kill9_during_load_loses_nothing(make_server):
-    server = make_server()
+def _kill9_under_load(server, rounds: int, senders: int, prefix: str,
+                      load: tuple[float, float]) -> dict[str, bytes]:
+    """``rounds`` times: ``senders`` threads send, kill -9 after a random time in
+    ``load`` seconds, restart.  Returns what the server acknowledged (tag → body)."""
     accepted: dict[str, bytes] = {}
-    for round_no in range(3):
+    for round_no in range(rounds):
         stop = threading.Event()
-        threads = [threading.Thread(target=_blast, args=(server.port, f"r{round_no}t{i}", accepted, stop))
-                   for i in range(4)]
+        threads = [threading.Thread(target=_blast, args=(server.port, f"{prefix}{round_no}t{i}", accepted, stop))
+                   for i in range(senders)]
         for t in threads:
             t.start()
-        time.sleep(random.uniform(0.4, 1.2))
+        time.sleep(random.uniform(*load))
         server.kill9()
         stop.set()
         for t in threads:
             t.join(10)
         server.start()
+    return accepted
+
+
+def test_kill9_during_load_loses_nothing(make_server):
+    server = make_server()
+    accepted = _kill9_under_load(server, rounds=3, senders=4, prefix="r", load=(0.4, 1.2))
     assert len(accepted) > 20, "the load did not get going"
     found = _delivered_bodies(server, accepted)
     missing = sorted(set(accepted) - set(found))
@@ -118,20 +126,8 @@ def test_kill9_under_load_repeats_at_most_the_deliveries_in_flight(make_server):
     deliveries whose results were still on their way to the spool.
     """
     server = make_server(BACKEND_TOML + f"\n[queue]\nconcurrency = {DUPES_CONCURRENCY}\n")
-    accepted: dict[str, bytes] = {}
     # bounded: each round is at most 1.5 s of load, 10 s of joins and a start-up
-    for round_no in range(KILLS):
-        stop = threading.Event()
-        threads = [threading.Thread(target=_blast, args=(server.port, f"d{round_no}t{i}", accepted, stop))
-                   for i in range(6)]
-        for t in threads:
-            t.start()
-        time.sleep(random.uniform(0.5, 1.5))
-        server.kill9()
-        stop.set()
-        for t in threads:
-            t.join(10)
-        server.start()
+    accepted = _kill9_under_load(server, rounds=KILLS, senders=6, prefix="d", load=(0.5, 1.5))
     assert len(accepted) > 50, "the load did not get going"
     found = _delivered_bodies(server, accepted, timeout=60)
     missing = sorted(set(accepted) - set(found))
