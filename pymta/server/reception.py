@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from pymta.envelope import Envelope, Recipient
 from pymta.server.received import received_header, with_protocol
 from pymta.session import Session, Transaction
-from pymta.spool.store import SpoolError
+from pymta.spool.queuefile import SpoolError
 from pymta.verdict import Kind, Verdict
 
 if TYPE_CHECKING:
