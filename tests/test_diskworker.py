@@ -17,7 +17,7 @@ from twisted.logger import Logger, globalLogPublisher
 from pymta.delivery.maildir import MaildirBackend
 from pymta.delivery.result import DELIVERED, FAILED
 from pymta.envelope import Envelope, Recipient
-from pymta.spool.disk import apply_spool_batch
+from pymta.spool.worker_calls import apply_spool_batch
 from pymta.spool.queuefile import TRAILER_BYTES, TRAILER_FORMAT, SpoolError
 from pymta.spool.store import Spool
 from pymta.worker import process as diskworker

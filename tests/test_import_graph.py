@@ -87,7 +87,8 @@ def test_the_spool_has_no_import_circle():
 
 def test_the_file_side_does_not_import_the_reactor_side():
     """queuefile (the format) and disk (the file side) never reach up into the Spool or its writer."""
-    for name in ("pymta.spool.queuefile", "pymta.spool.disk", "pymta.spool.message"):
+    for name in ("pymta.spool.queuefile", "pymta.spool.disk", "pymta.spool.message",
+                 "pymta.spool.recovery", "pymta.spool.worker_calls"):
         imported = imports_of(modules_under("pymta.spool")[name])
         assert not imported & {"pymta.spool.store", "pymta.spool.writer", "pymta.spool",
                                "twisted.internet.defer", "twisted.internet"}, (name, imported)

@@ -300,7 +300,7 @@ class LocalMailboxBackend:
         """:meth:`deliver_all`, then each job's deliveries recorded in the spool.
 
         A message the scheduler sent with a ``record_delivery``
-        (:class:`pymta.spool.disk.DeliveryRecord`) has its delivered
+        (:class:`pymta.spool.worker_calls.DeliveryRecord`) has its delivered
         recipients recorded here, right after the mailbox sync and before
         the batch answers: the message leaves the spool when that finished
         it.  Returns the results and, per job, whether its message left the

@@ -25,7 +25,7 @@ def deliver_local(spec: tuple, jobs: list[tuple[Any, list]]) -> tuple[list[list]
     ``spec``: (module, class name, options, hostname, domains, config dir),
     see :meth:`pymta.delivery.mailbox.LocalMailboxBackend.worker_spec`.
     Returns the results of each job, and whether each job's message left the
-    spool in this same call (see :class:`pymta.spool.disk.DeliveryRecord`).
+    spool in this same call (see :class:`pymta.spool.worker_calls.DeliveryRecord`).
     """
     key = repr(spec)
     with _made:

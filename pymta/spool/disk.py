@@ -1,7 +1,7 @@
 """The spool's file side: :class:`QueueDirectory` applies changes to ``queue/``.
 
 It runs where the file work runs: in the child process of the server's disk
-worker (:func:`apply_spool_batch` is the call the reactor side sends there),
+worker (:func:`pymta.spool.worker_calls.apply_spool_batch` is the call the reactor side sends there),
 or in the spool's own threads (``threads`` mode, and tests).  Plain file
 calls on the calling thread: no reactor, no Deferreds.  The format of the
 files is :mod:`pymta.spool.queuefile`; the reactor side, which batches the
@@ -24,7 +24,7 @@ Changes come in batches of one kind:
   least once is the contract.  A message whose delivery finishes it leaves
   the spool without a removal request: the local backend removes it in the
   batch that delivered it, right after the mailbox sync
-  (:class:`DeliveryRecord`; a delivery that does not finish the message
+  (:class:`pymta.spool.worker_calls.DeliveryRecord`; a delivery that does not finish the message
   marks its recipients delivered there), so that a crash repeats only the
   deliveries in flight, not those whose results were still on their way back.
 
@@ -46,7 +46,7 @@ journal needs ``fsck`` before the next start, as for any program.)
 
 Only one QueueDirectory per spool directory may hand out its free files:
 the server's Spool owns one in ``threads`` mode; with a disk worker the
-child makes its own on first use (:func:`worker_directory`).
+child makes its own on first use (:func:`pymta.spool.worker_calls.worker_directory`).
 """
 
 from __future__ import annotations
@@ -63,15 +63,13 @@ from typing import Any, BinaryIO, Callable
 
 from twisted.logger import Logger
 
-from pymta.envelope import DELIVERED, PENDING, Envelope
+from pymta.envelope import DELIVERED, PENDING
 from pymta.filesync import SYNC_MODES
 from pymta.filesync import fsync_directory as _fsync_directory
 from pymta.libc import load_syncfs as _load_syncfs
 from pymta.spool.queuefile import (BODY_SUFFIX, CORRUPT_DIR, ENVELOPE_SUFFIX, FREE_DIR, QUEUE_DIR,
                                    TMP_DIR, SpoolError, cut_ranges, encode_envelope, load_queue_file,
-                                   open_exclusive, queue_ids, trailer, unlink_quietly)
-from pymta.spool.queueid import is_queue_id
-from pymta.worker.process import in_child
+                                   open_exclusive, trailer, unlink_quietly)
 
 # the namespace the spool's log lines had before the file side had its own module
 log = Logger(namespace="pymta.spool.store")
@@ -547,180 +545,3 @@ class QueueDirectory:
         except OSError:
             return None                        # no hard links here: the replace frees it
         return name
-
-
-
-# -- start-up -----------------------------------------------------------------------
-
-def recover(directory: str) -> list[Envelope]:
-    """Clean up after a crash and return every committed envelope, oldest first.
-
-    Runs at start-up, before anything else uses the spool, on the calling
-    thread.  Temp files are uncommitted and deleted; an updated envelope
-    in ``queue/`` without its message file is what a crash left of a
-    removal, and deleted too.  A committed message whose envelope cannot
-    be read or whose body is not the size its envelope says is logged
-    and moved (with its updated envelope) to ``corrupt/``.
-    """
-    tmp_dir = os.path.join(directory, TMP_DIR)
-    queue_dir = os.path.join(directory, QUEUE_DIR)
-    committed = set(queue_ids(queue_dir))
-    for name in os.listdir(tmp_dir):
-        path = os.path.join(tmp_dir, name)
-        try:
-            os.unlink(path)
-        except IsADirectoryError:
-            log.warn("spool: ignoring unexpected directory {path}", path=path)
-        except FileNotFoundError:
-            pass
-        else:
-            log.info("spool: removed uncommitted temp file {path}", path=path)
-    for name in os.listdir(queue_dir):
-        stem, _, suffix = name.rpartition(".")
-        if "." + suffix == ENVELOPE_SUFFIX and is_queue_id(stem) and stem not in committed:
-            os.unlink(os.path.join(queue_dir, name))
-            log.info("{queue_id}: removed the envelope of a removed message", queue_id=stem)
-        elif not (is_queue_id(stem) and "." + suffix in (BODY_SUFFIX, ENVELOPE_SUFFIX)):
-            log.warn("spool: ignoring unexpected file {path}",
-                     path=os.path.join(queue_dir, name))
-    envelopes = []
-    for queue_id in sorted(committed):
-        problem = _check_committed(queue_dir, queue_id)
-        if isinstance(problem, Envelope):
-            envelopes.append(problem)
-        else:
-            quarantine(directory, queue_id, problem)
-    _fsync_directory(queue_dir)
-    return envelopes
-
-
-def _check_committed(queue_dir: str, queue_id: str) -> Envelope | str:
-    path = os.path.join(queue_dir, queue_id + BODY_SUFFIX)
-    try:
-        envelope, size = load_queue_file(queue_dir, queue_id)
-    except OSError as e:
-        return f"{e.filename or path}: {e.strerror}"
-    except (ValueError, TypeError, KeyError) as e:
-        return f"unreadable envelope in {path}: {e}"
-    if size != envelope.size:
-        return f"{path} holds a body of {size} bytes, the envelope says {envelope.size}"
-    return envelope
-
-
-def quarantine(directory: str, queue_id: str, problem: str) -> None:
-    """Move a committed message that cannot be loaded (and its updated envelope) to ``corrupt/``."""
-    queue_dir = os.path.join(directory, QUEUE_DIR)
-    corrupt_dir = os.path.join(directory, CORRUPT_DIR)
-    log.error("{queue_id}: corrupt spool entry, moved to {corrupt}: {problem}",
-              queue_id=queue_id, corrupt=corrupt_dir, problem=problem)
-    for suffix in (BODY_SUFFIX, ENVELOPE_SUFFIX):
-        path = os.path.join(queue_dir, queue_id + suffix)
-        if not os.path.exists(path):
-            continue
-        target = os.path.join(corrupt_dir, os.path.basename(path))
-        n = 0
-        while os.path.exists(target):
-            n += 1
-            target = os.path.join(corrupt_dir, f"{os.path.basename(path)}.{n}")
-        try:
-            os.rename(path, target)
-        except OSError as e:
-            log.error("{queue_id}: cannot move {path} to {target}: {error}",
-                      queue_id=queue_id, path=path, target=target, error=e.strerror)
-
-
-# -- in the disk worker's child ----------------------------------------------------------
-
-_directories: dict[tuple[str, str], QueueDirectory] = {}
-#: calls run in several threads of the child: one QueueDirectory per directory
-_made = threading.Lock()
-
-
-def worker_directory(directory: str, sync: str) -> QueueDirectory:
-    """This process's QueueDirectory of ``directory`` (made on first use).
-
-    Only for the disk worker's child: there it keeps the free list of
-    ``directory``, and a second one on the same directory would hand out
-    its files twice.
-    """
-    with _made:
-        disk = _directories.get((directory, sync))
-        if disk is None:
-            disk = _directories[(directory, sync)] = QueueDirectory(directory, sync)
-    return disk
-
-
-def apply_spool_batch(directory: str, sync: str, kind: str, batch: list[Change]) -> dict[int, str]:
-    """One batch of a spool pipeline ("commits", "updates" or "removals"), in the disk worker's child.
-
-    Returns the errors of single requests by position.  Raising fails the
-    whole batch.
-    """
-    errors = worker_directory(directory, sync).apply(kind, batch)
-    return {n: str(errors[id(request)]) for n, request in enumerate(batch) if id(request) in errors}
-
-
-# -- recorded in the batch that delivered the message -------------------------------------
-
-@dataclass
-class DeliveryRecord:
-    """What the spool records in the batch that delivered a message.
-
-    The scheduler gives one to a delivery backend with the message
-    (``SpooledMessage.record_delivery``) when the recipients it hands over
-    are the only ones of the message in flight.  A local backend calls
-    :meth:`apply` right after its mailbox sync, in the same disk worker call
-    (or thread), before it answers: a crash then repeats at most the
-    deliveries in flight, not those whose results were on their way back
-    through the reactor to a later spool batch.
-
-    ``finishes``: delivering every one of them finishes the message (no
-    other recipient pending, no notification to send); when they all were
-    delivered, the message then leaves the spool, as :meth:`Spool.remove`
-    does.  Otherwise the recipients delivered are marked so in its envelope
-    (the scheduler's update with the full results follows).
-
-    ``spool``: the spool's :class:`QueueDirectory` when delivery batches
-    run in this process (``threads`` mode); it does not travel to the disk
-    worker, whose child uses its own (:func:`worker_directory`, which keeps
-    that free list).
-    """
-
-    directory: str
-    sync: str
-    queue_id: str
-    size: int | None = None
-    #: the recipients handed over, as indices into the envelope's recipients
-    indices: tuple[int, ...] = ()
-    finishes: bool = True
-    #: the spool's file work runs in the disk worker's child
-    in_worker: bool = False
-    spool: Any = field(default=None, repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "spool": None}
-
-    def apply(self, outcomes: list[tuple[bool, str]]) -> bool:
-        """Record ``outcomes`` (delivered?, result summary), one per recipient; True if removed.
-
-        Only where the spool's files are kept: by the QueueDirectory given, or (a
-        spool with a disk worker) in the worker's child; elsewhere it does
-        nothing (the scheduler records the results as usual).
-        """
-        disk = self.spool
-        if disk is None and self.in_worker and in_child():
-            disk = worker_directory(self.directory, self.sync)
-        if disk is None or not outcomes:
-            return False
-        if self.finishes and all(delivered for delivered, _ in outcomes):
-            errors = disk.remove([Remove(self.queue_id, self.size)])
-            for error in errors.values():
-                log.warn("{queue_id}: delivered, but not yet removed from the spool: {error}",
-                         queue_id=self.queue_id, error=str(error))
-            return not errors
-        delivered = [(index, summary) for index, (ok, summary) in zip(self.indices, outcomes) if ok]
-        if delivered:
-            disk.record_delivered(self.queue_id, delivered)
-        return False
-
-

@@ -185,7 +185,7 @@ class SpooledMessage:
         self.envelope = envelope
         self.body_path = body_path
         self._body = body
-        #: a :class:`pymta.spool.disk.DeliveryRecord` when the recipients
+        #: a :class:`pymta.spool.worker_calls.DeliveryRecord` when the recipients
         #: given with it are the only ones in flight, else None; a local
         #: backend applies it after its mailbox sync and sets ``removed``
         #: when that took the message out of the spool

@@ -12,7 +12,7 @@ envelope updates, removals) are requests that go through three batching
 pipelines (:class:`pymta.worker.pipeline.BatchPipeline`), so that none waits
 behind another; each batch is applied by the file side,
 :class:`pymta.spool.disk.QueueDirectory`: in the child process of the
-server's disk worker (:func:`pymta.spool.disk.apply_spool_batch`), or in
+server's disk worker (:func:`pymta.spool.worker_calls.apply_spool_batch`), or in
 the spool's own threads (``threads`` mode, and tests).  The on-disk format
 is :mod:`pymta.spool.queuefile`.
 
@@ -29,8 +29,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from pymta.envelope import Envelope
-from pymta.spool.disk import (Change, Commit, DeliveryRecord, QueueDirectory, Remove, Update,
-                              apply_spool_batch, prepare_directory, recover)
+from pymta.spool.disk import Change, Commit, QueueDirectory, Remove, Update, prepare_directory
+from pymta.spool.recovery import recover
+from pymta.spool.worker_calls import DeliveryRecord, apply_spool_batch
 from pymta.spool.message import SpooledMessage
 from pymta.spool.queuefile import (BODY_SUFFIX, CORRUPT_DIR, ENVELOPE_SUFFIX, FREE_DIR, QUEUE_DIR,
                                    TMP_DIR, SpoolError, encode_envelope, load_queue_file, queue_ids,
@@ -263,7 +264,7 @@ class Spool:
     def recover(self) -> list[Envelope]:
         """Clean up after a crash and return every committed envelope, oldest first.
 
-        See :func:`pymta.spool.disk.recover`: on the calling thread, at
+        See :func:`pymta.spool.recovery.recover`: on the calling thread, at
         start-up, before anything else uses the spool.
         """
         return recover(self.directory)

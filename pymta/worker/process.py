@@ -20,7 +20,7 @@ behind a delivery batch) and answers as each finishes.
 The worker knows neither the spool nor delivery: a caller names the
 function to run, which travels by reference (its module and name) and is
 imported by the child; the caller's side keeps such functions in its own
-modules (:func:`pymta.spool.disk.apply_spool_batch`,
+modules (:func:`pymta.spool.worker_calls.apply_spool_batch`,
 :func:`pymta.delivery.worker_call.deliver_local`).  What the child logs
 while running a call comes back with the answer and is logged by the
 server, so nothing goes missing from the log file.
