@@ -34,6 +34,7 @@ a watchdog.
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 import signal
@@ -68,6 +69,19 @@ class DiskWorkerError(Exception):
     """The disk worker's child process ended with calls in flight."""
 
 
+class _Life(enum.Enum):
+    """Where the worker is in its life; each state says what a call and the child's end do."""
+
+    #: no child: the next call starts one
+    IDLE = "idle"
+    #: a child runs and takes calls; if it ends, back to IDLE
+    RUNNING = "running"
+    #: stop() closed the child's input: it finishes the calls in flight, takes no new ones
+    STOPPING = "stopping"
+    #: for good: calls fail, no child is started again
+    STOPPED = "stopped"
+
+
 class DiskWorker:
     """The child process and the calls in flight; see the module docstring."""
 
@@ -76,11 +90,14 @@ class DiskWorker:
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor
+        self._life = _Life.IDLE
+        #: the child, in RUNNING and STOPPING
         self._child: _ChildProtocol | None = None
         self._pending: dict[int, defer.Deferred] = {}
         self._serial = 0
-        self._stopping: defer.Deferred | None = None
-        self._stopped = False
+        #: in STOPPING: fired when the child has ended, and the stop timer
+        self._stop_waiters: list[defer.Deferred] = []
+        self._killer = None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -93,20 +110,18 @@ class DiskWorker:
 
         For good: later calls fail rather than start a new child.
         """
-        self._stopped = True
-        child = self._child
-        if child is None:
+        if self._life in (_Life.IDLE, _Life.STOPPED):
+            self._life = _Life.STOPPED
             return defer.succeed(None)
-        if self._stopping is None:
-            self._stopping = defer.Deferred()
-            child.transport.closeStdin()
+        if self._life is _Life.RUNNING:
+            self._life = _Life.STOPPING
+            self._child.transport.closeStdin()
             # a child stuck (a hung disk, an NFS mount) must not hold up the
             # server's shutdown for ever: what it had in flight fails, and a
             # commit that did not answer is taken back like any failed batch
-            killer = self._reactor.callLater(self.stop_timeout, self._kill, child)
-            self._stopping.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
+            self._killer = self._reactor.callLater(self.stop_timeout, self._kill, self._child)
         waiting = defer.Deferred()
-        self._stopping.addBoth(lambda result: (waiting.callback(None), result)[1])
+        self._stop_waiters.append(waiting)
         return waiting
 
     @property
@@ -128,7 +143,7 @@ class DiskWorker:
 
     def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
         """``function(*args)`` in the child; the Deferred fires with its result or errbacks."""
-        if self._stopped:
+        if self._life in (_Life.STOPPING, _Life.STOPPED):
             return defer.fail(DiskWorkerError("the disk worker is stopped"))
         try:
             frame = pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -136,12 +151,13 @@ class DiskWorker:
             return defer.fail(e)
         if len(frame) > MAX_FRAME:
             return defer.fail(DiskWorkerError(f"call of {len(frame)} bytes is too large for the disk worker"))
-        if self._child is None:
+        if self._life is _Life.IDLE:
             try:
                 self._child = self._spawn()
             except OSError as e:               # fork failed (process or memory limits)
                 log.error("cannot start the disk worker process: {error}", error=e)
                 return defer.fail(DiskWorkerError(f"cannot start the disk worker process: {e}"))
+            self._life = _Life.RUNNING
         self._serial += 1
         d = self._pending[self._serial] = defer.Deferred()
         self._send(_HEADER.pack(len(frame), self._serial), frame)
@@ -199,16 +215,24 @@ class DiskWorker:
     def _ended(self, child: "_ChildProtocol", why: str) -> None:
         if self._child is not child:
             return
+        # the new state first: the errbacks below may call again at once
         self._child = None
+        ended_while = self._life
+        self._life = _Life.IDLE if ended_while is _Life.RUNNING else _Life.STOPPED
         pending, self._pending = self._pending, {}
-        if pending and self._stopping is None:
+        if pending and ended_while is _Life.RUNNING:
             log.error("disk worker process ended ({why}) with {count} calls in flight; "
                       "the next call starts a new one", why=why, count=len(pending))
         for d in pending.values():
             d.errback(DiskWorkerError(f"the disk worker process ended ({why})"))
-        if self._stopping is not None:
-            stopping, self._stopping = self._stopping, None
-            stopping.callback(None)
+        if ended_while is _Life.RUNNING:
+            return
+        if self._killer is not None and self._killer.active():
+            self._killer.cancel()
+        self._killer = None
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiting in waiters:
+            waiting.callback(None)
 
 
 class _ChildProtocol(ProcessProtocol):
