@@ -77,10 +77,10 @@ class Driver:
                 self.conn.answer(self._verdict_for(event))
             self._collect()
 
-    def answer(self, verdict: Verdict | None = None, payload: object = None) -> bytes:
+    def answer(self, verdict: Verdict | None = None) -> bytes:
         """Answer the pending decision by hand, run on; the new reply bytes."""
         start = len(self.replies)
-        self.conn.answer(verdict or Verdict.accept(), payload)
+        self.conn.answer(verdict or Verdict.accept())
         self._collect()
         self.pump()
         return bytes(self.replies[start:])

@@ -292,13 +292,13 @@ def test_too_many_recipients_is_452_and_the_session_goes_on():
     assert driver.of(E.MessageEnd) == [E.MessageEnd(6)]
 
 
-def test_accepted_recipients_keep_the_answer_payload():
+def test_accepted_recipients_keep_their_parameters():
     driver = in_transaction()
     driver.auto = False
     driver.feed(b"RCPT TO:<carol@c.test> NOTIFY=NEVER\r\n")
-    assert driver.answer(Verdict.accept(), payload=["routed"]) == RCPT_OK
-    assert driver.conn.recipients == [("bob@b.test", {}, None),
-                                      ("carol@c.test", {"NOTIFY": ("NEVER",)}, ["routed"])]
+    assert driver.answer(Verdict.accept()) == RCPT_OK
+    assert driver.conn.recipients == [("bob@b.test", {}),
+                                      ("carol@c.test", {"NOTIFY": ("NEVER",)})]
 
 
 # ------------------------------------------------------------ errors

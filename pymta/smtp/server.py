@@ -114,8 +114,8 @@ class ServerConnection:
         # the current transaction
         self.sender: str | None = None
         self.mail_params: dict = {}
-        #: accepted recipients: (forward-path as given, params, payload from answer())
-        self.recipients: list[tuple[str, dict, object]] = []
+        #: accepted recipients: (forward-path as given, params)
+        self.recipients: list[tuple[str, dict]] = []
         self._in = bytearray()
         self._out: list[bytes] = []
         self._events: deque = deque()
@@ -558,7 +558,7 @@ class ServerConnection:
             return self._error(R.Reply(501, "5.5.4", "Syntax: ETRN domain"))
         self._hold("etrn", E.Etrn(node.lower()))
 
-    def _accepted_etrn(self, event: E.Etrn, verdict: Verdict, payload) -> None:
+    def _accepted_etrn(self, event: E.Etrn, verdict: Verdict) -> None:
         self._reply(R.Reply(250, "2.0.0", verdict.text or "Queuing started"))
 
     def _cmd_rset(self, arg: str) -> None:
@@ -664,7 +664,7 @@ class ServerConnection:
         self._finish_message()
 
     # -------------------------------------------------------------- answers
-    def answer(self, verdict: Verdict, payload: object = None) -> None:
+    def answer(self, verdict: Verdict) -> None:
         """Answer the pending decision; DUNNO counts as accept."""
         if self._pending is None:
             raise RuntimeError("answer() without a pending decision")
@@ -678,7 +678,7 @@ class ServerConnection:
             return
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
             self._go(kind + "_accepted")
-            getattr(self, "_accepted_" + kind)(event, verdict, payload)
+            getattr(self, "_accepted_" + kind)(event, verdict)
             return
         if verdict.kind is Kind.DEFER:
             default = _AUTH_DEFER if kind == "auth" else _DEFER_DEFAULT
@@ -701,7 +701,7 @@ class ServerConnection:
             enhanced = default.enhanced if same_class else f"{str(code)[0]}.0.0"
         return R.Reply(code, enhanced, verdict.text or default.text)
 
-    def _accepted_hello(self, event: E.Hello, verdict: Verdict, payload) -> None:
+    def _accepted_hello(self, event: E.Hello, verdict: Verdict) -> None:
         self.helo = event.hostname
         self.esmtp = event.verb == "EHLO"
         if not self.esmtp:
@@ -717,21 +717,21 @@ class ServerConnection:
             lines.append("ETRN")
         self._out.append(R.multiline(250, lines))
 
-    def _accepted_auth(self, event: E.Authenticate, verdict: Verdict, payload) -> None:
+    def _accepted_auth(self, event: E.Authenticate, verdict: Verdict) -> None:
         self.auth_user = event.username
         self._reply(R.AUTH_OK)
 
-    def _accepted_mail(self, event: E.MailFrom, verdict: Verdict, payload) -> None:
+    def _accepted_mail(self, event: E.MailFrom, verdict: Verdict) -> None:
         self.sender = event.sender
         self.mail_params = event.params
         self.recipients = []
         self._reply(R.Reply(250, "2.1.0", verdict.text or "Ok"))
 
-    def _accepted_rcpt(self, event: E.RcptTo, verdict: Verdict, payload) -> None:
-        self.recipients.append((event.recipient, event.params, payload))
+    def _accepted_rcpt(self, event: E.RcptTo, verdict: Verdict) -> None:
+        self.recipients.append((event.recipient, event.params))
         self._reply(R.Reply(250, "2.1.5", verdict.text or "Ok"))
 
-    def _accepted_message(self, event: E.MessageEnd, verdict: Verdict, payload) -> None:
+    def _accepted_message(self, event: E.MessageEnd, verdict: Verdict) -> None:
         self._message_open = False
         self._reset_transaction("queued")
         self._reply(R.Reply(250, "2.0.0", verdict.text or "Ok"))
@@ -741,7 +741,7 @@ class ServerConnection:
         """Tell the caller (for its log) that this message was refused at its end."""
         self._emit(E.MessageRejected("BDAT" if self._message_chunking else "DATA", reply.code,
                                      reply.enhanced, reply.text, self.sender,
-                                     tuple(given for given, _params, _payload in self.recipients)))
+                                     tuple(given for given, _params in self.recipients)))
 
     def _reset_transaction(self, reason: str) -> None:
         self._abort_message(reason)
