@@ -105,6 +105,7 @@ def test_verified_starttls_with_postfix(setup):
     assert "using TLS" in postfix_received(delivered)
     assert re.search(r"Trusted TLS connection established from localhost\[127\.0\.0\.1\]|"
                      r"TLS connection established from \S+\[127\.0\.0\.1\]", postfix.log_text())
+    wait_for_log(pymta, r"mx\.postfix\.test\[127\.0\.0\.1\]:\d+: TLS connection established: TLSv1\.[23]")
 
 
 def test_eight_bit_content_passes_unchanged(setup):

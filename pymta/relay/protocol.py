@@ -175,7 +175,6 @@ class ClientSession(Protocol):
         self.tls = TLSStage.PLAINTEXT
         self._close_callbacks: list[Callable[["ClientSession"], None]] = []
         self.connected = False
-        self.tls_info = ""
         self._driving = False
 
     # -- properties ------------------------------------------------------------
@@ -359,7 +358,9 @@ class ClientSession(Protocol):
         settings = self.settings
         if event.tls:
             self.tls = TLSStage.ENCRYPTED
-            self.tls_info = tls_description.as_text(tls_description.describe(self.transport.getHandle()))
+            # as Postfix's smtp(8) logs it: the protocol and cipher of each outbound TLS session
+            log.info("{peer}: TLS connection established: {tls}", peer=self.peer,
+                     tls=tls_description.as_text(tls_description.describe(self.transport.getHandle())))
         if not event.tls and settings.tls.wanted and self.tls is not TLSStage.DECLINED:
             if "STARTTLS" in event.extensions:
                 self.conn.start_tls()
