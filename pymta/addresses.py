@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["split_address", "domain_key", "normalize_domain", "ip_address", "unmap_ipv4"]
+__all__ = ["split_address", "split_extension", "domain_key", "normalize_domain", "ip_address", "unmap_ipv4"]
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -82,3 +82,17 @@ def ip_address(text: str) -> IPAddress | None:
     except ValueError:
         return None
     return unmap_ipv4(address)
+
+
+def split_extension(local: str, delimiters: str) -> tuple[str, str | None]:
+    """Split ``user+ext`` into ("user", "ext"); (local, None) when it has no extension.
+
+    ``delimiters`` holds one or more delimiter characters (like Postfix's
+    ``recipient_delimiter``); the first one found ends the base name.  A
+    delimiter in the first position does not count ("+foo" has no extension).
+    """
+    if delimiters:
+        for index, char in enumerate(local):
+            if index > 0 and char in delimiters:
+                return local[:index], local[index + 1:]
+    return local, None

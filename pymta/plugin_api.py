@@ -29,7 +29,7 @@ from __future__ import annotations
 from pymta.authresults import AuthResult, add_auth_result
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import ConfigError, OptionError
-from pymta.addresses import domain_key, normalize_domain, split_address
+from pymta.addresses import domain_key, normalize_domain, split_address, split_extension
 from pymta.config.options import Options, PluginContext, describe_value
 from pymta.config.watched_file import WatchedFile
 from pymta.delivery.result import DeliveryResult
@@ -54,7 +54,8 @@ __all__ = [
     "Options", "OptionError", "ConfigError", "PluginContext", "WatchedFile",
     "describe_value", "format_duration", "parse_duration",
     # addresses
-    "split_address", "domain_key", "strip_extension", "read_recipient_delimiter", "normalize_domain",
+    "split_address", "split_extension", "domain_key", "strip_extension", "read_recipient_delimiter",
+    "normalize_domain",
     "safe_mailbox_name", "safe_domain_name", "safe_folder_name",
 ]
 
@@ -62,18 +63,9 @@ __all__ = [
 # -- address helpers --------------------------------------------------------
 
 def strip_extension(local: str, delimiters: str) -> str | None:
-    """The local part without its ``+extension``, or None when it has none.
-
-    ``delimiters`` holds one or more delimiter characters (like Postfix's
-    ``recipient_delimiter``); the first one found ends the base name.  A
-    delimiter in the first position does not count ("+foo" has no extension).
-    """
-    if not delimiters:
-        return None
-    for index, char in enumerate(local):
-        if index > 0 and char in delimiters:
-            return local[:index]
-    return None
+    """The local part without its ``+extension``, or None when it has none (see split_extension)."""
+    base, extension = split_extension(local, delimiters)
+    return base if extension is not None else None
 
 
 def read_recipient_delimiter(opts: Options) -> str:

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from pymta.config.errors import ConfigError, OptionError
 from pymta.config.options import PluginContext
 from pymta.interfaces import IRecipientPolicy
-from pymta.plugin_api import strip_extension
+from pymta.plugin_api import split_extension, strip_extension
 from pymta.policy.recipients import (AliasMap, LocalDomainRecipients, StaticRecipients,
                                      parse_aliases)
 from pymta.session import Session, Transaction
@@ -42,6 +42,14 @@ def test_strip_extension():
     assert strip_extension("alice", "+") is None
     assert strip_extension("+alice", "+") is None
     assert strip_extension("alice+x", "") is None
+
+
+def test_split_extension_is_the_one_rule_of_the_recipient_check_and_the_mailboxes():
+    assert split_extension("alice+lists", "+") == ("alice", "lists")
+    assert split_extension("alice-x+y", "+-") == ("alice", "x+y")
+    assert split_extension("alice+", "+") == ("alice", "")
+    assert split_extension("+alice", "+") == ("+alice", None)
+    assert split_extension("alice+x", "") == ("alice+x", None)
 
 
 # -- localdomain ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pymta.addresses import split_address
+from pymta.addresses import split_address, split_extension
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
@@ -39,17 +39,6 @@ def local_delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
     """``Return-Path:`` and ``Delivered-To:`` for a local delivery (CRLF lines)."""
     return (f"Return-Path: <{_header_safe(envelope.sender)}>\r\n"
             f"Delivered-To: {_header_safe(recipient.address)}\r\n").encode("utf-8")
-
-
-def split_extension(local: str, delimiters: str) -> tuple[str, str | None]:
-    """Split ``user+ext`` at the first of ``delimiters``; ("user", None) without one."""
-    if not delimiters:
-        return local, None
-    positions = [p for p in (local.find(d) for d in delimiters) if p > 0]
-    if not positions:
-        return local, None
-    cut = min(positions)
-    return local[:cut], local[cut + 1:]
 
 
 # -- options ------------------------------------------------------------------
