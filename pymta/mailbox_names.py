@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from pymta.addresses import domain_key
+
 __all__ = ["safe_mailbox_name", "safe_domain_name", "safe_folder_name",
            "MAX_LOCAL_OCTETS", "MAX_DOMAIN_OCTETS"]
 
@@ -49,8 +51,14 @@ def safe_mailbox_name(local: str) -> str:
 
 
 def safe_domain_name(domain: str) -> str:
-    """The directory name for ``domain`` (lower-cased, trailing dot removed)."""
-    return _check_path_component(domain.lower().rstrip("."), "domain", MAX_DOMAIN_OCTETS)
+    """The directory name for ``domain``: its :func:`~pymta.addresses.domain_key`.
+
+    Lower-cased, without a trailing dot, and an internationalized name in
+    its IDNA A-labels, so that ``bücher.test`` and ``xn--bcher-kva.test``
+    (the same domain, as an SMTPUTF8 client and an ASCII one write it)
+    are one directory.
+    """
+    return _check_path_component(domain_key(domain), "domain", MAX_DOMAIN_OCTETS)
 
 
 def safe_folder_name(extension: str) -> str:

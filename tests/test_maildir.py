@@ -186,6 +186,16 @@ def test_custom_layout(tmp_path):
     assert len(new_files(tmp_path / "mail" / "example.org" / "users" / "carol" / "Maildir")) == 1
 
 
+def test_an_internationalized_domain_is_one_directory_in_either_form(tmp_path):
+    """SMTPUTF8 clients write U-labels, ASCII ones A-labels: one domain, one mailbox."""
+    deliver = backend(tmp_path, layout="{domain}/{local}").deliver_sync
+    for address in ("jörg@Bücher.example", "jörg@xn--bcher-kva.example"):
+        [result] = deliver(make_message(tmp_path), [rcpt(address)])
+        assert result.status == DELIVERED
+    assert os.listdir(tmp_path / "mail") == ["xn--bcher-kva.example"]
+    assert len(new_files(tmp_path / "mail" / "xn--bcher-kva.example" / "jörg")) == 2
+
+
 @pytest.mark.parametrize("address", [
     "../x@example.org", ".hidden@example.org", "a/b@example.org", "a\x00b@example.org",
     "x@../../etc", "x@.", "bob+../../x@example.org", "bob+.hidden@example.org", "bob+a/b@example.org",
