@@ -21,7 +21,9 @@ run: $(STAMP)
 # (a private instance the tests start on a loopback port; debconf is preseeded
 # to "No configuration", so the system's own Postfix is not set up), and HAProxy
 # as the load balancer in front of pymta (a private instance in the foreground,
-# own config, loopback ports; the PROXY protocol tests).  Installed
+# own config, loopback ports; the PROXY protocol tests), and redis-server for
+# the state shared between nodes (a private instance on a loopback port,
+# nothing saved; the greylist and rate-limit tests).  Installed
 # with apt when root; otherwise they must already be on PATH (the tests say
 # which one is missing).
 test-programs:
@@ -40,6 +42,12 @@ test-programs:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
 	  else echo "haproxy is missing: apt-get install haproxy (as root)"; fi; \
+	fi
+
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 redis-server >/dev/null; \
+	  else echo "redis-server is missing: apt-get install redis-server (as root)"; fi; \
 	fi
 
 test: $(STAMP) test-programs

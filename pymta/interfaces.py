@@ -129,6 +129,9 @@ class IPluginContext(Interface):
     resolver = Attribute("The shared DNS resolver (pymta.dns.resolver.DNSResolver), from [dns]; "
                          "for a session's lookups use session.dns instead (the same methods, "
                          "within the session's DNS time budget) when it is not None")
+    shared = Attribute("State shared between nodes (pymta.shared_state.SharedState: Redis, "
+                       "from [shared] redis), or None; a call fails fast with "
+                       "SharedStateUnavailable and the plugin then decides from its own memory")
 
     def resolve_path(path):
         """Return ``path`` made absolute relative to ``config_dir``."""

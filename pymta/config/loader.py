@@ -39,6 +39,7 @@ from pymta.config.options import Options, PluginContext, closest, describe_value
 from pymta.config.durations import format_duration
 from pymta.filesync import SYNC_MODES
 from pymta.interfaces import IRemoteDelivery
+from pymta.shared_state import SharedSettings, SharedState, parse_redis_url
 
 __all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK"]
 
@@ -173,13 +174,17 @@ class _ConfigBuilder:
             routes = top.value("routes", None)
             dns_table = top.table("dns", {})
             tls_table = top.table("tls", None)
+            shared_table = top.table("shared", {})
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
         add_plugin_path(plugin_path)
         dns_settings = self._dns(dns_table)
         resolver = make_resolver(dns_settings, self.reactor)
-        self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver)
+        shared = self._shared(shared_table)
+        shared_state = SharedState(shared, self.reactor) if shared.redis is not None else None
+        self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver,
+                                     shared_state)
         plugin_loader = PluginLoader(self)
         spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
@@ -195,7 +200,7 @@ class _ConfigBuilder:
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
-            shutdown_timeout=self.shutdown_timeout)
+            shutdown_timeout=self.shutdown_timeout, shared=shared, shared_state=shared_state)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:
@@ -252,6 +257,21 @@ class _ConfigBuilder:
             disk_work = opts.str("disk_work", default=Config.spool_disk_work, choices=SPOOL_DISK_WORK)
             opts.finish()
         return directory, sync, memory_limit, disk_work
+
+    # -- [shared] ---------------------------------------------------------------
+    def _shared(self, table: dict[str, Any]) -> SharedSettings:
+        with self.section("shared"):
+            opts = Options(table)
+            redis = opts.str("redis", default=None)
+            timeout = opts.duration("timeout", default=SharedSettings.timeout, above=0, maximum=30)
+            key_prefix = opts.str("key_prefix", default=SharedSettings.key_prefix, allow_empty=True)
+            opts.finish()
+            if redis is not None:
+                try:
+                    parse_redis_url(redis)
+                except ValueError as e:
+                    raise OptionError("redis", str(e)) from None
+        return SharedSettings(redis, timeout, key_prefix)
 
     # -- [[listeners]] --------------------------------------------------------
     # -- [limits] and [queue] -------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymta.addresses import domain_key, ip_address
+from pymta.shared_state import SharedSettings
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class Config:
     #: on stop (SIGTERM), how long transactions in flight may take to finish
     #: before their sessions are closed with 421 ([server] shutdown_timeout)
     shutdown_timeout: float = 30.0
+    #: [shared]: state shared between nodes (Redis), and its client (None without redis)
+    shared: SharedSettings = field(default_factory=SharedSettings)
+    shared_state: Any = None
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -94,6 +94,8 @@ class PluginContext:
     reactor: Any = None
     #: the shared pymta.dns.resolver.DNSResolver (from [dns])
     resolver: Any = None
+    #: pymta.shared_state.SharedState (Redis, from [shared] redis), or None
+    shared: Any = None
 
     def resolve_path(self, path: builtins.str) -> builtins.str:
         """``path`` made absolute relative to :attr:`config_dir` (``~`` is expanded)."""

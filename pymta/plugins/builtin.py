@@ -84,6 +84,9 @@ dnsbl = PluginRegistration(
 ratelimit = PluginRegistration(
     "ratelimit", "pymta.policy.ratelimit:RateLimit",
     "Connections, messages and recipients per client IP and per user in a time window")
+greylist = PluginRegistration(
+    "greylist", "pymta.policy.greylist:Greylist",
+    "Defer the first attempt of an unknown (client network, sender, recipient) triplet (RFC 6647)")
 relay = PluginRegistration(
     "relay", "pymta.relay.backend:RelayBackend",
     "Deliver over SMTP to the MX hosts of each recipient domain")

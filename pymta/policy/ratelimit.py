@@ -20,6 +20,12 @@ trying is not locked out for longer.  Keys whose windows are over are
 dropped on the next sweep (at most once per window), and at most
 ``max_keys`` keys are kept (the least recently used go first), so memory
 stays bounded.  Trusted networks are exempt unless ``exempt_trusted = false``.
+
+With ``[shared] redis`` set, the counts are kept in Redis, so that every
+node behind one MX name counts against one limit (two numbers per key and
+window, with a TTL; one atomic script per decision).  While Redis cannot
+answer, each node decides from its own counts, which it keeps all along
+(see :mod:`pymta.shared_state`): mail is never refused because Redis is down.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.plugin_api import (DUNNO, IConnectPolicy, IRecipientPolicy, ISenderPolicy, Options,
                               Session, Transaction, Verdict, format_duration)
 
-__all__ = ["RateLimit", "SlidingWindowCounter"]
+__all__ = ["RateLimit", "SlidingWindowCounter", "SHARED_WINDOW_SCRIPT"]
 
 log = Logger(namespace="pymta.ratelimit")
 
@@ -105,6 +112,20 @@ class SlidingWindowCounter:
             del self._counts[key]
 
 
+#: one sliding-window decision in Redis: KEYS = this window's count, the previous
+#: window's; ARGV = weight of the previous window, limit, TTL.  1 = counted, 0 = over.
+SHARED_WINDOW_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+if previous * tonumber(ARGV[1]) + current + 1 > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
 @implementer(IConnectPolicy, ISenderPolicy, IRecipientPolicy)
 class RateLimit:
     def __init__(self, options: dict[str, Any], context: Any) -> None:
@@ -119,6 +140,29 @@ class RateLimit:
         clock = getattr(context.reactor, "seconds", None) or time.monotonic
         self.counters = {kind: SlidingWindowCounter(self.window, max_keys, clock)
                          for kind in ("connections", "messages", "recipients")}
+        #: pymta.shared_state.SharedState when [shared] redis is set
+        self.shared = getattr(context, "shared", None)
+        self._wall_clock = time.time
+
+    def _allow(self, kind: str, key: Any, limit: int) -> bool | defer.Deferred:
+        """Count one event (see SlidingWindowCounter.allow); through Redis when shared."""
+        if self.shared is None or not self.shared.available:
+            return self.counters[kind].allow(key, limit)
+        now = self._wall_clock()
+        index = math.floor(now / self.window)
+        weight = 1.0 - (now / self.window - index)
+        who = f"{key[0]}:{key[1]}"
+        keys = [self.shared.key("rl", kind, who, str(index)),
+                self.shared.key("rl", kind, who, str(index - 1))]
+        ttl = int(math.ceil(2 * self.window)) + 1
+        d = self.shared.run(SHARED_WINDOW_SCRIPT, keys, [repr(weight), str(limit), str(ttl)])
+
+        def counted(result: Any) -> bool:
+            allowed = int(result) == 1
+            if allowed:          # kept here too: the node's own counts, should Redis go away
+                self.counters[kind].allow(key, 1 << 62)
+            return allowed
+        return d.addCallbacks(counted, lambda _failure: self.counters[kind].allow(key, limit))
 
     def _exempt(self, session: Session) -> bool:
         return self.exempt_trusted and session.trusted
@@ -137,8 +181,10 @@ class RateLimit:
         limit = self.limits["connections_per_ip"]
         if not limit or self._exempt(session):
             return DUNNO
-        if self.counters["connections"].allow(("ip", session.client_ip), limit):
-            return DUNNO
+        return _then(self._allow("connections", ("ip", session.client_ip), limit),
+                     lambda: self._too_many_connections(session, limit))
+
+    def _too_many_connections(self, session: Session, limit: int) -> Verdict:
         log.info("ratelimit: too many connections from [{ip}]", ip=session.client_ip)
         return Verdict.disconnect(f"Too many connections from [{session.client_ip}] "
                                   f"(at most {limit} per {self._window_text()}); try again later",
@@ -148,18 +194,24 @@ class RateLimit:
         key, limit, who = self._limit("messages", session)
         if not limit or self._exempt(session):
             return DUNNO
-        if self.counters["messages"].allow(key, limit):
-            return DUNNO
-        log.info("ratelimit: too many messages from {who}", who=who)
-        return Verdict.defer(f"Too many messages from {who} (at most {limit} per "
-                             f"{self._window_text()}); try again later", 451, "4.7.1")
+        return _then(self._allow("messages", key, limit),
+                     lambda: self._too_many("messages", who, limit, "4.7.1"))
 
     def check_recipient(self, session: Session, transaction: Transaction, recipient: str) -> Verdict:
         key, limit, who = self._limit("recipients", session)
         if not limit or self._exempt(session):
             return DUNNO
-        if self.counters["recipients"].allow(key, limit):
-            return DUNNO
-        log.info("ratelimit: too many recipients from {who}", who=who)
-        return Verdict.defer(f"Too many recipients from {who} (at most {limit} per "
-                             f"{self._window_text()}); try again later", 451, "4.5.3")
+        return _then(self._allow("recipients", key, limit),
+                     lambda: self._too_many("recipients", who, limit, "4.5.3"))
+
+    def _too_many(self, what: str, who: str, limit: int, enhanced: str) -> Verdict:
+        log.info("ratelimit: too many {what} from {who}", what=what, who=who)
+        return Verdict.defer(f"Too many {what} from {who} (at most {limit} per "
+                             f"{self._window_text()}); try again later", 451, enhanced)
+
+
+def _then(allowed: bool | defer.Deferred, refusal) -> Verdict | defer.Deferred:
+    """DUNNO when the event was counted, else ``refusal()``; the same through a Deferred."""
+    if isinstance(allowed, defer.Deferred):
+        return allowed.addCallback(lambda ok: DUNNO if ok else refusal())
+    return DUNNO if allowed else refusal()
