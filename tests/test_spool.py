@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import errno
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from pymta.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from pymta.spool.message import parse_headers
 from pymta.spool.queueid import LENGTH, QueueIdGenerator, is_queue_id, new_queue_id, queue_id_time
 from pymta.spool import disk as store_module
+from pymta.spool.disk import QueueDirectory
 from pymta.spool.queuefile import TRAILER_BYTES, TRAILER_FORMAT, SpoolError
 from pymta.spool.store import Spool
 from pymta.spool.writer import MEMORY_BODY_LIMIT
@@ -499,11 +501,71 @@ def test_a_removal_after_an_update_removes_both_files(spool):
     assert Spool(spool.directory, reactor=FakeReactor()).recover() == [keep]
 
 
+def batch_protocol(monkeypatch) -> None:
+    """Commits one at a time as in a batch under load: they take recycled files.
+
+    (A commit alone in its batch takes a new file: see the lone-commit tests.)
+    """
+    monkeypatch.setattr(QueueDirectory, "lone_commits_fresh", False)
+
+
 def free_names(spool: Spool) -> list[str]:
     return sorted(os.listdir(os.path.join(spool.directory, "free")))
 
 
-def test_removed_files_are_recycled_by_the_next_commits(tmp_path):
+@pytest.mark.parametrize("sync", ["fsync", "syncfs"])
+def test_a_lone_commit_takes_a_new_file_named_in_queue_before_one_sync(tmp_path, monkeypatch, sync):
+    """One journal commit for a lone session: the file and queue/ are synced together,
+    after the rename (a recycled file would wait, so a free one is left alone)."""
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), sync=sync)
+    gone = commit_message(spool, b"Subject: old\r\n\r\nold\r\n")
+    result_of(spool.remove(gone.queue_id))
+    free_inode = os.stat(os.path.join(spool.free_dir, free_names(spool)[0])).st_ino
+    events = []
+    real_fsync, real_rename, real_dir = os.fsync, os.rename, store_module._fsync_directory
+    real_syncfs = spool.disk._call_syncfs
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", threading.current_thread().name)),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", os.path.basename(
+        os.path.dirname(b)))), real_rename(a, b))[1])
+    monkeypatch.setattr(store_module, "_fsync_directory", lambda path: (events.append(
+        ("fsync queue/", threading.current_thread().name)), real_dir(path))[1])
+    monkeypatch.setattr(spool.disk, "_call_syncfs", lambda: (events.append(("syncfs",)), real_syncfs())[1])
+    envelope = commit_message(spool, b"Subject: new\r\n\r\nnew\r\n")
+    assert os.stat(spool.body_path(envelope.queue_id)).st_ino != free_inode
+    assert [os.stat(os.path.join(spool.free_dir, n)).st_ino for n in free_names(spool)] == [free_inode]
+    assert events[0] == ("rename", "queue")                # no sync before the name is in queue/
+    if sync == "syncfs":
+        assert events[1:] == [("syncfs",)]
+    else:
+        # the two syncs run at once: the file's on the calling thread, queue/'s on a
+        # thread of the spool's own (whose fsync of the directory is logged too)
+        assert ("fsync", threading.current_thread().name) in events[1:]
+        [(_, thread)] = [event for event in events if event[0] == "fsync queue/"]
+        assert thread.startswith("pymta.spool.fsync")
+    assert stored_body(spool, envelope.queue_id) == b"Subject: new\r\n\r\nnew\r\n"
+    assert Spool(spool.directory, reactor=FakeReactor()).recover() == [envelope]
+
+
+@pytest.mark.parametrize("failing", ["file", "queue/"])
+def test_a_lone_commit_whose_sync_fails_is_taken_back(tmp_path, monkeypatch, failing):
+    spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
+
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    if failing == "file":
+        monkeypatch.setattr(os, "fsync", broken)
+    else:
+        monkeypatch.setattr(store_module, "_fsync_directory", broken)
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    with pytest.raises((SpoolError, OSError), match="Input/output error"):
+        result_of(writer.commit(make_envelope()))
+    assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
+
+
+def test_removed_files_are_recycled_by_the_next_commits(tmp_path, monkeypatch):
+    batch_protocol(monkeypatch)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     long_body = b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n"
     gone = commit_message(spool, long_body)
@@ -576,6 +638,7 @@ def test_a_free_name_that_is_still_a_queue_file_is_never_reused(tmp_path):
 
 
 def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypatch):
+    batch_protocol(monkeypatch)
     monkeypatch.setattr("pymta.spool.disk.FREE_FILES_KEPT", 3)
     # (a message file holds its envelope too: a few hundred bytes with make_envelope())
     monkeypatch.setattr("pymta.spool.disk.RECYCLE_MAX_BYTES", 1000)
@@ -599,7 +662,8 @@ def test_free_files_are_bounded_and_large_bodies_are_deleted(tmp_path, monkeypat
     assert spool_files(spool) == {"tmp": [], "queue": [], "corrupt": []}
 
 
-def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path):
+def test_a_restarted_spool_reuses_what_free_holds_and_drops_strangers(tmp_path, monkeypatch):
+    batch_protocol(monkeypatch)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     for envelope in [commit_message(spool, b"one"), commit_message(spool, b"two")]:
         result_of(spool.remove(envelope.queue_id))
@@ -1189,6 +1253,7 @@ def test_kill_9_never_loses_a_committed_message(tmp_path):
 def test_a_removed_file_is_reused_only_after_queue_is_synced(tmp_path, monkeypatch):
     """Removals have no barrier: until queue/ is synced, a crash can bring the old
     name back, so its file must not take another message's bytes before then."""
+    batch_protocol(monkeypatch)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor())
     gone = commit_message(spool, b"Subject: old\r\n\r\nold secret\r\n")
     old_inode = os.stat(spool.body_path(gone.queue_id)).st_ino
@@ -1230,6 +1295,7 @@ def test_a_restarted_spool_syncs_queue_before_reusing_free_files(tmp_path, monke
 def test_syncfs_mode_syncs_a_recycled_file_before_naming_it_in_queue(tmp_path, monkeypatch):
     """Overwritten blocks are not ordered before a rename: without the first sync a
     crash could leave queue/<new> holding the removed message's bytes."""
+    batch_protocol(monkeypatch)
     spool = Spool(str(tmp_path / "spool"), reactor=FakeReactor(), sync="syncfs")
     assert spool.sync == "syncfs"
     gone = commit_message(spool, b"Subject: old\r\n\r\nold\r\n")

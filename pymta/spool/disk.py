@@ -13,7 +13,11 @@ Changes come in batches of one kind:
   message's temp file (several at once, so that the file system can merge
   them into one journal commit), rename them into ``queue/``, then one fsync
   of ``queue/``.  ``sync="syncfs"``: write everything, rename, then one
-  ``syncfs(2)`` for the whole file system.
+  ``syncfs(2)`` for the whole file system.  A commit alone in its batch (a
+  lone session) is written to a new file, renamed, and then the file and
+  ``queue/`` are synced together: one journal commit rather than two, which
+  is most of the time a lone session waits for its 250
+  (:meth:`QueueDirectory._commit_lone`).
 * **updates** (replaced envelopes): write (and fsync) the new envelopes,
   replace the old ones, then one fsync of ``queue/``; with ``syncfs``, one
   ``syncfs`` before the renames too, so that a crash cannot leave a
@@ -149,6 +153,10 @@ Change = Any  # Commit | Update | Remove
 class QueueDirectory:
     """The files of one spool directory, changed in batches; see the module docstring."""
 
+    #: a commit alone in its batch takes a new file and one sync (see _commit_lone);
+    #: False: it takes a recycled file like a batch (the recycling tests)
+    lone_commits_fresh = True
+
     def __init__(self, directory: str, sync: str = "fsync") -> None:
         self.directory = os.path.abspath(directory)
         self.tmp_dir = os.path.join(self.directory, TMP_DIR)
@@ -208,12 +216,7 @@ class QueueDirectory:
         if lanes <= 1:
             write_all(batch)
             return
-        with self._fsync_workers_made:       # commits and updates may get here at once
-            if self._fsync_workers is None:
-                self._fsync_workers = ThreadPoolExecutor(PARALLEL_FSYNCS - 1,
-                                                         thread_name_prefix="pymta.spool.fsync")
-        others = [self._fsync_workers.submit(write_all, batch[lane::lanes])
-                  for lane in range(1, lanes)]
+        others = [self._sync_pool().submit(write_all, batch[lane::lanes]) for lane in range(1, lanes)]
         try:
             write_all(batch[0::lanes])
         finally:
@@ -222,18 +225,26 @@ class QueueDirectory:
             if problem is not None:
                 raise problem
 
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        """The threads that sync beside the calling one (made on first use)."""
+        with self._fsync_workers_made:       # commits and updates may get here at once
+            if self._fsync_workers is None:
+                self._fsync_workers = ThreadPoolExecutor(PARALLEL_FSYNCS - 1,
+                                                         thread_name_prefix="pymta.spool.fsync")
+        return self._fsync_workers
+
     @staticmethod
     def _failed(request: Change, error: BaseException, doing: str) -> SpoolError:
         spool_error = SpoolError(f"{request.queue_id}: {doing}: {error}")
         spool_error.__cause__ = error
         return spool_error
 
-    def _write_commit(self, request: Commit, fsync: bool) -> None:
+    def _write_commit(self, request: Commit, fsync: bool, recycle: bool = True) -> None:
         """The data of one commit: the message file, body then envelope and trailer."""
         tail = (request.envelope_data, trailer(request.envelope_data))
         try:
             if request.body_memory is not None:
-                fd, recycled = self._new_file(request.body_tmp)
+                fd, recycled = self._new_file(request.body_tmp, recycle)
                 request.body_written = True
                 request.recycled = recycled
                 self._write_fd(fd, (request.body_memory, *tail), fsync, recycled)
@@ -290,6 +301,8 @@ class QueueDirectory:
         Returns the failures of single requests by ``id(request)``; raising
         fails the whole batch.
         """
+        if len(batch) == 1 and self.lone_commits_fresh:
+            return self._commit_lone(batch[0])
         errors: dict[int, Exception] = {}
         fsync = self.sync == "fsync"
         # 1. the data: body files and envelope temps
@@ -300,26 +313,7 @@ class QueueDirectory:
             # new bytes before its name appears in queue/.
             self._call_syncfs()
         # 2. the names, in request order
-        for request in batch:
-            if id(request) in errors:
-                continue
-            try:
-                if (os.path.lexists(self.body_path(request.queue_id))
-                        or os.path.lexists(self.envelope_path(request.queue_id))):
-                    raise FileExistsError(f"queue id {request.queue_id} is already in the spool")
-                os.rename(request.body_tmp, self.body_path(request.queue_id))
-            except OSError as e:
-                errors[id(request)] = self._failed(request, e, "updating the queue directory")
-        # clean up what failed requests left behind
-        for request in batch:
-            if id(request) in errors:
-                if request.body_file is not None:
-                    try:
-                        request.body_file.close()
-                    except OSError:
-                        pass
-                if request.body_written:
-                    unlink_quietly(request.body_tmp)
+        self._name_in_queue(batch, errors)
         # 3. one barrier for the whole batch
         try:
             self._barrier(fsync)
@@ -331,6 +325,72 @@ class QueueDirectory:
                     unlink_quietly(self.body_path(request.queue_id))
             raise
         return errors
+
+    def _commit_lone(self, request: Commit) -> dict[int, Exception]:
+        """A commit alone in its batch (a lone session): one journal commit instead of two.
+
+        A new file (never a recycled one) is written and named in queue/;
+        then the file and queue/ are fsynced at the same time, so that the
+        file system makes both durable in one journal commit (``syncfs``:
+        one syncfs).  Until then a crash of the machine can leave the name
+        with a short or empty file: recovery finds no valid trailer and
+        moves it to corrupt/ (it was never answered 250).  A kill of the
+        server cannot: the file is whole before it is renamed.  A recycled
+        file could show a removed message's bytes under the new name after
+        a crash of the machine: recycled files keep the batch protocol.
+        """
+        errors: dict[int, Exception] = {}
+        self._write_each([request], lambda r, _fsync: self._write_commit(r, False, recycle=False),
+                         errors, False)
+        self._name_in_queue([request], errors)
+        if errors:
+            return errors
+        path = self.body_path(request.queue_id)
+        if self.sync != "fsync":
+            barrier = None
+        else:
+            barrier = self._sync_pool().submit(self._barrier, True)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                errors[id(request)] = self._failed(request, e, f"syncing {path}")
+        try:
+            if barrier is None:
+                self._barrier(False)
+            else:
+                barrier.result()
+        except OSError:
+            unlink_quietly(path)               # not known to be durable: the sender gets 4xx
+            raise
+        if errors:
+            unlink_quietly(path)
+        return errors
+
+    def _name_in_queue(self, batch: list[Commit], errors: dict[int, Exception]) -> None:
+        """Rename each written file into queue/, in request order; clean up the failed ones."""
+        for request in batch:
+            if id(request) in errors:
+                continue
+            try:
+                if (os.path.lexists(self.body_path(request.queue_id))
+                        or os.path.lexists(self.envelope_path(request.queue_id))):
+                    raise FileExistsError(f"queue id {request.queue_id} is already in the spool")
+                os.rename(request.body_tmp, self.body_path(request.queue_id))
+            except OSError as e:
+                errors[id(request)] = self._failed(request, e, "updating the queue directory")
+        for request in batch:
+            if id(request) in errors:
+                if request.body_file is not None:
+                    try:
+                        request.body_file.close()
+                    except OSError:
+                        pass
+                if request.body_written:
+                    unlink_quietly(request.body_tmp)
 
     def update(self, batch: list[Update]) -> dict[int, Exception]:
         """Replace the envelopes of one batch durably."""
@@ -497,13 +557,15 @@ class QueueDirectory:
         """How many recycled files wait in free/ for reuse."""
         return len(self._free) + len(self._retired)
 
-    def _new_file(self, path: str) -> tuple[int, bool]:
+    def _new_file(self, path: str, recycle: bool = True) -> tuple[int, bool]:
         """A file to write at ``path`` (in tmp/): (descriptor, recycled?).
 
         A recycled file still holds old bytes: write from the start, then
         truncate to what was written (:meth:`_write_fd` does).  Without one
-        to reuse the file is created (``O_EXCL``).
+        to reuse (or with ``recycle`` false) the file is created (``O_EXCL``).
         """
+        if not recycle:
+            return open_exclusive(path), False
         while True:
             try:
                 name = self._free.pop()
