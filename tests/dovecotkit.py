@@ -1,0 +1,175 @@
+"""A private Dovecot started by the tests: LMTP on a loopback port and a UNIX socket, and
+the auth-client socket, with users and passwords in a passwd-file.
+
+Everything lives in a temporary directory of its own (outside pytest's
+``tmp_path``, which the unprivileged mail processes could not enter): the
+configuration (a complete file, nothing included from the system's
+``/etc/dovecot``), ``base_dir`` with the sockets, ``state_dir``, the log and
+the Maildir store.  Dovecot runs in the foreground (``dovecot -F -c CONFIG``);
+the system's Dovecot service, if any, is neither used nor touched.  As root,
+mail is stored as ``nobody`` (Dovecot never writes mail as root); as another
+user, every Dovecot process runs as that user.
+
+Each user has a password (PLAIN scheme in the file: test data) and,
+optionally, a storage quota in KiB; an over-quota delivery is refused with
+``452 4.2.2`` (``quota_full_tempfail = yes``) unless ``tempfail_quota`` is
+False (then ``552 5.2.2``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from conftest import free_port, require_program
+
+SBIN = "/usr/sbin/dovecot"
+
+
+def dovecot_program() -> str:
+    """The dovecot binary (in /usr/sbin, which is not on every PATH): fails under CI if missing."""
+    return shutil.which("dovecot") or (SBIN if os.access(SBIN, os.X_OK) else None) \
+        or require_program("dovecot")
+
+
+class PrivateDovecot:
+    def __init__(self, users: dict[str, str], quota_kib: dict[str, int] | None = None,
+                 tempfail_quota: bool = True) -> None:
+        self.program = dovecot_program()
+        self.dir = Path(tempfile.mkdtemp(prefix="pymta-dovecot-"))
+        os.chmod(self.dir, 0o755)
+        self.base_dir = self.dir / "run"
+        self.mail_dir = self.dir / "mail"
+        self.mail_dir.mkdir()
+        self.config = self.dir / "dovecot.conf"
+        self.log = self.dir / "dovecot.log"
+        self.users_file = self.dir / "users"
+        self.lmtp_port = free_port()
+        self.lmtp_socket = self.base_dir / "lmtp"
+        self.auth_socket = self.base_dir / "auth-client"
+        root = os.geteuid() == 0
+        me = pwd.getpwuid(os.geteuid())
+        mail_user = pwd.getpwnam("nobody") if root else me
+        os.chown(self.mail_dir, mail_user.pw_uid, mail_user.pw_gid)
+        quota_kib = quota_kib or {}
+        lines = []
+        for user, password in users.items():
+            extra = f"userdb_quota_rule=*:storage={quota_kib[user]}K" if user in quota_kib else ""
+            lines.append(f"{user}:{{PLAIN}}{password}:{mail_user.pw_uid}:{mail_user.pw_gid}::"
+                         f"{self.mail_dir}/{user}::{extra}")
+        self.users_file.write_text("\n".join(lines) + "\n")
+        own_users = "" if root else (f"default_internal_user = {me.pw_name}\n"
+                                     f"default_login_user = {me.pw_name}\n"
+                                     f"default_internal_group = {pwd.getpwuid(os.geteuid()).pw_name}\n")
+        self.config.write_text(f"""\
+base_dir = {self.base_dir}
+state_dir = {self.dir}/state
+instance_name = pymta-test-{self.lmtp_port}
+log_path = {self.log}
+protocols = lmtp
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_verbose = yes
+first_valid_uid = {min(mail_user.pw_uid, 1)}
+mail_location = maildir:~/Maildir
+mail_plugins = quota
+lmtp_save_to_detail_mailbox = no
+quota_full_tempfail = {'yes' if tempfail_quota else 'no'}
+{own_users}
+passdb {{
+  driver = passwd-file
+  args = {self.users_file}
+}}
+userdb {{
+  driver = passwd-file
+  args = {self.users_file}
+}}
+plugin {{
+  quota = maildir:User quota
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.lmtp_port}
+  }}
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service auth {{
+  unix_listener auth-client {{
+    mode = 0666
+  }}
+}}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    # -- running --------------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> "PrivateDovecot":
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([self.program, "-F", "-c", str(self.config)],
+                                     stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dovecot exited with {self.proc.returncode}:\n{self.log_text()}")
+            if self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"dovecot did not start:\n{self.log_text()}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.lmtp_port), timeout=1) as s:
+                s.settimeout(5)
+                if not s.recv(100).startswith(b"220"):
+                    return False
+                s.sendall(b"QUIT\r\n")
+        except OSError:
+            return False
+        return self.auth_socket.exists() and self.lmtp_socket.exists()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    # -- reading mail back ------------------------------------------------------------
+    def messages(self, user: str) -> list[bytes]:
+        """The messages in the user's INBOX (Maildir new/ and cur/), oldest first."""
+        maildir = self.mail_dir / user / "Maildir"
+        files = [p for sub in ("new", "cur") if (maildir / sub).is_dir()
+                 for p in (maildir / sub).iterdir()]
+        return [p.read_bytes() for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)]
+
+    def wait_for_messages(self, user: str, count: int = 1, timeout: float = 15.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.messages(user)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"{user}: {len(self.messages(user))} of {count} messages arrived; "
+                             f"dovecot log:\n{self.log_text()}")
