@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,27 @@ service auth {{
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def doveadm(self, *args: str) -> str:
+        """``doveadm -c CONFIG ARGS``: its output (fails the test when it fails)."""
+        program = shutil.which("doveadm") or "/usr/bin/doveadm"
+        done = subprocess.run([program, "-c", str(self.config), *args], capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode != 0:
+            raise AssertionError(f"doveadm {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def set_quota(self, user: str, kib: int, timeout: float = 15.0) -> None:
+        """Change the user's storage quota and wait until Dovecot's userdb gives the new one."""
+        text = self.users_file.read_text()
+        lines = [re.sub(r"storage=\d+K", f"storage={kib}K", line) if line.startswith(user + ":")
+                 else line for line in text.splitlines()]
+        self.users_file.write_text("\n".join(lines) + "\n")
+        deadline = time.monotonic() + timeout
+        while f"storage={kib}K" not in self.doveadm("user", user):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"dovecot did not pick up the new quota of {user}")
+            time.sleep(0.1)
 
     # -- reading mail back ------------------------------------------------------------
     def messages(self, user: str) -> list[bytes]:
