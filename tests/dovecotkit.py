@@ -10,8 +10,10 @@ the system's Dovecot service, if any, is neither used nor touched.  As root,
 mail is stored as ``nobody`` (Dovecot never writes mail as root); as another
 user, every Dovecot process runs as that user.
 
-Each user has a password (PLAIN scheme in the file: test data) and,
-optionally, a storage quota in KiB; an over-quota delivery is refused with
+Each user has a password (PLAIN scheme in the file: test data), optional
+passdb extra fields (``nologin reason=...``) and, optionally, a storage
+quota in KiB; plaintext mechanisms are allowed only on sessions the client
+says are ``secured`` (Dovecot's default); an over-quota delivery is refused with
 ``452 4.2.2`` (``quota_full_tempfail = yes``) unless ``tempfail_quota`` is
 False (then ``552 5.2.2``).
 """
@@ -22,6 +24,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -41,7 +44,8 @@ def dovecot_program() -> str:
 
 class PrivateDovecot:
     def __init__(self, users: dict[str, str], quota_kib: dict[str, int] | None = None,
-                 tempfail_quota: bool = True) -> None:
+                 tempfail_quota: bool = True, mechanisms: str = "plain login",
+                 extra_fields: dict[str, str] | None = None) -> None:
         self.program = dovecot_program()
         self.dir = Path(tempfile.mkdtemp(prefix="pymta-dovecot-"))
         os.chmod(self.dir, 0o755)
@@ -59,9 +63,12 @@ class PrivateDovecot:
         mail_user = pwd.getpwnam("nobody") if root else me
         os.chown(self.mail_dir, mail_user.pw_uid, mail_user.pw_gid)
         quota_kib = quota_kib or {}
+        extra_fields = extra_fields or {}
         lines = []
         for user, password in users.items():
-            extra = f"userdb_quota_rule=*:storage={quota_kib[user]}K" if user in quota_kib else ""
+            extra = " ".join(filter(None, [
+                f"userdb_quota_rule=*:storage={quota_kib[user]}K" if user in quota_kib else "",
+                extra_fields.get(user, "")]))
             lines.append(f"{user}:{{PLAIN}}{password}:{mail_user.pw_uid}:{mail_user.pw_gid}::"
                          f"{self.mail_dir}/{user}::{extra}")
         self.users_file.write_text("\n".join(lines) + "\n")
@@ -76,9 +83,10 @@ log_path = {self.log}
 protocols = lmtp
 listen = 127.0.0.1
 ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain login
+disable_plaintext_auth = yes
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
+auth_failure_delay = 0
 first_valid_uid = {min(mail_user.pw_uid, 1)}
 mail_location = maildir:~/Maildir
 mail_plugins = quota
@@ -117,7 +125,7 @@ service auth {{
     def start(self, timeout: float = 20.0) -> "PrivateDovecot":
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([self.program, "-F", "-c", str(self.config)],
-                                     stdout=logf, stderr=subprocess.STDOUT)
+                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -140,14 +148,21 @@ service auth {{
             return False
         return self.auth_socket.exists() and self.lmtp_socket.exists()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop Dovecot and wait until all its processes are gone, as a service manager
+        stops it (its process group: the auth process would otherwise serve the
+        connections it has until they close)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            children = _children(self.proc.pid)
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            deadline = time.monotonic() + timeout
+            while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+                time.sleep(0.05)
         self.proc = None
 
     def cleanup(self) -> None:
@@ -195,3 +210,19 @@ service auth {{
             time.sleep(0.05)
         raise AssertionError(f"{user}: {len(self.messages(user))} of {count} messages arrived; "
                              f"dovecot log:\n{self.log_text()}")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fp:
+            return [int(p) for p in fp.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fp:
+            return fp.read().split(") ", 1)[1][:1] != "Z"      # a zombie is gone for our purpose
+    except (OSError, IndexError):
+        return False

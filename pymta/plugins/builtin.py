@@ -93,3 +93,6 @@ smarthost = PluginRegistration(
 lmtp = PluginRegistration(
     "lmtp", "pymta.delivery.lmtp:LMTPBackend",
     "Deliver to a mail store (Dovecot) over LMTP, TCP or a UNIX socket")
+dovecot = PluginRegistration(
+    "dovecot", "pymta.auth.dovecot:DovecotAuthChecker",
+    "SMTP AUTH passwords checked by Dovecot over its auth-client socket")
