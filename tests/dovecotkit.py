@@ -20,6 +20,7 @@ False (then ``552 5.2.2``).
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -74,7 +75,7 @@ class PrivateDovecot:
         self.users_file.write_text("\n".join(lines) + "\n")
         own_users = "" if root else (f"default_internal_user = {me.pw_name}\n"
                                      f"default_login_user = {me.pw_name}\n"
-                                     f"default_internal_group = {pwd.getpwuid(os.geteuid()).pw_name}\n")
+                                     f"default_internal_group = {grp.getgrgid(os.getegid()).gr_name}\n")
         self.config.write_text(f"""\
 base_dir = {self.base_dir}
 state_dir = {self.dir}/state
