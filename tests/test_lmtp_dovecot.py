@@ -97,3 +97,34 @@ def test_an_unreachable_store_defers(make_server, tmp_path):
     send(server.port, [ALICE], message("nowhere"))
     line = wait_for_log(server, rf"to=<{ALICE}>, relay=store.*status=deferred \([^\n]*")
     assert "no-such-socket" in line
+
+
+# -- options ----------------------------------------------------------------------------
+
+def lmtp_backend(tmp_path, **options):
+    from twisted.internet.testing import MemoryReactor
+
+    from pymta.delivery.lmtp import LMTPBackend
+    from relaykit import context
+    return LMTPBackend(options, context(MemoryReactor(), tmp_path))
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({}, "host: give either host"),
+    ({"host": "127.0.0.1:24", "socket": "lmtp"}, "not both"),
+    ({"host": "127.0.0.1:99999"}, "host: bad port"),
+    ({"socket": "lmtp", "tls_policy": {}}, "tls_policy"),
+])
+def test_option_errors_name_the_key(tmp_path, options, problem):
+    from pymta.plugin_api import OptionError
+    with pytest.raises(OptionError, match=problem):
+        lmtp_backend(tmp_path, **options)
+
+
+def test_the_store_is_local_delivery_not_a_relay(tmp_path):
+    from pymta.interfaces import IDeliveryBackend, IRemoteDelivery
+    backend = lmtp_backend(tmp_path, host="[::1]")
+    assert IDeliveryBackend.providedBy(backend) and not IRemoteDelivery.providedBy(backend)
+    assert backend.router.hosts == (("::1", 24),)
+    assert backend.tls.level == "none"
+    assert lmtp_backend(tmp_path, socket="run/lmtp").socket == f"{tmp_path}/run/lmtp"
