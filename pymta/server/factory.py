@@ -78,6 +78,8 @@ class SMTPServerFactory(Factory):
         self.context = context
         self.listener = listener
         self.counter = counter
+        #: (mechanisms, features) last made by session_features()
+        self._narrowed: tuple = (None, None)
         #: what every session of this listener offers (shared, immutable)
         self.features = Features(
             starttls=listener.starttls and context.tls is not None,
@@ -103,7 +105,7 @@ class SMTPServerFactory(Factory):
         mechanisms = current()
         if mechanisms == features.auth_mechanisms:
             return features
-        if getattr(self, "_narrowed", (None,))[0] != mechanisms:
+        if self._narrowed[0] != mechanisms:
             self._narrowed = (mechanisms, replace(features, auth_mechanisms=mechanisms))
         return self._narrowed[1]
 
