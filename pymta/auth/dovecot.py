@@ -191,7 +191,7 @@ class DovecotAuthChecker:
 
     # -- the connection ---------------------------------------------------------------
     def _warm_up(self) -> None:
-        self._connection().addErrback(lambda f: None)   # logged in _connection
+        self._connection().addErrback(lambda f: None)   # logged once by _connect
 
     def _connection(self) -> defer.Deferred:
         protocol = self._protocol
