@@ -21,9 +21,12 @@ run: $(STAMP)
 # (a private instance the tests start on a loopback port; debconf is preseeded
 # to "No configuration", so the system's own Postfix is not set up), and HAProxy
 # as the load balancer in front of pymta (a private instance in the foreground,
-# own config, loopback ports; the PROXY protocol tests), and redis-server for
-# the state shared between nodes (a private instance on a loopback port,
-# nothing saved; the greylist and rate-limit tests).  Installed
+# own config, loopback ports; the PROXY protocol tests), Dovecot as the
+# mail store (LMTP) and password service (AUTH): a private instance in the
+# foreground with its own config and sockets in a temp dir (tests/dovecotkit.py);
+# a policy-rc.d keeps the package from starting the system's Dovecot, and
+# redis-server for the state shared between nodes (a private instance on a
+# loopback port, nothing saved; the greylist and rate-limit tests).  Installed
 # with apt when root; otherwise they must already be on PATH (the tests say
 # which one is missing).
 test-programs:
@@ -43,7 +46,19 @@ test-programs:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
 	  else echo "haproxy is missing: apt-get install haproxy (as root)"; fi; \
 	fi
-
+	@if [ ! -x /usr/sbin/dovecot ] || [ ! -x /usr/lib/dovecot/lmtp ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    made_policy=; \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1; \
+	    fi; \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+	      dovecot-core dovecot-lmtpd >/dev/null; rc=$$?; \
+	    if [ -n "$$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	    exit $$rc; \
+	  else echo "dovecot is missing: apt-get install dovecot-core dovecot-lmtpd (as root)"; fi; \
+	fi
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 redis-server >/dev/null; \

@@ -19,6 +19,9 @@ from another plugin's module or from pymta's internals::
   :class:`Session` and :class:`Transaction` a stage method is given, and
   :class:`DNSError`, how the resolver's lookups fail;
 - :class:`WatchedFile`, a map file re-read when it changes;
+- :class:`SMTPCredentials`, what an ``auth`` checker is given (user name,
+  password, the session's addresses and TLS), and :class:`TemporaryAuthFailure`,
+  how it says that it cannot decide now (454);
 - address helpers: :func:`split_address`, :func:`strip_extension`,
   :func:`normalize_domain`, and the mailbox-name rules of local delivery
   (:func:`safe_mailbox_name`, :func:`safe_folder_name`).
@@ -26,6 +29,7 @@ from another plugin's module or from pymta's internals::
 
 from __future__ import annotations
 
+from pymta.auth.credentials import SMTPCredentials, TemporaryAuthFailure
 from pymta.authresults import AuthResult, add_auth_result
 from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import ConfigError, OptionError
@@ -50,6 +54,8 @@ __all__ = [
     "Session", "Transaction", "DNSError",
     # answers, and results for the Authentication-Results field
     "Verdict", "Kind", "DUNNO", "DeliveryResult", "AuthResult", "add_auth_result",
+    # what an auth checker is given, and its "cannot decide now" (454)
+    "SMTPCredentials", "TemporaryAuthFailure",
     # options and files
     "Options", "OptionError", "ConfigError", "PluginContext", "WatchedFile",
     "describe_value", "format_duration", "parse_duration",

@@ -177,10 +177,11 @@ def load(options) -> Config:
 
 
 def build_service(config: Config, reactor) -> MultiService:
-    from pymta.server.factory import (ConnectionCounter, ServerContext, SessionShutdown,
-                                      SMTPServerFactory)
+    from pymta.server.factory import (AUTH_MECHANISMS, ConnectionCounter, ServerContext,
+                                      SessionShutdown, SMTPServerFactory)
     from pymta.bounce.notifier import DeliveryNotifier
-    from pymta.server.auth import AuthFailureDelay, build_portal
+    from functools import partial
+    from pymta.server.auth import AuthFailureDelay, build_portal, offered_mechanisms
     from pymta.server.chain import StageDeadline
     from pymta.server.policy import SessionPolicy
     from pymta.server.proxy import ProxyHeaderFactory
@@ -207,7 +208,9 @@ def build_service(config: Config, reactor) -> MultiService:
                                                 StageDeadline(reactor, config.limits.plugin_timeout)),
                             auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
                             client_names=(ClientNames(config.resolver, config.dns.hosts_file)
-                                          if config.dns.reverse_lookup else None))
+                                          if config.dns.reverse_lookup else None),
+                            auth_mechanisms=partial(offered_mechanisms,
+                                                    config.stages.get("auth", ()), AUTH_MECHANISMS))
     if tls is not None:
         TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()

@@ -36,3 +36,25 @@ def test_failure_delay_doubles_per_client_and_resets():
     delay.succeeded("192.0.2.1")
     assert delay.failed("192.0.2.1", 20) == 0.5
     assert delay.failed("192.0.2.2", 4 + 901) == 0.5            # forgotten after 15 quiet minutes
+
+
+# -- the mechanisms offered -------------------------------------------------------------
+
+class _Narrowing:
+    """A checker that can check only some mechanisms (None: does not know yet)."""
+
+    def __init__(self, mechanisms):
+        self.mechanisms = mechanisms
+
+    def sasl_mechanisms(self):
+        return self.mechanisms
+
+
+def test_offered_mechanisms_are_narrowed_only_when_every_checker_narrows():
+    from pymta.server.auth import offered_mechanisms
+    both = ("PLAIN", "LOGIN")
+    assert offered_mechanisms([_Narrowing(("PLAIN", "CRAM-MD5"))], both) == ("PLAIN",)
+    assert offered_mechanisms([_Narrowing(("login",)), _Narrowing(("PLAIN",))], both) == both
+    assert offered_mechanisms([_Narrowing(None)], both) == both          # not known yet
+    assert offered_mechanisms([_Narrowing(("CRAM-MD5",))], both) == both  # none usable: 454 later
+    assert offered_mechanisms([_Narrowing(("PLAIN",)), object()], both) == both

@@ -93,3 +93,9 @@ relay = PluginRegistration(
 smarthost = PluginRegistration(
     "smarthost", "pymta.relay.backend:SmarthostBackend",
     "Deliver over SMTP to a fixed next hop (TLS, AUTH)")
+lmtp = PluginRegistration(
+    "lmtp", "pymta.delivery.lmtp:LMTPBackend",
+    "Deliver to a mail store (Dovecot) over LMTP, TCP or a UNIX socket")
+dovecot = PluginRegistration(
+    "dovecot", "pymta.auth.dovecot:DovecotAuthChecker",
+    "SMTP AUTH passwords checked by Dovecot over its auth-client socket")

@@ -150,6 +150,8 @@ class _SMTPBackend:
     """What relay and smarthost share: options, the pool, one transaction per group."""
 
     kind = "smtp"
+    #: the ``tls`` option when not given
+    default_tls = "may"
 
     def __init__(self, options: dict[str, Any], context: Any) -> None:
         opts = Options(options)
@@ -166,7 +168,7 @@ class _SMTPBackend:
             reuse_time=opts.duration("reuse_time", PoolLimits.reuse_time, minimum=0),
             dead_time=opts.duration("dead_destination_time", PoolLimits.dead_time, minimum=0))
         self.timeouts = _read_timeouts(opts)
-        level = opts.str("tls", "may", choices=TLS_LEVELS)
+        level = opts.str("tls", self.default_tls, choices=TLS_LEVELS)
         self.ca_file = opts.path("ca_file", context, None)
         self.tls = _tls_policy(level, self.ca_file, "ca_file" if self.ca_file else "tls")
         self._read_options(opts, context)

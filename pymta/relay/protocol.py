@@ -51,6 +51,8 @@ class SessionSettings:
     timeouts: C.ClientTimeouts = field(default_factory=C.ClientTimeouts)
     tls: TLSPolicy = field(default_factory=TLSPolicy)
     auth: Credentials | None = None
+    #: speak LMTP (RFC 2033) rather than SMTP (the ``lmtp`` backend)
+    lmtp: bool = False
 
 
 class SessionError(Exception):
@@ -158,7 +160,7 @@ class ClientSession(Protocol):
         #: the host name we connected to (TLS verification, logs, Remote-MTA)
         self.host = host
         self.reactor = reactor
-        self.conn = C.ClientConnection(settings.helo_name, settings.timeouts)
+        self.conn = C.ClientConnection(settings.helo_name, settings.timeouts, lmtp=settings.lmtp)
         self.ready: defer.Deferred = defer.Deferred()
         self.peer = host
         self.messages = 0
@@ -195,9 +197,9 @@ class ClientSession(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         peer = self.transport.getPeer()
-        address = getattr(peer, "host", "?")
-        port = getattr(peer, "port", 0)
-        self.peer = f"{self.host}[{address}]:{port}"
+        if hasattr(peer, "host"):
+            self.peer = f"{self.host}[{peer.host}]:{peer.port}"
+        # else a UNIX socket (LMTP): its path is the host
         self._rearm()
 
     def dataReceived(self, data: bytes) -> None:

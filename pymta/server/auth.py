@@ -93,6 +93,23 @@ def build_portal(checkers: Iterable, deadline: StageDeadline | None = None) -> P
     return Portal(SubmissionRealm(), [CheckerChain(checkers, deadline)])
 
 
+def offered_mechanisms(checkers: Iterable, supported: tuple[str, ...]) -> tuple[str, ...]:
+    """The SASL mechanisms to offer now: ``supported``, narrowed by checkers that say which
+    they can check (a ``sasl_mechanisms()`` method: the ``dovecot`` checker offers what
+    Dovecot offers).  A checker without that method, or one that does not know yet
+    (None), can check any; with none left the full list stays (AUTH then answers 454)."""
+    allowed: set[str] = set()
+    for checker in checkers:
+        obj = _as_plugin(checker).obj
+        method = getattr(obj, "sasl_mechanisms", None)
+        mechanisms = method() if method is not None else None
+        if mechanisms is None:
+            return supported
+        allowed.update(m.upper() for m in mechanisms)
+    narrowed = tuple(m for m in supported if m in allowed)
+    return narrowed or supported
+
+
 class AuthFailureDelay:
     """How long to wait before answering a failed AUTH: grows with failures per client IP."""
 

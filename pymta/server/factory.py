@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -20,6 +20,9 @@ from pymta.smtp.server import Features, ProtocolLimits
 
 log = Logger(namespace="pymta.smtpd")
 
+#: the SASL mechanisms pymta's server speaks
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
 
 @dataclass
 class ServerContext:
@@ -33,6 +36,8 @@ class ServerContext:
     portal: Any = None          # twisted.cred Portal when [stages] auth has checkers
     auth_failures: Any = None   # pymta.server.auth.AuthFailureDelay
     client_names: Any = None    # pymta.dns.reverse.ClientNames ([dns] reverse_lookup), or None
+    #: the SASL mechanisms to offer now (the checkers may narrow them), or None: all
+    auth_mechanisms: Any = None
 
 
 class _Refusal(Protocol):
@@ -73,11 +78,13 @@ class SMTPServerFactory(Factory):
         self.context = context
         self.listener = listener
         self.counter = counter
+        #: (mechanisms, features) last made by session_features()
+        self._narrowed: tuple = (None, None)
         #: what every session of this listener offers (shared, immutable)
         self.features = Features(
             starttls=listener.starttls and context.tls is not None,
             tls_active=listener.implicit_tls,
-            auth_mechanisms=("PLAIN", "LOGIN") if listener.auth and context.portal is not None else (),
+            auth_mechanisms=AUTH_MECHANISMS if listener.auth and context.portal is not None else (),
             auth_plaintext=listener.auth_plaintext,
             require_tls=listener.require_tls, require_auth=listener.require_auth,
             etrn=True)
@@ -87,6 +94,20 @@ class SMTPServerFactory(Factory):
             max_message_size=limits.max_message_size, max_recipients=limits.max_recipients,
             max_errors=limits.max_errors, bare_newlines=limits.bare_newlines,
             pregreet_wait=limits.pregreet_wait)
+
+    def session_features(self) -> Features:
+        """What a new session offers: the listener's features, with the SASL mechanisms
+        the auth checkers can check now (``ServerContext.auth_mechanisms``)."""
+        features = self.features
+        current = self.context.auth_mechanisms
+        if not features.auth_mechanisms or current is None:
+            return features
+        mechanisms = current()
+        if mechanisms == features.auth_mechanisms:
+            return features
+        if self._narrowed[0] != mechanisms:
+            self._narrowed = (mechanisms, replace(features, auth_mechanisms=mechanisms))
+        return self._narrowed[1]
 
     def buildProtocol(self, addr):
         # ``addr`` is the client: the socket's peer, or on a proxy_protocol listener

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -24,6 +23,7 @@ from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
+from pymta.auth.credentials import SMTPCredentials, TemporaryAuthFailure
 from pymta.dns.budget import SessionResolver
 from pymta.server.auth import IAuthenticatedUser
 from pymta.server.chain import PluginTimeout
@@ -100,7 +100,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                                trusted=ctx.config.is_trusted(ip),
                                session_id=f"{next(_session_ids):x}")
         self.session.dns = self._session_resolver()
-        self.conn = ServerConnection(ctx.config.hostname, self.factory.protocol_limits, self.factory.features)
+        self.conn = ServerConnection(ctx.config.hostname, self.factory.protocol_limits,
+                                     self.factory.session_features())
         self.setTimeout(ctx.config.limits.idle_timeout)
         # the connect stage waits for the client's name and the pregreet wait; the
         # connect plugins' DNS queries (DNSBL) start now, with the name's
@@ -357,7 +358,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             # no proxy authorization: PLAIN's authzid must be empty or the user
             self._decide(self._auth_failed(ev, "authorization identity differs"), self._answer)
             return
-        credentials = UsernamePassword(ev.username.encode("utf-8"), ev.password.encode("utf-8"))
+        local = self.transport.getHost()
+        credentials = SMTPCredentials(
+            ev.username.encode("utf-8"), ev.password.encode("utf-8"), mechanism=ev.mechanism,
+            client_ip=ip, client_port=self.session.client_port,
+            local_ip=getattr(local, "host", ""), local_port=getattr(local, "port", 0),
+            tls=self.conn.tls_active)
 
         def ok(result):
             _iface, avatar, _logout = result
@@ -372,6 +378,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(ev, "invalid credentials")
             if failure.check(PluginTimeout):         # logged by the chain, naming the checker
+                return AUTH_TEMPFAIL
+            if failure.check(TemporaryAuthFailure):  # the checker's service is down: one line
+                log.warn("{client}: SASL {mechanism} check for user {user}: {problem}",
+                         client=self.client, mechanism=ev.mechanism, user=ev.username,
+                         problem=failure.getErrorMessage())
                 return AUTH_TEMPFAIL
             log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
                         client=self.client, mechanism=ev.mechanism, user=ev.username)

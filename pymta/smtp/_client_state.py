@@ -20,6 +20,10 @@ the next state; an outcome in a state not listed is a bug in the machine
 handler may lead, so the table can be read (and is tested) without reading
 the handlers.  Any reply may also end the session (CLOSED): a 421, or a 3xx
 where no command continues.
+
+The same table serves LMTP (RFC 2033): LHLO instead of EHLO (no HELO to
+fall back to), and after the end of the content one DOT (or BDAT) reply is
+awaited per accepted recipient instead of one for the transaction.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class State(enum.Enum):
     __hash__ = object.__hash__
 
     GREETING = "greeting"            # connected, waiting for the 220 banner
-    HELLO = "hello"                  # EHLO or HELO sent
+    HELLO = "hello"                  # EHLO, HELO or LHLO sent
     READY = "ready"                  # session established, no transaction, nothing outstanding
     STARTTLS = "starttls"            # STARTTLS sent
     TLS_HANDSHAKE = "tls_handshake"  # 220 to STARTTLS: the caller switches the transport to TLS
@@ -51,6 +55,7 @@ class Expect(enum.Enum):
     GREETING = "greeting"
     EHLO = "EHLO"
     HELO = "HELO"
+    LHLO = "LHLO"
     STARTTLS = "STARTTLS"
     AUTH = "AUTH"
     RSET = "RSET"
@@ -78,6 +83,7 @@ REPLY_HANDLERS: dict[Expect, str] = {
     Expect.GREETING: "greeting",
     Expect.EHLO: "ehlo",
     Expect.HELO: "helo",
+    Expect.LHLO: "lhlo",
     Expect.STARTTLS: "starttls",
     Expect.AUTH: "auth",
     Expect.RSET: "transaction_reply",
@@ -96,6 +102,8 @@ NEXT_STATE: dict[str, frozenset[State]] = {
     # 2xx: ready; 5xx: HELO instead; otherwise failed
     "ehlo": frozenset({State.READY, State.HELLO, State.CLOSED}),
     "helo": frozenset({State.READY, State.CLOSED}),
+    # LMTP: 2xx: ready; otherwise failed (there is no HELO in LMTP)
+    "lhlo": frozenset({State.READY, State.CLOSED}),
     # 220: the caller starts TLS; otherwise back to READY (the caller decides)
     "starttls": frozenset({State.TLS_HANDSHAKE, State.READY}),
     # 334: next step; 235 or failure: READY
@@ -106,14 +114,15 @@ NEXT_STATE: dict[str, frozenset[State]] = {
     "transaction_reply": frozenset({State.TRANSACTION, State.BODY, State.FINISHING, State.READY}),
     # 354: content; otherwise the transaction ends
     "data": frozenset({State.BODY, State.FINISHING, State.READY}),
-    # READY; a server answering BDAT before all of its octets were sent leaves BODY
-    "final": frozenset({State.READY, State.BODY}),
+    # READY; a server answering BDAT before all of its octets were sent leaves BODY;
+    # LMTP: FINISHING until the reply of the last accepted recipient
+    "final": frozenset({State.READY, State.BODY, State.FINISHING}),
     "quit": frozenset({State.CLOSED}),
 }
 
 #: outcome -> {state it may happen in: next state}
 ON_OUTCOME: dict[str, dict[State, State]] = {
-    # EHLO (after the greeting or TLS) or HELO (EHLO refused with 5xx) sent
+    # EHLO or LHLO (after the greeting or TLS) or HELO (EHLO refused with 5xx) sent
     "hello": {State.GREETING: State.HELLO, State.HELLO: State.HELLO,
               State.TLS_HANDSHAKE: State.HELLO},
     "ready": {State.HELLO: State.READY},
@@ -139,6 +148,7 @@ TIMEOUTS: dict[Expect, str] = {
     Expect.GREETING: "greeting",
     Expect.EHLO: "helo",
     Expect.HELO: "helo",
+    Expect.LHLO: "helo",
     Expect.STARTTLS: "starttls",
     Expect.AUTH: "auth",
     Expect.RSET: "rset",

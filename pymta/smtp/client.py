@@ -17,6 +17,12 @@ the content into chunks, and per-recipient results.  What the caller
 decides: whether to STARTTLS and AUTH (and it switches the transport to TLS),
 which transaction to run, and when to QUIT.
 
+With ``lmtp=True`` the same machine speaks LMTP (RFC 2033): LHLO instead of
+EHLO (a refused LHLO fails the session: there is no HELO), the content is
+never pipelined ahead of the RCPT replies, and the end of the content (the
+final "." or BDAT LAST) gets one reply per accepted recipient, in RCPT
+order, each deciding its own recipient.
+
 Every transition is listed in :mod:`pymta.smtp._client_state`; the values
 and events are in :mod:`pymta.smtp.client_events` (and importable from here);
 NEED_DATA and CLOSED are the sentinels of :mod:`pymta.smtp.events`.
@@ -111,6 +117,8 @@ class _Transaction:
     stuffer: DotStuffer | None = None
     #: 354 arrived but no recipient was accepted: "." was sent, its reply is ignored
     discard_final: bool = False
+    #: LMTP: recipient index -> its own reply to the end of the content
+    finals: dict = field(default_factory=dict)
 
     def accepted(self, index: int) -> bool:
         reply = self.rcpt[index]
@@ -124,8 +132,10 @@ class ClientConnection:
     """One outbound SMTP session, from the greeting to QUIT."""
 
     def __init__(self, local_hostname: str, timeouts: ClientTimeouts | None = None,
-                 inline_body_limit: int = INLINE_BODY_LIMIT) -> None:
+                 inline_body_limit: int = INLINE_BODY_LIMIT, lmtp: bool = False) -> None:
         self.local_hostname = local_hostname
+        #: speak LMTP (RFC 2033) rather than SMTP
+        self.lmtp = lmtp
         self.timeouts = timeouts or ClientTimeouts()
         self.inline_body_limit = inline_body_limit
         self.state = State.GREETING
@@ -301,11 +311,15 @@ class ClientConnection:
         if not reply.ok:
             self._fail_session("greeting", reply, f"refused to talk to me: {reply.summary()}")
             return
-        self._hello("EHLO")
+        self._hello(self._hello_verb)
+
+    @property
+    def _hello_verb(self) -> str:
+        return "LHLO" if self.lmtp else "EHLO"
 
     def _hello(self, verb: str) -> None:
         self._go("hello")
-        self._send(f"{verb} {self.local_hostname}", Expect.EHLO if verb == "EHLO" else Expect.HELO)
+        self._send(f"{verb} {self.local_hostname}", _HELLO_EXPECT[verb])
 
     def _on_ehlo(self, expect: Expect, index: int, reply: ServerReply) -> None:
         if reply.ok:
@@ -316,6 +330,14 @@ class ClientConnection:
             self._hello("HELO")
         else:
             self._fail_session("EHLO", reply, f"refused EHLO: {reply.summary()}")
+
+    def _on_lhlo(self, expect: Expect, index: int, reply: ServerReply) -> None:
+        if reply.ok:
+            self.esmtp = True
+            self.extensions = _parse_extensions(reply.lines[1:])
+            self._ready()
+        else:
+            self._fail_session("LHLO", reply, f"refused LHLO: {reply.summary()}")
 
     def _on_helo(self, expect: Expect, index: int, reply: ServerReply) -> None:
         if reply.ok:
@@ -357,7 +379,7 @@ class ClientConnection:
         self.tls = True
         self.esmtp = False
         self.extensions = {}
-        self._hello("EHLO")
+        self._hello(self._hello_verb)
 
     # -- AUTH (RFC 4954): PLAIN (RFC 4616) and LOGIN
     def authenticate(self, mechanism: str, username: str, password: str) -> None:
@@ -409,7 +431,9 @@ class ClientConnection:
         ext = self.extensions
         pipelining = "PIPELINING" in ext
         chunking = "CHUNKING" in ext
-        txn = _Transaction(spec, chunking, inline_body=pipelining and chunking
+        # LMTP: the number of replies to the end of the content is the number of
+        # accepted recipients, so the content waits for the RCPT replies
+        txn = _Transaction(spec, chunking, inline_body=pipelining and chunking and not self.lmtp
                            and spec.size <= self.inline_body_limit)
         txn.rcpt = [None] * len(spec.recipients)
         commands: list[tuple[str, Expect, int]] = []
@@ -511,8 +535,10 @@ class ClientConnection:
                 txn.discard_final = True
                 self._go("body_end")
                 self._out.append(b".\r\n")
-                self._expect.append((Expect.DOT, 0))
+                if not self.lmtp:            # LMTP: a reply per accepted recipient, so none
+                    self._expect.append((Expect.DOT, 0))
                 self.progress += 1
+                self._maybe_done()
             return
         txn.final, txn.final_command = reply, "DATA"
         self._maybe_done()
@@ -520,8 +546,17 @@ class ClientConnection:
     def _start_body(self, txn: _Transaction) -> None:
         txn.body_started = True
         self._go("body")
-        self._send(f"BDAT {txn.spec.size} LAST", Expect.BDAT)
+        self._out.append(f"BDAT {txn.spec.size} LAST\r\n".encode("ascii"))
+        self._expect_final(txn, Expect.BDAT)
         self._events.append(BodyWanted())
+
+    def _expect_final(self, txn: _Transaction, expect: Expect) -> None:
+        """Await the reply to the end of the content: one, or in LMTP one per accepted recipient."""
+        if self.lmtp:
+            self._expect.extend((expect, i) for i in range(len(txn.rcpt)) if txn.accepted(i))
+        else:
+            self._expect.append((expect, 0))
+        self.progress += 1
 
     def send_body(self, data: bytes) -> None:
         """Message content, as spooled: the machine dot-stuffs (DATA) or counts (BDAT)."""
@@ -544,8 +579,7 @@ class ClientConnection:
         txn.body_done = True
         if txn.stuffer is not None:
             self._out.append(txn.stuffer.finish())
-            self._expect.append((Expect.DOT, 0))
-            self.progress += 1
+            self._expect_final(txn, Expect.DOT)
         elif txn.body_sent != txn.spec.size:
             raise ClientError(f"end_body(): {txn.body_sent} octets sent, {txn.spec.size} announced")
         self._go("body_end")
@@ -554,7 +588,10 @@ class ClientConnection:
     def _on_final(self, expect: Expect, index: int, reply: ServerReply) -> None:
         txn = self._txn
         txn.answered = True
-        if not txn.discard_final and txn.final is None:
+        if self.lmtp:
+            txn.finals[index] = reply
+            txn.final_command = expect.value
+        elif not txn.discard_final and txn.final is None:
             txn.final, txn.final_command = reply, expect.value
         self._maybe_done()
 
@@ -575,6 +612,8 @@ class ClientConnection:
                 results.append(RecipientResult(txn.mail, Expect.MAIL.value))
             elif rcpt_reply is not None and not rcpt_reply.ok:
                 results.append(RecipientResult(rcpt_reply, Expect.RCPT.value))
+            elif i in txn.finals:
+                results.append(RecipientResult(txn.finals[i], txn.final_command))
             elif txn.final is not None and rcpt_reply is not None:
                 results.append(RecipientResult(txn.final, txn.final_command))
             elif lost is not None:
@@ -642,6 +681,9 @@ class ClientConnection:
         self._expect.clear()
         self._auth_steps.clear()
         self._events.append(Closed(reason))
+
+
+_HELLO_EXPECT = {"EHLO": Expect.EHLO, "HELO": Expect.HELO, "LHLO": Expect.LHLO}
 
 
 class _Garbage(Exception):
