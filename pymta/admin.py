@@ -30,6 +30,7 @@ SUBCOMMANDS = [
     "pymta.config.check_command",
     "pymta.config.plugins_command",
     "pymta.config.example_command",
+    "pymta.server.dry_session_command",
 ]
 
 

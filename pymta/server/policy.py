@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from pymta.config.model import Config
 from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
-from pymta.server.chain import StageDeadline, run_stage
+from pymta.server.chain import StageDeadline, StageObserver, run_stage
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
 
@@ -40,6 +40,8 @@ class SessionPolicy:
             from twisted.internet import reactor
         #: each stage's time budget for its plugins ([limits] plugin_timeout)
         self.deadline = StageDeadline(reactor, config.limits.plugin_timeout)
+        #: told every plugin's answer (pymta test-session); None on a real server
+        self.observer: StageObserver | None = None
         domains = config.domains
         self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
             else (domains[0] if domains else config.hostname.lower())
@@ -55,7 +57,8 @@ class SessionPolicy:
                                 name=plugin.name, use=plugin.use)
 
     def _run(self, stage: str, *args):
-        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline)
+        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline,
+                         observer=self.observer)
 
     def connect(self, session: Session):
         return self._run("connect", session)
