@@ -76,7 +76,7 @@ def test_diff_shows_only_what_differs_from_the_defaults(etc):
     printed = tomllib.loads(result.stdout)
     assert printed["server"] == {"hostname": "mx.example.org",
                                  "domains": ["example.org", "example.net", "localhost"],
-                                 "plugin_path": ["plugins"]}
+                                 "plugin_path": [str(etc / "plugins")]}
     assert "limits" not in printed and "dns" not in printed and "queue" not in printed
     assert printed["stages"] == {"rcpt": ["aliases", "localdomain"], "data": ["vip"]}
     # the example sets relay's options to their defaults: only its use is left

@@ -19,6 +19,8 @@ turns that into a TOML document (see :mod:`pymta.config.toml_text`):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,11 @@ __all__ = ["load_recorded", "effective_document", "TOP_LEVEL_ORDER"]
 TOP_LEVEL_ORDER = ("server", "spool", "listeners", "tls", "limits", "dns", "queue", "stages",
                    "plugins", "backends", "routes")
 _SECRET = re.compile(r"(^|_)(password|passphrase|secret|token)$")
+#: keys naming a file or directory that are read as strings, not with
+#: Options.path ([tls], [dns] hosts_file, the local backends' base): relative to
+#: the config file's directory like every path in the config, written absolute
+_PATH_KEY = re.compile(r"^(base|file|directory|path|map|certificate|key|chain)$"
+                       r"|_(file|dir|directory|path)$")
 _INDEXED = re.compile(r"(\w+)\[(\d+)\]")
 HIDDEN = Comment('"********" (a secret: not shown)')
 NOT_SET = Comment("(not set)")
@@ -68,6 +75,9 @@ def effective_document(config: Config, recorder: ReadRecorder, *,
             reads.update(options.reads)
         reads.update((key, read) for key, read in fixed.items() if key not in reads)
         for read in reads.values():
+            if (read.kind in ("value", "str") and _PATH_KEY.search(read.key)
+                    and isinstance(read.value, str) and read.value):
+                read = dataclasses.replace(read, value=_absolute(config, read.value))
             if read.kind == "table":
                 if read.given and read.key not in node and (read.value or not changed_only):
                     node[read.key] = copy.deepcopy(_plain(read.value))
@@ -75,9 +85,8 @@ def effective_document(config: Config, recorder: ReadRecorder, *,
             if changed_only and not _changed(read):
                 continue
             node[read.key] = _written(read)
-    if not changed_only:
-        _derived_values(root, config)
-    else:
+    _derived_values(root, config, changed_only)
+    if changed_only:
         _prune(root)
     return {key: root[key] for key in sorted(root, key=_top_level_rank)}
 
@@ -144,9 +153,18 @@ def _written(read: OptionRead) -> Any:
     return _plain(value)
 
 
-def _derived_values(root: dict[str, Any], config: Config) -> None:
-    """Values the loader works out when a key is absent (not a plain default)."""
+def _absolute(config: Config, path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(config.source))
+    return os.path.normpath(os.path.join(directory, os.path.expanduser(path)))
+
+
+def _derived_values(root: dict[str, Any], config: Config, changed_only: bool) -> None:
+    """Values the loader works out (plugin_path made absolute; defaults that depend on others)."""
     server = root.get("server")
+    if isinstance(server, dict) and isinstance(server.get("plugin_path"), list):
+        server["plugin_path"] = [_absolute(config, path) for path in server["plugin_path"]]
+    if changed_only:
+        return
     if isinstance(server, dict) and server.get("hostname") is NOT_SET:
         server["hostname"] = config.hostname
     for listener, node in zip(config.listeners, root.get("listeners") or []):
