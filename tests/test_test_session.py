@@ -350,3 +350,82 @@ def test_interactive_on_a_terminal(etc):
     assert os.waitstatus_to_exitcode(status) == 0
     assert b"C: EHLO" not in seen                           # typed, not echoed
     assert_nothing_written(etc.parent.parent / "var")
+
+
+def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
+    """STARTTLS is answered and simulated; AUTH PLAIN goes through the configured checker."""
+    import base64
+
+    from argon2 import PasswordHasher
+
+    from certs import make_cert
+
+    cert, key = make_cert(tmp_path, "server")
+    users = tmp_path / "users"
+    users.write_text(f"alice:{PasswordHasher().hash('wonderland')}\n")
+    users.chmod(0o600)
+    config = tmp_path / "pymta.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [server]
+        hostname = "mx.example.test"
+        domains = ["example.test"]
+        trusted_networks = []
+        [spool]
+        directory = "var/spool"
+        [dns]
+        reverse_lookup = false
+        [tls]
+        certificate = "{cert}"
+        key = "{key}"
+        [[listeners]]
+        name = "mx"
+        endpoint = "tcp:2525:interface=127.0.0.1"
+        [[listeners]]
+        name = "submission"
+        endpoint = "tcp:2587:interface=127.0.0.1"
+        role = "submission"
+        [stages]
+        auth = ["users"]
+        [plugins.users]
+        use = "passwdfile"
+        file = "users"
+        [backends.local]
+        use = "maildir"
+        base = "var/mail"
+        [backends.relay]
+        use = "relay"
+        [[routes]]
+        match = "example.test"
+        backend = "local"
+        [[routes]]
+        match = "*"
+        backend = "relay"
+        """))
+    good = base64.b64encode(b"\0alice\0wonderland").decode()
+    result = session(config, f"""\
+        EHLO client.test
+        MAIL FROM:<alice@example.test>
+        STARTTLS
+        EHLO client.test
+        AUTH PLAIN {good}
+        MAIL FROM:<alice@example.test>
+        RCPT TO:<friend@elsewhere.test>
+        DATA
+        Subject: submitted
+
+        hi
+        .
+        QUIT
+        """, "--listener", "submission", "--from-ip", "198.51.100.4")
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "*** listener submission (role submission); client 198.51.100.4" in out
+    assert "S: 530 5.7.0 Must issue a STARTTLS command first" in out
+    assert "S: 220 2.0.0 Ready to start TLS" in out
+    assert "*** STARTTLS: no handshake in test-session; the session goes on as if encrypted" in out
+    assert "S: 250-AUTH PLAIN LOGIN" in out
+    assert "S: 235 2.7.0 Authentication successful" in out
+    assert "*** log: unknown[198.51.100.4]:0: sasl_method=PLAIN, sasl_username=alice" in out
+    assert "***   to=<friend@elsewhere.test> via backend relay" in out
+    assert "with ESMTPSA id" in out
+    assert_nothing_written(tmp_path / "var")

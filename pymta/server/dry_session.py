@@ -201,7 +201,6 @@ class DialogueTransport:
     """The session's transport: what the server writes goes to the report."""
 
     disconnecting = False
-    TLS = False
 
     def __init__(self, session: "DrySession", peer: Any, host: Any) -> None:
         self._session = session
