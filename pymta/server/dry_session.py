@@ -290,7 +290,7 @@ class InputLines:
             waiting.callback(self._lines.pop(0))
 
     def next(self) -> defer.Deferred:
-        """The next line (CRLF at its end, whatever it had), or None at the end of input."""
+        """The next line as read (its line end as typed), or None at the end of input."""
         if self._lines:
             return defer.succeed(self._lines.pop(0))
         self._waiting = defer.Deferred()
@@ -407,8 +407,12 @@ class DrySession:
             return
         self._closed = True
         self.transport.disconnecting = True
+        # as a real transport does: the protocol hears of it on the next turn
+        self.reactor.callLater(0, self._connection_lost, reason)
+
+    def _connection_lost(self, reason: Exception) -> None:
         self.protocol.connectionLost(Failure(reason))
-        self.reactor.callLater(0, self._done.callback, None)
+        self._done.callback(None)
 
 
 def pick_listener(config: Config, name: str | None) -> Listener:
