@@ -258,3 +258,32 @@ def test_plugins_with_a_config_names_its_users(etc):
     assert "used by:    backends.local" in listed["maildir"]
     assert "used by:    backends.provider" in listed["smarthost"]
     assert "used by:    -" in listed["spf"]
+
+
+# -- every README snippet: the printed configuration loads to the same one ---------------
+
+from test_readme_snippets import SNIPPETS, complete, isolated_import_state, workspace  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("line, snippet", SNIPPETS, ids=[f"README.md:{line}" for line, _ in SNIPPETS])
+def test_effective_configuration_of_each_readme_snippet_round_trips(tmp_path, line, snippet):
+    from twisted.internet.testing import MemoryReactor
+
+    from pymta.config.effective import effective_document, load_recorded
+    from pymta.config.toml_text import dumps
+
+    config_file = workspace(tmp_path)
+    config_file.write_text(complete(snippet, tmp_path / "spool"), encoding="utf-8")
+    printed = {}
+    for changed_only in (False, True):
+        config, recorder = load_recorded(str(config_file), MemoryReactor())
+        printed[changed_only] = dumps(effective_document(config, recorder, changed_only=changed_only))
+        tomllib.loads(printed[changed_only])
+    (tmp_path / "elsewhere").mkdir()
+    # the full configuration means the same wherever it is; the --diff one beside the
+    # original (the defaults it leaves out may be paths relative to the config file)
+    for changed_only, again in ((False, tmp_path / "elsewhere" / "effective.toml"),
+                                (True, tmp_path / "diff.toml")):
+        again.write_text(printed[changed_only])
+        config, recorder = load_recorded(str(again), MemoryReactor())
+        assert dumps(effective_document(config, recorder)) == printed[False]
