@@ -18,7 +18,6 @@ turns that into a TOML document (see :mod:`pymta.config.toml_text`):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import re
@@ -80,7 +79,7 @@ def effective_document(config: Config, recorder: ReadRecorder, *,
                 read = dataclasses.replace(read, value=_absolute(config, read.value))
             if read.kind == "table":
                 if read.given and read.key not in node and (read.value or not changed_only):
-                    node[read.key] = copy.deepcopy(_plain(read.value))
+                    node[read.key] = _masked(_plain(read.value))
                 continue
             if changed_only and not _changed(read):
                 continue
@@ -131,6 +130,15 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    return value
+
+
+def _masked(value: Any) -> Any:
+    """A raw sub-table with its secrets hidden (at any depth)."""
+    if isinstance(value, dict):
+        return {k: HIDDEN if _SECRET.search(k) and v else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
     return value
 
 
