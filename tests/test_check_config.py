@@ -287,3 +287,43 @@ def test_effective_configuration_of_each_readme_snippet_round_trips(tmp_path, li
         again.write_text(printed[changed_only])
         config, recorder = load_recorded(str(again), MemoryReactor())
         assert dumps(effective_document(config, recorder)) == printed[False]
+
+
+URL_PLUGIN = '''\
+from zope.interface import implementer
+from pymta.plugin_api import IRecipientPolicy, Options
+
+
+@implementer(IRecipientPolicy)
+class Lookup:
+    def __init__(self, options, context):
+        opts = Options(options)
+        self.url = opts.str("url")
+        self.api_token = opts.str("api_token", default="")
+        opts.finish()
+
+    def check_recipient(self, session, transaction, recipient):
+        return None
+'''
+
+
+def test_passwords_in_urls_and_secret_options_of_site_plugins_are_hidden(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "lookup_site.py").write_text(URL_PLUGIN)
+    config = tmp_path / "pymta.toml"
+    config.write_text(textwrap.dedent("""\
+        [server]
+        plugin_path = ["plugins"]
+        [stages]
+        rcpt = ["lookup", "localdomain"]
+        [plugins.lookup]
+        use = "lookup_site:Lookup"
+        url = "redis://pymta:Very-Secret1@db.example.org:6379/0"
+        api_token = "tok-12345"
+        """))
+    result = pymta("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "Very-Secret1" not in result.stdout and "tok-12345" not in result.stdout
+    lookup = tomllib.loads(result.stdout)["plugins"]["lookup"]
+    assert lookup == {"use": "lookup_site:Lookup", "url": "redis://pymta:********@db.example.org:6379/0"}
+    assert '# api_token = "********" (a secret: not shown)' in result.stdout

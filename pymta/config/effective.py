@@ -12,8 +12,9 @@ turns that into a TOML document (see :mod:`pymta.config.toml_text`):
   from their default (like ``postconf -n``), and a plugin's ``use`` when the
   file gives it;
 * secrets (``password``, ``secret``, ``token``, ``passphrase`` keys) are
-  written as a comment without their value; a key without a value (unset,
-  no default) as a comment too.
+  written as a comment without their value, and a password in a URL
+  (``redis://:PASSWORD@host``) as ``********``; a key without a value
+  (unset, no default) is a comment too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _PATH_KEY = re.compile(r"^(base|file|directory|path|map|certificate|key|chain)$"
                        r"|_(file|dir|directory|path)$")
 _INDEXED = re.compile(r"(\w+)\[(\d+)\]")
 HIDDEN = Comment('"********" (a secret: not shown)')
+#: the password in a URL's user information (redis://:PASSWORD@host/0)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+@")
 NOT_SET = Comment("(not set)")
 
 
@@ -134,7 +137,9 @@ def _plain(value: Any) -> Any:
 
 
 def _masked(value: Any) -> Any:
-    """A raw sub-table with its secrets hidden (at any depth)."""
+    """A value with its secrets hidden, at any depth: secret keys, passwords in URLs."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>********@", value)
     if isinstance(value, dict):
         return {k: HIDDEN if _SECRET.search(k) and v else _masked(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -158,7 +163,7 @@ def _written(read: OptionRead) -> Any:
         return NOT_SET
     if read.kind == "duration" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format_duration(value)
-    return _plain(value)
+    return _masked(_plain(value))
 
 
 def _absolute(config: Config, path: str) -> str:
