@@ -106,6 +106,8 @@ def test_alias_rewrite_and_refusals_are_shown(etc):
     out = result.stdout
     assert ("*** rcpt: plugin aliases (aliasmap): accept; rewrite to alice@example.org, "
             "bob@example.org [") in out
+    assert ("*** rcpt: core rules: accepted: <alice@example.org> to backend local, "
+            "<bob@example.org> to backend mbox") in out
     assert ("*** rcpt: plugin aliases (aliasmap): reject 550 5.1.1 <nobody@example.net>: "
             "Recipient address rejected: User unknown [") in out
     assert ("*** log: NOQUEUE: reject: RCPT from unknown[192.0.2.7]:0: 550 5.1.1 "
@@ -132,12 +134,15 @@ def test_from_ip_decides_trust_and_relaying(etc):
     untrusted = session(etc, RELAY_DIALOGUE, "--from-ip", "192.0.2.7")
     assert "client 192.0.2.7: not in trusted_networks" in untrusted.stdout
     assert "may relay: no" in untrusted.stdout
+    assert ("*** rcpt: core rules: 554 5.7.1 Relay access denied: elsewhere.example is not a local "
+            "domain, and the client is neither in trusted_networks nor authenticated") in untrusted.stdout
     assert "S: 554 5.7.1 Relay access denied" in untrusted.stdout
     assert "*** would queue" not in untrusted.stdout
     assert "S: 554 5.5.1 Error: no valid recipients" in untrusted.stdout
 
     trusted = session(etc, RELAY_DIALOGUE, "--from-ip", "127.0.0.1")
     assert "client 127.0.0.1: in trusted_networks" in trusted.stdout
+    assert "*** rcpt: core rules: accepted: <friend@elsewhere.example> to backend relay" in trusted.stdout
     assert "***   to=<friend@elsewhere.example> via backend relay" in trusted.stdout
     assert "S: 250 2.1.5 Ok" in trusted.stdout
     assert_nothing_written(etc.parent.parent / "var")
@@ -428,4 +433,35 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
     assert "*** log: unknown[198.51.100.4]:0: sasl_method=PLAIN, sasl_username=alice" in out
     assert "***   to=<friend@elsewhere.test> via backend relay" in out
     assert "with ESMTPSA id" in out
+    assert_nothing_written(tmp_path / "var")
+
+
+def test_core_rules_user_unknown_without_a_recipient_plugin(tmp_path):
+    config = tmp_path / "pymta.toml"
+    config.write_text(textwrap.dedent("""\
+        [server]
+        hostname = "mx.example.test"
+        domains = ["example.test"]
+        [spool]
+        directory = "var/spool"
+        [dns]
+        reverse_lookup = false
+        [stages]
+        rcpt = []
+        [backends.local]
+        use = "maildir"
+        base = "var/mail"
+        """))
+    out = session(config, """\
+        EHLO client.test
+        MAIL FROM:<a@example.com>
+        RCPT TO:<alice@example.test>
+        RCPT TO:<Postmaster@example.test>
+        QUIT
+        """, "--from-ip", "203.0.113.9").stdout
+    assert ("*** rcpt: core rules: 550 5.1.1 User unknown in local recipient table: no rcpt "
+            "plugin accepted <alice@example.test>, an address at a local domain") in out
+    assert ("*** rcpt: core rules: accepted (a postmaster is accepted whatever the plugins say, "
+            "RFC 5321 4.5.1): <Postmaster@example.test> to backend local") in out
+    assert [r.split()[0] for r in replies(out)][-3:] == ["550", "250", "221"]
     assert_nothing_written(tmp_path / "var")

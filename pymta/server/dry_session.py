@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from pymta.config.model import Config, Listener, PluginInstance
 from pymta.envelope import Envelope
+from pymta.server.policy import CORE_RULES
 from pymta.spool.disk import Commit
 from pymta.spool.queueid import new_queue_id
 from pymta.spool.writer import SpoolWriter
@@ -172,6 +173,9 @@ class PluginReport:
         self.out = out
 
     def __call__(self, stage: str, plugin: PluginInstance, outcome: Any, seconds: float) -> None:
+        if plugin is CORE_RULES:
+            self.out(f"*** {stage}: core rules: {outcome}")
+            return
         self.out(f"*** {stage}: plugin {plugin.name} ({plugin.use}): {describe_outcome(outcome)} "
                  f"[{seconds * 1000:.1f} ms]")
 
