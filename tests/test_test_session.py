@@ -45,6 +45,26 @@ def assert_nothing_written(var: Path) -> None:
     assert not var.exists(), sorted(str(p) for p in var.rglob("*"))
 
 
+def config_file(directory: Path, server: str = "", rest: str = "") -> Path:
+    """A config for example.test in ``directory``: spool and mailboxes in var/, no client
+    name lookups; ``server`` goes into [server], ``rest`` after it."""
+    path = directory / "pymta.toml"
+    path.write_text(textwrap.dedent("""\
+        [server]
+        hostname = "mx.example.test"
+        domains = ["example.test"]
+        """) + textwrap.dedent(server) + textwrap.dedent("""\
+        [spool]
+        directory = "var/spool"
+        [dns]
+        reverse_lookup = false
+        [backends.local]
+        use = "maildir"
+        base = "var/mail"
+        """) + textwrap.dedent(rest))
+    return path
+
+
 @pytest.fixture
 def etc(tmp_path) -> Path:
     """A copy of etc/: its config keeps the spool and mailboxes in ../var (tmp_path/var)."""
@@ -252,26 +272,14 @@ class Broken:
 def test_a_failing_and_a_hanging_plugin(tmp_path):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "site_checks.py").write_text(FAILING_PLUGIN)
-    config = tmp_path / "pymta.toml"
-    config.write_text(textwrap.dedent("""\
-        [server]
-        hostname = "mx.example.test"
-        domains = ["example.test"]
-        plugin_path = ["plugins"]
-        [spool]
-        directory = "var/spool"
-        [dns]
-        reverse_lookup = false
+    config = config_file(tmp_path, 'plugin_path = ["plugins"]\n', """\
         [limits]
         plugin_timeout = "1s"
         [stages]
         mail = ["broken"]
         [plugins.broken]
         use = "site_checks:Broken"
-        [backends.local]
-        use = "maildir"
-        base = "var/mail"
-        """))
+        """)
     result = session(config, """\
         EHLO client.test
         MAIL FROM:<a@example.com>
@@ -369,16 +377,7 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
     users = tmp_path / "users"
     users.write_text(f"alice:{PasswordHasher().hash('wonderland')}\n")
     users.chmod(0o600)
-    config = tmp_path / "pymta.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        hostname = "mx.example.test"
-        domains = ["example.test"]
-        trusted_networks = []
-        [spool]
-        directory = "var/spool"
-        [dns]
-        reverse_lookup = false
+    config = config_file(tmp_path, "trusted_networks = []\n", f"""\
         [tls]
         certificate = "{cert}"
         key = "{key}"
@@ -394,9 +393,6 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
         [plugins.users]
         use = "passwdfile"
         file = "users"
-        [backends.local]
-        use = "maildir"
-        base = "var/mail"
         [backends.relay]
         use = "relay"
         [[routes]]
@@ -405,7 +401,7 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
         [[routes]]
         match = "*"
         backend = "relay"
-        """))
+        """)
     good = base64.b64encode(b"\0alice\0wonderland").decode()
     result = session(config, f"""\
         EHLO client.test
@@ -437,21 +433,7 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
 
 
 def test_core_rules_user_unknown_without_a_recipient_plugin(tmp_path):
-    config = tmp_path / "pymta.toml"
-    config.write_text(textwrap.dedent("""\
-        [server]
-        hostname = "mx.example.test"
-        domains = ["example.test"]
-        [spool]
-        directory = "var/spool"
-        [dns]
-        reverse_lookup = false
-        [stages]
-        rcpt = []
-        [backends.local]
-        use = "maildir"
-        base = "var/mail"
-        """))
+    config = config_file(tmp_path, rest="[stages]\nrcpt = []\n")
     out = session(config, """\
         EHLO client.test
         MAIL FROM:<a@example.com>
