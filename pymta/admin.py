@@ -27,6 +27,10 @@ EXIT_USAGE = 2
 #: modules that each define ``register(subparsers)``
 SUBCOMMANDS = [
     "pymta.auth.passwd_command",
+    "pymta.config.check_command",
+    "pymta.config.plugins_command",
+    "pymta.config.example_command",
+    "pymta.server.dry_session_command",
 ]
 
 

@@ -35,7 +35,7 @@ from pymta.config.listeners import ROLES, read_listeners, read_tls
 from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.addresses import normalize_domain
-from pymta.config.options import Options, PluginContext, closest, describe_value
+from pymta.config.options import Options, PluginContext, closest, describe_value, read_scope
 from pymta.config.durations import format_duration
 from pymta.filesync import SYNC_MODES
 from pymta.interfaces import IRemoteDelivery
@@ -142,9 +142,11 @@ class _ConfigBuilder:
 
     @contextlib.contextmanager
     def section(self, prefix: str) -> Iterator[None]:
-        """Turn an OptionError raised inside into a ConfigError under ``prefix``."""
+        """Turn an OptionError raised inside into a ConfigError under ``prefix``
+        (and name the table read there for ``pymta check-config``)."""
         try:
-            yield
+            with read_scope(prefix):
+                yield
         except OptionError as e:
             key = f"{prefix}.{e.key}" if prefix else e.key
             raise ConfigError(self.source, key, one_line(e.problem)) from None

@@ -19,10 +19,12 @@ Typical use in a factory::
 from __future__ import annotations
 
 import builtins
+import contextlib
+import contextvars
 import datetime
 import difflib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,8 @@ from pymta.config.durations import format_duration, parse_duration
 from pymta.config.errors import OptionError
 from pymta.interfaces import IPluginContext
 
-__all__ = ["Options", "PluginContext", "describe_value", "closest"]
+__all__ = ["Options", "PluginContext", "describe_value", "closest", "OptionRead", "ReadRecorder",
+           "recording_reads", "read_scope"]
 
 
 class _Missing:
@@ -43,6 +46,77 @@ class _Missing:
 
 REQUIRED: Any = _Missing()
 """Default meaning "this option must be given"."""
+
+
+# -- what a load read (pymta check-config) ---------------------------------------
+
+@dataclass
+class OptionRead:
+    """One key an :class:`Options` was asked for: how, whether given, and the result."""
+
+    key: builtins.str
+    #: the reader used: "str", "int", "float", "bool", "duration", "list_str",
+    #: "table", "path" or "value" (unchecked)
+    kind: builtins.str
+    given: builtins.bool
+    #: what the reader returned (parsed, paths made absolute)
+    value: Any = None
+    #: what it returns when the key is absent (paths made absolute); REQUIRED if none
+    default: Any = None
+
+
+class ReadRecorder:
+    """Every :class:`Options` made while it records, grouped by the table they read.
+
+    The loader names the table being read with :func:`read_scope` (its
+    dotted key, e.g. ``"limits"``, ``"listeners[0]"``, ``"plugins.spf"``);
+    the first Options made in a scope is that table's.  A scope may carry
+    ``fixed`` entries read outside Options (a plugin's ``use``).
+    """
+
+    def __init__(self) -> None:
+        #: scope -> (the table's Options, fixed entries), in the order first opened
+        self.tables: dict[builtins.str, tuple[Options | None, dict[builtins.str, OptionRead]]] = {}
+        self._scopes: builtins.list[builtins.str] = []
+
+    def opened(self, options: Options) -> None:
+        if self._scopes:
+            scope = self._scopes[-1]
+            current, fixed = self.tables.get(scope, (None, {}))
+            if current is None:
+                self.tables[scope] = (options, fixed)
+
+
+_RECORDER: contextvars.ContextVar[ReadRecorder | None] = contextvars.ContextVar(
+    "pymta_option_reads", default=None)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[ReadRecorder]:
+    """Record what every Options reads until the block ends (a config load for check-config)."""
+    recorder = ReadRecorder()
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+@contextlib.contextmanager
+def read_scope(scope: builtins.str, fixed: builtins.list[OptionRead] = ()) -> Iterator[None]:
+    """Options made inside read the table ``scope`` (a no-op unless recording)."""
+    recorder = _RECORDER.get()
+    if recorder is None:
+        yield
+        return
+    entry = recorder.tables.setdefault(scope, (None, {}))
+    for read in fixed:
+        entry[1].setdefault(read.key, read)
+    recorder._scopes.append(scope)
+    try:
+        yield
+    finally:
+        recorder._scopes.pop()
 
 
 def describe_value(value: Any) -> builtins.str:
@@ -121,6 +195,11 @@ class Options:
             raise TypeError(f"options must be a mapping, got {type(options).__name__}")
         self._values: dict[builtins.str, Any] = dict(options)
         self._known: builtins.list[builtins.str] = []
+        #: key -> how it was read, in the order first read
+        self.reads: dict[builtins.str, OptionRead] = {}
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.opened(self)
 
     # -- inspection -------------------------------------------------------
     def __contains__(self, key: builtins.str) -> builtins.bool:
@@ -133,11 +212,13 @@ class Options:
     def known(self) -> builtins.tuple[builtins.str, ...]:
         return builtins.tuple(self._known)
 
-    def _take(self, key: builtins.str, default: Any) -> tuple[Any, builtins.bool]:
+    def _take(self, key: builtins.str, default: Any, kind: builtins.str = "value") -> tuple[Any, builtins.bool]:
         """(value, given): mark ``key`` known; raise if required and absent."""
         if key not in self._known:
             self._known.append(key)
-        if key in self._values:
+        given = key in self._values
+        self.reads[key] = OptionRead(key, kind, given, None if given else default, default)
+        if given:
             return self._values[key], True
         if default is REQUIRED:
             unread = [k for k in self._values if k not in self._known]
@@ -147,55 +228,61 @@ class Options:
         return default, False
 
     # -- readers ----------------------------------------------------------
+    def _read(self, key: builtins.str, value: Any) -> Any:
+        """A given option's checked value: recorded in :attr:`reads`, returned."""
+        self.reads[key].value = value
+        return value
+
     def value(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         """The raw value, unchecked."""
-        return self._take(key, default)[0]
+        value, given = self._take(key, default)
+        return self._read(key, value) if given else value
 
     def str(self, key: builtins.str, default: Any = REQUIRED, *,
             choices: Iterable[builtins.str] | None = None,
             allow_empty: builtins.bool = False) -> builtins.str:
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "str")
         if not given:
             return value
-        return _check_str(key, value, choices, allow_empty)
+        return self._read(key, _check_str(key, value, choices, allow_empty))
 
     def int(self, key: builtins.str, default: Any = REQUIRED, *,
             minimum: builtins.int | None = None,
             maximum: builtins.int | None = None) -> builtins.int:
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "int")
         if not given:
             return value
         if isinstance(value, builtins.bool) or not isinstance(value, builtins.int):
             raise OptionError(key, f"expected an integer, got {describe_value(value)}")
         _check_range(key, value, minimum, maximum, None, builtins.str)
-        return value
+        return self._read(key, value)
 
     def float(self, key: builtins.str, default: Any = REQUIRED, *,
               minimum: builtins.float | None = None,
               maximum: builtins.float | None = None,
               above: builtins.float | None = None) -> builtins.float:
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "float")
         if not given:
             return value
         if isinstance(value, builtins.bool) or not isinstance(value, (builtins.int, builtins.float)):
             raise OptionError(key, f"expected a number, got {describe_value(value)}")
         _check_range(key, value, minimum, maximum, above, builtins.str)
-        return builtins.float(value)
+        return self._read(key, builtins.float(value))
 
     def bool(self, key: builtins.str, default: Any = REQUIRED) -> builtins.bool:
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "bool")
         if not given:
             return value
         if not isinstance(value, builtins.bool):
             raise OptionError(key, f"expected true or false, got {describe_value(value)}")
-        return value
+        return self._read(key, value)
 
     def duration(self, key: builtins.str, default: Any = REQUIRED, *,
                  minimum: builtins.float | None = None,
                  maximum: builtins.float | None = None,
                  above: builtins.float | None = None) -> builtins.float:
         """Seconds, from a number or a string such as ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``."""
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "duration")
         if not given:
             return value
         try:
@@ -203,38 +290,41 @@ class Options:
         except ValueError as e:
             raise OptionError(key, builtins.str(e)) from None
         _check_range(key, seconds, minimum, maximum, above, format_duration)
-        return seconds
+        return self._read(key, seconds)
 
     def list_str(self, key: builtins.str, default: Any = REQUIRED, *,
                  allow_empty_list: builtins.bool = True) -> builtins.list[builtins.str]:
         """A list of non-empty strings."""
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "list_str")
         if not given:
             return value
         if not isinstance(value, (builtins.list, builtins.tuple)):
             raise OptionError(key, f"expected an array of strings, got {describe_value(value)}")
         if not value and not allow_empty_list:
             raise OptionError(key, "must not be empty")
-        return [_check_str(f"{key}[{i}]", item, None, False) for i, item in enumerate(value)]
+        return self._read(key, [_check_str(f"{key}[{i}]", item, None, False) for i, item in enumerate(value)])
 
     def table(self, key: builtins.str, default: Any = REQUIRED) -> dict[builtins.str, Any]:
         """A sub-table (returned as a new dict)."""
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "table")
         if not given:
             return value
         if not isinstance(value, Mapping):
             raise OptionError(key, f"expected a table, got {describe_value(value)}")
-        return dict(value)
+        return self._read(key, dict(value))
 
     def path(self, key: builtins.str, context: Any, default: Any = REQUIRED) -> builtins.str:
         """A file system path, made absolute against the config directory.
 
         A default, when used, is resolved the same way (unless it is None).
         """
-        value, given = self._take(key, default)
+        value, given = self._take(key, default, "path")
+        if default is not REQUIRED and default is not None:
+            self.reads[key].default = context.resolve_path(default)
         if not given:
-            return value if value is None else context.resolve_path(value)
-        return context.resolve_path(_check_str(key, value, None, False))
+            self.reads[key].value = value if value is None else context.resolve_path(value)
+            return self.reads[key].value
+        return self._read(key, context.resolve_path(_check_str(key, value, None, False)))
 
     def finish(self) -> None:
         """Raise OptionError for the first key that no reader asked for."""

@@ -28,7 +28,7 @@ from zope.interface.verify import verifyObject
 
 from pymta.config.errors import ConfigError, OptionError, one_line
 from pymta.config.model import PluginInstance
-from pymta.config.options import Options, closest, describe_value
+from pymta.config.options import REQUIRED, OptionRead, Options, closest, describe_value, read_scope
 from pymta.interfaces import STAGES, IDeliveryBackend, IPluginRegistration
 
 __all__ = ["PluginLoader", "PluginDiscovery", "discover_plugins", "add_plugin_path",
@@ -216,7 +216,10 @@ class PluginLoader:
         factory = self._factory(use, use_key, has_table=table is not None,
                                 defaulted=table is not None and "use" not in table)
         try:
-            obj = factory(options, self.context)
+            given = [OptionRead("use", "str", table is not None and "use" in table, use)]
+            given += [OptionRead(key, "value", True, value, REQUIRED) for key, value in options.items()]
+            with read_scope(table_key, given):
+                obj = factory(options, self.context)
         except OptionError as e:
             self.fail(f"{table_key}.{e.key}", e.problem)
         except ConfigError:

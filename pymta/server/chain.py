@@ -17,7 +17,9 @@ result arriving later is ignored) and the stage answers 451 4.3.0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import time
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -44,10 +46,47 @@ class StageDeadline:
     seconds: float
 
 
+#: ``observer(stage, plugin, outcome, seconds)``: told each plugin's answer (a
+#: Verdict, None, another value, an exception or a Failure) and how long it took
+StageObserver = Callable[[str, PluginInstance, Any, float], None]
+
+
 def run_stage(stage: str, plugins: Sequence[PluginInstance], *args: Any,
-              deadline: StageDeadline | None = None) -> Verdict | Deferred:
-    """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it."""
-    return run_chain(plugins, STAGES[stage].method, *args, stage=stage, deadline=deadline)
+              deadline: StageDeadline | None = None,
+              observer: StageObserver | None = None) -> Verdict | Deferred:
+    """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it.
+
+    With an ``observer`` (``pymta test-session``), each plugin's answer is
+    reported to it; without one the plugins are called as they are.
+    """
+    method = STAGES[stage].method
+    if observer is not None:
+        plugins = tuple(_observed(plugin, method, stage, observer) for plugin in plugins)
+    return run_chain(plugins, method, *args, stage=stage, deadline=deadline)
+
+
+def _observed(plugin: PluginInstance, method: str, stage: str,
+              observer: StageObserver) -> PluginInstance:
+    """``plugin`` with its ``method`` reporting each answer to ``observer``."""
+    real = getattr(plugin.obj, method)
+    clock = time.perf_counter
+
+    def call(*args: Any) -> Any:
+        started = clock()
+        try:
+            result = real(*args)
+        except Exception as e:
+            observer(stage, plugin, e, clock() - started)
+            raise
+        if isinstance(result, Deferred):
+            def answered(outcome: Any) -> Any:
+                observer(stage, plugin, outcome, clock() - started)
+                return outcome
+            return result.addBoth(answered)
+        observer(stage, plugin, result, clock() - started)
+        return result
+
+    return PluginInstance(plugin.name, plugin.use, SimpleNamespace(**{method: call}))
 
 
 def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,

@@ -13,16 +13,19 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from pymta.config.model import Config
+from pymta.config.model import Config, PluginInstance
 from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
-from pymta.server.chain import StageDeadline, run_stage
+from pymta.server.chain import StageDeadline, StageObserver, run_stage
 from pymta.session import Session, Transaction
 from pymta.verdict import DUNNO, Kind, Verdict
 
 log = Logger(namespace="pymta.plugins")
 
 RELAY_DENIED = Verdict.reject("Relay access denied", 554, "5.7.1")
+#: the "plugin" the observer is told the core's own rcpt decisions by (pymta
+#: test-session); its answer is the reason, in words
+CORE_RULES = PluginInstance("core", "pymta's relay, postmaster and routing rules", None)
 USER_UNKNOWN = Verdict.reject("User unknown in local recipient table", 550, "5.1.1")
 
 
@@ -40,6 +43,8 @@ class SessionPolicy:
             from twisted.internet import reactor
         #: each stage's time budget for its plugins ([limits] plugin_timeout)
         self.deadline = StageDeadline(reactor, config.limits.plugin_timeout)
+        #: told every plugin's answer (pymta test-session); None on a real server
+        self.observer: StageObserver | None = None
         domains = config.domains
         self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
             else (domains[0] if domains else config.hostname.lower())
@@ -55,7 +60,8 @@ class SessionPolicy:
                                 name=plugin.name, use=plugin.use)
 
     def _run(self, stage: str, *args):
-        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline)
+        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline,
+                         observer=self.observer)
 
     def connect(self, session: Session):
         return self._run("connect", session)
@@ -77,6 +83,10 @@ class SessionPolicy:
         local_part, _, domain = address.rpartition("@")
         local = self.config.is_local_domain(domain)
         if not local and not session.relay_allowed:
+            if self.observer is not None:
+                self.observer("rcpt", CORE_RULES, f"{RELAY_DENIED.code} {RELAY_DENIED.enhanced} "
+                              f"{RELAY_DENIED.text}: {domain} is not a local domain, and the client "
+                              "is neither in trusted_networks nor authenticated", 0.0)
             return RELAY_DENIED
         postmaster = local and local_part.lower() == "postmaster"
 
@@ -103,4 +113,24 @@ class SessionPolicy:
                                             notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
             return Verdict.accept(verdict.text, rewrite=recipients)
 
-        return _then(self._run("rcpt", session, transaction, address), decided)
+        result = _then(self._run("rcpt", session, transaction, address), decided)
+        if self.observer is not None:
+            result = _then(result, lambda final: self._explain_rcpt(final, address, postmaster))
+        return result
+
+    def _explain_rcpt(self, final: Verdict, address: str, postmaster: bool) -> Verdict:
+        """Tell the observer what the core made of the rcpt stage's answer."""
+        if final is USER_UNKNOWN:
+            why = (f"{final.code} {final.enhanced} {final.text}: no rcpt plugin accepted "
+                   f"<{address}>, an address at a local domain")
+        elif final.kind is Kind.REJECT and final.enhanced == "5.4.4":
+            why = f"{final.code} {final.enhanced} {final.text}: no [[routes]] entry matches it"
+        elif final.kind is Kind.ACCEPT:
+            routed = ", ".join(f"<{r.address}> to backend {r.route}" for r in final.rewrite)
+            always = (" (a postmaster is accepted whatever the plugins say, RFC 5321 4.5.1)"
+                      if postmaster else "")
+            why = f"accepted{always}: {routed}"
+        else:
+            return final                 # a plugin's refusal: reported with the plugin
+        self.observer("rcpt", CORE_RULES, why, 0.0)
+        return final
