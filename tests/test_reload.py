@@ -312,3 +312,88 @@ def test_after_the_privilege_drop_a_privileged_port_is_refused_clearly(python, w
             assert size_offered(client) == 12345
     finally:
         server.stop()
+
+
+class RecordingSMTP:
+    """A minimal SMTP receiver in a thread: accepts every message, records QUITs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.messages = 0
+        self.quits = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 fake.example ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-fake.example\r\n250 PIPELINING\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    for body_line in lines:
+                        if body_line == b".\r\n":
+                            break
+                    self.messages += 1
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                elif verb == b"QUIT":
+                    self.quits += 1
+                    conn.sendall(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 2.0.0 ok\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_released_relay_backend_quits_its_idle_connections(srv):
+    receiver = RecordingSMTP()
+    try:
+        relay = f"""
+            [backends.local]
+            use = "maildir"
+            base = "mail"
+
+            [backends.out]
+            use = "smarthost"
+            host = "127.0.0.1:{receiver.port}"
+            tls = "none"
+            idle_timeout = "10m"
+
+            [[routes]]
+            match = "example.test"
+            backend = "local"
+
+            [[routes]]
+            match = "*"
+            backend = "out"
+            """
+        srv.config.write_text(config_text(srv, mx_listener(srv.port), relay))
+        hup(srv)
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as client:
+            send(client, "someone@remote.example", "relayed")
+        wait_for_log(srv, r"to=<someone@remote.example>, relay=out.*status=sent")
+        assert receiver.messages == 1 and receiver.quits == 0     # the connection stays open, idle
+
+        srv.config.write_text(config_text(srv, mx_listener(srv.port), relay.replace('"10m"', '"9m"')))
+        hup(srv)
+        wait_for_log(srv, r"reload: configuration 2 released: .*closed: [^)]*backends\.out")
+        deadline = time.monotonic() + 10
+        while receiver.quits == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.quits == 1
+    finally:
+        receiver.close()
