@@ -397,3 +397,19 @@ def test_a_released_relay_backend_quits_its_idle_connections(srv):
         assert receiver.quits == 1
     finally:
         receiver.close()
+
+
+def test_a_kept_socket_takes_its_listeners_new_settings(srv):
+    session = smtplib.SMTP("127.0.0.1", srv.port, timeout=10)
+    session.ehlo("client.example.test")
+    srv.config.write_text(config_text(srv, mx_listener(srv.port) + """
+        proxy_protocol = true
+        proxy_networks = ["127.0.0.1/32"]
+        """, recipients("alice@example.test") + "\n[dns]\nreverse_lookup = false\n"))
+    hup(srv)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(f"PROXY TCP4 192.0.2.7 127.0.0.1 40000 {srv.port}\r\n".encode())
+        assert s.recv(100).startswith(b"220")
+    wait_for_log(srv, r"connect from unknown\[192\.0\.2\.7\]:40000")
+    assert session.noop()[0] == 250                 # the session from before goes on, no header
+    session.quit()

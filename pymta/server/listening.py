@@ -17,6 +17,8 @@ closed so that a changed address can take the same port.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Any
 
@@ -187,11 +189,11 @@ class ListenerSockets:
             service = self._service(listener)
             try:
                 service.listen_now()
-            except CannotListenError as e:
+            except Exception as e:
                 del self.services[with_backlog(listener.endpoint)]
-                problem = (f"cannot listen: listeners {listener.name!r} ({listener.endpoint}): "
-                           f"{e.socketError}")
-                if getattr(e.socketError, "errno", None) == 13:
+                error = e.socketError if isinstance(e, CannotListenError) else f"{type(e).__name__}: {e}"
+                problem = f"cannot listen: listeners {listener.name!r} ({listener.endpoint}): {error}"
+                if getattr(error, "errno", None) == errno.EACCES and os.geteuid() != 0:
                     problem += " (a port below 1024 needs the privileges pymta gave up at start; restart it)"
                 problems.append(problem)
                 continue
