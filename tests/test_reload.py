@@ -413,3 +413,14 @@ def test_a_kept_socket_takes_its_listeners_new_settings(srv):
     wait_for_log(srv, r"connect from unknown\[192\.0\.2\.7\]:40000")
     assert session.noop()[0] == 250                 # the session from before goes on, no header
     session.quit()
+
+
+def test_an_endpoint_moved_to_another_address_on_the_same_port(srv):
+    srv.config.write_text(config_text(srv, f"""
+        [[listeners]]
+        name = "mx"
+        endpoint = "tcp:{srv.port}:interface=0.0.0.0"
+        """, recipients("alice@example.test")))
+    line = hup(srv)
+    assert f"mx=tcp:{srv.port}:interface=0.0.0.0" in line and "cannot listen" not in srv.log_text()
+    assert can_connect(srv.port)
