@@ -109,6 +109,20 @@ class IRemoteDelivery(IDeliveryBackend):
     """
 
 
+class IClosable(Interface):
+    """Optional, for any plugin or backend holding more than memory (connections, timers, threads).
+
+    A reload (SIGHUP) builds new plugins from the new configuration; the
+    previous ones serve the sessions and deliveries that started before it.
+    Once none uses them any more, ``close`` is called on each that provides
+    this interface, once.  It is not called at shutdown (a plugin that needs
+    that registers a reactor shutdown trigger).
+    """
+
+    def close():
+        """Release what the plugin holds; return nothing.  No call follows."""
+
+
 class IPluginRegistration(Interface):
     """A drop-in short name, found by ``twisted.plugin.getPlugins`` in ``pymta.plugins``."""
 

@@ -8,7 +8,8 @@ from another plugin's module or from pymta's internals::
     from pymta.plugin_api import DUNNO, IRecipientPolicy, Options, Verdict
 
 - the interfaces of the stages and backends (:mod:`pymta.interfaces`; which
-  method each stage calls is :data:`STAGES`);
+  method each stage calls is :data:`STAGES`), and :class:`IClosable` for a
+  plugin holding connections, timers or threads (closed after a reload);
 - :class:`Verdict` (``DUNNO``, :class:`Kind`), what every stage method returns,
   and :class:`DeliveryResult`, what a backend returns per recipient;
   :class:`AuthResult` and :func:`add_auth_result`, how a check records its
@@ -38,7 +39,7 @@ from pymta.config.options import Options, PluginContext, describe_value
 from pymta.config.watched_file import WatchedFile
 from pymta.delivery.result import DeliveryResult
 from pymta.dns.resolver import DNSError
-from pymta.interfaces import (STAGES, IConnectPolicy, IConnectPrefetch, IDeliveryBackend,
+from pymta.interfaces import (STAGES, IClosable, IConnectPolicy, IConnectPrefetch, IDeliveryBackend,
                               IHeloPolicy, IMessageFilter, IPluginContext, IRecipientPolicy,
                               IRemoteDelivery, ISenderPolicy)
 from pymta.mailbox_names import safe_domain_name, safe_folder_name, safe_mailbox_name
@@ -49,7 +50,7 @@ __all__ = [
     # interfaces
     "STAGES", "IConnectPolicy", "IConnectPrefetch", "IHeloPolicy", "ISenderPolicy",
     "IRecipientPolicy", "IMessageFilter", "IDeliveryBackend", "IRemoteDelivery",
-    "IPluginContext",
+    "IPluginContext", "IClosable",
     # what a stage method is given, and DNS failures (context.resolver, session.dns)
     "Session", "Transaction", "DNSError",
     # answers, and results for the Authentication-Results field

@@ -6,81 +6,20 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
-from pymta.dns.reverse import ClientNames
 from pymta.logtext import speed_up_text_log
+from pymta.server.listening import ListenerService, with_backlog  # noqa: F401 (their home moved)
 from pymta.worker.process import DiskWorker
 
 log = Logger(namespace="pymta")
-
-
-class ListenerService(StreamServerEndpointService):
-    """A listening endpoint whose failure to bind stops start-up with one clear line."""
-
-    _raiseSynchronously = True
-
-    def __init__(self, listener, endpoint, factory, after=None) -> None:
-        super().__init__(endpoint, factory)
-        self.listener = listener
-        self.setName(f"listener:{listener.name}")
-        #: on stop, keep listening until this Deferred-returning call fires
-        #: (the sessions' drain: new connections meanwhile get 421)
-        self._after = after
-
-    def stopService(self):
-        if self._after is None:
-            return super().stopService()
-        return self._after().addCallback(lambda _: super(ListenerService, self).stopService())
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            sys.__stderr__.write(f"pymta: cannot listen: listeners {self.listener.name!r} "
-                                 f"({self.listener.endpoint}): {e.socketError}\n")
-            raise SystemExit(1)
-
-
-class TLSReload(Service):
-    """SIGHUP re-reads the certificates; sessions in progress keep theirs."""
-
-    def __init__(self, tls, reactor) -> None:
-        self.tls = tls
-        self.reactor = reactor
-        self._previous = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
-
-    def stopService(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-        return super().stopService()
-
-    def _on_signal(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.reload)
-
-    def reload(self) -> None:
-        try:
-            self.tls.reload()
-        except Exception as e:
-            log.error("TLS reload failed, keeping the previous certificates: {error}", error=e)
-        else:
-            log.info("TLS certificates reloaded")
 
 
 def _dns_port_noise(event) -> bool:
@@ -129,6 +68,8 @@ class ServerServices(MultiService):
     def __init__(self, worker=None) -> None:
         super().__init__()
         self.worker = worker
+        #: pymta.reload.reloader.ConfigReloader (set by build_service)
+        self.reloader = None
 
     def startService(self) -> None:
         if self.worker is not None:
@@ -158,17 +99,6 @@ class Options(usage.Options):
         sys.exit(0)
 
 
-DEFAULT_BACKLOG = 1024   # Twisted's 50 drops connections in bursts (measured with smtp-source)
-
-
-def with_backlog(endpoint: str) -> str:
-    """A tcp/tcp6 endpoint string with a listen backlog, unless it names one."""
-    kind = endpoint.split(":", 1)[0].strip().lower()
-    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
-        return f"{endpoint}:backlog={DEFAULT_BACKLOG}"
-    return endpoint
-
-
 def load(options) -> Config:
     from pymta.config.loader import default_config, load_config
     from twisted.internet import reactor
@@ -177,54 +107,37 @@ def load(options) -> Config:
 
 
 def build_service(config: Config, reactor) -> MultiService:
-    from pymta.server.factory import (AUTH_MECHANISMS, ConnectionCounter, ServerContext,
-                                      SessionShutdown, SMTPServerFactory)
+    """The service tree of one server; ``service.reloader`` reloads it (SIGHUP, see
+    :mod:`pymta.reload.reloader`; its ``on_reload*`` hook lists are for other services)."""
+    from pymta.server.factory import ConnectionCounter, SessionShutdown
     from pymta.bounce.notifier import DeliveryNotifier
-    from functools import partial
-    from pymta.server.auth import AuthFailureDelay, build_portal, offered_mechanisms
-    from pymta.server.chain import StageDeadline
-    from pymta.server.policy import SessionPolicy
-    from pymta.server.proxy import ProxyHeaderFactory
-    from pymta.server.tls import server_tls
+    from pymta.server.auth import AuthFailureDelay
     from pymta.delivery.scheduler import DeliveryScheduler
+    from pymta.reload.reloader import ConfigReloader, RunningServer, give_disk_worker
+    from pymta.server.listening import ListenerSockets
     from pymta.spool.store import Spool
 
     worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None
-    if worker is not None:
-        for backend in config.backends.values():
-            use_disk_worker = getattr(backend, "use_disk_worker", None)   # local backends
-            if callable(use_disk_worker):
-                use_disk_worker(worker)
+    give_disk_worker(config.backends, worker)          # the local backends
     top = ServerServices(worker)
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
                   memory_limit=config.spool_memory_limit, worker=worker)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
                                   notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool
-    tls = server_tls(config.tls) if config.tls is not None else None
-    context = ServerContext(config=config, policy=SessionPolicy(config, reactor), spool=spool,
-                            scheduler=scheduler, reactor=reactor, tls=tls,
-                            portal=build_portal(config.stages.get("auth", ()),
-                                                StageDeadline(reactor, config.limits.plugin_timeout)),
-                            auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
-                            client_names=(ClientNames(config.resolver, config.dns.hosts_file)
-                                          if config.dns.reverse_lookup else None),
-                            auth_mechanisms=partial(offered_mechanisms,
-                                                    config.stages.get("auth", ()), AUTH_MECHANISMS))
-    if tls is not None:
-        TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()
     shutdown = SessionShutdown(counter, reactor, config.shutdown_timeout)
-    for listener in config.listeners:
-        endpoint = serverFromString(reactor, with_backlog(listener.endpoint))
-        factory = SMTPServerFactory(context, listener, counter)
-        if listener.implicit_tls:
-            factory = TLSMemoryBIOFactory(tls, False, factory)
-        if listener.proxy_protocol:        # the header comes first, before any TLS
-            factory = ProxyHeaderFactory(factory, listener, reactor)
-        ListenerService(listener, endpoint, factory, after=shutdown.drained).setServiceParent(top)
+    server = RunningServer(reactor, spool, scheduler, worker, shutdown, counter,
+                           AuthFailureDelay(config.limits.auth_failure_delay))
+    generation = server.generation(config, 1)     # what new sessions get; a reload replaces it
+    sockets = ListenerSockets(top, reactor, generation, after=shutdown.drained)
+    sockets.add_at_start(config.listeners)
     shutdown.setServiceParent(top)   # the sessions drain, then the listeners stop
+    top.reloader = ConfigReloader(server, sockets)
+    top.reloader.setServiceParent(top)   # SIGHUP: see pymta.reload.reloader
     LogSetup().setServiceParent(top)
+    # More services go here (setServiceParent(top)); one that must follow a reload
+    # appends to top.reloader.on_reload_start / on_reload / on_reload_end.
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)

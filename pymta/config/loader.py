@@ -70,16 +70,20 @@ _LIMIT_READERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def load_config(path: str, reactor: Any = None) -> Config:
-    """Read, check and instantiate the configuration in the TOML file ``path``."""
+def load_config(path: str, reactor: Any = None, previous: Config | None = None) -> Config:
+    """Read, check and instantiate the configuration in the TOML file ``path``.
+
+    ``previous``: the configuration in force (a reload); its DNS resolver,
+    and the answers it cached, serve the new one when ``[dns]`` is unchanged.
+    """
     raw = _read_toml(path)
     config_dir = os.path.dirname(os.path.abspath(path))
-    return _ConfigBuilder(path, config_dir, reactor).build(raw)
+    return _ConfigBuilder(path, config_dir, reactor, previous).build(raw)
 
 
-def default_config(reactor: Any = None) -> Config:
+def default_config(reactor: Any = None, previous: Config | None = None) -> Config:
     """The embedded default: an empty config file in the current directory."""
-    return _ConfigBuilder(EMBEDDED_SOURCE, os.getcwd(), reactor).build({})
+    return _ConfigBuilder(EMBEDDED_SOURCE, os.getcwd(), reactor, previous).build({})
 
 
 def make_resolver(settings: DNSSettings, reactor: Any) -> DNSResolver:
@@ -130,10 +134,11 @@ def _read_toml(path: str) -> dict[str, Any]:
 class _ConfigBuilder:
     """Turns the parsed TOML (a dict) into a Config; one per load."""
 
-    def __init__(self, source: str, config_dir: str, reactor: Any):
+    def __init__(self, source: str, config_dir: str, reactor: Any, previous: Config | None = None):
         self.source = source
         self.config_dir = config_dir
         self._reactor = reactor
+        self._previous = previous
         self.context: PluginContext | None = None
 
     # -- error helpers ----------------------------------------------------
@@ -182,9 +187,16 @@ class _ConfigBuilder:
         hostname, domains, trusted, plugin_path = self._server(server)
         add_plugin_path(plugin_path)
         dns_settings = self._dns(dns_table)
-        resolver = make_resolver(dns_settings, self.reactor)
+        previous = self._previous
+        if previous is not None and previous.resolver is not None and previous.dns == dns_settings:
+            resolver = previous.resolver           # a reload: [dns] unchanged, its cache kept
+        else:
+            resolver = make_resolver(dns_settings, self.reactor)
         shared = self._shared(shared_table)
-        shared_state = SharedState(shared, self.reactor) if shared.redis is not None else None
+        if previous is not None and previous.shared_state is not None and previous.shared == shared:
+            shared_state = previous.shared_state   # a reload: [shared] unchanged, one connection
+        else:
+            shared_state = SharedState(shared, self.reactor) if shared.redis is not None else None
         self.context = PluginContext(hostname, domains, self.config_dir, self.reactor, resolver,
                                      shared_state)
         plugin_loader = PluginLoader(self)

@@ -16,14 +16,16 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pymta.addresses import split_address, split_extension
 from pymta.config.errors import OptionError
 from pymta.delivery.result import DELIVERED, DeliveryResult
 from pymta.envelope import Envelope, Recipient
+from pymta.interfaces import IClosable
 from pymta.mailbox_names import safe_domain_name, safe_mailbox_name
 from pymta.delivery.worker_call import deliver_local
-from pymta.worker.pipeline import BatchPipeline, pipeline_threadpool
+from pymta.worker.pipeline import BatchPipeline, pipeline_threadpool, release_threadpool
 
 log = Logger()
 
@@ -158,6 +160,7 @@ class DeliveryJob:
         return self.message.envelope.queue_id
 
 
+@implementer(IClosable)
 class LocalMailboxBackend:
     """Base of the local backends: options, path checks, batched delivery in one thread.
 
@@ -218,6 +221,15 @@ class LocalMailboxBackend:
         before the first delivery.
         """
         self._worker = worker
+
+    def close(self) -> None:
+        """IClosable: a reload retired this backend and no delivery uses it: stop its thread."""
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None and pipeline._threadpool is not None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            release_threadpool(reactor, pipeline._threadpool)
 
     def deliver(self, message, recipients):
         """IDeliveryBackend: queue for the backend's delivery thread (see the class).

@@ -86,6 +86,8 @@ class _Job:
     indices: list[int]
     #: the SpooledMessage given to the backend
     spooled: Any = None
+    #: the scheduler's backends when the call started (a reload may replace them)
+    backends: Any = None
 
 
 class DeliveryScheduler(Service):
@@ -115,6 +117,9 @@ class DeliveryScheduler(Service):
         #: queue id -> notifications being spooled before its update or removal
         self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
+        #: id(backends dict) -> backend calls in flight started with it (see reconfigure)
+        self._calls_with: collections.Counter[int] = collections.Counter()
+        self._backends_unused: dict[int, list[defer.Deferred]] = {}
 
     # -- service ---------------------------------------------------------------
 
@@ -157,6 +162,29 @@ class DeliveryScheduler(Service):
                      queue_id=envelope.queue_id)
             return
         self._track(envelope)
+
+    def reconfigure(self, backends: dict[str, Any], retry: Retry, notifier: Any) -> defer.Deferred:
+        """A reload: deliveries that start from now on use these.
+
+        Deliveries in flight finish with the backends they started with; the
+        returned Deferred fires with those previous backends once none of
+        them is in flight any more (then they may be closed).  Recipients
+        keep the route (backend name) chosen when they were received.
+        """
+        previous = self.backends
+        self.backends = backends
+        self.schedule = RetrySchedule(retry.initial, retry.maximum, retry.lifetime)
+        self.concurrency = max(1, int(retry.concurrency))
+        self.delay_warning = float(getattr(retry, "delay_warning", 0.0))
+        self.notifier = notifier
+        d = defer.Deferred()
+        if previous is backends or not self._calls_with[id(previous)]:
+            self._calls_with.pop(id(previous), None)
+            d.callback(previous)
+        else:
+            self._backends_unused.setdefault(id(previous), []).append(d)
+        self._pump()                      # the concurrency may have grown
+        return d
 
     # -- introspection (admin tools, tests) ---------------------------------
 
@@ -286,6 +314,8 @@ class DeliveryScheduler(Service):
         envelope = job.message.envelope
         recipients = [envelope.recipients[i] for i in job.indices]
         backend = self.backends.get(job.route)
+        job.backends = self.backends
+        self._calls_with[id(job.backends)] += 1
         self._in_flight += 1
         if backend is None:
             result = DeliveryResult.deferred(
@@ -299,7 +329,7 @@ class DeliveryScheduler(Service):
             d.addErrback(self._backend_failed, job, len(recipients))
         d.addCallback(self._record, job)
         d.addErrback(self._internal_error, job)
-        d.addBoth(self._job_done)
+        d.addBoth(self._job_done, job)
 
     def _delivery_record(self, job: _Job) -> Any:
         """A DeliveryRecord when ``job`` holds the only recipients of its message in flight.
@@ -414,8 +444,14 @@ class DeliveryScheduler(Service):
                  queue_id=envelope.queue_id)
         self._persist(self.spool.remove(envelope.queue_id, envelope.size), envelope, "remove")
 
-    def _job_done(self, _) -> None:
+    def _job_done(self, _, job: _Job) -> None:
         self._in_flight -= 1
+        key = id(job.backends)
+        self._calls_with[key] -= 1
+        if not self._calls_with[key]:
+            del self._calls_with[key]
+            for d in self._backends_unused.pop(key, ()):
+                d.callback(job.backends)
         self._pump()
         self._check_idle()
 

@@ -104,6 +104,12 @@ class DNSResolver:
                                                reactor=self._reactor)
         return self._client
 
+    def close(self) -> None:
+        """No more lookups (a reload replaced this resolver): stop re-reading resolv.conf."""
+        parse_call = getattr(self._client, "_parseCall", None)
+        if parse_call is not None and parse_call.active():
+            parse_call.cancel()
+
     # -------------------------------------------------------------- lookups
     def _query(self, method: str, name: str, rtype: str, convert, with_ttl: bool = False) -> Deferred:
         cached = self.cache.get(rtype, name)

@@ -52,7 +52,7 @@ from zope.interface import implementer
 from pymta.addresses import domain_key
 from pymta.envelope import Recipient
 from pymta.permissions import is_world_readable
-from pymta.plugin_api import (DeliveryResult, IDeliveryBackend, IRemoteDelivery, OptionError,
+from pymta.plugin_api import (DeliveryResult, IClosable, IDeliveryBackend, IRemoteDelivery, OptionError,
                               Options)
 from pymta.relay.connector import HopFailure, SessionOpener
 from pymta.relay.pool import DestinationPool, PoolLimits, ShuttingDown, StaleConnection
@@ -145,7 +145,7 @@ def delivery_result(result: C.RecipientResult, session: ClientSession) -> Delive
                           session.peer, remote_mta=session.host, diagnostic=diagnostic)
 
 
-@implementer(IRemoteDelivery)
+@implementer(IRemoteDelivery, IClosable)
 class _SMTPBackend:
     """What relay and smarthost share: options, the pool, one transaction per group."""
 
@@ -278,7 +278,8 @@ class _SMTPBackend:
         self.pool.forget_failures()
 
     def close(self, grace: float = 10.0) -> None:
-        """At shutdown (called by a reactor trigger too): see DestinationPool.close."""
+        """At shutdown (called by a reactor trigger too), and after a reload once no
+        delivery uses this backend (IClosable): see DestinationPool.close."""
         self.pool.close(grace)
 
 

@@ -98,7 +98,8 @@ class DestinationPool:
         self._destinations: dict[str, _Destination] = {}
         #: destination -> (until, failure) of a destination found unreachable
         self._dead: dict[str, tuple[float, Failure]] = {}
-        self._shutdown_hook = False
+        #: the reactor's shutdown trigger that closes the pool, once a session was opened
+        self._shutdown_trigger: Any = None
         self._closed = False
 
     # -- public ------------------------------------------------------------------
@@ -143,6 +144,9 @@ class DestinationPool:
         if self._closed:
             return
         self._closed = True
+        if self._shutdown_trigger is not None:      # closed before shutdown (a reload)
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
         busy = False
         for destination in list(self._destinations.values()):
             for session in list(destination.idle):
@@ -151,6 +155,10 @@ class DestinationPool:
             busy = busy or bool(destination.busy)
         if busy:
             self.reactor.callLater(grace, self._abort_busy)
+
+    def _close_at_shutdown(self) -> None:
+        self._shutdown_trigger = None                 # firing: not to be removed
+        self.close()
 
     def _abort_busy(self) -> None:
         for destination in list(self._destinations.values()):
@@ -190,9 +198,9 @@ class DestinationPool:
 
     def _open(self, destination: _Destination) -> None:
         destination.opening += 1
-        if not self._shutdown_hook:
-            self._shutdown_hook = True
-            self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
+        if self._shutdown_trigger is None and not self._closed:
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger(
+                "before", "shutdown", self._close_at_shutdown)
         d = defer.maybeDeferred(self.open_session, destination.key)
         d.addCallbacks(self._opened, self._open_failed,
                        callbackArgs=(destination,), errbackArgs=(destination,))

@@ -115,24 +115,17 @@ class DryRunQueue:
 
 def dry_run_context(config: Config, reactor: Any, out: Output):
     """The :class:`pymta.server.factory.ServerContext` of a session that stores nothing."""
-    from pymta.dns.reverse import ClientNames
-    from pymta.server.auth import AuthFailureDelay, build_portal
-    from pymta.server.chain import StageDeadline
-    from pymta.server.factory import ServerContext
+    from pymta.server.auth import AuthFailureDelay
+    from pymta.server.generation import session_context
     from pymta.server.policy import SessionPolicy
-    from pymta.server.tls import server_tls
 
     spool = DryRunSpool()
     policy = SessionPolicy(config, reactor)
     policy.observer = PluginReport(out)
-    return ServerContext(
-        config=config, policy=policy, spool=spool, scheduler=DryRunQueue(spool, config, out),
-        reactor=reactor, tls=server_tls(config.tls) if config.tls is not None else None,
-        portal=build_portal(config.stages.get("auth", ()),
-                            StageDeadline(reactor, config.limits.plugin_timeout)),
-        auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
-        client_names=(ClientNames(config.resolver, config.dns.hosts_file)
-                      if config.dns.reverse_lookup else None))
+    return session_context(config, reactor=reactor, spool=spool,
+                           scheduler=DryRunQueue(spool, config, out),
+                           auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
+                           policy=policy)
 
 
 # -- reporting -----------------------------------------------------------------------

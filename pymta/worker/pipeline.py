@@ -83,5 +83,19 @@ def pipeline_threadpool(reactor, threads: int, name: str):
         return reactor.getThreadPool()
     pool = ThreadPool(0, threads, name)
     reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    pool.pymta_stop_trigger = reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
     return pool
+
+
+def release_threadpool(reactor, pool) -> None:
+    """Stop a pool :func:`pipeline_threadpool` made, before shutdown (its owner is retired).
+
+    The reactor's own pool (lent to test reactors) is left alone.
+    """
+    trigger = getattr(pool, "pymta_stop_trigger", None)
+    if trigger is None:
+        return
+    pool.pymta_stop_trigger = None
+    reactor.removeSystemEventTrigger(trigger)
+    if pool.started:
+        pool.stop()

@@ -1,0 +1,1 @@
+"""Reloading the configuration while the server runs (SIGHUP); see :mod:`pymta.reload.reloader`."""
