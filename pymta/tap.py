@@ -188,6 +188,7 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.delivery.scheduler import DeliveryScheduler
     from pymta.spool.store import Spool
 
+    metrics = _server_metrics(config)
     worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None
     if worker is not None:
         for backend in config.backends.values():
@@ -196,12 +197,13 @@ def build_service(config: Config, reactor) -> MultiService:
                 use_disk_worker(worker)
     top = ServerServices(worker)
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
-                  memory_limit=config.spool_memory_limit, worker=worker)
+                  memory_limit=config.spool_memory_limit, worker=worker, events=metrics)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
-                                  notifier=DeliveryNotifier.from_config(config))
+                                  notifier=DeliveryNotifier.from_config(config), events=metrics)
     scheduler.setServiceParent(top)          # started first: recovers the spool
     tls = server_tls(config.tls) if config.tls is not None else None
-    context = ServerContext(config=config, policy=SessionPolicy(config, reactor), spool=spool,
+    context = ServerContext(config=config, policy=SessionPolicy(config, reactor, events=metrics),
+                            spool=spool, events=metrics,
                             scheduler=scheduler, reactor=reactor, tls=tls,
                             portal=build_portal(config.stages.get("auth", ()),
                                                 StageDeadline(reactor, config.limits.plugin_timeout)),
@@ -211,6 +213,10 @@ def build_service(config: Config, reactor) -> MultiService:
     if tls is not None:
         TLSReload(tls, reactor).setServiceParent(top)
     counter = ConnectionCounter()
+    if metrics is not None:
+        from pymta.metrics.http import metrics_service
+        metrics_service(reactor, config.metrics_endpoint, metrics, scheduler,
+                        lambda: counter.total).setServiceParent(top)
     shutdown = SessionShutdown(counter, reactor, config.shutdown_timeout)
     for listener in config.listeners:
         endpoint = serverFromString(reactor, with_backlog(listener.endpoint))
@@ -226,6 +232,14 @@ def build_service(config: Config, reactor) -> MultiService:
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
     return top
+
+
+def _server_metrics(config: Config):
+    """The server's metrics (its events sink) when ``[metrics] endpoint`` is set, else None."""
+    if config.metrics_endpoint is None:
+        return None
+    from pymta.metrics.instruments import ServerMetrics
+    return ServerMetrics()
 
 
 def prepare_run_as(options, config: Config):

@@ -156,6 +156,9 @@ class Config:
     #: on stop (SIGTERM), how long transactions in flight may take to finish
     #: before their sessions are closed with 421 ([server] shutdown_timeout)
     shutdown_timeout: float = 30.0
+    #: where the Prometheus metrics are served (a Twisted server endpoint
+    #: string, [metrics] endpoint), or None: no metrics
+    metrics_endpoint: str | None = None
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

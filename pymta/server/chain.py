@@ -12,12 +12,17 @@ for a Deferred and is shared by all its plugins in turn (a per-stage
 limit, not one per plugin); the plugin whose Deferred is still
 pending when it runs out is logged by name, its Deferred is cancelled (a
 result arriving later is ignored) and the stage answers 451 4.3.0.
+
+With a ``timing`` callable (the metrics' ``plugin_time``), each plugin's
+answer is timed, a Deferred one until it fires; without one the chain
+reads no clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from time import perf_counter
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -44,25 +49,40 @@ class StageDeadline:
     seconds: float
 
 
+#: (stage, plugin name, seconds) of one plugin's answer
+PluginTiming = Callable[[str, str, float], None]
+
+
 def run_stage(stage: str, plugins: Sequence[PluginInstance], *args: Any,
-              deadline: StageDeadline | None = None) -> Verdict | Deferred:
+              deadline: StageDeadline | None = None,
+              timing: PluginTiming | None = None) -> Verdict | Deferred:
     """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it."""
-    return run_chain(plugins, STAGES[stage].method, *args, stage=stage, deadline=deadline)
+    return run_chain(plugins, STAGES[stage].method, *args, stage=stage, deadline=deadline,
+                     timing=timing)
 
 
 def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,
-              stage: str = "", deadline: StageDeadline | None = None) -> Verdict | Deferred:
+              stage: str = "", deadline: StageDeadline | None = None,
+              timing: PluginTiming | None = None) -> Verdict | Deferred:
     """Return the first decided verdict (or DUNNO); header changes of undecided ones are kept.
 
     With a ``deadline``, a Deferred answer that is still pending when the
-    stage's budget is spent gives PLUGIN_TIMEOUT instead.
+    stage's budget is spent gives PLUGIN_TIMEOUT instead.  With ``timing``,
+    each plugin's answer time is reported to it.
     """
-    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None))
+    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None), timing)
 
 
-def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
+def _timed(result: Any, timing: PluginTiming, stage: str, plugin: str, started: float) -> Any:
+    timing(stage, plugin, perf_counter() - started)
+    return result
+
+
+def _run(plugins, start, method, args, headers, budget, timing=None) -> Verdict | Deferred:
     for i in range(start, len(plugins)):
         plugin = plugins[i]
+        if timing is not None:
+            started = perf_counter()
         try:
             result = getattr(plugin.obj, method)(*args)
         except Exception:
@@ -84,7 +104,7 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                 merged = _merge(headers, verdict)
                 if verdict.decided:
                     return _with_headers(verdict, merged)
-                return _run(plugins, i + 1, method, args, merged, budget)
+                return _run(plugins, i + 1, method, args, merged, budget, timing)
 
             def failed(failure, plugin=plugin):
                 if failure.check(PluginTimeout):
@@ -93,10 +113,14 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                             name=plugin.name, use=plugin.use, method=method)
                 return PLUGIN_FAILURE
 
+            if timing is not None:
+                result.addBoth(_timed, timing, stage, plugin.name, started)
             if deadline is not None:
                 result = within(result, deadline.clock, ends - deadline.clock.seconds(),
                                 plugin, stage, method, deadline.seconds)
             return result.addCallbacks(resumed, failed)
+        if timing is not None:
+            timing(budget[0], plugin.name, perf_counter() - started)
         verdict = _checked(plugin, method, result)
         if verdict is None:
             return PLUGIN_FAILURE

@@ -33,8 +33,10 @@ def _then(result: Verdict | Deferred, fn) -> Any:
 
 
 class SessionPolicy:
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, events: Any = None) -> None:
+        """``events``: the metrics' events sink (it times each plugin), or None."""
         self.config = config
+        self.timing = events.plugin_time if events is not None else None
         self.stages = config.stages
         if reactor is None:
             from twisted.internet import reactor
@@ -55,7 +57,8 @@ class SessionPolicy:
                                 name=plugin.name, use=plugin.use)
 
     def _run(self, stage: str, *args):
-        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline)
+        return run_stage(stage, self.stages.get(stage, ()), *args, deadline=self.deadline,
+                         timing=self.timing)
 
     def connect(self, session: Session):
         return self._run("connect", session)
