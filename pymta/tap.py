@@ -206,7 +206,8 @@ def build_service(config: Config, reactor) -> MultiService:
                             spool=spool, events=metrics,
                             scheduler=scheduler, reactor=reactor, tls=tls,
                             portal=build_portal(config.stages.get("auth", ()),
-                                                StageDeadline(reactor, config.limits.plugin_timeout)),
+                                                StageDeadline(reactor, config.limits.plugin_timeout),
+                                                metrics.plugin_time if metrics is not None else None),
                             auth_failures=AuthFailureDelay(config.limits.auth_failure_delay),
                             client_names=(ClientNames(config.resolver, config.dns.hosts_file)
                                           if config.dns.reverse_lookup else None))

@@ -16,16 +16,22 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from argon2 import PasswordHasher
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactor
 
 from certs import client_tls, make_cert
 from conftest import BACKEND_TOML, TWISTD, free_port, routes_toml, wait_for_log
 from pymta.config.errors import ConfigError
 from pymta.config.loader import load_config
+from pymta.config.model import PluginInstance
+from pymta.metrics.families import HistogramFamily
+from pymta.metrics.instruments import ServerMetrics
+from pymta.server.chain import run_chain
 
 HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 MESSAGE = b"Subject: metrics\r\n\r\nhello\r\n"
@@ -172,6 +178,8 @@ def test_scraped_numbers_match_what_was_sent(metered):
         # the rcpt stage's plugin (localdomain) answered for bob and dave; carol was
         # refused (no relaying) before the plugins were asked
         ("pymta_plugin_duration_seconds_count", {"stage": "rcpt", "plugin": "localdomain"}, 2),
+        # the password file's checker, for both logins
+        ("pymta_plugin_duration_seconds_count", {"stage": "auth", "plugin": "passwords"}, 2),
     ]
     grown = [(name, labels, delta(name, **labels)) for name, labels, _ in expected]
     assert grown == expected
@@ -280,3 +288,34 @@ def test_a_busy_metrics_port_stops_start_up_naming_the_key(make_server):
         _config, output = failed_start(make_server, f'endpoint = "tcp:{port}:interface=127.0.0.1"\n')
     assert f"pymta: cannot listen: metrics.endpoint (tcp:{port}:interface=127.0.0.1): " \
            in output, output
+
+
+# -- the parts, without a server ---------------------------------------------------
+
+def test_histogram_buckets_are_inclusive_and_cumulative():
+    histogram = HistogramFamily("h_seconds", "h", ["stage"], [1, 2])
+    for amount in (0.5, 1, 1.5, 3):
+        histogram.observe(("rcpt",), amount)
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.family().samples}
+    assert samples == {("h_seconds_bucket", "1.0"): 2, ("h_seconds_bucket", "2.0"): 3,
+                       ("h_seconds_bucket", "+Inf"): 4, ("h_seconds_count", None): 4,
+                       ("h_seconds_sum", None): 6.0}
+
+
+def test_families_without_labels_are_there_from_the_start():
+    metrics = ServerMetrics(process=False)
+    samples = {s.name: s.value for family in metrics.registry.collect() for s in family.samples}
+    assert samples["pymta_spool_commit_duration_seconds_count"] == 0
+    assert "pymta_connections_total" not in samples       # labelled: once a listener counts
+
+
+def test_a_deferred_plugin_is_timed_until_it_fires():
+    answer = Deferred()
+    plugin = PluginInstance("slow", "slow", SimpleNamespace(check=lambda: answer))
+    timed = []
+    result = run_chain([plugin], "check", stage="rcpt",
+                       timing=lambda *args: timed.append(args))
+    assert timed == [] and not result.called
+    answer.callback(None)
+    assert [(stage, name) for stage, name, _ in timed] == [("rcpt", "slow")]
+    assert timed[0][2] >= 0 and result.called

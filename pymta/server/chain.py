@@ -73,7 +73,8 @@ def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,
     return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None), timing)
 
 
-def _timed(result: Any, timing: PluginTiming, stage: str, plugin: str, started: float) -> Any:
+def timed_answer(result: Any, timing: PluginTiming, stage: str, plugin: str, started: float) -> Any:
+    """A Deferred's callback (both ways): report the time since ``started``, pass ``result`` on."""
     timing(stage, plugin, perf_counter() - started)
     return result
 
@@ -114,7 +115,7 @@ def _run(plugins, start, method, args, headers, budget, timing=None) -> Verdict 
                 return PLUGIN_FAILURE
 
             if timing is not None:
-                result.addBoth(_timed, timing, stage, plugin.name, started)
+                result.addBoth(timed_answer, timing, stage, plugin.name, started)
             if deadline is not None:
                 result = within(result, deadline.clock, ends - deadline.clock.seconds(),
                                 plugin, stage, method, deadline.seconds)

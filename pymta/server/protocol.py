@@ -419,6 +419,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if not self.session.trusted:
             log.info("reject: ETRN {node} from {client}: not a trusted client", node=ev.node,
                      client=self.client)
+            if self.factory.context.events is not None:
+                self.factory.context.events.command_rejected("etrn", 459)
             self._answer(Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client"))
             return
         count = self.factory.context.scheduler.flush(ev.node)
