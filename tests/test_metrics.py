@@ -217,15 +217,29 @@ def test_openmetrics_on_request(metered):
 
 
 def listening_ports(pid: int) -> set[int]:
-    """The TCP ports process ``pid`` listens on (its own sockets, from /proc)."""
+    """The TCP ports process ``pid`` listens on (its own sockets, from /proc).
+
+    /proc/net/tcp is generated in pieces as it is read: a read while other
+    sockets come and go (the other tests) can miss a line, never invent
+    one.  So the ports of several reads are put together.
+    """
+    ports: set[int] = set()
+    for _ in range(5):
+        ports |= _listening_ports_once(pid)
+        time.sleep(0.05)
+    return ports
+
+
+def _listening_ports_once(pid: int) -> set[int]:
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
+        except FileNotFoundError:        # closed meanwhile
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    assert inodes, f"no socket among the open files of process {pid}"
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
