@@ -42,6 +42,7 @@ _session_ids = itertools.count(1)
 
 AUTH_FAILED = Verdict(Kind.REJECT, 535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Verdict(Kind.DEFER, 454, "4.7.0", "Temporary authentication failure")
+ETRN_REFUSED = Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client")
 
 
 def write_now(transport, data: bytes) -> None:
@@ -74,7 +75,7 @@ def write_now(transport, data: bytes) -> None:
 class SMTPServerProtocol(Protocol, TimeoutMixin):
     factory: "SMTPServerFactory"
     #: how the session ended, for the metrics: "quit", "timeout", "rejected" (by the
-    #: connect stage), "pregreet"; else decided at the end (see _outcome_at_end)
+    #: connect stage), "pregreet"; else decided at the end (see _count_end)
     _outcome = "disconnect"
     #: STARTTLS was answered: a handshake is due (for the TLS failure metric)
     _tls_started = False
@@ -186,6 +187,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.factory.connection_closed(self)
 
     def _count_end(self, events) -> None:
+        """The metrics of a session that ended: how, and a TLS handshake that never completed."""
         listener = self.factory.listener.name
         if ((self._tls_started or self.factory.features.tls_active)
                 and self.session is not None and self.session.tls is None):
@@ -420,8 +422,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             log.info("reject: ETRN {node} from {client}: not a trusted client", node=ev.node,
                      client=self.client)
             if self.factory.context.events is not None:
-                self.factory.context.events.command_rejected("etrn", 459)
-            self._answer(Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client"))
+                self.factory.context.events.command_rejected("etrn", ETRN_REFUSED.code)
+            self._answer(ETRN_REFUSED)
             return
         count = self.factory.context.scheduler.flush(ev.node)
         log.info("ETRN {node} from {client}: {count} messages scheduled now", node=ev.node,
