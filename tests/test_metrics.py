@@ -115,7 +115,9 @@ def test_scraped_numbers_match_what_was_sent(metered):
 
     # mx: one message accepted, one recipient refused at RCPT (no relaying here)
     with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        assert s.docmd("MAIL FROM:<alice@example.test>")[0] == 503     # before EHLO
         s.ehlo("client.example")
+        assert s.docmd("FROB")[0] == 500
         s.mail("alice@example.test")
         assert s.rcpt("bob@example.test")[0] == 250
         assert s.rcpt("carol@elsewhere.example")[0] == 554
@@ -164,6 +166,8 @@ def test_scraped_numbers_match_what_was_sent(metered):
         ("pymta_sessions_total", {"listener": "submission", "outcome": "disconnect"}, 1),
         ("pymta_smtp_rejected_commands_total", {"stage": "rcpt", "code_class": "5xx"}, 1),
         ("pymta_smtp_rejected_commands_total", {"stage": "auth", "code_class": "5xx"}, 1),
+        ("pymta_smtp_protocol_errors_total", {"listener": "mx"}, 2),
+        ("pymta_smtp_protocol_errors_total", {"listener": "submission"}, 0),
         ("pymta_messages_accepted_total", {"listener": "mx"}, 1),
         ("pymta_messages_accepted_total", {"listener": "submission"}, 1),
         ("pymta_tls_handshakes_total", {"listener": "submission", "result": "ok"}, 1),

@@ -55,6 +55,9 @@ class ServerMetrics:
         self._rejected = CounterFamily(
             "pymta_smtp_rejected_commands", "Commands refused (the NOQUEUE: reject log lines, "
             "and failed AUTH), by stage and reply code class", ["stage", "code_class"])
+        self._protocol_errors = CounterFamily(
+            "pymta_smtp_protocol_errors", "Error replies of the protocol itself (syntax, "
+            "sequence, line length, TLS or AUTH required), by listener", ["listener"])
         self._messages = CounterFamily(
             "pymta_messages_accepted", "Messages accepted (250 after end of data), by listener",
             ["listener"])
@@ -89,7 +92,8 @@ class ServerMetrics:
             "pymta_spool_commit_duration_seconds", "Time from a message's commit request to it "
             "being durable (what the 250 waits for)", [], SPOOL_BUCKETS)
         self.registry.register(FamiliesCollector([
-            self._connections, self._sessions, self._rejected, self._messages, self._bytes,
+            self._connections, self._sessions, self._rejected, self._protocol_errors,
+            self._messages, self._bytes,
             self._tls, self._auth, self._plugin_seconds, self._recipients, self._attempt_seconds,
             self._delay_seconds, self._batch_changes, self._batch_seconds, self._commit_seconds]))
 
@@ -102,6 +106,9 @@ class ServerMetrics:
 
     def command_rejected(self, stage: str, code: int) -> None:
         self._rejected.inc((stage, "5xx" if code >= 500 else "4xx"))
+
+    def protocol_errors(self, listener: str, count: int) -> None:
+        self._protocol_errors.inc((listener,), count)
 
     def message_accepted(self, listener: str, size: int) -> None:
         self._messages.inc((listener,))

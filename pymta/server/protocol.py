@@ -187,11 +187,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.factory.connection_closed(self)
 
     def _count_end(self, events) -> None:
-        """The metrics of a session that ended: how, and a TLS handshake that never completed."""
+        """The metrics of a session that ended: how, its protocol errors, and a TLS
+        handshake that never completed."""
         listener = self.factory.listener.name
         if ((self._tls_started or self.factory.features.tls_active)
                 and self.session is not None and self.session.tls is None):
             events.tls_handshake(listener, False)
+        if self.conn is not None and self.conn.protocol_errors:
+            events.protocol_errors(listener, self.conn.protocol_errors)
         outcome = self._outcome
         if outcome == "disconnect":
             if self.factory.counter.draining:
