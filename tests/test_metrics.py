@@ -337,3 +337,29 @@ def test_a_deferred_plugin_is_timed_until_it_fires():
     answer.callback(None)
     assert [(stage, name) for stage, name, _ in timed] == [("rcpt", "slow")]
     assert timed[0][2] >= 0 and result.called
+
+
+def test_sessions_refused_by_a_limit_and_timed_out(make_server):
+    metrics_port = free_port()
+    srv = make_server(BACKEND_TOML + textwrap.dedent(f"""
+        [limits]
+        max_connections_per_ip = 1
+        idle_timeout = 1
+
+        [metrics]
+        endpoint = "tcp:{metrics_port}:interface=127.0.0.1"
+        """))
+    before = scrape(metrics_port)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as first:
+        assert first.recv(100).startswith(b"220")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as second:
+            assert second.recv(100).startswith(b"421 4.7.0")
+        assert b"421" in first.recv(100)              # the idle timeout, after a second
+    after = scrape_when(metrics_port, lambda samples: value(
+        samples, "pymta_sessions_total", listener="mx", outcome="timeout") == 1, "the timeout")
+    outcomes = {outcome: value(after, "pymta_sessions_total", listener="mx", outcome=outcome)
+                - value(before, "pymta_sessions_total", listener="mx", outcome=outcome)
+                for outcome in ("limit", "timeout", "quit", "disconnect")}
+    assert outcomes == {"limit": 1, "timeout": 1, "quit": 0, "disconnect": 0}
+    assert value(after, "pymta_connections_total", listener="mx") \
+        - value(before, "pymta_connections_total", listener="mx") == 2
