@@ -187,6 +187,10 @@ def headline_lines(report: RunReport) -> list[str]:
             flag = " (UNRELIABLE: see PROBLEMS)" if persistent.problem or sink.problem else ""
             lines.append(f"{name + ' % of smtp-sink':<24} -d sessions: msg/s "
                          f"{100 * persistent.median.rate / sink.median.rate:.1f}%{flag}")
+    metered, plain = report.summary("pymta/metrics", b, s, False), report.summary("pymta", b, s, False)
+    if metered is not None and plain is not None:
+        lines.append(f"{'pymta/metrics / pymta':<24} 1 msg/conn:  msg/s {ratio(metered, plain)}, "
+                     f"CPU/msg {cpu_ratio(metered, plain)}")
     return lines
 
 

@@ -36,6 +36,8 @@ from servers import (BENCH_DIR, AiosmtpdMaildir, BenchServer, Pymta, ServerStart
 from smtp_load import LoadCase, run_smtp_source  # noqa: E402
 
 ALL_SERVERS = ("smtp-sink", "aiosmtpd", "postfix", "pymta", "pymta/syncfs")
+#: further rows, run only when named in --servers
+EXTRA_SERVERS = ("pymta/metrics",)
 
 
 def build_cases(quick: bool, scale: float) -> list[LoadCase]:
@@ -65,7 +67,10 @@ def make_server(name: str, work_root: Path) -> BenchServer:
         return Pymta(work_root / "pymta", sync="fsync")
     if name == "pymta/syncfs":
         return Pymta(work_root / "pymta-syncfs", sync="syncfs")
-    raise SystemExit(f"bench: unknown server {name!r}; choose from {', '.join(ALL_SERVERS)}")
+    if name == "pymta/metrics":
+        return Pymta(work_root / "pymta-metrics", sync="fsync", metrics=True)
+    raise SystemExit(f"bench: unknown server {name!r}; choose from "
+                     f"{', '.join(ALL_SERVERS + EXTRA_SERVERS)}")
 
 
 # -- one load case on one server -----------------------------------------------------
@@ -134,7 +139,7 @@ def run_throughput(names: list[str], cases: list[LoadCase], args: argparse.Names
         #: per (server, case): the message count after a too-short first try
         counts: dict[tuple[str, str], int] = {}
         for case in cases:
-            rounds = args.rounds if is_headline(case) else 1
+            rounds = args.rounds if is_headline(case) or args.cases else 1
             print(f"\n== {case.label}" + (f" ({rounds} rounds)" if rounds > 1 else ""), flush=True)
             for round_number in range(rounds):
                 # rotate the order each round so no server always goes first
@@ -223,6 +228,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a case that ran shorter is run again with more messages (default 2, quick 0)")
     parser.add_argument("--land-timeout", type=float, default=60.0,
                         help="seconds to wait for accepted messages to appear in the Maildir")
+    parser.add_argument("--cases", default=None,
+                        help="only these load cases, by label, comma-separated (e.g. "
+                             "\"1KiB s=1 1/conn,1KiB s=20 1/conn\"); each runs --rounds rounds")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-footprint", action="store_true")
     parser.add_argument("--footprint-servers", default="pymta,aiosmtpd",
@@ -268,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     report = RunReport(started=started.strftime("%Y-%m-%d %H:%M UTC"), quick=args.quick,
                        machine=machine_info())
     cases = build_cases(args.quick, args.scale)
+    if args.cases:
+        wanted = [label.strip() for label in args.cases.split(",")]
+        unknown = [label for label in wanted if label not in {case.label for case in cases}]
+        if unknown:
+            print(f"bench: unknown case {unknown[0]!r}; the cases: "
+                  f"{', '.join(case.label for case in cases)}", file=sys.stderr)
+            return 2
+        cases = [case for case in cases if case.label in wanted]
     with measuring(report, "bench") as t0:
         if not args.skip_throughput:
             run_throughput(names, cases, args, report)

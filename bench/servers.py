@@ -272,13 +272,19 @@ class Pymta(BenchServer):
     """pymta under twistd, spool synced with the given mode ("fsync" or "syncfs").
 
     With `tls`, the config gets a [tls] table, so its mx listener offers STARTTLS.
+    With `metrics`, a [metrics] table: the Prometheus metrics are kept and served
+    on a loopback port of their own (`metrics_port`).
     """
 
-    def __init__(self, work_dir: Path, sync: str = "fsync", tls: TlsFiles | None = None) -> None:
+    def __init__(self, work_dir: Path, sync: str = "fsync", tls: TlsFiles | None = None,
+                 metrics: bool = False) -> None:
         super().__init__(work_dir)
         self.sync = sync
         self.tls = tls
+        self.metrics_port = free_port() if metrics else None
         self.name = "pymta" if sync == "fsync" else f"pymta/{sync}"
+        if metrics:
+            self.name += "/metrics"
         self.config_path = work_dir / "pymta.toml"
         self.spool_dir = work_dir / "spool"
 
@@ -311,7 +317,15 @@ max_connections_per_ip = 20000
 [backends.local]
 use = "maildir"
 base = "{self.maildir_base}"
-""" + self.tls_table())
+""" + self.tls_table() + self.metrics_table())
+
+    def metrics_table(self) -> str:
+        if self.metrics_port is None:
+            return ""
+        return f"""
+[metrics]
+endpoint = "tcp:{self.metrics_port}:interface=127.0.0.1"
+"""
 
     def tls_table(self) -> str:
         if self.tls is None:

@@ -117,18 +117,23 @@ def build_service(config: Config, reactor) -> MultiService:
     from pymta.server.listening import ListenerSockets
     from pymta.spool.store import Spool
 
+    metrics = _server_metrics(config)
     worker = DiskWorker(reactor) if config.spool_disk_work == "process" else None
     give_disk_worker(config.backends, worker)          # the local backends
     top = ServerServices(worker)
     spool = Spool(config.spool_dir, reactor=reactor, sync=config.spool_sync,
-                  memory_limit=config.spool_memory_limit, worker=worker)
+                  memory_limit=config.spool_memory_limit, worker=worker, events=metrics)
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
-                                  notifier=DeliveryNotifier.from_config(config))
+                                  notifier=DeliveryNotifier.from_config(config), events=metrics)
     scheduler.setServiceParent(top)          # started first: recovers the spool
     counter = ConnectionCounter()
+    if metrics is not None:
+        from pymta.metrics.http import metrics_service
+        metrics_service(reactor, config.metrics_endpoint, metrics, scheduler,
+                        lambda: counter.total).setServiceParent(top)
     shutdown = SessionShutdown(counter, reactor, config.shutdown_timeout)
     server = RunningServer(reactor, spool, scheduler, worker, shutdown, counter,
-                           AuthFailureDelay(config.limits.auth_failure_delay))
+                           AuthFailureDelay(config.limits.auth_failure_delay), events=metrics)
     generation = server.generation(config, 1)     # what new sessions get; a reload replaces it
     sockets = ListenerSockets(top, reactor, generation, after=shutdown.drained)
     sockets.add_at_start(config.listeners)
@@ -142,6 +147,14 @@ def build_service(config: Config, reactor) -> MultiService:
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
     return top
+
+
+def _server_metrics(config: Config):
+    """The server's metrics (its events sink) when ``[metrics] endpoint`` is set, else None."""
+    if config.metrics_endpoint is None:
+        return None
+    from pymta.metrics.instruments import ServerMetrics
+    return ServerMetrics()
 
 
 def prepare_run_as(options, config: Config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -38,3 +39,11 @@ def fingerprint(der: bytes) -> str:
 def pem_fingerprint(pem: Path) -> str:
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client context that takes any certificate (the tests' certificates are self-signed)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -15,20 +15,13 @@ import time
 import pytest
 from argon2 import PasswordHasher
 
-from certs import make_cert, pem_fingerprint, fingerprint
+from certs import client_tls, make_cert, pem_fingerprint, fingerprint
 from conftest import BACKEND_TOML, free_port, require_program, routes_toml
 from smtpwire import Wire
 
 # cheap argon2id parameters: the checker verifies with whatever the hash says
 HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 USERS = {"alice": "correct horse", "bob@example.test": "battery staple"}
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 from pymta.config.errors import ConfigError, OptionError, one_line
 from pymta.config.model import Config, DNSSettings, Limits, Retry, Route
 from pymta.config.listeners import ROLES, read_listeners, read_tls
+from pymta.config.metrics import read_metrics
 from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.addresses import normalize_domain
@@ -182,6 +183,7 @@ class _ConfigBuilder:
             dns_table = top.table("dns", {})
             tls_table = top.table("tls", None)
             shared_table = top.table("shared", {})
+            metrics_table = top.table("metrics", None)
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
@@ -208,13 +210,15 @@ class _ConfigBuilder:
         route_list = self._routes(routes, domains, backend_objs)
         stage_map = plugin_loader.stages(stages, plugins)
         listener_list = read_listeners(self, listeners, tls, bool(stage_map.get("auth")))
+        metrics_endpoint = read_metrics(self, metrics_table)
         return Config(
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
-            shutdown_timeout=self.shutdown_timeout, shared=shared, shared_state=shared_state)
+            shutdown_timeout=self.shutdown_timeout, shared=shared, shared_state=shared_state,
+            metrics_endpoint=metrics_endpoint)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:

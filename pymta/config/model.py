@@ -160,6 +160,9 @@ class Config:
     #: [shared]: state shared between nodes (Redis), and its client (None without redis)
     shared: SharedSettings = field(default_factory=SharedSettings)
     shared_state: Any = None
+    #: where the Prometheus metrics are served (a Twisted server endpoint
+    #: string, [metrics] endpoint), or None: no metrics
+    metrics_endpoint: str | None = None
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -36,7 +36,8 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from time import perf_counter
+from typing import Any, Iterator
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -88,13 +89,17 @@ class _Job:
     spooled: Any = None
     #: the scheduler's backends when the call started (a reload may replace them)
     backends: Any = None
+    #: perf_counter() when the backend was called (only with an events sink)
+    started: float = 0.0
 
 
 class DeliveryScheduler(Service):
     """Deliver spooled messages through the configured backends, with retries."""
 
     def __init__(self, spool: Spool, backends: dict[str, Any], retry: Retry, reactor=None,
-                 notifier: Any = None):
+                 notifier: Any = None, events: Any = None):
+        """``events``: the metrics' events sink (pymta.metrics.instruments.ServerMetrics),
+        told each attempt's result and duration; None: nothing is measured."""
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.spool = spool
@@ -120,6 +125,7 @@ class DeliveryScheduler(Service):
         #: id(backends dict) -> backend calls in flight started with it (see reconfigure)
         self._calls_with: collections.Counter[int] = collections.Counter()
         self._backends_unused: dict[int, list[defer.Deferred]] = {}
+        self.events = events
 
     # -- service ---------------------------------------------------------------
 
@@ -195,6 +201,21 @@ class DeliveryScheduler(Service):
     def queued(self) -> list[str]:
         """Ids of the messages the scheduler is responsible for (not the held ones)."""
         return sorted(self._messages)
+
+    def message_states(self) -> Iterator[tuple[str, Envelope]]:
+        """Every message the scheduler knows, with its state (for the metrics' queue gauges):
+        "active" (recipients due or being delivered), "incoming" (not tried yet),
+        "deferred" (waiting for a retry) or "held"."""
+        for message in self._messages.values():
+            if message.busy:
+                state = "active"
+            elif any(r.attempts for r in message.envelope.recipients):
+                state = "deferred"
+            else:
+                state = "incoming"
+            yield state, message.envelope
+        for envelope in self._held.values():
+            yield "held", envelope
 
     def held(self) -> dict[str, str]:
         """The held messages: queue id -> why."""
@@ -317,6 +338,8 @@ class DeliveryScheduler(Service):
         job.backends = self.backends
         self._calls_with[id(job.backends)] += 1
         self._in_flight += 1
+        if self.events is not None:
+            job.started = perf_counter()
         if backend is None:
             result = DeliveryResult.deferred(
                 f"no delivery backend named {job.route!r} is configured", 451, "4.3.5")
@@ -376,6 +399,9 @@ class DeliveryScheduler(Service):
             self._forget_removed(message)
             return
         now = self._now()
+        events = self.events
+        if events is not None:
+            events.delivery_attempt(job.route, perf_counter() - job.started)
         if job.spooled is not None and job.spooled.removed:
             message.removed = True
         for index, result in zip(job.indices, results):
@@ -385,6 +411,8 @@ class DeliveryScheduler(Service):
                           status=result.status)
             recipient = envelope.recipients[index]
             status, summary = record_result(recipient, result, self.schedule, envelope.received_at, now)
+            if events is not None:
+                events.recipient_result(job.route, status, now - envelope.received_at)
             self._log_attempt(envelope, recipient, job.route, result.relay, now, status, summary)
         message.busy.difference_update(job.indices)
         notices = [] if message.busy else self._notices(message, now)

@@ -86,11 +86,13 @@ class RunningServer:
     shutdown: Any           # pymta.server.factory.SessionShutdown
     counter: Any            # pymta.server.factory.ConnectionCounter
     auth_failures: Any      # pymta.server.auth.AuthFailureDelay
+    #: the metrics' events sink (pymta.metrics.instruments.ServerMetrics), or None
+    events: Any = None
 
     def generation(self, config: Config, number: int) -> ServerGeneration:
         return ServerGeneration(config, number, reactor=self.reactor, spool=self.spool,
                                 scheduler=self.scheduler, counter=self.counter,
-                                auth_failures=self.auth_failures)
+                                auth_failures=self.auth_failures, events=self.events)
 
 
 def _call_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from time import perf_counter
 from typing import Iterable
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -14,7 +15,7 @@ from zope.interface import Interface, implementer
 
 from pymta.config.model import PluginInstance
 from pymta.interfaces import STAGES
-from pymta.server.chain import StageDeadline, within
+from pymta.server.chain import StageDeadline, StageObserver, observed_answer, within
 
 MAX_DELAY = 30.0
 FORGET_AFTER = 900.0        # a client's failures are forgotten after 15 quiet minutes
@@ -45,12 +46,16 @@ class CheckerChain:
     same time budget as any other stage (``[limits] plugin_timeout``): a
     checker still pending when it runs out is logged by name, cancelled,
     and the login fails with :class:`~pymta.server.chain.PluginTimeout`.
+    With an ``observer`` (the metrics' plugin timing) each checker's answer
+    is reported, as the plugins' of the other stages are.
     """
 
-    def __init__(self, checkers: list, deadline: StageDeadline | None = None) -> None:
+    def __init__(self, checkers: list, deadline: StageDeadline | None = None,
+                 observer: StageObserver | None = None) -> None:
         self.plugins = [_as_plugin(c) for c in checkers]
         self.checkers = [p.obj for p in self.plugins]
         self.deadline = deadline
+        self.observer = observer
         self.credentialInterfaces = (IUsernamePassword,)
 
     def requestAvatarId(self, credentials):
@@ -63,7 +68,10 @@ class CheckerChain:
             if index >= len(candidates):
                 return fail(UnauthorizedLogin("authentication failed"))
             plugin = candidates[index]
+            started = perf_counter()
             d = maybeDeferred(getattr(plugin.obj, AUTH.method), credentials)
+            if self.observer is not None:
+                d.addBoth(observed_answer, self.observer, "auth", plugin, started)
             if deadline is not None:
                 d = within(d, deadline.clock, ends - deadline.clock.seconds(), plugin, "auth",
                            AUTH.method, deadline.seconds)
@@ -79,18 +87,20 @@ def _as_plugin(checker) -> PluginInstance:
     return PluginInstance(name, name, checker)
 
 
-def build_portal(checkers: Iterable, deadline: StageDeadline | None = None) -> Portal | None:
+def build_portal(checkers: Iterable, deadline: StageDeadline | None = None,
+                 observer: StageObserver | None = None) -> Portal | None:
     """A Portal over the configured checkers (tried in order), or None without any.
 
     ``checkers`` are the ``[stages] auth`` PluginInstances (or bare checker
-    objects); with a ``deadline`` every login is bounded by it.
+    objects); with a ``deadline`` every login is bounded by it; ``observer``
+    is told each checker's answer time.
     """
     checkers = list(checkers)
     if not checkers:
         return None
-    if len(checkers) == 1 and deadline is None:
+    if len(checkers) == 1 and deadline is None and observer is None:
         return Portal(SubmissionRealm(), [_as_plugin(checkers[0]).obj])
-    return Portal(SubmissionRealm(), [CheckerChain(checkers, deadline)])
+    return Portal(SubmissionRealm(), [CheckerChain(checkers, deadline, observer)])
 
 
 def offered_mechanisms(checkers: Iterable, supported: tuple[str, ...]) -> tuple[str, ...]:

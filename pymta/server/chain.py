@@ -12,13 +12,16 @@ for a Deferred and is shared by all its plugins in turn (a per-stage
 limit, not one per plugin); the plugin whose Deferred is still
 pending when it runs out is logged by name, its Deferred is cancelled (a
 result arriving later is ignored) and the stage answers 451 4.3.0.
+
+With an observer (the metrics' plugin timing, ``pymta test-session``'s
+report), each plugin's answer is reported to it with the time it took, a
+Deferred one's when it fires; without one the chain reads no clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from types import SimpleNamespace
+from time import perf_counter
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -48,63 +51,47 @@ class StageDeadline:
 
 #: ``observer(stage, plugin, outcome, seconds)``: told each plugin's answer (a
 #: Verdict, None, another value, an exception or a Failure) and how long it took
+#: (the metrics' plugin timing, ``pymta test-session``'s report)
 StageObserver = Callable[[str, PluginInstance, Any, float], None]
 
 
 def run_stage(stage: str, plugins: Sequence[PluginInstance], *args: Any,
               deadline: StageDeadline | None = None,
               observer: StageObserver | None = None) -> Verdict | Deferred:
-    """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it.
-
-    With an ``observer`` (``pymta test-session``), each plugin's answer is
-    reported to it; without one the plugins are called as they are.
-    """
-    method = STAGES[stage].method
-    if observer is not None:
-        plugins = tuple(_observed(plugin, method, stage, observer) for plugin in plugins)
-    return run_chain(plugins, method, *args, stage=stage, deadline=deadline)
-
-
-def _observed(plugin: PluginInstance, method: str, stage: str,
-              observer: StageObserver) -> PluginInstance:
-    """``plugin`` with its ``method`` reporting each answer to ``observer``."""
-    real = getattr(plugin.obj, method)
-    clock = time.perf_counter
-
-    def call(*args: Any) -> Any:
-        started = clock()
-        try:
-            result = real(*args)
-        except Exception as e:
-            observer(stage, plugin, e, clock() - started)
-            raise
-        if isinstance(result, Deferred):
-            def answered(outcome: Any) -> Any:
-                observer(stage, plugin, outcome, clock() - started)
-                return outcome
-            return result.addBoth(answered)
-        observer(stage, plugin, result, clock() - started)
-        return result
-
-    return PluginInstance(plugin.name, plugin.use, SimpleNamespace(**{method: call}))
+    """Run the plugins of ``stage``, calling the method :data:`pymta.interfaces.STAGES` names for it."""
+    return run_chain(plugins, STAGES[stage].method, *args, stage=stage, deadline=deadline,
+                     observer=observer)
 
 
 def run_chain(plugins: Sequence[PluginInstance], method: str, *args: Any,
-              stage: str = "", deadline: StageDeadline | None = None) -> Verdict | Deferred:
+              stage: str = "", deadline: StageDeadline | None = None,
+              observer: StageObserver | None = None) -> Verdict | Deferred:
     """Return the first decided verdict (or DUNNO); header changes of undecided ones are kept.
 
     With a ``deadline``, a Deferred answer that is still pending when the
-    stage's budget is spent gives PLUGIN_TIMEOUT instead.
+    stage's budget is spent gives PLUGIN_TIMEOUT instead.  With an
+    ``observer``, each plugin's answer and its time are reported to it.
     """
-    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None))
+    return _run(plugins, 0, method, args, ((), ()), (stage or method, deadline, None), observer)
 
 
-def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
+def observed_answer(result: Any, observer: StageObserver, stage: str, plugin: PluginInstance,
+                    started: float) -> Any:
+    """A Deferred's callback (both ways): tell ``observer`` the answer and the time since ``started``."""
+    observer(stage, plugin, result, perf_counter() - started)
+    return result
+
+
+def _run(plugins, start, method, args, headers, budget, observer=None) -> Verdict | Deferred:
     for i in range(start, len(plugins)):
         plugin = plugins[i]
+        if observer is not None:
+            started = perf_counter()
         try:
             result = getattr(plugin.obj, method)(*args)
-        except Exception:
+        except Exception as e:
+            if observer is not None:
+                observer(budget[0], plugin, e, perf_counter() - started)
             log.failure("plugin {name} ({use}) failed in {method}", name=plugin.name,
                         use=plugin.use, method=method)
             return PLUGIN_FAILURE
@@ -123,7 +110,7 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                 merged = _merge(headers, verdict)
                 if verdict.decided:
                     return _with_headers(verdict, merged)
-                return _run(plugins, i + 1, method, args, merged, budget)
+                return _run(plugins, i + 1, method, args, merged, budget, observer)
 
             def failed(failure, plugin=plugin):
                 if failure.check(PluginTimeout):
@@ -132,10 +119,14 @@ def _run(plugins, start, method, args, headers, budget) -> Verdict | Deferred:
                             name=plugin.name, use=plugin.use, method=method)
                 return PLUGIN_FAILURE
 
+            if observer is not None:
+                result.addBoth(observed_answer, observer, stage, plugin, started)
             if deadline is not None:
                 result = within(result, deadline.clock, ends - deadline.clock.seconds(),
                                 plugin, stage, method, deadline.seconds)
             return result.addCallbacks(resumed, failed)
+        if observer is not None:
+            observer(budget[0], plugin, result, perf_counter() - started)
         verdict = _checked(plugin, method, result)
         if verdict is None:
             return PLUGIN_FAILURE

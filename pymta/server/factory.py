@@ -38,6 +38,8 @@ class ServerContext:
     client_names: Any = None    # pymta.dns.reverse.ClientNames ([dns] reverse_lookup), or None
     #: the SASL mechanisms to offer now (the checkers may narrow them), or None: all
     auth_mechanisms: Any = None
+    #: the events sink (pymta.metrics.instruments.ServerMetrics), or None: metrics are off
+    events: Any = None
 
 
 class _Refusal(Protocol):
@@ -116,15 +118,20 @@ class SMTPServerFactory(Factory):
         limits = self.context.config.limits
         ip = getattr(addr, "host", "")
         hostname = self.context.config.hostname
+        events = self.context.events
+        if events is not None:
+            events.connection(self.listener.name)
         if self.counter.draining:
             log.info("stopping: refusing {ip}: service shutting down", ip=ip)
-            return _Refusal(SHUTDOWN.from_host(hostname))
+            return self._refuse(SHUTDOWN.from_host(hostname), "shutdown")
         if self.counter.total >= limits.max_connections:
             log.warn("too many connections: refusing {ip} ({total} open)", ip=ip, total=self.counter.total)
-            return _Refusal(Reply(421, "4.7.0", f"{hostname} Error: too many connections; try again later"))
+            return self._refuse(Reply(421, "4.7.0", f"{hostname} Error: too many connections; "
+                                                    "try again later"), "limit")
         if self.counter.per_ip[ip] >= limits.max_connections_per_ip:
             log.warn("too many connections from {ip}: refusing ({n} open)", ip=ip, n=self.counter.per_ip[ip])
-            return _Refusal(Reply(421, "4.7.0", f"{hostname} Error: too many connections from {ip}"))
+            return self._refuse(Reply(421, "4.7.0", f"{hostname} Error: too many connections from {ip}"),
+                                "limit")
         proto = super().buildProtocol(addr)
         self.counter.total += 1
         self.counter.per_ip[ip] += 1
@@ -132,6 +139,13 @@ class SMTPServerFactory(Factory):
         proto._counted_ip = ip
         proto.client_address = addr
         return proto
+
+    def _refuse(self, reply: Reply, outcome: str) -> _Refusal:
+        """A connection refused before its session starts (its one 421, then the close)."""
+        events = self.context.events
+        if events is not None:
+            events.session_ended(self.listener.name, outcome)
+        return _Refusal(reply)
 
     def connection_closed(self, proto: SMTPServerProtocol) -> None:
         if proto in self.counter.sessions:

@@ -38,17 +38,19 @@ log = Logger(namespace="pymta")
 
 
 def session_context(config: Config, *, reactor: Any, spool: Any, scheduler: Any, auth_failures: Any,
-                    policy: SessionPolicy | None = None) -> ServerContext:
+                    policy: SessionPolicy | None = None, events: Any = None) -> ServerContext:
     """What the sessions of ``config`` share: policy, AUTH portal and mechanisms, TLS, client names.
 
     Also the dry run's (``pymta test-session``), with its own spool, queue and policy.
+    ``events``: the metrics' events sink, or None.
     """
     auth = config.stages.get("auth", ())
     return ServerContext(
-        config=config, policy=policy or SessionPolicy(config, reactor), spool=spool,
-        scheduler=scheduler, reactor=reactor,
+        config=config, policy=policy or SessionPolicy(config, reactor, events=events), spool=spool,
+        scheduler=scheduler, reactor=reactor, events=events,
         tls=server_tls(config.tls) if config.tls is not None else None,
-        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout)),
+        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout),
+                            events.plugin_answered if events is not None else None),
         auth_failures=auth_failures,
         client_names=(ClientNames(config.resolver, config.dns.hosts_file)
                       if config.dns.reverse_lookup else None),
@@ -80,11 +82,11 @@ class ServerGeneration:
     """The sessions' side of one configuration (see the module docstring)."""
 
     def __init__(self, config: Config, number: int, *, reactor: Any, spool: Any, scheduler: Any,
-                 counter: ConnectionCounter, auth_failures: Any) -> None:
+                 counter: ConnectionCounter, auth_failures: Any, events: Any = None) -> None:
         self.config = config
         self.number = number
         self.context = session_context(config, reactor=reactor, spool=spool, scheduler=scheduler,
-                                       auth_failures=auth_failures)
+                                       auth_failures=auth_failures, events=events)
         #: listener name -> the factory of its sessions (TLS first on implicit-TLS listeners)
         self.factories = {listener.name: self._factory(listener, counter)
                           for listener in config.listeners}

@@ -36,15 +36,17 @@ def _then(result: Verdict | Deferred, fn) -> Any:
 
 
 class SessionPolicy:
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, events: Any = None) -> None:
+        """``events``: the metrics' events sink (it times each plugin), or None."""
         self.config = config
         self.stages = config.stages
         if reactor is None:
             from twisted.internet import reactor
         #: each stage's time budget for its plugins ([limits] plugin_timeout)
         self.deadline = StageDeadline(reactor, config.limits.plugin_timeout)
-        #: told every plugin's answer (pymta test-session); None on a real server
-        self.observer: StageObserver | None = None
+        #: told every plugin's answer: the metrics' plugin timing, pymta test-session's
+        #: report; None (no clock read) on a server without metrics
+        self.observer: StageObserver | None = events.plugin_answered if events is not None else None
         domains = config.domains
         self.postmaster_domain = config.hostname.lower() if config.hostname.lower() in domains \
             else (domains[0] if domains else config.hostname.lower())

@@ -42,6 +42,7 @@ _session_ids = itertools.count(1)
 
 AUTH_FAILED = Verdict(Kind.REJECT, 535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPFAIL = Verdict(Kind.DEFER, 454, "4.7.0", "Temporary authentication failure")
+ETRN_REFUSED = Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client")
 
 
 def write_now(transport, data: bytes) -> None:
@@ -73,6 +74,11 @@ def write_now(transport, data: bytes) -> None:
 @implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol, TimeoutMixin):
     factory: "SMTPServerFactory"
+    #: how the session ended, for the metrics: "quit", "timeout", "rejected" (by the
+    #: connect stage), "pregreet"; else decided at the end (see _count_end)
+    _outcome = "disconnect"
+    #: STARTTLS was answered: a handshake is due (for the TLS failure metric)
+    _tls_started = False
 
     def __init__(self) -> None:
         self.conn: ServerConnection | None = None
@@ -154,8 +160,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if verdict.kind in (Kind.ACCEPT, Kind.DUNNO):
             self.conn.send_greeting()
             if self.conn.closed:
+                self._outcome = "pregreet"
                 log.info("pregreet from {client}: talked before the greeting", client=self.client)
         else:
+            self._outcome = "rejected"
             self._log_reject("CONNECT", verdict)
             self.conn.refuse(verdict)
         self._greeted = True
@@ -174,15 +182,39 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.session is not None and isinstance(self.session.dns, SessionResolver):
             self.session.dns.close()       # its budget timer goes with the session
         log.info("disconnect from {client}", client=self.client)
+        events = self.factory.context.events
+        if events is not None:
+            self._count_end(events)
         self.factory.connection_closed(self)
+
+    def _count_end(self, events) -> None:
+        """The metrics of a session that ended: how, its protocol errors, and a TLS
+        handshake that never completed."""
+        listener = self.factory.listener.name
+        if ((self._tls_started or self.factory.features.tls_active)
+                and self.session is not None and self.session.tls is None):
+            events.tls_handshake(listener, False)
+        if self.conn is not None and self.conn.protocol_errors:
+            events.protocol_errors(listener, self.conn.protocol_errors)
+        outcome = self._outcome
+        if outcome == "disconnect":
+            if self.factory.counter.draining:
+                outcome = "shutdown"
+            elif self.conn is not None and self.conn.errors >= self.factory.protocol_limits.max_errors:
+                outcome = "errors"
+        events.session_ended(listener, outcome)
 
     def handshakeCompleted(self) -> None:
         self.session.tls = describe_tls(self.transport.getHandle())
         log.info("TLS established with {client}: {version} with cipher {cipher}", client=self.client,
                  version=self.session.tls["version"], cipher=self.session.tls["cipher"])
+        events = self.factory.context.events
+        if events is not None:
+            events.tls_handshake(self.factory.listener.name, True)
 
     def timeoutConnection(self) -> None:
         log.info("timeout after {state} from {client}", state=self.conn.state.value, client=self.client)
+        self._outcome = "timeout"
         self.conn.timeout()
         self._process()
 
@@ -320,6 +352,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         extra = {"nrcpt": len(ev.recipients)} if len(ev.recipients) > 1 else {}
         self._log_refusal(ev.command, ev.code, ev.enhanced, ev.text, sender=ev.sender, rcpt=rcpt,
                           **extra)
+        events = self.factory.context.events
+        if events is not None:
+            events.command_rejected(ev.command.lower(), ev.code)
 
     def _on_message_end(self, ev: E.MessageEnd) -> None:
         view = self.reception.view()
@@ -339,12 +374,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._answer(verdict)
 
     def _on_quit(self, ev: E.Quit) -> None:
-        pass
+        self._outcome = "quit"
 
     def _on_starttls(self, ev: E.StartTLS) -> None:
         # the 220 goes out in plaintext, everything after it through TLS
         self.transport.write(self.conn.data_to_send())
         self.transport.startTLS(self.factory.context.tls)
+        self._tls_started = True
         self.conn.tls_started()
         self.session.helo = None
         self.session.esmtp = False
@@ -370,6 +406,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             user = avatar.decode("utf-8") if isinstance(avatar, bytes) else str(avatar)
             ctx.auth_failures.succeeded(ip)
             self.session.auth_user = user
+            if ctx.events is not None:
+                ctx.events.auth_attempt(ev.mechanism, "success")
             log.info("{client}: sasl_method={mechanism}, sasl_username={user}", client=self.client,
                      mechanism=ev.mechanism, user=user)
             return Verdict.accept()
@@ -377,15 +415,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(ev, "invalid credentials")
-            if failure.check(PluginTimeout):         # logged by the chain, naming the checker
-                return AUTH_TEMPFAIL
             if failure.check(TemporaryAuthFailure):  # the checker's service is down: one line
                 log.warn("{client}: SASL {mechanism} check for user {user}: {problem}",
                          client=self.client, mechanism=ev.mechanism, user=ev.username,
                          problem=failure.getErrorMessage())
-                return AUTH_TEMPFAIL
-            log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
-                        client=self.client, mechanism=ev.mechanism, user=ev.username)
+            elif not failure.check(PluginTimeout):   # a timeout is logged by the chain, naming the checker
+                log.failure("{client}: SASL {mechanism} check for user {user} failed", failure,
+                            client=self.client, mechanism=ev.mechanism, user=ev.username)
+            if ctx.events is not None:
+                ctx.events.auth_attempt(ev.mechanism, "error")
+                ctx.events.command_rejected("auth", AUTH_TEMPFAIL.code)
             return AUTH_TEMPFAIL
 
         d = ctx.portal.login(credentials, None, IAuthenticatedUser)
@@ -395,7 +434,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if not self.session.trusted:
             log.info("reject: ETRN {node} from {client}: not a trusted client", node=ev.node,
                      client=self.client)
-            self._answer(Verdict(Kind.DEFER, 459, "4.7.1", "Error: ETRN not allowed from this client"))
+            if self.factory.context.events is not None:
+                self.factory.context.events.command_rejected("etrn", ETRN_REFUSED.code)
+            self._answer(ETRN_REFUSED)
             return
         count = self.factory.context.scheduler.flush(ev.node)
         log.info("ETRN {node} from {client}: {count} messages scheduled now", node=ev.node,
@@ -404,6 +445,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _auth_failed(self, ev: E.Authenticate, why: str) -> Deferred:
         ctx = self.factory.context
+        if ctx.events is not None:
+            ctx.events.auth_attempt(ev.mechanism, "failure")
+            ctx.events.command_rejected("auth", AUTH_FAILED.code)
         delay = ctx.auth_failures.failed(self.session.client_ip, ctx.reactor.seconds())
         log.info("{client}: SASL {mechanism} authentication failed for user {user}: {why} "
                  "(answering in {delay:.1f}s)", client=self.client, mechanism=ev.mechanism,
@@ -413,6 +457,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     # ------------------------------------------------------------- helpers
     def _log_reject(self, stage: str, verdict: Verdict, **fields) -> None:
         self._log_refusal(stage, verdict.code, verdict.enhanced, verdict.text or "", **fields)
+        events = self.factory.context.events
+        if events is not None:
+            # a verdict without a code gets the machine's default reply: 5xx for a
+            # rejection, 4xx otherwise
+            code = verdict.code or (550 if verdict.kind is Kind.REJECT else 450)
+            events.command_rejected(stage.lower(), code)
 
     def _log_refusal(self, stage: str, code, enhanced, text: str, *, sender: str | None = None,
                      rcpt: str | None = None, helo: str | None = None, proto: str | None = None,

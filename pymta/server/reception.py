@@ -125,6 +125,8 @@ class Reception:
                      queue_id=envelope.queue_id, client=client, sender=envelope.sender,
                      size=envelope.size, nrcpt=len(envelope.recipients))
             ctx.scheduler.submit(envelope)
+            if ctx.events is not None:
+                ctx.events.message_accepted(session.listener, envelope.size)
             return Verdict.accept(f"Ok: queued as {envelope.queue_id}")
 
         def failed(failure):

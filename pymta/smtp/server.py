@@ -89,7 +89,7 @@ class ServerConnection:
     # one per connection: slots keep an idle session small (a dict of over 30
     # attributes loses CPython's key sharing and grows fivefold)
     __slots__ = ("hostname", "limits", "features", "tls_active", "auth_user", "_sasl", "state",
-                 "errors", "pregreeted", "esmtp", "draining", "helo", "sender", "mail_params",
+                 "errors", "protocol_errors", "pregreeted", "esmtp", "draining", "helo", "sender", "mail_params",
                  "recipients", "_in", "_out", "_events", "_pending", "_discarding_line",
                  "_eof", "_message_open", "_message_chunking", "_reader", "_checker", "_size",
                  "_removed", "_oversize", "_bdat_left", "_bdat_last", "_bdat_refusal",
@@ -106,6 +106,9 @@ class ServerConnection:
         self._sasl: tuple[str, str | None] | None = None   # (mechanism, username so far)
         self.state = State.GREETING
         self.errors = 0
+        #: of those, the refusals of the protocol itself (syntax, sequence, line length,
+        #: TLS or AUTH required), not answers to a decision
+        self.protocol_errors = 0
         self.pregreeted = False
         self.esmtp = False
         #: the server is stopping: the transaction in flight may finish, no new one starts
@@ -277,6 +280,7 @@ class ServerConnection:
             self.errors += 1
 
     def _error(self, reply: R.Reply) -> None:
+        self.protocol_errors += 1
         self._reply(reply)
         self._check_errors()
 

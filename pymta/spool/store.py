@@ -23,7 +23,8 @@ or removal waits for the message's earlier commit, update or removal.
 from __future__ import annotations
 
 import os
-from typing import ClassVar
+from time import perf_counter
+from typing import Any, ClassVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -73,18 +74,33 @@ class _Remove(_Request):
     kind = "removals"
 
 
+def _batch_observer(events: Any, kind: str):
+    """The pipeline's ``observe`` for the metrics' events sink, or None without one."""
+    if events is None:
+        return None
+    return lambda size, seconds: events.spool_batch(kind, size, seconds)
+
+
+def _commit_landed(result, events: Any, started: float):
+    events.spool_commit(perf_counter() - started)
+    return result
+
+
 class Spool:
     """Durable message store (the reactor side); see the module docstring."""
 
     def __init__(self, directory: str, reactor=None, sync: str = "fsync",
-                 memory_limit: int = MEMORY_BODY_LIMIT, threadpool=None, worker=None):
+                 memory_limit: int = MEMORY_BODY_LIMIT, threadpool=None, worker=None,
+                 events: Any = None):
         """``memory_limit``: bodies up to this many bytes are held in memory until
         their commit (0: every body streams into its temp file from the
         start).  ``threadpool``: where the pipelines run; by default a pool
         of the spool's own, or the reactor's pool for a reactor that cannot
         run and stop one (a test clock).  ``worker``: a
         :class:`pymta.worker.process.DiskWorker`; the pipelines' file work
-        then runs in its child process instead of threads.
+        then runs in its child process instead of threads.  ``events``: the
+        metrics' events sink, told each batch's size and time and each
+        commit's wait; None: nothing is measured.
         """
         if memory_limit < 0:
             raise ValueError(f"spool memory limit must not be negative, not {memory_limit}")
@@ -98,24 +114,30 @@ class Spool:
         self.free_dir = os.path.join(self.directory, FREE_DIR)
         self.memory_limit = memory_limit
         self._worker = worker
+        self._events = events
+        observe = {kind: _batch_observer(events, kind) for kind in ("commits", "updates", "removals")}
         #: the file side, when it runs in this process (no disk worker); with
         #: a disk worker its child keeps its own (and the free list)
         self.disk: QueueDirectory | None = None
         if worker is not None:
             self.sync = prepare_directory(self.directory, sync)[0]
-            self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch))
+            self._commits = BatchPipeline(reactor, None, lambda batch: self._in_worker("commits", batch),
+                                          observe=observe["commits"])
             self._updates = BatchPipeline(reactor, None, lambda batch: self._in_worker("updates", batch),
-                                          self._name_temp_files)
-            self._removals = BatchPipeline(reactor, None, lambda batch: self._in_worker("removals", batch))
+                                          self._name_temp_files, observe["updates"])
+            self._removals = BatchPipeline(reactor, None, lambda batch: self._in_worker("removals", batch),
+                                           observe=observe["removals"])
         else:
             self.disk = QueueDirectory(self.directory, sync)
             self.sync = self.disk.sync
             if threadpool is None:
                 threadpool = pipeline_threadpool(reactor, 3, "pymta.spool")
-            self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._here("commits", batch))
+            self._commits = BatchPipeline(reactor, threadpool, lambda batch: self._here("commits", batch),
+                                          observe=observe["commits"])
             self._updates = BatchPipeline(reactor, threadpool, lambda batch: self._here("updates", batch),
-                                          self._name_temp_files)
-            self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._here("removals", batch))
+                                          self._name_temp_files, observe["updates"])
+            self._removals = BatchPipeline(reactor, threadpool, lambda batch: self._here("removals", batch),
+                                           observe=observe["removals"])
         self._pipelines = {"commits": self._commits, "updates": self._updates,
                            "removals": self._removals}
         #: queue id -> Deferred that fires when the last change submitted for it is applied
@@ -176,6 +198,8 @@ class Spool:
         errbacks and the message is not in the spool.
         """
         done = self._submit(_Commit(request))
+        if self._events is not None:
+            done.addCallback(_commit_landed, self._events, perf_counter())
         body_memory = request.body_memory
         if body_memory is not None and len(body_memory) <= BODY_CACHE_BYTES // 16:
             queue_id = request.queue_id

@@ -10,6 +10,7 @@ and each local delivery backend one of its own.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
@@ -32,14 +33,19 @@ class BatchPipeline:
     of single requests by ``id(request)``; raising fails the whole batch.
     With ``threadpool`` None, ``apply`` is called on the reactor thread and
     returns a Deferred of the same (it hands the batch to another process).
+    ``observe(size, seconds)``, if given, is told each batch's size and how
+    long it took to apply (for the metrics).
     """
 
     def __init__(self, reactor, threadpool, apply: Callable[[list], dict[int, Failure]],
-                 prepare: Callable[[list], None] | None = None):
+                 prepare: Callable[[list], None] | None = None,
+                 observe: Callable[[int, float], None] | None = None):
         self._reactor = reactor
         self._threadpool = threadpool
         self._apply = apply
         self._prepare = prepare
+        self._observe = observe
+        self._started = 0.0
         self._waiting: list[Any] = []
         self._flushing = False
 
@@ -53,6 +59,8 @@ class BatchPipeline:
         self._flushing = True
         if self._prepare is not None:
             self._prepare(batch)
+        if self._observe is not None:
+            self._started = perf_counter()
         if self._threadpool is None:
             d = defer.maybeDeferred(self._apply, batch)      # apply hands the batch on itself
         else:
@@ -60,6 +68,8 @@ class BatchPipeline:
         d.addBoth(self._applied, batch)
 
     def _applied(self, outcome, batch: list[Request]) -> None:
+        if self._observe is not None:
+            self._observe(len(batch), perf_counter() - self._started)
         self._flushing = False
         if self._waiting:
             self._start()
