@@ -332,11 +332,11 @@ def test_a_deferred_plugin_is_timed_until_it_fires():
     plugin = PluginInstance("slow", "slow", SimpleNamespace(check=lambda: answer))
     timed = []
     result = run_chain([plugin], "check", stage="rcpt",
-                       timing=lambda *args: timed.append(args))
+                       observer=lambda *args: timed.append(args))
     assert timed == [] and not result.called
     answer.callback(None)
-    assert [(stage, name) for stage, name, _ in timed] == [("rcpt", "slow")]
-    assert timed[0][2] >= 0 and result.called
+    assert [(stage, seen.name, outcome) for stage, seen, outcome, _ in timed] == [("rcpt", "slow", None)]
+    assert timed[0][3] >= 0 and result.called
 
 
 def test_sessions_refused_by_a_limit_and_timed_out(make_server):

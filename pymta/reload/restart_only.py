@@ -31,7 +31,7 @@ RESTART_ONLY: dict[str, str] = {
     "spool_sync": "spool.sync",
     "spool_disk_work": "spool.disk_work",
     "control": "[control]",
-    "metrics": "[metrics]",
+    "metrics_endpoint": "metrics.endpoint",
 }
 
 
