@@ -45,11 +45,19 @@ class Recipient:
     delay_notified: bool = False
     #: the final outcome needs no (more) DSN: sent, or not asked for
     notified: bool = False
+    #: the ``|command`` of a system alias entry this recipient is delivered to
+    #: (by the pipe backend of its route), or None for an ordinary recipient.
+    #: Only the core sets it, from a system alias map (pymta.policy.aliases).
+    command: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # shallow: every field is a plain value (asdict's deep copies cost on the hot path)
         d = {f.name: getattr(self, f.name) for f in _RECIPIENT_FIELDS}
         d["notify"] = list(self.notify) if self.notify is not None else None
+        if self.command is None:
+            # written only when set: a spool written by this version stays
+            # readable by the version before it unless it holds alias commands
+            del d["command"]
         return d
 
     @classmethod
