@@ -12,6 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class CommandTarget:
+    """A rewrite target that is a command, not an address: ``|command`` in the system alias file.
+
+    ``address`` is the alias whose entry holds it; the core makes it a
+    recipient routed to the backend ``route`` (a pipe backend) with the
+    command attached (:attr:`pymta.envelope.Recipient.command`).
+    """
+
+    address: str
+    command: str
+    route: str
+
+
 class Kind(enum.Enum):
     ACCEPT = "accept"          # decide: yes (stop the chain)
     REJECT = "reject"          # permanent refusal, 5xx

@@ -18,7 +18,7 @@ from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
 from pymta.server.chain import StageDeadline, run_stage
 from pymta.session import Session, Transaction
-from pymta.verdict import DUNNO, Kind, Verdict
+from pymta.verdict import DUNNO, CommandTarget, Kind, Verdict
 
 log = Logger(namespace="pymta.plugins")
 
@@ -91,6 +91,12 @@ class SessionPolicy:
             recipients = []
             seen = set()
             for target in targets:
+                if isinstance(target, CommandTarget):
+                    command = self._command_recipient(target, recipient, params, seen)
+                    if isinstance(command, Verdict):
+                        return command
+                    recipients.extend(command)
+                    continue
                 key = target.lower()
                 if key in seen:
                     continue
@@ -104,3 +110,17 @@ class SessionPolicy:
             return Verdict.accept(verdict.text, rewrite=recipients)
 
         return _then(self._run("rcpt", session, transaction, address), decided)
+
+    def _command_recipient(self, target: CommandTarget, recipient: str, params: dict,
+                           seen: set) -> list[Recipient] | Verdict:
+        """The recipient for a ``|command`` alias target (none if already there), or a 451."""
+        key = f"|{target.address.lower()}|{target.command}"
+        if key in seen:
+            return []
+        seen.add(key)
+        if target.route not in self.config.backends:
+            return Verdict.defer(f"<{target.address}>: no delivery backend named "
+                                 f"{target.route!r} for alias commands", 451, "4.3.5")
+        return [Recipient(address=target.address, original=recipient, route=target.route,
+                          notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
+                          command=target.command)]

@@ -1,0 +1,308 @@
+"""Alias files as in aliases(5): parsing, and expansion over several levels.
+
+An alias file maps an address to targets::
+
+    # comment
+    info@example.org:   alice, bob@example.net        # addresses ("alice": same domain)
+    list@example.org:   :include:/etc/pymta/lists/list   # one target a line (or commas)
+    owner-list@example.org: alice
+    archive@example.org: |"/usr/local/bin/archive --list main"   # system alias file only
+    @example.com:       catchall@example.org          # every other address of a domain
+
+Expansion (:meth:`AliasExpander.expand`) looks an address up (the exact
+address, then without its ``+extension`` which is then kept on the targets,
+then the ``@domain`` catch-all) and expands each target again, depth first
+(targets are looked up without the catch-all, which would swallow them):
+
+- a target equal to the alias itself is delivered as it is (``alice:
+  alice, archive`` keeps a copy in alice's mailbox);
+- a target already on the path being expanded is a loop, and more than
+  ``max_depth`` levels is refused, with a reason naming the path
+  (:class:`ExpansionError`, 550 5.4.6) rather than a hang;
+- ``:include:/path`` reads the file at each expansion (absolute path, a
+  regular file of at most 1 MiB; addresses and further includes only);
+- ``|command`` becomes a :class:`pymta.verdict.CommandTarget` for the pipe
+  backend ``command_backend``.  Commands are accepted only in a map with
+  ``allow_commands = true`` (the system alias file) and never in included
+  files.
+
+A file's problems are :class:`ConfigError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pymta.addresses import normalize_domain, split_address, domain_key
+from pymta.config.errors import ConfigError
+from pymta.plugin_api import strip_extension
+from pymta.policy.mapfile import map_entries, read_map_file
+from pymta.verdict import CommandTarget
+
+__all__ = ["AliasTable", "Include", "Command", "parse_aliases", "load_alias_file",
+           "AliasExpander", "ExpansionError", "MAX_TARGETS", "INCLUDE_SIZE_LIMIT"]
+
+#: targets one address may expand to at most (Postfix: virtual_alias_expansion_limit)
+MAX_TARGETS = 1000
+#: bytes an :include: file may have at most
+INCLUDE_SIZE_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Include:
+    """``:include:/path`` target."""
+    path: str
+
+
+@dataclass(frozen=True)
+class Command:
+    """``|command`` target (the text after the bar, quotes removed)."""
+    command: str
+
+
+Target = str | Include | Command
+
+
+@dataclass(frozen=True)
+class AliasTable:
+    """A parsed alias file: key ("user@domain" or "@domain", lower case) -> targets."""
+
+    entries: Mapping[str, tuple[Target, ...]]
+    #: every domain that has at least one entry
+    domains: frozenset[str]
+
+
+def _error(source: str, line: int, problem: str) -> ConfigError:
+    return ConfigError(source, f"line {line}", problem)
+
+
+def split_targets(segment: str) -> list[str]:
+    """Comma-separated targets of a line; commas inside double quotes do not split."""
+    pieces, current, quoted = [], [], False
+    for char in segment:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    pieces.append("".join(current))
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def parse_target(text: str, key_domain: str, source: str, number: int, *,
+                 allow_commands: bool) -> Target:
+    """One target: an address, ``:include:/path`` or ``|command``."""
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2 and text[1:2] == "|":
+        text = text[1:-1]                                   # "|command with blanks"
+    if text.startswith("|"):
+        command = text[1:].strip()
+        if command.startswith('"') and command.endswith('"') and len(command) >= 2:
+            command = command[1:-1]
+        if not allow_commands:
+            raise _error(source, number, f"target {text!r}: commands are allowed only in the "
+                                         "system alias file (allow_commands = true)")
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise _error(source, number, f"target {text!r}: {e}") from None
+        if not argv or not os.path.isabs(argv[0]):
+            raise _error(source, number, f"target {text!r}: the command must start with an "
+                                         "absolute path")
+        return Command(command)
+    if text.startswith(":include:"):
+        path = text[len(":include:"):].strip()
+        if not os.path.isabs(path) or ".." in path.split("/"):
+            raise _error(source, number, f"target {text!r}: an include file needs an absolute "
+                                         "path without '..'")
+        return Include(os.path.normpath(path))
+    if text[0] in '/"':
+        raise _error(source, number, f"target {text!r}: file targets are not supported "
+                                     "(addresses, :include: and |command only)")
+    if any(c.isspace() for c in text):
+        raise _error(source, number,
+                     f"target {text!r} contains whitespace (separate targets with commas)")
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return f"{text}@{key_domain}"
+    if not local or not domain:
+        raise _error(source, number, f"target {text!r} is not 'user@domain'")
+    try:
+        domain = normalize_domain(domain)
+    except ValueError as e:
+        raise _error(source, number, f"target {text!r}: {e}") from None
+    return f"{local}@{domain}"
+
+
+def parse_aliases(text: str, source: str, *, allow_commands: bool = False) -> AliasTable:
+    """Parse alias-file text; ConfigError(source, "line N", problem) on a syntax error."""
+    entries: dict[str, tuple[Target, ...]] = {}
+    for entry in map_entries(text, source, _error, value_name="target"):
+        targets: list[Target] = []
+        for line_number, segment in entry.values:
+            for piece in split_targets(segment):
+                targets.append(parse_target(piece, entry.domain, source, line_number,
+                                            allow_commands=allow_commands))
+        if not targets:
+            raise ConfigError(source, f"line {entry.line}", f"no targets for {entry.key!r}")
+        entries[entry.key] = tuple(targets)
+    domains = frozenset(key.rpartition("@")[2] for key in entries)
+    return AliasTable(entries, domains)
+
+
+def load_alias_file(path: str, *, allow_commands: bool = False) -> AliasTable:
+    """Read and parse ``path``; OSError if unreadable, ConfigError on bad content.
+
+    With ``allow_commands`` the file must be owned by root (or the server's
+    user) and writable by no one else: whoever can write it can run commands.
+    """
+    if allow_commands:
+        check_trusted_file(path)
+    return read_map_file(path, lambda text, source: parse_aliases(
+        text, source, allow_commands=allow_commands), _error)
+
+
+def check_trusted_file(path: str) -> None:
+    """ConfigError unless ``path`` is owned by root or us and not writable by group or others."""
+    st = os.stat(path)
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(path, "owner", f"owned by uid {st.st_uid}: a file with commands must "
+                                         "belong to root (allow_commands = true)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(path, "mode", f"writable by group or others ({stat.filemode(st.st_mode)}): "
+                                        "a file with commands must not be (chmod go-w)")
+
+
+def read_include(path: str, key_domain: str) -> list[Target]:
+    """The targets of an include file (addresses and includes; no commands)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(path, "include", "not a regular file")
+        if st.st_size > INCLUDE_SIZE_LIMIT:
+            raise ConfigError(path, "include", f"larger than {INCLUDE_SIZE_LIMIT} bytes")
+        with open(path, "rb") as f:
+            data = f.read(INCLUDE_SIZE_LIMIT + 1)
+    except OSError as e:
+        raise ConfigError(path, "include", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "include", "not valid UTF-8") from None
+    targets: list[Target] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
+        for piece in split_targets(line):
+            targets.append(parse_target(piece, key_domain, path, number, allow_commands=False))
+    return targets
+
+
+class ExpansionError(Exception):
+    """An address cannot be expanded: the reply (code, enhanced status, text) says why.
+
+    ``detail`` is for the log only (it may name local files); None when the text says all.
+    """
+
+    def __init__(self, code: int, enhanced: str, text: str, detail: str | None = None):
+        super().__init__(text)
+        self.code, self.enhanced, self.text, self.detail = code, enhanced, text, detail
+
+
+@dataclass
+class AliasExpander:
+    """Expands addresses through an alias table (see the module docstring)."""
+
+    table: AliasTable
+    delimiters: str = "+"
+    max_depth: int = 10
+    #: the backend that runs |command targets
+    command_backend: str = "pipe"
+    include_reader: Callable[[str, str], list[Target]] = read_include
+
+    def lookup(self, address: str, catch_all: bool = True) -> tuple[tuple[Target, ...], str | None] | None:
+        """(targets, extension to keep) of ``address``, or None when no entry matches.
+
+        ``catch_all``: fall back on the ``@domain`` entry (for the address
+        asked about, not for targets: a catch-all would swallow every target
+        in its own domain).
+        """
+        local, domain = split_address(address)
+        domain = domain_key(domain)
+        local = local.lower()
+        entries = self.table.entries
+        targets = entries.get(f"{local}@{domain}")
+        if targets is not None:
+            return targets, None
+        base = strip_extension(local, self.delimiters)
+        if base is not None:
+            targets = entries.get(f"{base}@{domain}")
+            if targets is not None:
+                return targets, local[len(base) + 1:]
+        targets = entries.get(f"@{domain}") if catch_all else None
+        if targets is not None:
+            return targets, None
+        return None
+
+    def expand(self, address: str) -> list[str | CommandTarget] | None:
+        """What ``address`` expands to, or None when the table has no entry for it.
+
+        ExpansionError for a loop, too deep an expansion, too many targets
+        or a broken include file.
+        """
+        if self.lookup(address) is None:
+            return None
+        out: list[str | CommandTarget] = []
+        self._walk(address, [address.lower()], out)
+        return out
+
+    def _walk(self, address: str, path: list[str], out: list) -> None:
+        found = self.lookup(address, catch_all=len(path) == 1)
+        if found is None:
+            self._emit(out, address)
+            return
+        if len(path) > self.max_depth:
+            raise ExpansionError(550, "5.4.6", f"alias expansion deeper than {self.max_depth} "
+                                               f"levels: {' -> '.join(path)}")
+        targets, extension = found
+        domain = domain_key(split_address(address)[1])
+        self._targets(address, targets, extension, domain, path, out)
+
+    def _targets(self, address: str, targets, extension: str | None, domain: str,
+                 path: list[str], out: list) -> None:
+        for target in targets:
+            if isinstance(target, Command):
+                self._emit(out, CommandTarget(address, target.command, self.command_backend))
+            elif isinstance(target, Include):
+                if target.path in path:
+                    raise ExpansionError(550, "5.4.6", f"alias loop: {' -> '.join(path)} -> "
+                                                       f":include:{target.path}")
+                try:
+                    included = self.include_reader(target.path, domain)
+                except ConfigError as e:
+                    raise ExpansionError(451, "4.3.5", "alias configuration error; try again later",
+                                         detail=str(e)) from None
+                self._targets(address, included, extension, domain, path + [target.path], out)
+            else:
+                if extension and strip_extension(target.partition("@")[0], self.delimiters) is None:
+                    local, _, target_domain = target.rpartition("@")
+                    target = f"{local}{self.delimiters[0]}{extension}@{target_domain}"
+                key = target.lower()
+                if key == path[-1] or key == address.lower():
+                    self._emit(out, target)                  # "alice: alice, archive"
+                elif key in path:
+                    raise ExpansionError(550, "5.4.6",
+                                         f"alias loop: {' -> '.join(path + [key])}")
+                else:
+                    self._walk(target, path + [key], out)
+
+    @staticmethod
+    def _emit(out: list, target: str | CommandTarget) -> None:
+        out.append(target)
+        if len(out) > MAX_TARGETS:
+            raise ExpansionError(451, "4.3.0", f"alias expansion gives more than {MAX_TARGETS} "
+                                               "targets")
