@@ -1,0 +1,120 @@
+"""Pipe delivery and aliases through a real server: smtplib in, commands and Maildirs out."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import textwrap
+
+import pytest
+
+from conftest import routes_toml, wait_for_log
+from pipekit import box, unprivileged_user  # noqa: F401  (box is a fixture)
+
+DOMAINS = ("example.test", "pipe.test", "lists.test")
+
+DECIDE = """\
+case "$1" in
+  nouser@*) printf 'no mailbox for %s' "$1"; exit 67;;
+  tempfail@*) printf 'spool busy'; exit 75;;
+esac
+"""
+
+
+@pytest.fixture
+def pipe_server(make_server, box):
+    user = unprivileged_user().pw_name
+    script = box.script("deliver", extra=DECIDE)
+    workdir_files = {}
+    members = box.dir / "members"
+    members.write_text("alice@example.test\nbob\n")
+    workdir_files["aliases"] = textwrap.dedent(f"""\
+        list@lists.test:    :include:{members}, archive
+        archive@lists.test: |"{script} archive"
+        staff@lists.test:   list, carol@example.test
+        bob@lists.test:     bob@example.test
+        loop1@lists.test:   loop2
+        loop2@lists.test:   loop1
+        """)
+    toml = f"""
+        [stages]
+        rcpt = ["aliases", "localdomain"]
+
+        [plugins.aliases]
+        use = "aliasmap"
+        file = "aliases"
+        domains = ["lists.test"]
+        allow_commands = true
+        command_backend = "aliaspipe"
+
+        [backends.local]
+        use = "maildir"
+        base = "mail"
+
+        [backends.pipe]
+        use = "pipe"
+        command = ["{script}", "{{recipient}}"]
+        user = "{user}"
+
+        [backends.aliaspipe]
+        use = "pipe"
+        user = "{user}"
+        """ + routes_toml(("pipe.test", "pipe"), ("example.test", "local"), ("lists.test", "local"))
+    server = make_server(toml, start=False, domains=DOMAINS)
+    path = server.dir / "aliases"
+    path.write_text(workdir_files["aliases"])
+    os.chmod(path, 0o644)
+    return server.start()
+
+
+def test_pipe_delivery_runs_the_command_as_the_user_and_bounces_with_its_output(pipe_server, box):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.sendmail("alice@example.test", ["ok@pipe.test", "nouser@pipe.test"],
+                   b"Subject: to a program\r\n\r\nhello\r\n")
+    [bounce] = pipe_server.delivered("alice@example.test", timeout=20)
+    assert b"Final-Recipient: rfc822; nouser@pipe.test" in bounce
+    assert b"Status: 5.1.1" in bounce
+    assert b"Diagnostic-Code: x-unix; no mailbox for nouser@pipe.test" in bounce
+    runs = {run["argv"][0]: run for run in box.runs()}
+    assert set(runs) == {"ok@pipe.test", "nouser@pipe.test"}
+    assert runs["ok@pipe.test"]["uid"] == unprivileged_user().pw_uid
+    assert b"Delivered-To: ok@pipe.test\n" in runs["ok@pipe.test"]["stdin"]
+    assert runs["ok@pipe.test"]["stdin"].endswith(b"Subject: to a program\n\nhello\n")
+    wait_for_log(pipe_server, r"to=<ok@pipe\.test>, relay=pipe\[.*status=sent")
+
+
+def test_a_temporary_failure_is_deferred(pipe_server, box):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.sendmail("alice@example.test", ["tempfail@pipe.test"], b"Subject: later\r\n\r\nx\r\n")
+    line = wait_for_log(pipe_server, r"to=<tempfail@pipe\.test>.*status=deferred.*")
+    assert "died with status 75 (temporary failure): spool busy" in line
+
+
+def test_a_list_expands_through_levels_includes_and_a_command_alias(pipe_server, box):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.sendmail("dave@example.test", ["staff@lists.test"], b"Subject: to staff\r\n\r\nhi\r\n")
+    for member in ("alice@example.test", "bob@example.test", "carol@example.test"):
+        [copy] = pipe_server.delivered(member, timeout=20)
+        assert b"Subject: to staff" in copy
+    wait_for_log(pipe_server, r"to=<archive@lists\.test>, orig_to=<staff@lists\.test>, "
+                              r"relay=aliaspipe\[.*status=sent")
+    [archive] = box.runs()
+    assert archive["argv"] == ["archive"]
+    assert archive["uid"] == unprivileged_user().pw_uid
+    assert archive["env"]["RECIPIENT"] == "archive@lists.test"
+    assert archive["env"]["ORIGINAL_RECIPIENT"] == "staff@lists.test"
+    assert b"Delivered-To: archive@lists.test\n" in archive["stdin"]
+
+
+def test_an_alias_loop_is_refused_at_rcpt_and_unknown_list_addresses_too(pipe_server):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.ehlo()
+        s.mail("dave@example.test")
+        code, text = s.rcpt("loop1@lists.test")
+        assert code == 550
+        assert text.decode() == ("5.4.6 <loop1@lists.test>: alias loop: loop1@lists.test -> "
+                                 "loop2@lists.test -> loop1@lists.test")
+        code, text = s.rcpt("nobody@lists.test")
+        assert (code, text[:5]) == (550, b"5.1.1")
+        # example.test is not a domain the map is authoritative for: localdomain decides
+        assert s.rcpt("someone@example.test")[0] == 250
