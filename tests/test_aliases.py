@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,21 @@ def test_a_broken_include_is_a_451_at_rcpt(tmp_path, context):
     plugin = alias_map(tmp_path, context, f"l@example.org: :include:{tmp_path}/gone\n")
     verdict = check(plugin, "l@example.org")
     assert (verdict.kind, verdict.code) == (Kind.DEFER, 451)
+
+
+# -- the README's example -----------------------------------------------------------------------------
+
+def test_the_readme_alias_file_does_what_the_readme_says():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    [text] = re.findall(r"^```aliases\n(.*?)^```", readme, re.S | re.M)
+    staff_file = "/etc/pymta/lists/staff"
+    aliases = AliasExpander(parse_aliases(text, "README.md", allow_commands=True),
+                            command_backend="aliaspipe",
+                            include_reader=lambda path, domain: ["carol@example.org"] if path == staff_file else [])
+    assert aliases.expand("alice@example.org") == ["alice@example.org", "alice@home.example"]
+    assert aliases.expand("alice+news@example.org") == ["alice+news@example.org",
+                                                        "alice+news@home.example"]
+    assert aliases.expand("announce@example.org") == [
+        "alice@example.org", "alice@home.example", "bob@example.org", "carol@example.org",
+        CommandTarget("announce@example.org", "/usr/local/bin/archive --list announce", "aliaspipe")]
+    assert aliases.expand("anyone@example.net") == ["alice@example.org", "alice@home.example"]
