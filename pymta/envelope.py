@@ -49,15 +49,21 @@ class Recipient:
     #: (by the pipe backend of its route), or None for an ordinary recipient.
     #: Only the core sets it, from a system alias map (pymta.policy.aliases).
     command: str | None = None
+    #: the envelope sender for this recipient when it is not the message's:
+    #: ``owner-NAME`` of the alias list it was expanded from (its deliveries
+    #: and bounces use it); None for the message's sender
+    sender: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # shallow: every field is a plain value (asdict's deep copies cost on the hot path)
         d = {f.name: getattr(self, f.name) for f in _RECIPIENT_FIELDS}
         d["notify"] = list(self.notify) if self.notify is not None else None
+        # written only when set: a spool written by this version stays readable
+        # by the version before it unless it holds alias commands or list owners
         if self.command is None:
-            # written only when set: a spool written by this version stays
-            # readable by the version before it unless it holds alias commands
             del d["command"]
+        if self.sender is None:
+            del d["sender"]
         return d
 
     @classmethod
@@ -122,6 +128,10 @@ class Envelope:
         d.pop("version", None)
         d["recipients"] = [Recipient.from_json(r) for r in d["recipients"]]
         return cls(**d)
+
+    def sender_for(self, recipient: Recipient) -> str:
+        """The envelope sender of ``recipient``'s delivery and bounces (see Recipient.sender)."""
+        return self.sender if recipient.sender is None else recipient.sender
 
     def release(self, now: float) -> None:
         """An administrator releases the held message: its delivery resumes at ``now``.

@@ -13,17 +13,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class CommandTarget:
-    """A rewrite target that is a command, not an address: ``|command`` in the system alias file.
+class AliasTarget:
+    """A rewrite target that carries more than an address (system alias file expansions).
 
-    ``address`` is the alias whose entry holds it; the core makes it a
-    recipient routed to the backend ``route`` (a pipe backend) with the
-    command attached (:attr:`pymta.envelope.Recipient.command`).
+    ``address``: the address delivered to, or, with ``command``, the alias
+    whose entry holds that ``|command``; the core then routes the recipient
+    to the backend ``route`` (a pipe backend) with the command attached
+    (:attr:`pymta.envelope.Recipient.command`).  ``sender``: the envelope
+    sender for this recipient (``owner-NAME`` of the alias list it came
+    through), or None to keep the message's.
     """
 
     address: str
-    command: str
-    route: str
+    command: str | None = None
+    route: str | None = None
+    sender: str | None = None
 
 
 class Kind(enum.Enum):

@@ -12,7 +12,7 @@ from pymta.config.errors import ConfigError
 from pymta.config.options import PluginContext
 from pymta.policy.aliases import MAX_TARGETS, AliasExpander, ExpansionError, parse_aliases
 from pymta.policy.recipients import AliasMap
-from pymta.verdict import DUNNO, CommandTarget, Kind
+from pymta.verdict import DUNNO, AliasTarget, Kind
 
 DOMAINS = ("example.org", "example.net")
 
@@ -138,8 +138,8 @@ def test_a_command_target_names_the_alias_and_the_pipe_backend():
     aliases = expander('list@example.org: archive, "|/usr/bin/list-post --name main"\n'
                        "archive@example.org: |/usr/bin/archive\n", command_backend="aliaspipe")
     assert aliases.expand("list@example.org") == [
-        CommandTarget("archive@example.org", "/usr/bin/archive", "aliaspipe"),
-        CommandTarget("list@example.org", "/usr/bin/list-post --name main", "aliaspipe")]
+        AliasTarget("archive@example.org", "/usr/bin/archive", "aliaspipe"),
+        AliasTarget("list@example.org", "/usr/bin/list-post --name main", "aliaspipe")]
 
 
 def test_commands_need_allow_commands(tmp_path, context):
@@ -150,7 +150,7 @@ def test_commands_need_allow_commands(tmp_path, context):
                                  "(allow_commands = true)")
     plugin = alias_map(tmp_path, context, "a@example.org: |/usr/bin/prog\n", allow_commands=True)
     verdict = check(plugin, "a@example.org")
-    assert verdict.rewrite == (CommandTarget("a@example.org", "/usr/bin/prog", "pipe"),)
+    assert verdict.rewrite == (AliasTarget("a@example.org", "/usr/bin/prog", "pipe"),)
 
 
 def test_a_command_file_writable_by_others_is_refused(tmp_path, context):
@@ -166,6 +166,26 @@ def test_a_command_must_be_an_absolute_path():
     with pytest.raises(ConfigError) as caught:
         expander("a@example.org: |prog\n")
     assert "the command must start with an absolute path" in str(caught.value)
+
+
+# -- owner-NAME ---------------------------------------------------------------------------------------
+
+def test_the_members_of_a_list_with_an_owner_get_the_owner_as_sender():
+    aliases = expander("list@example.org: alice, sub, |/usr/bin/archive\n"
+                       "owner-list@example.org: bob\n"
+                       "sub@example.org: carol, dave\n"
+                       "owner-sub@example.org: erin\n"
+                       "list-request@example.org: bob\n"
+                       "plain@example.org: frank\n")
+    assert aliases.expand("list@example.org") == [
+        AliasTarget("alice@example.org", sender="owner-list@example.org"),
+        AliasTarget("carol@example.org", sender="owner-sub@example.org"),   # innermost owner
+        AliasTarget("dave@example.org", sender="owner-sub@example.org"),
+        AliasTarget("list@example.org", "/usr/bin/archive", "pipe", "owner-list@example.org")]
+    # an owner's own mail, a -request address and an alias without owner: senders unchanged
+    assert aliases.expand("owner-list@example.org") == ["bob@example.org"]
+    assert aliases.expand("list-request@example.org") == ["bob@example.org"]
+    assert aliases.expand("plain@example.org") == ["frank@example.org"]
 
 
 # -- the plugin: authoritative domains, replies -------------------------------------------------------
@@ -203,7 +223,9 @@ def test_the_readme_alias_file_does_what_the_readme_says():
     assert aliases.expand("alice@example.org") == ["alice@example.org", "alice@home.example"]
     assert aliases.expand("alice+news@example.org") == ["alice+news@example.org",
                                                         "alice+news@home.example"]
+    owner = "owner-staff@example.org"        # the members of staff get its owner as sender
     assert aliases.expand("announce@example.org") == [
-        "alice@example.org", "alice@home.example", "bob@example.org", "carol@example.org",
-        CommandTarget("announce@example.org", "/usr/local/bin/archive --list announce", "aliaspipe")]
+        AliasTarget("alice@example.org", sender=owner), AliasTarget("alice@home.example", sender=owner),
+        AliasTarget("bob@example.org", sender=owner), AliasTarget("carol@example.org", sender=owner),
+        AliasTarget("announce@example.org", "/usr/local/bin/archive --list announce", "aliaspipe")]
     assert aliases.expand("anyone@example.net") == ["alice@example.org", "alice@home.example"]

@@ -33,6 +33,8 @@ def pipe_server(make_server, box):
         archive@lists.test: |"{script} archive"
         staff@lists.test:   list, carol@example.test
         bob@lists.test:     bob@example.test
+        team@lists.test:    alice@example.test, nouser@pipe.test
+        owner-team@lists.test: erin@example.test
         loop1@lists.test:   loop2
         loop2@lists.test:   loop1
         """)
@@ -118,3 +120,16 @@ def test_an_alias_loop_is_refused_at_rcpt_and_unknown_list_addresses_too(pipe_se
         assert (code, text[:5]) == (550, b"5.1.1")
         # example.test is not a domain the map is authoritative for: localdomain decides
         assert s.rcpt("someone@example.test")[0] == 250
+
+
+def test_list_mail_goes_out_as_owner_name_and_its_bounces_go_to_the_owner(pipe_server, box):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.sendmail("dave@example.test", ["team@lists.test"], b"Subject: to the team\r\n\r\nhi\r\n")
+    [copy] = pipe_server.delivered("alice@example.test", timeout=20)
+    assert copy.startswith(b"Return-Path: <owner-team@lists.test>\r\n")
+    [bounce] = pipe_server.delivered("erin@example.test", timeout=20)
+    assert b"Final-Recipient: rfc822; nouser@pipe.test" in bounce
+    assert b"Diagnostic-Code: x-unix; no mailbox for nouser@pipe.test" in bounce
+    [run] = box.runs()
+    assert run["env"]["SENDER"] == "owner-team@lists.test"
+    assert pipe_server.delivered("dave@example.test", timeout=0.5) == []

@@ -139,6 +139,8 @@ class _Run:
     recipient: Any = None
     #: argv is a |command of the alias file: used as it is, no placeholders
     literal: bool = False
+    #: the envelope sender of a run for several recipients (else the recipient's)
+    sender: str | None = None
 
 
 class InjectionRefused(ValueError):
@@ -188,8 +190,12 @@ class PipeBackend:
                 runs.append(_Run(self.command or (), [recipient], recipient))
             else:
                 shared.append(recipient)
-        if shared:
-            runs.append(_Run(self.command or (), shared, shared[0] if len(shared) == 1 else None))
+        by_sender: dict[str, list] = {}
+        for recipient in shared:            # one run per envelope sender (list owners apart)
+            by_sender.setdefault(message.envelope.sender_for(recipient), []).append(recipient)
+        for group in by_sender.values():
+            runs.append(_Run(self.command or (), group, group[0] if len(group) == 1 else None,
+                             sender=message.envelope.sender_for(group[0])))
         waits = [self._slots.run(self._run, message, run) for run in runs]
         d = defer.gatherResults(waits, consumeErrors=True)
 
@@ -210,7 +216,7 @@ class PipeBackend:
                 "is no |command alias", 451, "4.3.5", self.kind)
         program = run.argv[0]
         envelope = message.envelope
-        values = self._values(envelope, run.recipient)
+        values = self._values(envelope, run.recipient, run.sender)
         try:
             argv = list(run.argv) if run.literal else substitute(run.argv, values)
         except InjectionRefused as e:
@@ -235,8 +241,11 @@ class PipeBackend:
                         uid=uid, gid=gid, timeout=self.timeout)
         return d.addCallback(self._result, program)
 
-    def _values(self, envelope, recipient) -> dict[str, str]:
-        values = {"sender": envelope.sender, "queue_id": envelope.queue_id,
+    def _values(self, envelope, recipient, sender: str | None) -> dict[str, str]:
+        if recipient is not None:
+            sender = envelope.sender_for(recipient)
+        values = {"sender": envelope.sender if sender is None else sender,
+                  "queue_id": envelope.queue_id,
                   "recipient": "", "user": "", "extension": "", "domain": ""}
         if recipient is not None:
             local, domain = split_address(recipient.address)

@@ -21,10 +21,15 @@ then the ``@domain`` catch-all) and expands each target again, depth first
   (:class:`ExpansionError`, 550 5.4.6) rather than a hang;
 - ``:include:/path`` reads the file at each expansion (absolute path, a
   regular file of at most 1 MiB; addresses and further includes only);
-- ``|command`` becomes a :class:`pymta.verdict.CommandTarget` for the pipe
+- ``|command`` becomes a :class:`pymta.verdict.AliasTarget` for the pipe
   backend ``command_backend``.  Commands are accepted only in a map with
   ``allow_commands = true`` (the system alias file) and never in included
-  files.
+  files;
+- ``owner-NAME``: the targets reached through alias ``NAME`` get
+  ``owner-NAME@domain`` as their envelope sender (for their deliveries
+  and bounces) when the table has that entry, as sendmail and Postfix do
+  for list mail (the innermost list's owner wins).  ``NAME-request`` is an
+  ordinary alias.
 
 A file's problems are :class:`ConfigError` naming file and line.
 """
@@ -41,7 +46,7 @@ from pymta.addresses import normalize_domain, split_address, domain_key
 from pymta.config.errors import ConfigError
 from pymta.plugin_api import strip_extension
 from pymta.policy.mapfile import map_entries, read_map_file
-from pymta.verdict import CommandTarget
+from pymta.verdict import AliasTarget
 
 __all__ = ["AliasTable", "Include", "Command", "parse_aliases", "load_alias_file",
            "AliasExpander", "ExpansionError", "MAX_TARGETS", "INCLUDE_SIZE_LIMIT"]
@@ -202,6 +207,15 @@ def read_include(path: str, key_domain: str) -> list[Target]:
     return targets
 
 
+@dataclass(frozen=True)
+class _Match:
+    """The entry an address matched."""
+    key: str
+    targets: tuple[Target, ...]
+    #: the address's extension, kept on the targets (matched without it)
+    extension: str | None
+
+
 class ExpansionError(Exception):
     """An address cannot be expanded: the reply (code, enhanced status, text) says why.
 
@@ -224,8 +238,8 @@ class AliasExpander:
     command_backend: str = "pipe"
     include_reader: Callable[[str, str], list[Target]] = read_include
 
-    def lookup(self, address: str, catch_all: bool = True) -> tuple[tuple[Target, ...], str | None] | None:
-        """(targets, extension to keep) of ``address``, or None when no entry matches.
+    def lookup(self, address: str, catch_all: bool = True) -> _Match | None:
+        """The entry ``address`` matches, or None.
 
         ``catch_all``: fall back on the ``@domain`` entry (for the address
         asked about, not for targets: a catch-all would swallow every target
@@ -235,48 +249,57 @@ class AliasExpander:
         domain = domain_key(domain)
         local = local.lower()
         entries = self.table.entries
-        targets = entries.get(f"{local}@{domain}")
-        if targets is not None:
-            return targets, None
+        key = f"{local}@{domain}"
+        if key in entries:
+            return _Match(key, entries[key], None)
         base = strip_extension(local, self.delimiters)
-        if base is not None:
-            targets = entries.get(f"{base}@{domain}")
-            if targets is not None:
-                return targets, local[len(base) + 1:]
-        targets = entries.get(f"@{domain}") if catch_all else None
-        if targets is not None:
-            return targets, None
+        if base is not None and f"{base}@{domain}" in entries:
+            return _Match(f"{base}@{domain}", entries[f"{base}@{domain}"], local[len(base) + 1:])
+        if catch_all and f"@{domain}" in entries:
+            return _Match(f"@{domain}", entries[f"@{domain}"], None)
         return None
 
-    def expand(self, address: str) -> list[str | CommandTarget] | None:
+    def owner_of(self, key: str) -> str | None:
+        """``owner-NAME@domain`` when the table has that entry for alias ``NAME@domain``."""
+        local, _, domain = key.rpartition("@")
+        if not local or local.startswith("owner-"):
+            return None
+        owner = f"owner-{local}@{domain}"
+        return owner if owner in self.table.entries else None
+
+    def expand(self, address: str) -> list[str | AliasTarget] | None:
         """What ``address`` expands to, or None when the table has no entry for it.
 
-        ExpansionError for a loop, too deep an expansion, too many targets
-        or a broken include file.
+        A target is an address (str), or an :class:`AliasTarget` for a
+        ``|command`` or for an address reached through an alias whose
+        ``owner-NAME`` entry exists (its ``sender``).  ExpansionError for a
+        loop, too deep an expansion, too many targets or a broken include
+        file.
         """
         if self.lookup(address) is None:
             return None
-        out: list[str | CommandTarget] = []
-        self._walk(address, [address.lower()], out)
+        out: list[str | AliasTarget] = []
+        self._walk(address, [address.lower()], None, out)
         return out
 
-    def _walk(self, address: str, path: list[str], out: list) -> None:
+    def _walk(self, address: str, path: list[str], owner: str | None, out: list) -> None:
         found = self.lookup(address, catch_all=len(path) == 1)
         if found is None:
-            self._emit(out, address)
+            self._emit(out, address, owner)
             return
         if len(path) > self.max_depth:
             raise ExpansionError(550, "5.4.6", f"alias expansion deeper than {self.max_depth} "
                                                f"levels: {' -> '.join(path)}")
-        targets, extension = found
+        owner = self.owner_of(found.key) or owner
         domain = domain_key(split_address(address)[1])
-        self._targets(address, targets, extension, domain, path, out)
+        self._targets(address, found.targets, found.extension, domain, path, owner, out)
 
     def _targets(self, address: str, targets, extension: str | None, domain: str,
-                 path: list[str], out: list) -> None:
+                 path: list[str], owner: str | None, out: list) -> None:
         for target in targets:
             if isinstance(target, Command):
-                self._emit(out, CommandTarget(address, target.command, self.command_backend))
+                self._emit(out, AliasTarget(address, target.command, self.command_backend, owner),
+                           None)
             elif isinstance(target, Include):
                 if target.path in path:
                     raise ExpansionError(550, "5.4.6", f"alias loop: {' -> '.join(path)} -> "
@@ -286,23 +309,24 @@ class AliasExpander:
                 except ConfigError as e:
                     raise ExpansionError(451, "4.3.5", "alias configuration error; try again later",
                                          detail=str(e)) from None
-                self._targets(address, included, extension, domain, path + [target.path], out)
+                self._targets(address, included, extension, domain, path + [target.path], owner,
+                              out)
             else:
                 if extension and strip_extension(target.partition("@")[0], self.delimiters) is None:
                     local, _, target_domain = target.rpartition("@")
                     target = f"{local}{self.delimiters[0]}{extension}@{target_domain}"
                 key = target.lower()
                 if key == path[-1] or key == address.lower():
-                    self._emit(out, target)                  # "alice: alice, archive"
+                    self._emit(out, target, owner)           # "alice: alice, archive"
                 elif key in path:
                     raise ExpansionError(550, "5.4.6",
                                          f"alias loop: {' -> '.join(path + [key])}")
                 else:
-                    self._walk(target, path + [key], out)
+                    self._walk(target, path + [key], owner, out)
 
     @staticmethod
-    def _emit(out: list, target: str | CommandTarget) -> None:
-        out.append(target)
+    def _emit(out: list, target: str | AliasTarget, owner: str | None) -> None:
+        out.append(AliasTarget(target, sender=owner) if owner and isinstance(target, str) else target)
         if len(out) > MAX_TARGETS:
             raise ExpansionError(451, "4.3.0", f"alias expansion gives more than {MAX_TARGETS} "
                                                "targets")

@@ -204,11 +204,13 @@ class AliasMap:
         """The map in force (as last loaded)."""
         return self._file.value
 
+    def _expander(self) -> AliasExpander:
+        return AliasExpander(self._file.current(), self.delimiters, self.max_depth,
+                             self.command_backend)
+
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
-        expander = AliasExpander(self._file.current(), self.delimiters, self.max_depth,
-                                 self.command_backend)
         try:
-            targets = expander.expand(recipient)
+            targets = self._expander().expand(recipient)
         except ExpansionError as e:
             if e.detail:
                 self.log.error("<{recipient}>: {problem}", recipient=recipient, problem=e.detail)
@@ -221,6 +223,18 @@ class AliasMap:
         if domain in self.domains and self.unmatched == "reject":
             return _unknown_user(recipient)
         return DUNNO
+
+    def expand_address(self, address: str) -> list | None:
+        """What ``address`` expands to (for mail pymta makes itself: notifications), or None.
+
+        None also when the expansion fails (logged): the caller then uses
+        the address as it is.
+        """
+        try:
+            return self._expander().expand(address)
+        except ExpansionError as e:
+            self.log.error("<{recipient}>: {problem}", recipient=address, problem=e.detail or e.text)
+            return None
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed (at most once a second); True if reloaded."""

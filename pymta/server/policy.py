@@ -18,7 +18,7 @@ from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
 from pymta.server.chain import StageDeadline, run_stage
 from pymta.session import Session, Transaction
-from pymta.verdict import DUNNO, CommandTarget, Kind, Verdict
+from pymta.verdict import DUNNO, AliasTarget, Kind, Verdict
 
 log = Logger(namespace="pymta.plugins")
 
@@ -91,12 +91,15 @@ class SessionPolicy:
             recipients = []
             seen = set()
             for target in targets:
-                if isinstance(target, CommandTarget):
-                    command = self._command_recipient(target, recipient, params, seen)
-                    if isinstance(command, Verdict):
-                        return command
-                    recipients.extend(command)
-                    continue
+                sender = None
+                if isinstance(target, AliasTarget):
+                    if target.command is not None:
+                        command = self._command_recipient(target, recipient, params, seen)
+                        if isinstance(command, Verdict):
+                            return command
+                        recipients.extend(command)
+                        continue
+                    target, sender = target.address, target.sender
                 key = target.lower()
                 if key in seen:
                     continue
@@ -106,12 +109,13 @@ class SessionPolicy:
                     return Verdict.reject(f"<{target}>: no delivery route for this address",
                                           550, "5.4.4")
                 recipients.append(Recipient(address=target, original=recipient, route=route,
-                                            notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
+                                            notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
+                                            sender=sender))
             return Verdict.accept(verdict.text, rewrite=recipients)
 
         return _then(self._run("rcpt", session, transaction, address), decided)
 
-    def _command_recipient(self, target: CommandTarget, recipient: str, params: dict,
+    def _command_recipient(self, target: AliasTarget, recipient: str, params: dict,
                            seen: set) -> list[Recipient] | Verdict:
         """The recipient for a ``|command`` alias target (none if already there), or a 451."""
         key = f"|{target.address.lower()}|{target.command}"
@@ -123,4 +127,4 @@ class SessionPolicy:
                                  f"{target.route!r} for alias commands", 451, "4.3.5")
         return [Recipient(address=target.address, original=recipient, route=target.route,
                           notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
-                          command=target.command)]
+                          command=target.command, sender=target.sender)]
