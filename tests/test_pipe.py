@@ -193,3 +193,10 @@ def test_bad_options_name_the_key(tmp_path, options, key, problem):
                     LocalContext(tmp_path))
     assert caught.value.key == key
     assert problem in str(caught.value)
+
+
+def test_a_command_that_closes_its_output_before_exiting_is_seen_to_exit(tmp_path, box):
+    # the test reactor has no SIGCHLD handler: the exit is found by looking for it
+    script = box.script("closes", status=77, extra="exec >&- 2>&-; sleep 0.5")
+    [result] = deliver(tmp_path, [script], "alice@example.org")
+    assert (result.status, result.enhanced) == ("failed", "5.7.0")

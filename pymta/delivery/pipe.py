@@ -318,7 +318,9 @@ def substitute(template: tuple[str, ...], values: dict[str, str]) -> list[str]:
     for argument in template:
         filled = argument.format(**values)
         if filled.startswith("-") and not argument.startswith("-"):
-            culprit = next((v for v in values.values() if v.startswith("-")), filled)
+            used = template_fields(argument, "command")
+            culprit = next((values[name] for name in sorted(used) if values[name].startswith("-")),
+                           filled)
             raise InjectionRefused(f"<{culprit}>: an address beginning with '-' is not passed "
                                    "to a command (it would read as an option)")
         argv.append(filled)

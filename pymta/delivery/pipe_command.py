@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 OUTPUT_LIMIT = 1024
 CHUNK = 64 * 1024
 
+#: seconds between looks for the exit of a command whose output closed (see childConnectionLost)
+REAP_INTERVAL = 0.1
 #: util-linux setsid(1): the command becomes the leader of a new process group
 SETSID = shutil.which("setsid")
 
@@ -88,8 +90,11 @@ class MessageInput:
 class _CommandProtocol(ProcessProtocol):
     """Feeds stdin, collects output, fires ``done`` with a CommandOutcome."""
 
-    def __init__(self, message_input: MessageInput):
+    def __init__(self, message_input: MessageInput, reactor: Any = None):
         self.input = message_input
+        self._reactor = reactor
+        self._reaper: Any = None
+        self._ended = False
         self.done: defer.Deferred = defer.Deferred()
         self.output = bytearray()
         self.timed_out = False
@@ -103,14 +108,33 @@ class _CommandProtocol(ProcessProtocol):
         # fed completely: close stdin; stopped (the command closed stdin): nothing to do
         d.addCallbacks(lambda _: self.transport.closeStdin(), lambda _: None)
 
+    def childConnectionLost(self, childFD: int) -> None:
+        # Its output is closed: it is exiting.  The reactor learns of the exit
+        # from SIGCHLD; one run without signal handlers (installSignalHandlers
+        # =False) would not, when the exit came a moment after the close:
+        # look for it now and then until it is reaped.
+        if childFD in (1, 2) and self._reaper is None and self._reactor is not None:
+            self._reaper = self._reactor.callLater(REAP_INTERVAL, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        if self._ended:
+            return
+        if getattr(self.transport, "pid", None) is not None:     # None once reaped
+            self.transport.reapProcess()
+        if not self._ended:
+            self._reaper = self._reactor.callLater(REAP_INTERVAL, self._reap)
+
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         room = OUTPUT_LIMIT - len(self.output)
         if room > 0:
             self.output += data[:room]
 
     def processEnded(self, reason: Failure) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._ended = True
+        for call in (self.timer, self._reaper):
+            if call is not None and call.active():
+                call.cancel()
         self.input.close()
         output = bytes(self.output)
         value = reason.value
@@ -146,7 +170,7 @@ def run_command(reactor: Any, argv: list[str], message_input: MessageInput, *,
 
     Fires with a :class:`CommandOutcome`; never fails.
     """
-    protocol = _CommandProtocol(message_input)
+    protocol = _CommandProtocol(message_input, reactor)
     executable, args = argv[0], list(argv)
     if SETSID is not None:
         executable, args = SETSID, [SETSID, "--"] + args
