@@ -11,6 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Recipient.command of a ``/path/to/file`` target of the system alias file:
+#: ``":file:/path/to/file"`` (a real command always starts with "/")
+FILE_COMMAND_PREFIX = ":file:"
+
 # Per-recipient delivery states
 PENDING = "pending"        # not yet delivered; next_attempt says when
 DELIVERED = "delivered"
@@ -46,7 +50,8 @@ class Recipient:
     #: the final outcome needs no (more) DSN: sent, or not asked for
     notified: bool = False
     #: the ``|command`` of a system alias entry this recipient is delivered to
-    #: (by the pipe backend of its route), or None for an ordinary recipient.
+    #: (by the pipe backend of its route), or ``FILE_COMMAND_PREFIX + path``
+    #: for a ``/path`` entry, or None for an ordinary recipient.
     #: Only the core sets it, from a system alias map (pymta.policy.aliases).
     command: str | None = None
     #: the envelope sender for this recipient when it is not the message's:

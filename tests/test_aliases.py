@@ -188,6 +188,28 @@ def test_the_members_of_a_list_with_an_owner_get_the_owner_as_sender():
     assert aliases.expand("plain@example.org") == ["frank@example.org"]
 
 
+# -- /path/to/file ------------------------------------------------------------------------------------
+
+def test_file_targets_need_allow_files_and_a_clean_absolute_path(tmp_path):
+    text = 'archive@example.org: /var/archive/list.mbox, "/var/archive/with blank"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_aliases(text, "aliases", allow_commands=True)
+    assert "files are allowed only in the system alias file (allow_files = true)" in str(caught.value)
+    aliases = AliasExpander(parse_aliases(text, "aliases", allow_files=True), command_backend="ap")
+    assert aliases.expand("archive@example.org") == [
+        AliasTarget("archive@example.org", ":file:/var/archive/list.mbox", "ap"),
+        AliasTarget("archive@example.org", ":file:/var/archive/with blank", "ap")]
+    with pytest.raises(ConfigError) as caught:
+        parse_aliases("a@example.org: /var/../etc/passwd\n", "aliases", allow_files=True)
+    assert "without '..'" in str(caught.value)
+    members = tmp_path / "members"
+    members.write_text("/tmp/evil\n")
+    with pytest.raises(ExpansionError) as caught:
+        AliasExpander(parse_aliases(f"l@example.org: :include:{members}\n", "aliases",
+                                    allow_files=True)).expand("l@example.org")
+    assert "files are allowed only in the system alias file" in caught.value.detail
+
+
 # -- the plugin: authoritative domains, replies -------------------------------------------------------
 
 def test_only_the_listed_domains_reject_unknown_addresses(tmp_path, context):

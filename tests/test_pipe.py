@@ -200,3 +200,48 @@ def test_a_command_that_closes_its_output_before_exiting_is_seen_to_exit(tmp_pat
     script = box.script("closes", status=77, extra="exec >&- 2>&-; sleep 0.5")
     [result] = deliver(tmp_path, [script], "alice@example.org")
     assert (result.status, result.enhanced) == ("failed", "5.7.0")
+
+
+# -- /path/to/file alias targets (appended by the same backend, as its user) -----------------------
+
+def file_recipient(path) -> Recipient:
+    return Recipient("archive@example.org", "list@example.org", "out", command=f":file:{path}")
+
+
+def test_a_file_target_is_appended_in_mbox_form_as_the_user(tmp_path, box):
+    target = box.out / "archive.mbox"
+    body = b"Subject: one\r\n\r\nFrom here\r\n>From there\r\n"
+
+    def test(reactor):
+        pipe = PipeBackend({"user": unprivileged_user().pw_name}, LocalContext(tmp_path, reactor))
+        first = spooled(tmp_path, file_recipient(target), body=body, prepend=())
+        second = spooled(tmp_path, file_recipient(target), body=b"Subject: two\r\n\r\nx\r\n",
+                         prepend=())
+        d = pipe.deliver(first, first.envelope.recipients)
+        d.addCallback(lambda r1: pipe.deliver(second, second.envelope.recipients)
+                      .addCallback(lambda r2: r1 + r2))
+        return d
+    results = run_reactor(test)
+    assert statuses(results) == ["delivered", "delivered"]
+    assert results[0].text == f"delivered to file: {target}"
+    assert target.stat().st_uid == unprivileged_user().pw_uid
+    text = target.read_bytes()
+    assert text.startswith(b"From sender@local.test ")
+    assert (b"Return-Path: <sender@local.test>\nDelivered-To: archive@example.org\n"
+            b"Subject: one\n\n>From here\n>>From there\n\nFrom sender@local.test ") in text
+    assert text.endswith(b"Subject: two\n\nx\n\n")
+
+
+def test_a_file_target_the_user_may_not_write_or_a_symlink_is_bounced(tmp_path, box):
+    os.symlink("/etc/passwd", box.out / "link")
+
+    def test(reactor):
+        pipe = PipeBackend({"user": unprivileged_user().pw_name}, LocalContext(tmp_path, reactor))
+        message = spooled(tmp_path, file_recipient(tmp_path / "private.mbox"),
+                          file_recipient(box.out / "link"))
+        return pipe.deliver(message, message.envelope.recipients)
+    results = run_reactor(test)
+    assert [(r.status, r.enhanced) for r in results] == [("failed", "5.2.0")] * 2
+    assert "Permission denied" in results[0].text
+    assert not (tmp_path / "private.mbox").exists()
+    assert "Too many levels of symbolic links" in results[1].text

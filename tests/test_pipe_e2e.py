@@ -34,6 +34,7 @@ def pipe_server(make_server, box):
         staff@lists.test:   list, carol@example.test
         bob@lists.test:     bob@example.test
         team@lists.test:    alice@example.test, nouser@pipe.test
+        keep@lists.test:    {box.out}/kept.mbox
         owner-team@lists.test: erin@example.test
         loop1@lists.test:   loop2
         loop2@lists.test:   loop1
@@ -47,6 +48,7 @@ def pipe_server(make_server, box):
         file = "aliases"
         domains = ["lists.test"]
         allow_commands = true
+        allow_files = true
         command_backend = "aliaspipe"
 
         [backends.local]
@@ -133,3 +135,13 @@ def test_list_mail_goes_out_as_owner_name_and_its_bounces_go_to_the_owner(pipe_s
     [run] = box.runs()
     assert run["env"]["SENDER"] == "owner-team@lists.test"
     assert pipe_server.delivered("dave@example.test", timeout=0.5) == []
+
+
+def test_a_file_alias_appends_as_the_backend_user(pipe_server, box):
+    with smtplib.SMTP("127.0.0.1", pipe_server.port) as s:
+        s.sendmail("dave@example.test", ["keep@lists.test"], b"Subject: keep\r\n\r\nFrom me\r\n")
+    line = wait_for_log(pipe_server, r"to=<keep@lists\.test>, relay=aliaspipe\[file:.*")
+    assert "status=sent (250 2.0.0 delivered to file: " in line
+    kept = box.out / "kept.mbox"
+    assert kept.stat().st_uid == unprivileged_user().pw_uid
+    assert kept.read_bytes().endswith(b"Subject: keep\n\n>From me\n\n")

@@ -46,6 +46,7 @@ import os
 import pwd
 import shlex
 import string
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,6 +56,7 @@ from zope.interface import implementer
 from pymta.delivery.mailbox import local_delivery_headers, split_extension
 from pymta.delivery.pipe_command import OUTPUT_LIMIT, CommandOutcome, MessageInput, run_command
 from pymta.delivery.sysexits import exit_meaning
+from pymta.envelope import FILE_COMMAND_PREFIX
 from pymta.plugin_api import (DeliveryResult, IDeliveryBackend, Options, OptionError,
                               read_recipient_delimiter, split_address)
 
@@ -63,6 +65,7 @@ PLACEHOLDERS = ("sender", "recipient", "user", "extension", "domain", "queue_id"
 #: those that make the command run once per recipient
 PER_RECIPIENT = frozenset(("recipient", "user", "extension", "domain"))
 PATH = "/usr/local/bin:/usr/bin:/bin"
+FILE_PREFIX = FILE_COMMAND_PREFIX
 
 
 def parse_command_template(command: list[str], key: str = "command") -> tuple[str, ...]:
@@ -215,6 +218,8 @@ class PipeBackend:
                 "this pipe backend has no command (set command = [...]) and the recipient "
                 "is no |command alias", 451, "4.3.5", self.kind)
         program = run.argv[0]
+        shown = f"file:{run.argv[-1]}" if run.literal and run.recipient.command.startswith(FILE_PREFIX) \
+            else program
         envelope = message.envelope
         values = self._values(envelope, run.recipient, run.sender)
         try:
@@ -228,6 +233,10 @@ class PipeBackend:
         if isinstance(ids, DeliveryResult):
             return ids
         uid, gid = ids
+        if shown != program and uid is not None:
+            # the appender becomes the user itself, after the interpreter started as root
+            argv = argv[:-1] + ["--as", f"{uid}:{gid}", argv[-1]]
+            uid = gid = None
         prefix = b""
         if self.return_path or self.delivered_to:
             lines = local_delivery_headers(envelope, run.recipient or run.recipients[0]).split(b"\r\n")
@@ -239,7 +248,7 @@ class PipeBackend:
                                      self.unix_lines)
         d = run_command(self._reactor_or_global(), argv, message_input, env=self._env(values, run),
                         uid=uid, gid=gid, timeout=self.timeout)
-        return d.addCallback(self._result, program)
+        return d.addCallback(self._result, shown)
 
     def _values(self, envelope, recipient, sender: str | None) -> dict[str, str]:
         if recipient is not None:
@@ -294,7 +303,8 @@ class PipeBackend:
                 f"command {program} killed by signal {outcome.signal}{said}", 451, "4.3.0",
                 program), output)
         if outcome.status == 0:
-            return DeliveryResult.delivered(f"delivered to command: {program}", program)
+            where = f"file: {program[5:]}" if program.startswith("file:") else f"command: {program}"
+            return DeliveryResult.delivered(f"delivered to {where}", program)
         meaning = exit_meaning(outcome.status)
         text = f"command {program} died with status {outcome.status} ({meaning.text}){said}"
         if meaning.temporary:
@@ -305,7 +315,15 @@ class PipeBackend:
 
 
 def alias_argv(command: str) -> tuple[str, ...]:
-    """The words of a ``|command`` alias (split as a shell would); () if it cannot be split."""
+    """The argv for a recipient's alias command; () if it cannot be split.
+
+    A ``|command`` alias is split into words as a shell would; a ``/file``
+    alias (``:file:/path``, see :mod:`pymta.policy.aliases`) runs the
+    appender of :mod:`pymta.delivery.append_file` with this interpreter.
+    """
+    if command.startswith(FILE_PREFIX):
+        return (sys.executable, "-m", "pymta.delivery.append_file", command[len(FILE_PREFIX):])
+    # (the backend adds "--as UID:GID" when it runs as root: see PipeBackend._run)
     try:
         return tuple(shlex.split(command))
     except ValueError:

@@ -29,7 +29,10 @@ then the ``@domain`` catch-all) and expands each target again, depth first
   ``owner-NAME@domain`` as their envelope sender (for their deliveries
   and bounces) when the table has that entry, as sendmail and Postfix do
   for list mail (the innermost list's owner wins).  ``NAME-request`` is an
-  ordinary alias.
+  ordinary alias;
+- ``/path/to/file`` (a map with ``allow_files = true`` only, never in
+  included files) appends the message to that file in mbox form, by the
+  same pipe backend, as its user (:mod:`pymta.delivery.append_file`).
 
 A file's problems are :class:`ConfigError` naming file and line.
 """
@@ -46,9 +49,10 @@ from pymta.addresses import normalize_domain, split_address, domain_key
 from pymta.config.errors import ConfigError
 from pymta.plugin_api import strip_extension
 from pymta.policy.mapfile import map_entries, read_map_file
+from pymta.envelope import FILE_COMMAND_PREFIX
 from pymta.verdict import AliasTarget
 
-__all__ = ["AliasTable", "Include", "Command", "parse_aliases", "load_alias_file",
+__all__ = ["AliasTable", "Include", "Command", "File", "parse_aliases", "load_alias_file",
            "AliasExpander", "ExpansionError", "MAX_TARGETS", "INCLUDE_SIZE_LIMIT"]
 
 #: targets one address may expand to at most (Postfix: virtual_alias_expansion_limit)
@@ -69,7 +73,13 @@ class Command:
     command: str
 
 
-Target = str | Include | Command
+@dataclass(frozen=True)
+class File:
+    """``/path/to/file`` target: the message is appended to it."""
+    path: str
+
+
+Target = str | Include | Command | File
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,8 @@ def split_targets(segment: str) -> list[str]:
 
 
 def parse_target(text: str, key_domain: str, source: str, number: int, *,
-                 allow_commands: bool) -> Target:
-    """One target: an address, ``:include:/path`` or ``|command``."""
+                 allow_commands: bool, allow_files: bool = False) -> Target:
+    """One target: an address, ``:include:/path``, ``|command`` or ``/path/to/file``."""
     if text.startswith('"') and text.endswith('"') and len(text) >= 2 and text[1:2] == "|":
         text = text[1:-1]                                   # "|command with blanks"
     if text.startswith("|"):
@@ -126,9 +136,19 @@ def parse_target(text: str, key_domain: str, source: str, number: int, *,
             raise _error(source, number, f"target {text!r}: an include file needs an absolute "
                                          "path without '..'")
         return Include(os.path.normpath(path))
-    if text[0] in '/"':
-        raise _error(source, number, f"target {text!r}: file targets are not supported "
-                                     "(addresses, :include: and |command only)")
+    if text.startswith('"/') and text.endswith('"') and len(text) > 2:
+        text = text[1:-1]                                   # "/path with blanks"
+    if text.startswith("/"):
+        if not allow_files:
+            raise _error(source, number, f"target {text!r}: files are allowed only in the "
+                                         "system alias file (allow_files = true)")
+        if ".." in text.split("/") or any(ord(c) < 32 or ord(c) == 127 for c in text) \
+                or text.endswith("/"):
+            raise _error(source, number, f"target {text!r}: a file needs an absolute path "
+                                         "without '..' or control characters")
+        return File(os.path.normpath(text))
+    if text[0] == '"':
+        raise _error(source, number, f"target {text!r}: unexpected quote")
     if any(c.isspace() for c in text):
         raise _error(source, number,
                      f"target {text!r} contains whitespace (separate targets with commas)")
@@ -144,7 +164,8 @@ def parse_target(text: str, key_domain: str, source: str, number: int, *,
     return f"{local}@{domain}"
 
 
-def parse_aliases(text: str, source: str, *, allow_commands: bool = False) -> AliasTable:
+def parse_aliases(text: str, source: str, *, allow_commands: bool = False,
+                  allow_files: bool = False) -> AliasTable:
     """Parse alias-file text; ConfigError(source, "line N", problem) on a syntax error."""
     entries: dict[str, tuple[Target, ...]] = {}
     for entry in map_entries(text, source, _error, value_name="target"):
@@ -152,7 +173,7 @@ def parse_aliases(text: str, source: str, *, allow_commands: bool = False) -> Al
         for line_number, segment in entry.values:
             for piece in split_targets(segment):
                 targets.append(parse_target(piece, entry.domain, source, line_number,
-                                            allow_commands=allow_commands))
+                                            allow_commands=allow_commands, allow_files=allow_files))
         if not targets:
             raise ConfigError(source, f"line {entry.line}", f"no targets for {entry.key!r}")
         entries[entry.key] = tuple(targets)
@@ -160,27 +181,30 @@ def parse_aliases(text: str, source: str, *, allow_commands: bool = False) -> Al
     return AliasTable(entries, domains)
 
 
-def load_alias_file(path: str, *, allow_commands: bool = False) -> AliasTable:
+def load_alias_file(path: str, *, allow_commands: bool = False,
+                    allow_files: bool = False) -> AliasTable:
     """Read and parse ``path``; OSError if unreadable, ConfigError on bad content.
 
-    With ``allow_commands`` the file must be owned by root (or the server's
-    user) and writable by no one else: whoever can write it can run commands.
+    With ``allow_commands`` or ``allow_files`` the file must be owned by
+    root (or the server's user) and writable by no one else: whoever can
+    write it can run commands or write files.
     """
-    if allow_commands:
+    if allow_commands or allow_files:
         check_trusted_file(path)
     return read_map_file(path, lambda text, source: parse_aliases(
-        text, source, allow_commands=allow_commands), _error)
+        text, source, allow_commands=allow_commands, allow_files=allow_files), _error)
 
 
 def check_trusted_file(path: str) -> None:
     """ConfigError unless ``path`` is owned by root or us and not writable by group or others."""
     st = os.stat(path)
     if st.st_uid not in (0, os.geteuid()):
-        raise ConfigError(path, "owner", f"owned by uid {st.st_uid}: a file with commands must "
-                                         "belong to root (allow_commands = true)")
+        raise ConfigError(path, "owner", f"owned by uid {st.st_uid}: the system alias file "
+                                         "(allow_commands, allow_files) must belong to root")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(path, "mode", f"writable by group or others ({stat.filemode(st.st_mode)}): "
-                                        "a file with commands must not be (chmod go-w)")
+                                        "the system alias file (allow_commands, allow_files) "
+                                        "must not be (chmod go-w)")
 
 
 def read_include(path: str, key_domain: str) -> list[Target]:
@@ -297,9 +321,10 @@ class AliasExpander:
     def _targets(self, address: str, targets, extension: str | None, domain: str,
                  path: list[str], owner: str | None, out: list) -> None:
         for target in targets:
-            if isinstance(target, Command):
-                self._emit(out, AliasTarget(address, target.command, self.command_backend, owner),
-                           None)
+            if isinstance(target, (Command, File)):
+                command = target.command if isinstance(target, Command) \
+                    else FILE_COMMAND_PREFIX + target.path
+                self._emit(out, AliasTarget(address, command, self.command_backend, owner), None)
             elif isinstance(target, Include):
                 if target.path in path:
                     raise ExpansionError(550, "5.4.6", f"alias loop: {' -> '.join(path)} -> "

@@ -131,9 +131,10 @@ class _AliasFile(WatchedFile[AliasTable]):
     """The alias file of one :class:`AliasMap`, reported on that map's logger in its words."""
 
     def __init__(self, path: str, *, log: Logger, clock: Callable[[], float],
-                 allow_commands: bool = False):
+                 allow_commands: bool = False, allow_files: bool = False):
         self._map_log = log
-        super().__init__(path, lambda p: load_alias_file(p, allow_commands=allow_commands),
+        super().__init__(path, lambda p: load_alias_file(p, allow_commands=allow_commands,
+                                                         allow_files=allow_files),
                          what="alias map", errors=(ConfigError,), clock=clock)
 
     def report_unreadable(self, error: OSError) -> None:
@@ -156,8 +157,9 @@ class AliasMap:
     Options: ``file`` (required, relative to the config directory);
     ``domains`` (default none): the domains the map is authoritative for;
     ``unmatched`` (default ``"reject"``); ``recipient_delimiter`` (default
-    ``"+"``); ``max_depth`` (default 10); ``allow_commands`` (default false)
-    and ``command_backend`` (default ``"pipe"``).
+    ``"+"``); ``max_depth`` (default 10); ``allow_commands`` and
+    ``allow_files`` (default false) and ``command_backend`` (default
+    ``"pipe"``).
 
     A match (exact address, then without its ``+extension``, which the
     targets keep, then the ``@domain`` catch-all) is ACCEPT with ``rewrite``
@@ -168,9 +170,11 @@ class AliasMap:
     entry in the file no longer makes its whole domain "mapped" by surprise.
 
     ``|command`` targets (run by the pipe backend ``command_backend``) are
-    accepted only with ``allow_commands = true``, which says this is the
-    system alias file of the administrator: it must then belong to root
-    and be writable by no one else.  Never set it on a map users edit.
+    accepted only with ``allow_commands = true``, and ``/path/to/file``
+    targets (appended to, by the same backend) only with ``allow_files =
+    true``: either says this is the system alias file of the administrator,
+    which must then belong to root and be writable by no one else.  Never
+    set them on a map users edit.
 
     The file is re-read when it changes (see
     :class:`pymta.config.watched_file.WatchedFile`: mtime, ctime, size or
@@ -190,12 +194,14 @@ class AliasMap:
         domains = opts.list_str("domains", default=[])
         self.max_depth = opts.int("max_depth", default=10, minimum=1, maximum=100)
         self.allow_commands = opts.bool("allow_commands", default=False)
+        self.allow_files = opts.bool("allow_files", default=False)
         self.command_backend = opts.str("command_backend", default="pipe")
         opts.finish()
         self.domains = frozenset(_normalized_domains(domains))
         try:
             self._file = _AliasFile(self.path, log=self.log, clock=clock,
-                                    allow_commands=self.allow_commands)
+                                    allow_commands=self.allow_commands,
+                                    allow_files=self.allow_files)
         except OSError as e:
             raise OptionError("file", f"cannot read {self.path}: {e.strerror or e}") from None
 
