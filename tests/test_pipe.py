@@ -245,3 +245,12 @@ def test_a_file_target_the_user_may_not_write_or_a_symlink_is_bounced(tmp_path, 
     assert "Permission denied" in results[0].text
     assert not (tmp_path / "private.mbox").exists()
     assert "Too many levels of symbolic links" in results[1].text
+
+
+def test_a_command_that_exits_leaving_a_child_with_its_output_keeps_its_status(tmp_path, box):
+    # the child holds stdout open: the run ends at the time limit, which kills only the
+    # leftovers; the command's own exit status decides
+    script = box.script("leaves", status=0, extra='sleep 30 & echo $! > "$d/child"')
+    [result] = deliver(tmp_path, [script], "alice@example.org", timeout="1s")
+    assert result.status == "delivered"
+    assert not running(int((box.out / "child").read_text()))

@@ -95,6 +95,10 @@ class _CommandProtocol(ProcessProtocol):
         self._reactor = reactor
         self._reaper: Any = None
         self._ended = False
+        #: how the command itself ended, once known
+        self._exit: Failure | None = None
+        #: its process group (its pid under setsid), which outlives its reaping
+        self._group: int | None = None
         self.done: defer.Deferred = defer.Deferred()
         self.output = bytearray()
         self.timed_out = False
@@ -130,8 +134,15 @@ class _CommandProtocol(ProcessProtocol):
         if room > 0:
             self.output += data[:room]
 
+    def processExited(self, reason: Failure) -> None:
+        # it exited (its exit status is known), though something it started may
+        # still hold its output open: processEnded waits for that
+        self._exit = reason
+
     def processEnded(self, reason: Failure) -> None:
         self._ended = True
+        if self._exit is not None:
+            reason = self._exit
         for call in (self.timer, self._reaper):
             if call is not None and call.active():
                 call.cancel()
@@ -149,9 +160,19 @@ class _CommandProtocol(ProcessProtocol):
         self.done.callback(outcome)
 
     def kill(self) -> None:
-        """The time limit: SIGKILL to the command's process group (or the command alone)."""
-        self.timed_out = True
+        """The time limit: SIGKILL to the command's process group (or the command alone).
+
+        A command that exited by itself, leaving a process of its group
+        with its output open, keeps its exit status: only the leftovers die.
+        """
+        if self._exit is None and getattr(self.transport, "pid", None) is not None:
+            self.transport.reapProcess()       # exited unnoticed (no SIGCHLD handling)?
+        if self._ended:
+            return
+        self.timed_out = self._exit is None
         pid = getattr(self.transport, "pid", None)
+        if pid is None:
+            pid = self._group
         if pid is None:
             return
         try:
@@ -181,6 +202,7 @@ def run_command(reactor: Any, argv: list[str], message_input: MessageInput, *,
     except Exception as e:         # OSError, or Twisted's checks of the arguments
         message_input.close()
         return defer.succeed(CommandOutcome(start_error=str(e) or type(e).__name__))
+    protocol._group = protocol.transport.pid if SETSID is not None else None
     protocol.timer = reactor.callLater(timeout, protocol.kill)
     return protocol.done
 
