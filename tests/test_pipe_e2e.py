@@ -145,3 +145,45 @@ def test_a_file_alias_appends_as_the_backend_user(pipe_server, box):
     kept = box.out / "kept.mbox"
     assert kept.stat().st_uid == unprivileged_user().pw_uid
     assert kept.read_bytes().endswith(b"Subject: keep\n\n>From me\n\n")
+
+
+def test_a_root_user_or_an_unknown_placeholder_stops_start_up_with_one_line(tmp_path):
+    from pymta.config.errors import ConfigError
+    from pymta.config.loader import load_config
+    from twisted.internet.testing import MemoryReactor
+    for options, expected in [
+            ('user = "root"', "backends.pipe.user: 'root' is root (uid 0): commands never run as root"),
+            ('user = "nobody"\ncommand = ["/bin/cat", "{recipent}"]',
+             "backends.pipe.command[1]: unknown placeholder {recipent}")]:
+        config = tmp_path / "pymta.toml"
+        config.write_text(f'[server]\nhostname = "mx.example.test"\ndomains = ["example.test"]\n'
+                          f'[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+                          f'[backends.pipe]\nuse = "pipe"\n{options}\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config(str(config), MemoryReactor())
+        assert expected in str(caught.value)
+        assert "\n" not in str(caught.value)
+
+
+def test_command_aliases_routed_to_a_backend_that_is_no_pipe_are_deferred(make_server, box):
+    server = make_server(f"""
+        [stages]
+        rcpt = ["aliases", "localdomain"]
+        [plugins.aliases]
+        use = "aliasmap"
+        file = "aliases"
+        allow_commands = true
+        command_backend = "local"
+        [backends.local]
+        use = "maildir"
+        base = "mail"
+        """, start=False)
+    (server.dir / "aliases").write_text(f"run@example.test: |{box.script('never')}\n")
+    os.chmod(server.dir / "aliases", 0o644)
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.ehlo()
+        s.mail("dave@example.test")
+        code, text = s.rcpt("run@example.test")
+    assert (code, text) == (451, b"4.3.5 <run@example.test>: no delivery backend for alias commands")
+    wait_for_log(server, r"alias commands and files need a pipe backend named 'local'")

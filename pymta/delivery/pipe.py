@@ -155,6 +155,8 @@ class PipeBackend:
     """``use = "pipe"``: see the module docstring."""
 
     kind = "pipe"
+    #: recipients with a ``command`` (|command and /file aliases) may be routed here
+    runs_alias_commands = True
 
     def __init__(self, options: dict[str, Any], context: Any):
         opts = Options(options)

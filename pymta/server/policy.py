@@ -122,9 +122,13 @@ class SessionPolicy:
         if key in seen:
             return []
         seen.add(key)
-        if target.route not in self.config.backends:
-            return Verdict.defer(f"<{target.address}>: no delivery backend named "
-                                 f"{target.route!r} for alias commands", 451, "4.3.5")
+        backend = self.config.backends.get(target.route)
+        if not getattr(backend, "runs_alias_commands", False):
+            log.error("<{address}>: alias commands and files need a pipe backend named "
+                      "{route!r} (the alias map's command_backend)", address=target.address,
+                      route=target.route)
+            return Verdict.defer(f"<{target.address}>: no delivery backend for alias commands",
+                                 451, "4.3.5")
         return [Recipient(address=target.address, original=recipient, route=target.route,
                           notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
                           command=target.command, sender=target.sender)]
