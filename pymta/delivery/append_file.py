@@ -8,7 +8,7 @@ With ``--as`` (the server runs as root) it first becomes that user (its
 groups dropped), before it touches the file, so the kernel decides whether
 the backend's user may write it.  It is started as root for that because
 the interpreter and pymta need not be readable by that user (a virtualenv
-under /root).  The message is
+in root's home directory).  The message is
 appended in mbox form (``From `` line, mboxrd quoting, a blank line after
 it; see :mod:`pymta.delivery.mbox`) under an fcntl lock, then fsynced; a
 failed write is cut off again.  A symbolic link, a FIFO or any other
