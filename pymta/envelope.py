@@ -11,6 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Recipient.command of a ``/path/to/file`` target of the system alias file:
+#: ``":file:/path/to/file"`` (a real command always starts with "/")
+FILE_COMMAND_PREFIX = ":file:"
+
 # Per-recipient delivery states
 PENDING = "pending"        # not yet delivered; next_attempt says when
 DELIVERED = "delivered"
@@ -45,11 +49,26 @@ class Recipient:
     delay_notified: bool = False
     #: the final outcome needs no (more) DSN: sent, or not asked for
     notified: bool = False
+    #: the ``|command`` of a system alias entry this recipient is delivered to
+    #: (by the pipe backend of its route), or ``FILE_COMMAND_PREFIX + path``
+    #: for a ``/path`` entry, or None for an ordinary recipient.
+    #: Only the core sets it, from a system alias map (pymta.policy.aliases).
+    command: str | None = None
+    #: the envelope sender for this recipient when it is not the message's:
+    #: ``owner-NAME`` of the alias list it was expanded from (its deliveries
+    #: and bounces use it); None for the message's sender
+    sender: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # shallow: every field is a plain value (asdict's deep copies cost on the hot path)
         d = {f.name: getattr(self, f.name) for f in _RECIPIENT_FIELDS}
         d["notify"] = list(self.notify) if self.notify is not None else None
+        # written only when set: a spool written by this version stays readable
+        # by the version before it unless it holds alias commands or list owners
+        if self.command is None:
+            del d["command"]
+        if self.sender is None:
+            del d["sender"]
         return d
 
     @classmethod
@@ -114,6 +133,10 @@ class Envelope:
         d.pop("version", None)
         d["recipients"] = [Recipient.from_json(r) for r in d["recipients"]]
         return cls(**d)
+
+    def sender_for(self, recipient: Recipient) -> str:
+        """The envelope sender of ``recipient``'s delivery and bounces (see Recipient.sender)."""
+        return self.sender if recipient.sender is None else recipient.sender
 
     def release(self, now: float) -> None:
         """An administrator releases the held message: its delivery resumes at ``now``.

@@ -12,6 +12,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class AliasTarget:
+    """A rewrite target that carries more than an address (system alias file expansions).
+
+    ``address``: the address delivered to, or, with ``command``, the alias
+    whose entry holds that ``|command``; the core then routes the recipient
+    to the backend ``route`` (a pipe backend) with the command attached
+    (:attr:`pymta.envelope.Recipient.command`).  ``sender``: the envelope
+    sender for this recipient (``owner-NAME`` of the alias list it came
+    through), or None to keep the message's.
+    """
+
+    address: str
+    command: str | None = None
+    route: str | None = None
+    sender: str | None = None
+
+
 class Kind(enum.Enum):
     ACCEPT = "accept"          # decide: yes (stop the chain)
     REJECT = "reject"          # permanent refusal, 5xx

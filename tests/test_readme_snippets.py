@@ -15,7 +15,8 @@ The files the snippets name, relative to the config file, are created in
 the temp directory for every snippet: ``users`` (an empty password file,
 mode 0600), ``sender-logins`` (an empty map), ``tls/cert.pem`` and
 ``tls/key.pem`` (a self-signed pair), ``provider.secret`` (mode 0600),
-``plugins/`` (a copy of ``etc/plugins``) and ``vip-senders``.
+``plugins/`` (a copy of ``etc/plugins``), ``vip-senders`` and ``aliases`` (the
+README's own ```aliases block, tested further in tests/test_aliases.py).
 
 Routing: in every snippet that defines routes, each local domain and its
 postmaster reach a backend that delivers here, never a relay or smarthost
@@ -84,6 +85,9 @@ def workspace(directory: Path) -> Path:
     (directory / "provider.secret").chmod(0o600)
     shutil.copytree(ROOT / "etc" / "plugins", directory / "plugins")
     shutil.copy(ROOT / "etc" / "vip-senders", directory / "vip-senders")
+    [aliases] = re.findall(r"^```aliases\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+    (directory / "aliases").write_text(aliases, encoding="utf-8")
+    (directory / "aliases").chmod(0o644)
     return directory / "pymta.toml"
 
 

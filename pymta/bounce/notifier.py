@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from pymta.bounce import dsn
 from pymta.envelope import DELIVERED, PENDING, Envelope, Recipient
+from pymta.verdict import AliasTarget
 
 log = Logger()
 
@@ -81,20 +82,33 @@ def postmaster_address(config: Any) -> str:
     return f"postmaster@{domain}"
 
 
+def by_sender(envelope: Envelope, recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
+    """``recipients`` grouped by the sender their notifications go to (list owners apart)."""
+    groups: dict[str, list[Recipient]] = {}
+    for recipient in recipients:
+        groups.setdefault(envelope.sender_for(recipient), []).append(recipient)
+    return list(groups.items())
+
+
 class DeliveryNotifier:
     """Builds the DSN messages of a message; see the module docstring."""
 
     def __init__(self, hostname: str, postmaster: str,
                  route_for: Callable[[str], str | None],
-                 return_limit: int = dsn.RETURN_SIZE_LIMIT) -> None:
+                 return_limit: int = dsn.RETURN_SIZE_LIMIT,
+                 expand: Callable[[str], list | None] | None = None) -> None:
         self.hostname = hostname
         self.postmaster = postmaster
         self.route_for = route_for
+        #: what a notification's address stands for (the alias maps of the rcpt
+        #: stage, see notice_recipients), or None: delivered to the address itself
+        self.expand = expand
         self.return_limit = return_limit
 
     @classmethod
     def from_config(cls, config: Any) -> "DeliveryNotifier":
-        return cls(config.hostname, postmaster_address(config), config.route_for)
+        return cls(config.hostname, postmaster_address(config), config.route_for,
+                   expand=alias_expansion(config))
 
     # -- what is due ---------------------------------------------------------------------
     def failures(self, message: Any, recipients: list[Recipient], now: float) -> list[Notice]:
@@ -112,15 +126,19 @@ class DeliveryNotifier:
         wanted = [r for r in recipients if wants(r, "FAILURE")]
         if not wanted:
             return []
-        addresses = ", ".join(f"<{r.address}>" for r in wanted)
-        if envelope.sender:
-            return self._notice(message, wanted, dsn.FAILED, envelope.sender, now,
-                                full=envelope.ret != "HDRS")
-        log.info("{queue_id}: null sender: the non-delivery notification for {addresses} "
-                 "goes to <{postmaster}>", queue_id=envelope.queue_id, addresses=addresses,
-                 postmaster=self.postmaster)
-        return self._notice(message, wanted, dsn.FAILED, self.postmaster, now, full=True,
-                            postmaster=True)
+        notices: list[Notice] = []
+        for sender, group in by_sender(envelope, wanted):
+            if sender:
+                notices += self._notice(message, group, dsn.FAILED, sender, now,
+                                        full=envelope.ret != "HDRS")
+                continue
+            addresses = ", ".join(f"<{r.address}>" for r in group)
+            log.info("{queue_id}: null sender: the non-delivery notification for {addresses} "
+                     "goes to <{postmaster}>", queue_id=envelope.queue_id, addresses=addresses,
+                     postmaster=self.postmaster)
+            notices += self._notice(message, group, dsn.FAILED, self.postmaster, now, full=True,
+                                    postmaster=True)
+        return notices
 
     def others(self, message: Any, now: float, delay_warning: float,
                lifetime: float | None) -> list[Notice]:
@@ -141,16 +159,18 @@ class DeliveryNotifier:
                 recipient.notified = True
                 if recipient.notify and "SUCCESS" in recipient.notify:
                     succeeded.append(recipient)
-        if not envelope.sender or envelope.notification:
+        if envelope.notification:
             return []
-        if delayed:
-            notices += self._notice(message, delayed, dsn.DELAYED, envelope.sender, now,
-                                    lifetime=lifetime)
-        relayed = [r for r in succeeded if r.remote_mta]
-        local = [r for r in succeeded if not r.remote_mta]
-        for group, action in ((local, dsn.DELIVERED), (relayed, dsn.RELAYED)):
-            if group:
-                notices += self._notice(message, group, action, envelope.sender, now)
+        for sender, group in by_sender(envelope, delayed):
+            if sender:
+                notices += self._notice(message, group, dsn.DELAYED, sender, now,
+                                        lifetime=lifetime)
+        for sender, group in by_sender(envelope, succeeded):
+            relayed = [r for r in group if r.remote_mta]
+            local = [r for r in group if not r.remote_mta]
+            for part, action in ((local, dsn.DELIVERED), (relayed, dsn.RELAYED)):
+                if part and sender:
+                    notices += self._notice(message, part, action, sender, now)
         return notices
 
     # -- building one ---------------------------------------------------------------------
@@ -179,7 +199,51 @@ class DeliveryNotifier:
         kind = "postmaster" if postmaster else {dsn.FAILED: "bounce", dsn.DELAYED: "delay"}.get(
             action, "success")
         notice_envelope = Envelope(
-            queue_id="", sender="", recipients=[Recipient(to, to, route)], received_at=now,
+            queue_id="", sender="", recipients=self.notice_recipients(to, route), received_at=now,
             body="8BITMIME" if report.eight_bit else None, smtputf8=report.smtputf8,
             client_name="localhost", helo=self.hostname, protocol="local", notification=kind)
         return [Notice(notice_envelope, report.content, action, list(recipients))]
+
+    def notice_recipients(self, to: str, route: str) -> list[Recipient]:
+        """The recipients of a notification to ``to``: what its aliases expand to.
+
+        A notification is mail pymta makes, not received over SMTP: the alias
+        maps are asked here (``owner-list`` -> the list owner's mailbox,
+        ``postmaster`` -> the admin), as they would be at RCPT TO.  Without
+        an alias (or when one expands to nothing routable) it goes to ``to``.
+        """
+        targets = None
+        if self.expand is not None:
+            try:
+                targets = self.expand(to)
+            except Exception:
+                log.failure("expanding <{to}> for a notification failed; sent to it unexpanded",
+                            to=to)
+        recipients: list[Recipient] = []
+        for target in targets or ():
+            if isinstance(target, AliasTarget) and target.command is not None:
+                recipients.append(Recipient(target.address, to, target.route or route,
+                                            command=target.command))
+                continue
+            address = target.address if isinstance(target, AliasTarget) else target
+            target_route = self.route_for(address)
+            if target_route is not None and all(r.address.lower() != address.lower()
+                                                for r in recipients):
+                recipients.append(Recipient(address, to, target_route))
+        return recipients or [Recipient(to, to, route)]
+
+
+def alias_expansion(config: Any) -> Callable[[str], list | None] | None:
+    """The rcpt stage's alias maps as one function (the first that knows the address), or None."""
+    expanders = [plugin.obj.expand_address for plugin in config.stages.get("rcpt", ())
+                 if callable(getattr(plugin.obj, "expand_address", None))]
+    if not expanders:
+        return None
+
+    def expand(address: str) -> list | None:
+        for expander in expanders:
+            targets = expander(address)
+            if targets is not None:
+                return targets
+        return None
+    return expand

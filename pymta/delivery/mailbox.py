@@ -39,7 +39,7 @@ def _header_safe(text: str) -> str:
 
 def local_delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
     """``Return-Path:`` and ``Delivered-To:`` for a local delivery (CRLF lines)."""
-    return (f"Return-Path: <{_header_safe(envelope.sender)}>\r\n"
+    return (f"Return-Path: <{_header_safe(envelope.sender_for(recipient))}>\r\n"
             f"Delivered-To: {_header_safe(recipient.address)}\r\n").encode("utf-8")
 
 

@@ -81,6 +81,14 @@ def due_by_route(envelope: Envelope, busy: Collection[int], now: float) -> dict[
     return groups
 
 
+def split_by_sender(envelope: Envelope, indices: list[int]) -> list[list[int]]:
+    """``indices`` in groups of one envelope sender each (list owners, see Recipient.sender)."""
+    groups: dict[str | None, list[int]] = {}
+    for index in indices:
+        groups.setdefault(envelope.recipients[index].sender, []).append(index)
+    return list(groups.values())
+
+
 def make_due(envelope: Envelope, busy: Collection[int], match: Callable[[str], bool],
              now: float) -> bool:
     """Make the matching pending recipients not in ``busy`` due at ``now`` (ETRN); any?"""

@@ -49,7 +49,7 @@ from pymta.config.model import Retry
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
 from pymta.delivery.retry import (RetrySchedule, delivery_finishes, domain_matcher, due_by_route,
                                   format_delay, make_due, next_due, postpone, record_result,
-                                  unreported_failures)
+                                  split_by_sender, unreported_failures)
 from pymta.envelope import Envelope, Recipient
 from pymta.spool.store import Spool
 
@@ -308,9 +308,10 @@ class DeliveryScheduler(Service):
                 and not self.spool.is_queued(envelope.queue_id):
             self._forget_removed(message)
             return
-        for route, indices in due_by_route(envelope, message.busy, self._now()).items():
-            message.busy.update(indices)
-            self._run_queue.append(_Job(message, route, indices))
+        for route, due in due_by_route(envelope, message.busy, self._now()).items():
+            for indices in split_by_sender(envelope, due):    # one envelope sender a call
+                message.busy.update(indices)
+                self._run_queue.append(_Job(message, route, indices))
         self._reschedule(message)
         self._pump()
 

@@ -66,6 +66,9 @@ maildir = PluginRegistration(
 mbox = PluginRegistration(
     "mbox", "pymta.delivery.mbox:MboxBackend",
     "Deliver into mbox files")
+pipe = PluginRegistration(
+    "pipe", "pymta.delivery.pipe:PipeBackend",
+    "Deliver to a command (message on stdin, exit status decides), as an unprivileged user")
 passwdfile = PluginRegistration(
     "passwdfile", "pymta.auth.passwdfile:PasswordFileChecker",
     "SMTP AUTH users from an argon2id password file (maintained with pymta passwd)")

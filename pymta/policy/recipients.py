@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
@@ -28,7 +27,8 @@ from zope.interface import implementer
 from pymta.plugin_api import (DUNNO, ConfigError, IRecipientPolicy, Options, OptionError, Verdict,
                               WatchedFile, domain_key, normalize_domain, read_recipient_delimiter,
                               safe_folder_name, safe_mailbox_name, split_address, strip_extension)
-from pymta.policy.mapfile import map_entries, read_map_file
+from pymta.policy.aliases import (AliasExpander, AliasTable, ExpansionError, load_alias_file,
+                                  parse_aliases)
 
 __all__ = ["LocalDomainRecipients", "StaticRecipients", "AliasMap", "AliasTable",
            "parse_aliases", "load_alias_file"]
@@ -127,79 +127,15 @@ class StaticRecipients:
 
 # -- aliasmap ---------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AliasTable:
-    """A parsed alias file: key ("user@domain" or "@domain", lower case) -> targets."""
-
-    entries: Mapping[str, tuple[str, ...]]
-    #: every domain that has at least one entry (the map's "virtual domains")
-    domains: frozenset[str]
-
-
-def parse_aliases(text: str, source: str) -> AliasTable:
-    """Parse alias-file text; ConfigError(source, "line N", problem) on a syntax error.
-
-    Syntax, one entry per logical line::
-
-        # comment
-        alice@example.org:  alice.smith@example.org, bob
-        info@example.org:   alice,
-                            carol          # a line starting with whitespace continues
-        @example.net:       catchall@example.org
-
-    A target without ``@`` is that local part in the key's domain.  ``#`` at
-    the start of a line or after whitespace starts a comment.
-    """
-    entries: dict[str, tuple[str, ...]] = {}
-    for entry in map_entries(text, source, _alias_error, value_name="target"):
-        targets: list[str] = []
-        for line_number, segment in entry.values:
-            for piece in segment.split(","):
-                piece = piece.strip()
-                if piece:
-                    targets.append(_parse_alias_target(piece, entry.domain, source, line_number))
-        if not targets:
-            raise ConfigError(source, f"line {entry.line}", f"no targets for {entry.key!r}")
-        entries[entry.key] = tuple(targets)
-    domains = frozenset(key.rpartition("@")[2] for key in entries)
-    return AliasTable(entries, domains)
-
-
-def _alias_error(source: str, line: int, problem: str) -> ConfigError:
-    return ConfigError(source, f"line {line}", problem)
-
-
-def _parse_alias_target(text: str, key_domain: str, source: str, number: int) -> str:
-    if text[0] in "|/\"" or text.startswith(":include:"):
-        raise ConfigError(source, f"line {number}",
-                          f"target {text!r}: only addresses are supported (no pipes, files or :include:)")
-    if any(c.isspace() for c in text):
-        raise ConfigError(source, f"line {number}",
-                          f"target {text!r} contains whitespace (separate targets with commas)")
-    local, at, domain = text.rpartition("@")
-    if not at:
-        return f"{text}@{key_domain}"
-    if not local or not domain:
-        raise ConfigError(source, f"line {number}", f"target {text!r} is not 'user@domain'")
-    try:
-        domain = normalize_domain(domain)
-    except ValueError as e:
-        raise ConfigError(source, f"line {number}", f"target {text!r}: {e}") from None
-    return f"{local}@{domain}"
-
-
-def load_alias_file(path: str) -> AliasTable:
-    """Read and parse ``path``; OSError if unreadable, ConfigError on bad content."""
-    return read_map_file(path, parse_aliases, _alias_error)
-
-
 class _AliasFile(WatchedFile[AliasTable]):
     """The alias file of one :class:`AliasMap`, reported on that map's logger in its words."""
 
-    def __init__(self, path: str, *, log: Logger, clock: Callable[[], float]):
+    def __init__(self, path: str, *, log: Logger, clock: Callable[[], float],
+                 allow_commands: bool = False, allow_files: bool = False):
         self._map_log = log
-        super().__init__(path, load_alias_file, what="alias map", errors=(ConfigError,),
-                         clock=clock)
+        super().__init__(path, lambda p: load_alias_file(p, allow_commands=allow_commands,
+                                                         allow_files=allow_files),
+                         what="alias map", errors=(ConfigError,), clock=clock)
 
     def report_unreadable(self, error: OSError) -> None:
         self._map_log.error("alias map {path} cannot be read ({problem}); keeping the previous map",
@@ -216,23 +152,29 @@ class _AliasFile(WatchedFile[AliasTable]):
 
 @implementer(IRecipientPolicy)
 class AliasMap:
-    """Alias / virtual map: rewrite recipients from a file (see :func:`parse_aliases`).
+    """Alias / virtual map: rewrite recipients from a file (see :mod:`pymta.policy.aliases`).
 
     Options: ``file`` (required, relative to the config directory);
-    ``recipient_delimiter`` (default ``"+"``); ``unmatched`` (default
-    ``"reject"``).
+    ``domains`` (default none): the domains the map is authoritative for;
+    ``unmatched`` (default ``"reject"``); ``recipient_delimiter`` (default
+    ``"+"``); ``max_depth`` (default 10); ``allow_commands`` and
+    ``allow_files`` (default false) and ``command_backend`` (default
+    ``"pipe"``).
 
-    Lookup, with the address lower-cased: the exact address, then the
-    address without its ``+extension``, then the ``@domain`` catch-all.  A
-    match is ACCEPT with ``rewrite`` = the targets.  A domain with any entry
-    in the file is a *mapped* domain: an address there that matches nothing
-    gets ``550 5.1.1 User unknown`` (``unmatched = "reject"``, the virtual
-    domain behaviour) or no opinion, so that the next validator decides
-    (``unmatched = "dunno"``, the /etc/aliases behaviour for a domain that
-    also has mailboxes).  Other domains: no opinion.
+    A match (exact address, then without its ``+extension``, which the
+    targets keep, then the ``@domain`` catch-all) is ACCEPT with ``rewrite``
+    = the targets, each expanded again through the map (loops and too deep
+    expansions refused with 550 5.4.6, a broken ``:include:`` file 451).
+    An address that matches nothing gets ``550 5.1.1 User unknown`` in the
+    ``domains`` listed (with ``unmatched = "reject"``), else no opinion: an
+    entry in the file no longer makes its whole domain "mapped" by surprise.
 
-    Aliases expand one level only: targets are not looked up again, so
-    ``a -> b`` and ``b -> c`` delivers mail for ``a`` to ``b``.
+    ``|command`` targets (run by the pipe backend ``command_backend``) are
+    accepted only with ``allow_commands = true``, and ``/path/to/file``
+    targets (appended to, by the same backend) only with ``allow_files =
+    true``: either says this is the system alias file of the administrator,
+    which must then belong to root and be writable by no one else.  Never
+    set them on a map users edit.
 
     The file is re-read when it changes (see
     :class:`pymta.config.watched_file.WatchedFile`: mtime, ctime, size or
@@ -249,9 +191,17 @@ class AliasMap:
         self.path = opts.path("file", context)
         self.delimiters = read_recipient_delimiter(opts)
         self.unmatched = opts.str("unmatched", default="reject", choices=("reject", "dunno"))
+        domains = opts.list_str("domains", default=[])
+        self.max_depth = opts.int("max_depth", default=10, minimum=1, maximum=100)
+        self.allow_commands = opts.bool("allow_commands", default=False)
+        self.allow_files = opts.bool("allow_files", default=False)
+        self.command_backend = opts.str("command_backend", default="pipe")
         opts.finish()
+        self.domains = frozenset(_normalized_domains(domains))
         try:
-            self._file = _AliasFile(self.path, log=self.log, clock=clock)
+            self._file = _AliasFile(self.path, log=self.log, clock=clock,
+                                    allow_commands=self.allow_commands,
+                                    allow_files=self.allow_files)
         except OSError as e:
             raise OptionError("file", f"cannot read {self.path}: {e.strerror or e}") from None
 
@@ -260,26 +210,48 @@ class AliasMap:
         """The map in force (as last loaded)."""
         return self._file.value
 
+    def _expander(self) -> AliasExpander:
+        return AliasExpander(self._file.current(), self.delimiters, self.max_depth,
+                             self.command_backend)
+
     def check_recipient(self, session: Any, transaction: Any, recipient: str) -> Verdict:
-        table = self._file.current()
-        local, domain = split_address(recipient)
-        domain = domain_key(domain)
-        if domain not in table.domains:
-            return DUNNO
-        local = local.lower()
-        targets = table.entries.get(f"{local}@{domain}")
-        if targets is None:
-            base = strip_extension(local, self.delimiters)
-            if base is not None:
-                targets = table.entries.get(f"{base}@{domain}")
-        if targets is None:
-            targets = table.entries.get(f"@{domain}")
+        try:
+            targets = self._expander().expand(recipient)
+        except ExpansionError as e:
+            if e.detail:
+                self.log.error("<{recipient}>: {problem}", recipient=recipient, problem=e.detail)
+            if e.code >= 500:
+                return Verdict.reject(f"<{recipient}>: {e.text}", e.code, e.enhanced)
+            return Verdict.defer(f"<{recipient}>: {e.text}", e.code, e.enhanced)
         if targets is not None:
             return Verdict.accept(rewrite=targets)
-        if self.unmatched == "reject":
+        domain = domain_key(split_address(recipient)[1])
+        if domain in self.domains and self.unmatched == "reject":
             return _unknown_user(recipient)
         return DUNNO
+
+    def expand_address(self, address: str) -> list | None:
+        """What ``address`` expands to (for mail pymta makes itself: notifications), or None.
+
+        None also when the expansion fails (logged): the caller then uses
+        the address as it is.
+        """
+        try:
+            return self._expander().expand(address)
+        except ExpansionError as e:
+            self.log.error("<{recipient}>: {problem}", recipient=address, problem=e.detail or e.text)
+            return None
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed (at most once a second); True if reloaded."""
         return self._file.reload_if_changed()
+
+
+def _normalized_domains(domains: list[str]) -> list[str]:
+    out = []
+    for index, domain in enumerate(domains):
+        try:
+            out.append(normalize_domain(domain.lstrip("@")))
+        except ValueError as e:
+            raise OptionError(f"domains[{index}]", str(e)) from None
+    return out

@@ -261,7 +261,7 @@ class _SMTPBackend:
                 state["8bit"] = message_has_8bit(message)
             eight_bit = state["8bit"]
         return C.MailTransaction(
-            sender=envelope.sender,
+            sender=envelope.sender_for(recipients[0]),     # one sender a call: the scheduler splits
             recipients=tuple(C.RecipientSpec(r.address, r.notify, _orcpt(r)) for r in recipients),
             size=content_size, body=envelope.body, eight_bit=eight_bit,
             smtputf8=envelope.smtputf8, smtputf8_required=state["smtputf8"],

@@ -18,7 +18,7 @@ from pymta.envelope import Recipient
 from pymta.interfaces import IConnectPrefetch
 from pymta.server.chain import StageDeadline, StageObserver, run_stage
 from pymta.session import Session, Transaction
-from pymta.verdict import DUNNO, Kind, Verdict
+from pymta.verdict import DUNNO, AliasTarget, Kind, Verdict
 
 log = Logger(namespace="pymta.plugins")
 
@@ -103,6 +103,15 @@ class SessionPolicy:
             recipients = []
             seen = set()
             for target in targets:
+                sender = None
+                if isinstance(target, AliasTarget):
+                    if target.command is not None:
+                        command = self._command_recipient(target, recipient, params, seen)
+                        if isinstance(command, Verdict):
+                            return command
+                        recipients.extend(command)
+                        continue
+                    target, sender = target.address, target.sender
                 key = target.lower()
                 if key in seen:
                     continue
@@ -112,7 +121,8 @@ class SessionPolicy:
                     return Verdict.reject(f"<{target}>: no delivery route for this address",
                                           550, "5.4.4")
                 recipients.append(Recipient(address=target, original=recipient, route=route,
-                                            notify=params.get("NOTIFY"), orcpt=params.get("ORCPT")))
+                                            notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
+                                            sender=sender))
             return Verdict.accept(verdict.text, rewrite=recipients)
 
         result = _then(self._run("rcpt", session, transaction, address), decided)
@@ -136,3 +146,21 @@ class SessionPolicy:
             return final                 # a plugin's refusal: reported with the plugin
         self.observer("rcpt", CORE_RULES, why, 0.0)
         return final
+
+    def _command_recipient(self, target: AliasTarget, recipient: str, params: dict,
+                           seen: set) -> list[Recipient] | Verdict:
+        """The recipient for a ``|command`` alias target (none if already there), or a 451."""
+        key = f"|{target.address.lower()}|{target.command}"
+        if key in seen:
+            return []
+        seen.add(key)
+        backend = self.config.backends.get(target.route)
+        if not getattr(backend, "runs_alias_commands", False):
+            log.error("<{address}>: alias commands and files need a pipe backend named "
+                      "{route!r} (the alias map's command_backend)", address=target.address,
+                      route=target.route)
+            return Verdict.defer(f"<{target.address}>: no delivery backend for alias commands",
+                                 451, "4.3.5")
+        return [Recipient(address=target.address, original=recipient, route=target.route,
+                          notify=params.get("NOTIFY"), orcpt=params.get("ORCPT"),
+                          command=target.command, sender=target.sender)]
