@@ -21,7 +21,9 @@ run: $(STAMP)
 # (a private instance the tests start on a loopback port; debconf is preseeded
 # to "No configuration", so the system's own Postfix is not set up), and HAProxy
 # as the load balancer in front of pymta (a private instance in the foreground,
-# own config, loopback ports; the PROXY protocol tests).  Installed
+# own config, loopback ports; the PROXY protocol tests), systemd's
+# systemd-analyze and systemd-socket-activate (the units in etc/, socket
+# activation; systemd is not started) and logrotate (etc/logrotate.d/pymta).  Installed
 # with apt when root; otherwise they must already be on PATH (the tests say
 # which one is missing).
 test-programs:
@@ -40,6 +42,16 @@ test-programs:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
 	  else echo "haproxy is missing: apt-get install haproxy (as root)"; fi; \
+	fi
+	@if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v systemd-socket-activate >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq systemd >/dev/null; \
+	  else echo "systemd-analyze is missing: apt-get install systemd (as root)"; fi; \
+	fi
+	@if ! command -v logrotate >/dev/null 2>&1 && [ ! -x /usr/sbin/logrotate ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq logrotate >/dev/null; \
+	  else echo "logrotate is missing: apt-get install logrotate (as root)"; fi; \
 	fi
 
 test: $(STAMP) test-programs

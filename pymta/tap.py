@@ -99,14 +99,22 @@ class LogSetup(Service):
 
     twistd's text observer is replaced by :class:`pymta.logtext.ClassicTextObserver`
     (same lines, less work per line), and the two lines Twisted writes for
-    every DNS query's UDP port are dropped.
+    every DNS query's UDP port are dropped.  With ``[log] format = "json"``
+    the lines are JSON objects instead (:mod:`pymta.logjson`).
     """
+
+    def __init__(self, log_format: str = "text") -> None:
+        self.log_format = log_format
 
     def startService(self) -> None:
         super().startService()
         from twisted.logger import FilteringLogObserver, PredicateResult, globalLogPublisher
 
-        speed_up_text_log(globalLogPublisher)
+        if self.log_format == "json":
+            from pymta.logjson import JSONLineObserver
+            speed_up_text_log(globalLogPublisher, JSONLineObserver)
+        else:
+            speed_up_text_log(globalLogPublisher)
 
         def predicate(event):
             return PredicateResult.no if _dns_port_noise(event) else PredicateResult.maybe
@@ -221,11 +229,29 @@ def build_service(config: Config, reactor) -> MultiService:
             factory = ProxyHeaderFactory(factory, listener, reactor)
         ListenerService(listener, endpoint, factory, after=shutdown.drained).setServiceParent(top)
     shutdown.setServiceParent(top)   # the sessions drain, then the listeners stop
-    LogSetup().setServiceParent(top)
+    LogSetup(config.log_format).setServiceParent(top)
+    notify_systemd(top, scheduler, counter, reactor)
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
     return top
+
+
+def notify_systemd(top: MultiService, scheduler, counter, reactor) -> None:
+    """systemd's Type=notify messages (pymta.systemd); nothing without NOTIFY_SOCKET.
+
+    Added last: started once the spool is recovered and every listener
+    listens (READY=1), the first told of a stop (STOPPING=1).  A reload
+    finds it with ``top.getServiceNamed("systemd-notify")`` and calls its
+    ``reloading()`` and ``ready()``.
+    """
+    from pymta.systemd import Notifier, NotifyService, queue_status, when_listening
+
+    def listening():
+        return [when_listening(service) for service in top if isinstance(service, ListenerService)]
+
+    NotifyService(Notifier.from_environment(), queue_status(scheduler, counter), reactor,
+                  listening=listening).setServiceParent(top)
 
 
 def prepare_run_as(options, config: Config):

@@ -38,6 +38,7 @@ from pymta.addresses import normalize_domain
 from pymta.config.options import Options, PluginContext, closest, describe_value
 from pymta.config.durations import format_duration
 from pymta.filesync import SYNC_MODES
+from pymta.logjson import LOG_FORMATS
 from pymta.interfaces import IRemoteDelivery
 
 __all__ = ["load_config", "default_config", "make_resolver", "EMBEDDED_SOURCE", "ROLES", "SPOOL_DISK_WORK"]
@@ -173,6 +174,7 @@ class _ConfigBuilder:
             routes = top.value("routes", None)
             dns_table = top.table("dns", {})
             tls_table = top.table("tls", None)
+            log_table = top.table("log", {})
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
@@ -189,13 +191,14 @@ class _ConfigBuilder:
         route_list = self._routes(routes, domains, backend_objs)
         stage_map = plugin_loader.stages(stages, plugins)
         listener_list = read_listeners(self, listeners, tls, bool(stage_map.get("auth")))
+        log_format = self._log(log_table)
         return Config(
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
-            shutdown_timeout=self.shutdown_timeout)
+            shutdown_timeout=self.shutdown_timeout, log_format=log_format)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:
@@ -252,6 +255,14 @@ class _ConfigBuilder:
             disk_work = opts.str("disk_work", default=Config.spool_disk_work, choices=SPOOL_DISK_WORK)
             opts.finish()
         return directory, sync, memory_limit, disk_work
+
+    # -- [log] ------------------------------------------------------------------
+    def _log(self, table: dict[str, Any]) -> str:
+        with self.section("log"):
+            opts = Options(table)
+            log_format = opts.str("format", default=Config.log_format, choices=LOG_FORMATS)
+            opts.finish()
+        return log_format
 
     # -- [[listeners]] --------------------------------------------------------
     # -- [limits] and [queue] -------------------------------------------------

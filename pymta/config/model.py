@@ -156,6 +156,8 @@ class Config:
     #: on stop (SIGTERM), how long transactions in flight may take to finish
     #: before their sessions are closed with 421 ([server] shutdown_timeout)
     shutdown_timeout: float = 30.0
+    #: the log's lines: "text" (twistd's format) or "json" (pymta.logjson) ([log] format)
+    log_format: str = "text"
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -1,0 +1,442 @@
+"""pymta under systemd: the units, the notification socket, socket activation, JSON logs.
+
+The units in etc/ are checked by ``systemd-analyze verify``; the
+notifications are received by a datagram socket of the test, as systemd
+would receive them, from a real twistd started the way the unit starts it;
+socket activation is done by ``systemd-socket-activate`` (what systemd
+does for pymta.socket, from the command line); the JSON log is read back
+with ``json.loads``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import smtplib
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, LogPublisher, Logger
+from twisted.python.failure import Failure
+
+from conftest import BACKEND_TOML, ROOT, TWISTD, PymtaServer, free_port, require_program, wait_for_log
+from pymta.logjson import JSONLineObserver
+from pymta.systemd import Notifier, NotifyService, socket_address
+
+SERVICE = ROOT / "etc" / "pymta.service"
+SOCKET = ROOT / "etc" / "pymta.socket"
+LOGROTATE = ROOT / "etc" / "logrotate.d" / "pymta"
+#: where etc/pymta.service expects a pip-installed pymta (a venv in /opt/pymta)
+UNIT_TWISTD = "/opt/pymta/bin/twistd"
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notification socket."""
+
+    def __init__(self, tmp_path: Path, abstract: bool) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"pymta-test-{uuid.uuid4().hex}"
+            self.sock.bind("\0" + name)
+            self.env_value = "@" + name
+        else:
+            path = tmp_path / "notify.sock"
+            self.sock.bind(str(path))
+            self.env_value = str(path)
+
+    def receive(self, timeout: float = 20.0) -> dict[str, str]:
+        """The next message, as its assignments."""
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.split("\n"))
+
+    def receive_until(self, key: str, timeout: float = 20.0) -> list[dict[str, str]]:
+        """Messages up to and including the first one that has ``key``."""
+        messages = []
+        deadline = time.monotonic() + timeout
+        while not messages or key not in messages[-1]:
+            messages.append(self.receive(max(0.1, deadline - time.monotonic())))
+        return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def exec_start(unit: Path) -> list[str]:
+    """The unit's ExecStart= command line, as words."""
+    [line] = [l for l in unit.read_text().splitlines() if l.startswith("ExecStart=")]
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def start_as_the_unit_does(config: Path, log: Path, env: dict[str, str], prefix=()) -> subprocess.Popen:
+    """twistd with the unit's arguments: its own twistd and config file instead of /opt, /etc."""
+    words = exec_start(SERVICE)
+    assert words[0] == UNIT_TWISTD and words[-2:] == ["--config", "/etc/pymta/pymta.toml"]
+    argv = [*prefix, TWISTD, *words[1:-1], str(config)]
+    return subprocess.Popen(argv, cwd=config.parent, env=env, stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT)
+
+
+# -- the unit files -------------------------------------------------------------------
+
+
+def test_the_units_pass_systemd_analyze_verify(tmp_path):
+    analyze = require_program("systemd-analyze")
+    assert Path(TWISTD).is_file()
+    for unit in (SERVICE, SOCKET):
+        text = unit.read_text()
+        (tmp_path / unit.name).write_text(text.replace(UNIT_TWISTD, TWISTD))
+    assert UNIT_TWISTD in SERVICE.read_text()
+    run = subprocess.run([analyze, "verify", str(tmp_path / SERVICE.name), str(tmp_path / SOCKET.name)],
+                         capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout + run.stderr) == (0, "")
+
+
+def test_the_only_complaint_about_the_units_as_shipped_is_a_missing_twistd(tmp_path):
+    """As shipped, ExecStart names /opt/pymta/bin/twistd: where it is not installed, verify
+    says so, and says nothing else."""
+    analyze = require_program("systemd-analyze")
+    if Path(UNIT_TWISTD).exists():
+        pytest.skip(f"{UNIT_TWISTD} is installed here")
+    for unit in (SERVICE, SOCKET):
+        (tmp_path / unit.name).write_text(unit.read_text())
+    run = subprocess.run([analyze, "verify", str(tmp_path / SERVICE.name), str(tmp_path / SOCKET.name)],
+                         capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert complaints == [f"pymta.service: Command {UNIT_TWISTD} is not executable: "
+                          "No such file or directory"]
+
+
+def test_the_service_unit_says_what_the_readme_says():
+    text = SERVICE.read_text()
+    settings = dict(line.split("=", 1) for line in text.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["Type"] == "notify"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["NoNewPrivileges"] == "yes"
+    assert settings["StateDirectory"] == "pymta"
+    assert settings["ReadWritePaths"] == "/var/mail/pymta"
+    assert settings["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert "--nodaemon" in exec_start(SERVICE) and "--pidfile=" in exec_start(SERVICE)
+    socket_settings = dict(line.split("=", 1) for line in SOCKET.read_text().splitlines()
+                           if "=" in line and not line.startswith("#"))
+    assert socket_settings["FileDescriptorName"] == "mx"
+    assert socket_settings["Service"] == "pymta.service"
+    readme = (ROOT / "README.md").read_text()
+    assert 'endpoint = "systemd:domain=INET:name=mx"' in readme
+
+
+def test_the_logrotate_snippet_is_accepted_by_logrotate(tmp_path):
+    """logrotate reads the snippet (its user and directory made local) and rotates the file."""
+    logrotate = require_program("logrotate")
+    import grp
+    import pwd
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    logs = tmp_path / "log"
+    logs.mkdir()
+    (logs / "pymta.log").write_text("a line\n")
+    text = LOGROTATE.read_text()
+    assert "create 0640 pymta adm" in text and "/var/log/pymta/*.log {" in text
+    text = text.replace("create 0640 pymta adm", f"create 0640 {user} {group}")
+    text = text.replace("/var/log/pymta/*.log", f"{logs}/*.log")
+    # the postrotate script as written, but for a pid file of the test's (no server here)
+    text = text.replace("/run/pymta/twistd.pid", str(tmp_path / "none.pid"))
+    config = tmp_path / "pymta.logrotate"
+    config.write_text(text)
+    config.chmod(0o644)
+    run = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (logs / "pymta.log.1").read_text() == "a line\n"
+    assert (logs / "pymta.log").read_text() == ""
+
+
+# -- the notification socket ----------------------------------------------------------
+
+
+DEFERRING_TOML = BACKEND_TOML + """
+[backends.out]
+use = "smarthost"
+host = "127.0.0.1:{closed_port}"
+tls = "none"
+
+[[routes]]
+match = "example.test"
+backend = "local"
+
+[[routes]]
+match = "*"
+backend = "out"
+"""
+
+
+def one_deferred_message(tmp_path) -> PymtaServer:
+    """A stopped server whose spool holds one message deferred (its next hop refuses)."""
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
+    server = PymtaServer(workdir, DEFERRING_TOML.format(closed_port=free_port()))
+    server.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+            client.sendmail("a@example.test", ["bob@elsewhere.test"], b"Subject: later\r\n\r\nx\r\n")
+        wait_for_log(server, r"to=<bob@elsewhere\.test>.*status=deferred")
+    finally:
+        server.stop()
+    return server
+
+
+@pytest.mark.parametrize("abstract", [True, False], ids=["abstract-socket", "socket-file"])
+def test_ready_after_listening_with_the_queue_then_stopping_on_sigterm(tmp_path, abstract):
+    server = one_deferred_message(tmp_path)
+    notify = NotifySocket(tmp_path, abstract)
+    env = dict(os.environ, NOTIFY_SOCKET=notify.env_value)
+    proc = start_as_the_unit_does(server.config, server.log, env)
+    try:
+        first = notify.receive()
+        # READY=1 is the first message, and the port takes connections when it comes
+        assert first["READY"] == "1", first
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as probe:
+            probe.settimeout(10)
+            assert probe.recv(100).startswith(b"220 ")
+            probe.sendall(b"QUIT\r\n")
+        assert first["MAINPID"] == str(proc.pid)
+        assert re.fullmatch(r"1 message\(s\) in the queue \(0 held\), \d+ being delivered; "
+                            r"\d+ connection\(s\)", first["STATUS"]), first
+        assert "scheduler: 1 message(s) in the spool" in server.log_text()
+        proc.send_signal(signal.SIGTERM)
+        stopping = notify.receive_until("STOPPING")[-1]
+        assert stopping["STOPPING"] == "1"
+        # twistd ends by the signal that stopped it, as systemd expects (a clean exit)
+        assert proc.wait(20) == -signal.SIGTERM
+        assert "Server Shut Down." in server.log_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+def test_watchdog_keepalives_when_the_unit_asks_for_them(tmp_path):
+    notify = NotifySocket(tmp_path, abstract=True)
+    server = PymtaServer(tmp_path, BACKEND_TOML)
+    env = dict(os.environ, NOTIFY_SOCKET=notify.env_value, WATCHDOG_USEC="200000")
+    proc = start_as_the_unit_does(server.config, server.log, env)
+    try:
+        assert notify.receive()["READY"] == "1"
+        assert notify.receive_until("WATCHDOG")[-1] == {"WATCHDOG": "1"}
+        assert notify.receive_until("WATCHDOG")[-1] == {"WATCHDOG": "1"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        notify.close()
+
+
+def test_no_notify_socket_no_messages_and_no_complaint(server):
+    assert "pymta.systemd" not in server.log_text()
+
+
+class Sent:
+    """A Notifier's messages, through a real socket pair."""
+
+    def __init__(self) -> None:
+        self.receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"pymta-test-{uuid.uuid4().hex}"
+        self.receiver.bind("\0" + name)
+        self.receiver.setblocking(False)
+        self.notifier = Notifier.from_environment({"NOTIFY_SOCKET": "@" + name})
+
+    def messages(self) -> list[str]:
+        found = []
+        while True:
+            try:
+                found.append(self.receiver.recv(4096).decode())
+            except BlockingIOError:
+                return found
+
+
+def test_reloading_and_ready_around_a_reload():
+    sent = Sent()
+    service = NotifyService(sent.notifier, lambda: "3 message(s) in the queue", Clock())
+    service.startService()
+    assert sent.messages()[0].startswith("READY=1\nMAINPID=")
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    service.reloading()
+    service.ready()
+    reloading, ready = sent.messages()
+    fields = dict(line.split("=", 1) for line in reloading.split("\n"))
+    assert fields["RELOADING"] == "1" and int(fields["MONOTONIC_USEC"]) >= before
+    assert ready == "READY=1\nSTATUS=3 message(s) in the queue"
+
+
+def test_status_every_interval_and_nothing_after_the_stop():
+    sent = Sent()
+    clock = Clock()
+    count = iter(range(100))
+    service = NotifyService(sent.notifier, lambda: f"{next(count)} message(s)\nin the queue", clock,
+                            status_interval=30)
+    service.startService()
+    assert sent.messages()[0].endswith("STATUS=0 message(s) in the queue")   # one line
+    clock.advance(29)
+    assert sent.messages() == []
+    clock.advance(1)
+    assert sent.messages() == ["STATUS=1 message(s) in the queue"]
+    service.stopService()
+    assert sent.messages() == ["STOPPING=1\nSTATUS=stopping: sessions finish their transactions"]
+    clock.advance(60)
+    assert sent.messages() == []
+
+
+def test_the_environment_is_read_once_and_cleared():
+    environ = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "5000000", "WATCHDOG_PID": str(os.getpid()),
+               "OTHER": "kept"}
+    notifier = Notifier.from_environment(environ)
+    assert (notifier.address, notifier.watchdog_usec) == ("\0x", 5000000)
+    assert environ == {"OTHER": "kept"}
+    # the watchdog of another process (twistd forked away from it) is not ours
+    other = Notifier.from_environment({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "5",
+                                       "WATCHDOG_PID": "1"})
+    assert other.watchdog_usec is None
+    assert not Notifier.from_environment({}).enabled
+    assert Notifier.from_environment({}).send("READY=1") is False
+
+
+def test_notify_socket_addresses():
+    assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert socket_address("@abstract") == "\0abstract"
+    for bad in ("relative/path", "@", "vsock:2:1234"):
+        with pytest.raises(ValueError, match="NOTIFY_SOCKET"):
+            socket_address(bad)
+    assert not Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1"}).enabled
+
+
+def test_a_vanished_manager_is_logged_once_and_never_raised(tmp_path):
+    notifier = Notifier(str(tmp_path / "gone.sock"))
+    assert notifier.send("READY=1") is False
+    assert notifier.send("STATUS=x") is False
+
+
+# -- socket activation --------------------------------------------------------------------
+
+
+def test_socket_activation_delivers_through_the_inherited_socket(tmp_path):
+    """systemd-socket-activate binds the port, starts twistd on the first connection and
+    passes the socket as LISTEN_FDS with the name "mx"; pymta listens on it by name."""
+    activate = require_program("systemd-socket-activate")
+    port = free_port()
+    notify = NotifySocket(tmp_path, abstract=True)
+    server = PymtaServer(tmp_path, BACKEND_TOML)
+    server.config.write_text(server.config.read_text().replace(
+        f'endpoint = "tcp:{server.port}:interface=127.0.0.1"', 'endpoint = "systemd:domain=INET:name=mx"'))
+    assert 'endpoint = "systemd:domain=INET:name=mx"' in server.config.read_text()
+    # as pymta.socket: ListenStream= and FileDescriptorName=mx; the environment as systemd's
+    prefix = [activate, "-l", f"127.0.0.1:{port}", "--fdname=mx", "-E", f"NOTIFY_SOCKET={notify.env_value}"]
+    proc = start_as_the_unit_does(server.config, server.log, dict(os.environ), prefix=prefix)
+    try:
+        deadline = time.monotonic() + 20
+        while True:                          # until systemd-socket-activate listens
+            try:
+                client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and proc.poll() is None, server.log_text()
+                time.sleep(0.05)
+        with client:
+            client.sendmail("a@example.org", ["alice@example.test"], b"Subject: activated\r\n\r\nhi\r\n")
+        assert notify.receive()["READY"] == "1"
+        [message] = server.delivered("alice@example.test")
+        assert b"Subject: activated" in message
+        assert f"SMTPServerFactory starting on {port}" in server.log_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+# -- JSON logs ----------------------------------------------------------------------------
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_json_log_lines_of_a_delivered_message(make_server):
+    server = make_server(BACKEND_TOML + '\n[log]\nformat = "json"\n')
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+        client.sendmail("a@example.org", ["alice@example.test"], b"Subject: j\r\n\r\nbody\r\n")
+    wait_for_log(server, r'"status": "sent"')
+    server.stop()
+    text = server.log_text()
+    started = text.index("\n{") + 1              # twistd's own first lines are text
+    for line in text[started:].splitlines():     # from then on, every line is one object
+        assert isinstance(json.loads(line), dict), line
+    records = json_lines(text)
+    [received] = [r for r in records if r["text"].endswith("nrcpt=1")]
+    queue_id = received["fields"]["queue_id"]
+    assert received["fields"]["sender"] == "a@example.org"
+    assert received["namespace"] == "pymta.smtpd" and received["level"] == "info"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", received["time"])
+    [sent] = [r for r in records if r.get("fields", {}).get("status") == "sent"]
+    assert sent["fields"]["queue_id"] == queue_id
+    assert sent["fields"]["to"] == "alice@example.test"
+    assert sent["text"].startswith(f"{queue_id}: to=<alice@example.test>, relay=local[maildir:")
+    assert sent["text"].endswith(")") and "status=sent (250 2.0.0" in sent["text"]
+    assert set(sent) == {"time", "level", "namespace", "text", "fields"}
+
+
+def test_twistd_logger_option_makes_every_line_json(tmp_path):
+    server = PymtaServer(tmp_path, BACKEND_TOML)
+    with server.log.open("ab") as log:
+        proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "--logger", "pymta.logjson.observer",
+                                 "pymta", "--config", str(server.config)],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    server.proc = proc
+    try:
+        from conftest import wait_until_serving
+        wait_until_serving(proc, server.port, server.log)
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+            client.sendmail("a@example.org", ["alice@example.test"], b"Subject: j\r\n\r\nbody\r\n")
+        wait_for_log(server, r'"status": "sent"')
+    finally:
+        server.stop()
+    lines = server.log_text().splitlines()
+    records = [json.loads(line) for line in lines]        # every line, twistd's first ones too
+    assert records[0]["text"].startswith("pymta on mx=")
+    assert any(r["text"].startswith("twistd ") for r in records)
+    assert any(r.get("fields", {}).get("status") == "sent" for r in records)
+
+
+def test_json_observer_fields_tracebacks_and_legacy_events():
+    import io
+    out = io.StringIO()
+    publisher = LogPublisher(JSONLineObserver(out, lambda event: None))
+    log = Logger(namespace="pymta.test", observer=publisher)
+    log.warn("{queue_id}: {what}\nsecond line", queue_id="Q1", what="odd", obj=object(),
+             error=OSError("disk full"), size=12, flag=True)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("it broke", Failure())
+    publisher({"log_format": "legacy text", "log_system": "-", "log_level": LogLevel.info,
+               "log_namespace": "log_legacy", "log_time": 1e9, "message": ("legacy text",),
+               "isError": 0, "system": "-"})
+    first, second, third = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert first["text"] == "Q1: odd\nsecond line" and first["level"] == "warn"
+    assert first["fields"] == {"queue_id": "Q1", "what": "odd", "error": "disk full", "size": 12,
+                               "flag": True}
+    assert second["text"] == "it broke" and "ZeroDivisionError" in second["traceback"]
+    assert third == {"time": third["time"], "level": "info", "namespace": "log_legacy",
+                     "text": "legacy text", "system": "-"}
