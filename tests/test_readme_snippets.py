@@ -16,6 +16,8 @@ the temp directory for every snippet: ``users`` (an empty password file,
 mode 0600), ``sender-logins`` (an empty map), ``tls/cert.pem`` and
 ``tls/key.pem`` (a self-signed pair), ``provider.secret`` (mode 0600),
 ``plugins/`` (a copy of ``etc/plugins``) and ``vip-senders``.
+A socket named ``mx`` counts as inherited from systemd (the socket
+activation snippet).
 
 Routing: in every snippet that defines routes, each local domain and its
 postmaster reach a backend that delivers here, never a relay or smarthost
@@ -85,6 +87,15 @@ def workspace(directory: Path) -> Path:
     shutil.copytree(ROOT / "etc" / "plugins", directory / "plugins")
     shutil.copy(ROOT / "etc" / "vip-senders", directory / "vip-senders")
     return directory / "pymta.toml"
+
+
+@pytest.fixture(autouse=True)
+def sockets_from_systemd(monkeypatch):
+    """Sockets named as in the socket-activation snippet, as if systemd had passed them
+    (``systemd:domain=INET:name=mx`` endpoints are only parsed here, never listened on)."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([3], ("mx",)))
 
 
 @pytest.fixture(autouse=True)
