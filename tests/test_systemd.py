@@ -18,6 +18,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -500,3 +501,29 @@ def test_json_observer_fields_tracebacks_and_legacy_events():
     assert second["text"] == "it broke" and "ZeroDivisionError" in second["traceback"]
     assert third == {"time": third["time"], "level": "info", "namespace": "log_legacy",
                      "text": "legacy text", "system": "-"}
+
+
+def test_the_plugin_cache_line_of_the_unit_runs(tmp_path):
+    """The unit's install note writes Twisted's plugin caches for the read-only /opt."""
+    [line] = [l for l in SERVICE.read_text().splitlines() if l.startswith("#   /opt/pymta/bin/python -c ")]
+    words = shlex.split(line.removeprefix("#   "))
+    run = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert (run.returncode, run.stderr) == (0, "")
+    import pymta.plugins
+    import twisted.plugins
+    for package in (twisted.plugins, pymta.plugins):
+        assert any((Path(d) / "dropin.cache").is_file() for d in package.__path__), package
+
+
+def test_a_wrong_log_format_is_one_line(tmp_path):
+    from twisted.internet.testing import MemoryReactor
+
+    from pymta.config.errors import ConfigError
+    from pymta.config.loader import load_config
+    config = tmp_path / "pymta.toml"
+    config.write_text('[log]\nformat = "xml"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(config), MemoryReactor())
+    assert str(raised.value).startswith(f"{config}: log.format: ")
+    assert "json" in str(raised.value) and "\n" not in str(raised.value)
