@@ -8,7 +8,10 @@ library (sd_notify(3) describes it; the ``sdnotify`` package does the same):
 
 * ``READY=1`` (with ``MAINPID=`` and a ``STATUS=``) once every listener is
   listening and the spool is recovered: ``systemctl start`` returns then,
-  and units ordered ``After=pymta.service`` start then;
+  and units ordered ``After=pymta.service`` start then.  ``MAINPID=``
+  matters only for a twistd that daemonizes (no ``--nodaemon``): the
+  process that reports is then not the one systemd started, and the unit
+  needs ``NotifyAccess=all``;
 * ``STATUS=`` with the size of the queue, every :data:`STATUS_INTERVAL`
   seconds (``systemctl status pymta`` shows it);
 * ``STOPPING=1`` when a stop begins (the sessions drain afterwards);

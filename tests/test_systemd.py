@@ -314,6 +314,20 @@ def test_reloading_and_ready_around_a_reload():
     assert ready == "READY=1\nSTATUS=3 message(s) in the queue"
 
 
+def test_ready_waits_for_every_listener():
+    from twisted.internet import defer
+    sent = Sent()
+    first, second = defer.Deferred(), defer.Deferred()
+    service = NotifyService(sent.notifier, lambda: "0 message(s)", Clock(),
+                            listening=lambda: [first, second])
+    service.startService()
+    first.callback(None)
+    assert sent.messages() == []
+    second.callback(None)
+    [ready] = sent.messages()
+    assert ready.startswith("READY=1\n")
+
+
 def test_status_every_interval_and_nothing_after_the_stop():
     sent = Sent()
     clock = Clock()
