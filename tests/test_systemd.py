@@ -541,3 +541,24 @@ def test_a_wrong_log_format_is_one_line(tmp_path):
         load_config(str(config), MemoryReactor())
     assert str(raised.value).startswith(f"{config}: log.format: ")
     assert "json" in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_twistds_log_file_is_left_to_logrotate(tmp_path, log_format):
+    """LogSetup's observer writes into twistd's --logfile, which no longer rotates at 1 MB."""
+    from twisted.logger import textFileLogObserver
+    from twisted.python.logfile import LogFile
+
+    from pymta.logtext import speed_up_text_log
+    log_file = LogFile.fromFullPath(str(tmp_path / "pymta.log"))
+    assert log_file.rotateLength == 1_000_000            # twistd's default
+    publisher = LogPublisher(textFileLogObserver(log_file))
+    replacement = {"json": (JSONLineObserver,), "text": ()}[log_format]   # text: the default
+    assert speed_up_text_log(publisher, *replacement) == 1
+    assert log_file.rotateLength is None
+    Logger(namespace="pymta", observer=publisher).info("{big}", big="x" * 1_100_000)
+    Logger(namespace="pymta", observer=publisher).info("after")
+    log_file.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pymta.log"]
+    last = (tmp_path / "pymta.log").read_text().splitlines()[-1]
+    assert (json.loads(last)["text"] if log_format == "json" else last).endswith("after")
