@@ -101,6 +101,18 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path):
     assert (run.returncode, run.stdout + run.stderr) == (0, "")
 
 
+def test_the_hardening_is_rated_as_the_readme_says(tmp_path):
+    analyze = require_program("systemd-analyze")
+    unit = tmp_path / SERVICE.name
+    unit.write_text(SERVICE.read_text().replace(UNIT_TWISTD, TWISTD))
+    run = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for pymta\.service: (\d+\.\d) (\w+)", run.stdout)
+    assert found, run.stdout + run.stderr
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"rates it {found[1]}, \"{found[2]}\"" in readme
+
+
 def test_the_only_complaint_about_the_units_as_shipped_is_a_missing_twistd(tmp_path):
     """As shipped, ExecStart names /opt/pymta/bin/twistd: where it is not installed, verify
     says so, and says nothing else."""
