@@ -529,12 +529,16 @@ def test_json_observer_fields_tracebacks_and_legacy_events():
                      "text": "legacy text", "system": "-"}
 
 
+def plugin_cache_arguments() -> list[str]:
+    """The arguments of the unit's install note that writes the plugin caches (after python)."""
+    [line] = [l for l in SERVICE.read_text().splitlines() if l.startswith("#   /opt/pymta/bin/python -c ")]
+    return shlex.split(line.removeprefix("#   "))[1:]
+
+
 def test_the_plugin_cache_line_of_the_unit_runs(tmp_path):
     """The unit's install note writes Twisted's plugin caches for the read-only /opt."""
-    [line] = [l for l in SERVICE.read_text().splitlines() if l.startswith("#   /opt/pymta/bin/python -c ")]
-    words = shlex.split(line.removeprefix("#   "))
-    run = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run([sys.executable, *plugin_cache_arguments()], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
     assert (run.returncode, run.stderr) == (0, "")
     import pymta.plugins
     import twisted.plugins
@@ -574,3 +578,58 @@ def test_twistds_log_file_is_left_to_logrotate(tmp_path, log_format):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pymta.log"]
     last = (tmp_path / "pymta.log").read_text().splitlines()[-1]
     assert (json.loads(last)["text"] if log_format == "json" else last).endswith("after")
+
+
+# -- the unit's confinement, without systemd ------------------------------------------------
+
+from test_privdrop import DroppingServer, ids_of, python, user, workdir  # noqa: E402,F401 (fixtures)
+
+
+class ConfinedServer(DroppingServer):
+    """twistd as the unit runs it: as the user from the first instruction (User=, no --uid),
+    without new privileges or capabilities (NoNewPrivileges=, CapabilityBoundingSet= less
+    CAP_NET_BIND_SERVICE: the port is above 1023 here), and with every file system
+    read-only but the spool and the mailboxes (ProtectSystem=strict, StateDirectory=,
+    ReadWritePaths=), in a mount namespace of its own made by unshare(1)."""
+
+    def __init__(self, *args, uid: int, gid: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.ids = (uid, gid)
+
+    def command(self, uid: str | None) -> list[str]:
+        read_write = 'for d in "$1" "$2"; do mount --bind "$d" "$d" || exit 1; done'
+        script = (f"mount --make-rprivate / && {read_write} && mount -o remount,bind,ro / "
+                  '&& shift 2 && exec "$@"')
+        return [require_program("unshare"), "--mount", "sh", "-c", script, "sh", str(self.spool),
+                str(self.mail), require_program("setpriv"), f"--reuid={self.ids[0]}",
+                f"--regid={self.ids[1]}", "--clear-groups", "--no-new-privs", "--inh-caps=-all",
+                "--bounding-set=-all", *super().command(None)]
+
+
+def test_runs_confined_as_the_unit_confines_it(user, python, workdir):
+    spool, mail = workdir / "spool", workdir / "mail"
+    for directory in (spool, mail):          # StateDirectory= and the README's install -d
+        directory.mkdir()
+        os.chown(directory, user.pw_uid, user.pw_gid)
+    server = ConfinedServer(python, workdir, spool, mail, uid=user.pw_uid, gid=user.pw_gid)
+    # the unit's install note, as root: Twisted's plugin caches
+    from test_privdrop import _python_path
+    env = dict(os.environ, PYTHONPATH=_python_path())
+    subprocess.run([python, *plugin_cache_arguments()], env=env, check=True, timeout=60)
+    server.start(None)
+    try:
+        assert ids_of(server.proc.pid) == ([user.pw_uid] * 4, [user.pw_gid] * 4)
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        assert "\nNoNewPrivs:\t1\n" in status and "\nCapBnd:\t0000000000000000\n" in status
+        # what the server sees: its working directory is read-only
+        touch = subprocess.run([require_program("nsenter"), "-m", "-t", str(server.proc.pid),
+                                "touch", str(workdir / "x")], capture_output=True, text=True)
+        assert touch.returncode != 0 and "Read-only file system" in touch.stderr
+        server.send("confined")
+        [message] = server.delivered(1)
+    finally:
+        server.stop()
+    assert b"Subject: confined" in message.read_bytes()
+    log = server.log.read_text()
+    for trouble in ("Traceback", "Read-only file system", "Unable to write", "Permission denied"):
+        assert trouble not in log, log
