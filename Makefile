@@ -24,9 +24,11 @@ run: $(STAMP)
 # own config, loopback ports; the PROXY protocol tests), Dovecot as the
 # mail store (LMTP) and password service (AUTH): a private instance in the
 # foreground with its own config and sockets in a temp dir (tests/dovecotkit.py);
-# a policy-rc.d keeps the package from starting the system's Dovecot, and
+# a policy-rc.d keeps the package from starting the system's Dovecot,
 # redis-server for the state shared between nodes (a private instance on a
-# loopback port, nothing saved; the greylist and rate-limit tests).  Installed
+# loopback port, nothing saved; the greylist and rate-limit tests), systemd's
+# systemd-analyze and systemd-socket-activate (the units in etc/, socket
+# activation; systemd is not started) and logrotate (etc/logrotate.d/pymta).  Installed
 # with apt when root; otherwise they must already be on PATH (the tests say
 # which one is missing).
 test-programs:
@@ -63,6 +65,16 @@ test-programs:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 redis-server >/dev/null; \
 	  else echo "redis-server is missing: apt-get install redis-server (as root)"; fi; \
+	fi
+	@if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v systemd-socket-activate >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq systemd >/dev/null; \
+	  else echo "systemd-analyze is missing: apt-get install systemd (as root)"; fi; \
+	fi
+	@if ! command -v logrotate >/dev/null 2>&1 && [ ! -x /usr/sbin/logrotate ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq logrotate >/dev/null; \
+	  else echo "logrotate is missing: apt-get install logrotate (as root)"; fi; \
 	fi
 
 test: $(STAMP) test-programs

@@ -23,6 +23,7 @@ import time
 from typing import IO, Any, Callable
 
 from twisted.logger import FileLogObserver, FilteringLogObserver, LogPublisher
+from twisted.python.logfile import LogFile
 
 #: twistd's time stamp format (twisted.logger.timeFormatRFC3339)
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
@@ -70,6 +71,11 @@ class ClassicTextObserver:
         return stamp
 
 
+def _no_size_rotation(out_file: Any) -> None:
+    if isinstance(out_file, LogFile):
+        out_file.rotateLength = None
+
+
 def _is_twistd_text_observer(observer: Any) -> bool:
     """Is this the observer ``textFileLogObserver`` made (twistd's log file or stdout)?"""
     if not isinstance(observer, FileLogObserver):
@@ -79,24 +85,34 @@ def _is_twistd_text_observer(observer: Any) -> bool:
             and hasattr(observer, "_outFile"))
 
 
-def speed_up_text_log(publisher: LogPublisher) -> int:
+def speed_up_text_log(publisher: LogPublisher,
+                      replacement: Callable[[IO[Any], Callable[[dict], str | None]], Any]
+                      = ClassicTextObserver) -> int:
     """Replace twistd's text-file observers among ``publisher``'s; returns how many.
 
     An observer may sit directly in the publisher or inside (nested)
-    ``FilteringLogObserver`` wrappers, which stay as they are.
+    ``FilteringLogObserver`` wrappers, which stay as they are.  The new
+    observer is ``replacement(out_file, twistd_formatter)``: the classic
+    text lines, or :class:`pymta.logjson.JSONLineObserver`.
+
+    A ``--logfile`` twistd opened is no longer rotated by size (twistd's
+    ``LogFile`` renames it every 1 MB, without end): rotating it is
+    logrotate's job (``etc/logrotate.d/pymta``), or ``kill -USR1``'s.
     """
     replaced = 0
     for observer in list(publisher._observers):
         if _is_twistd_text_observer(observer):
             publisher.removeObserver(observer)
-            publisher.addObserver(ClassicTextObserver(observer._outFile, observer.formatEvent))
+            _no_size_rotation(observer._outFile)
+            publisher.addObserver(replacement(observer._outFile, observer.formatEvent))
             replaced += 1
             continue
         wrapper = observer
         while isinstance(wrapper, FilteringLogObserver):
             inner = getattr(wrapper, "_observer", None)
             if _is_twistd_text_observer(inner):
-                wrapper._observer = ClassicTextObserver(inner._outFile, inner.formatEvent)
+                _no_size_rotation(inner._outFile)
+                wrapper._observer = replacement(inner._outFile, inner.formatEvent)
                 replaced += 1
                 break
             wrapper = inner

@@ -38,14 +38,22 @@ class LogSetup(Service):
 
     twistd's text observer is replaced by :class:`pymta.logtext.ClassicTextObserver`
     (same lines, less work per line), and the two lines Twisted writes for
-    every DNS query's UDP port are dropped.
+    every DNS query's UDP port are dropped.  With ``[log] format = "json"``
+    the lines are JSON objects instead (:mod:`pymta.logjson`).
     """
+
+    def __init__(self, log_format: str = "text") -> None:
+        self.log_format = log_format
 
     def startService(self) -> None:
         super().startService()
         from twisted.logger import FilteringLogObserver, PredicateResult, globalLogPublisher
 
-        speed_up_text_log(globalLogPublisher)
+        if self.log_format == "json":
+            from pymta.logjson import JSONLineObserver
+            speed_up_text_log(globalLogPublisher, JSONLineObserver)
+        else:
+            speed_up_text_log(globalLogPublisher)
 
         def predicate(event):
             return PredicateResult.no if _dns_port_noise(event) else PredicateResult.maybe
@@ -140,9 +148,10 @@ def build_service(config: Config, reactor) -> MultiService:
     shutdown.setServiceParent(top)   # the sessions drain, then the listeners stop
     top.reloader = ConfigReloader(server, sockets)
     top.reloader.setServiceParent(top)   # SIGHUP: see pymta.reload.reloader
-    LogSetup().setServiceParent(top)
+    LogSetup(config.log_format).setServiceParent(top)
     # More services go here (setServiceParent(top)); one that must follow a reload
     # appends to top.reloader.on_reload_start / on_reload / on_reload_end.
+    notify_systemd(top, scheduler, counter, reactor)      # last: see its docstring
     log.info("pymta on {listeners} as {hostname}, domains {domains}, spool {spool}",
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
@@ -155,6 +164,28 @@ def _server_metrics(config: Config):
         return None
     from pymta.metrics.instruments import ServerMetrics
     return ServerMetrics()
+
+
+def notify_systemd(top: MultiService, scheduler, counter, reactor) -> None:
+    """systemd's Type=notify messages (pymta.systemd); nothing without NOTIFY_SOCKET.
+
+    Added last: started once the spool is recovered and every listener
+    listens (READY=1), the first told of a stop (STOPPING=1).  A reload
+    says RELOADING=1 when it starts and READY=1 when it ends, whether the
+    new file was put in force or refused.
+    """
+    from pymta.systemd import Notifier, NotifyService, queue_status, when_listening
+
+    def listening():
+        return [when_listening(service) for service in top if isinstance(service, ListenerService)]
+
+    notify = NotifyService(Notifier.from_environment(), queue_status(scheduler, counter), reactor,
+                           listening=listening)
+    notify.setServiceParent(top)
+    reloader = getattr(top, "reloader", None)
+    if reloader is not None:
+        reloader.on_reload_start.append(notify.reloading)
+        reloader.on_reload_end.append(lambda ok: notify.ready())
 
 
 def prepare_run_as(options, config: Config):

@@ -17,6 +17,8 @@ mode 0600), ``sender-logins`` (an empty map), ``tls/cert.pem`` and
 ``tls/key.pem`` (a self-signed pair), ``provider.secret`` (mode 0600),
 ``plugins/`` (a copy of ``etc/plugins``), ``vip-senders`` and ``aliases`` (the
 README's own ```aliases block, tested further in tests/test_aliases.py).
+A socket named ``mx`` counts as inherited from systemd (the socket
+activation snippet).
 
 Routing: in every snippet that defines routes, each local domain and its
 postmaster reach a backend that delivers here, never a relay or smarthost
@@ -89,6 +91,15 @@ def workspace(directory: Path) -> Path:
     (directory / "aliases").write_text(aliases, encoding="utf-8")
     (directory / "aliases").chmod(0o644)
     return directory / "pymta.toml"
+
+
+@pytest.fixture(autouse=True)
+def sockets_from_systemd(monkeypatch):
+    """Sockets named as in the socket-activation snippet, as if systemd had passed them
+    (``systemd:domain=INET:name=mx`` endpoints are only parsed here, never listened on)."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([3], ("mx",)))
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,7 @@ from pymta.addresses import normalize_domain
 from pymta.config.options import Options, PluginContext, closest, describe_value, read_scope
 from pymta.config.durations import format_duration
 from pymta.filesync import SYNC_MODES
+from pymta.logjson import LOG_FORMATS
 from pymta.interfaces import IRemoteDelivery
 from pymta.shared_state import SharedSettings, SharedState, parse_redis_url
 
@@ -184,6 +185,7 @@ class _ConfigBuilder:
             tls_table = top.table("tls", None)
             shared_table = top.table("shared", {})
             metrics_table = top.table("metrics", None)
+            log_table = top.table("log", {})
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
@@ -211,6 +213,7 @@ class _ConfigBuilder:
         stage_map = plugin_loader.stages(stages, plugins)
         listener_list = read_listeners(self, listeners, tls, bool(stage_map.get("auth")))
         metrics_endpoint = read_metrics(self, metrics_table)
+        log_format = self._log(log_table)
         return Config(
             source=self.source, hostname=hostname, domains=domains,
             trusted_networks=trusted, spool_dir=spool_dir, listeners=listener_list,
@@ -218,7 +221,7 @@ class _ConfigBuilder:
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
             shutdown_timeout=self.shutdown_timeout, shared=shared, shared_state=shared_state,
-            metrics_endpoint=metrics_endpoint)
+            metrics_endpoint=metrics_endpoint, log_format=log_format)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:
@@ -290,6 +293,14 @@ class _ConfigBuilder:
                 except ValueError as e:
                     raise OptionError("redis", str(e)) from None
         return SharedSettings(redis, timeout, key_prefix)
+
+    # -- [log] ------------------------------------------------------------------
+    def _log(self, table: dict[str, Any]) -> str:
+        with self.section("log"):
+            opts = Options(table)
+            log_format = opts.str("format", default=Config.log_format, choices=LOG_FORMATS)
+            opts.finish()
+        return log_format
 
     # -- [[listeners]] --------------------------------------------------------
     # -- [limits] and [queue] -------------------------------------------------

@@ -163,6 +163,8 @@ class Config:
     #: where the Prometheus metrics are served (a Twisted server endpoint
     #: string, [metrics] endpoint), or None: no metrics
     metrics_endpoint: str | None = None
+    #: the log's lines: "text" (twistd's format) or "json" (pymta.logjson) ([log] format)
+    log_format: str = "text"
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -9,7 +9,8 @@ file and the running server differ.
 - the spool (``[spool] directory``, ``sync``, ``disk_work``): the spool, its
   disk worker and the scheduler's recovered queue are made once, at start;
 - the control socket and the metrics endpoint (``[control]``,
-  ``[metrics]``): services bound at start;
+  ``[metrics]``): services bound at start; the log's format (``[log]
+  format``): its observer is put in place at start;
 - the user pymta runs as: twistd's ``--uid``/``--gid``, on the command
   line, not in the file; a reload never reads them.
 
@@ -32,6 +33,7 @@ RESTART_ONLY: dict[str, str] = {
     "spool_disk_work": "spool.disk_work",
     "control": "[control]",
     "metrics_endpoint": "metrics.endpoint",
+    "log_format": "log.format",
 }
 
 
