@@ -57,8 +57,6 @@ def test_the_logrotate_snippet_is_accepted_by_logrotate(tmp_path):
     assert (logs / "pymta.log").read_text() == ""
 
 
-@pytest.mark.xfail(strict=True, reason="SIGHUP reopening the log files comes with the "
-                                       "configuration reload (issue 12, another branch)")
 def test_after_logrotate_the_server_writes_into_the_new_file(tmp_path):
     """twistd --logfile, logrotate -f with the snippet's postrotate (SIGHUP through the pid
     file): the server lives on and logs its next message into the new pymta.log."""

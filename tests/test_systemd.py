@@ -373,7 +373,7 @@ def test_socket_activation_delivers_through_the_inherited_socket(tmp_path):
         assert notify.receive()["READY"] == "1"
         [message] = server.delivered("alice@example.test")
         assert b"Subject: activated" in message
-        assert f"SMTPServerFactory starting on {port}" in server.log_text()
+        assert f"pymta listener mx starting on {port}" in server.log_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
