@@ -84,7 +84,8 @@ def test_diff_shows_only_what_differs_from_the_defaults(etc):
     assert printed["backends"]["provider"] == {"use": "smarthost",
                                                "host": "smtp.provider.example:587",
                                                "tls": "encrypt"}
-    assert printed["plugins"]["aliases"] == {"use": "aliasmap", "file": str(etc / "aliases")}
+    assert printed["plugins"]["aliases"] == {"use": "aliasmap", "file": str(etc / "aliases"),
+                                             "domains": ["example.net"]}
     assert "localdomain" not in printed["plugins"]     # its table only repeats the default
 
 
@@ -262,7 +263,8 @@ def test_plugins_with_a_config_names_its_users(etc):
 
 # -- every README snippet: the printed configuration loads to the same one ---------------
 
-from test_readme_snippets import SNIPPETS, complete, isolated_import_state, workspace  # noqa: E402,F401
+from test_readme_snippets import (SNIPPETS, complete, isolated_import_state,  # noqa: E402,F401
+                                  sockets_from_systemd, workspace)
 
 
 @pytest.mark.parametrize("line, snippet", SNIPPETS, ids=[f"README.md:{line}" for line, _ in SNIPPETS])

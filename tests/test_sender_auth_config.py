@@ -13,6 +13,7 @@ from pymta.config.errors import ConfigError
 from pymta.config.loader import load_config
 from pymta.policy.authres import AuthenticationResults
 from pymta.policy.dnsbl import DNSBL
+from pymta.policy.greylist import Greylist
 from pymta.policy.ratelimit import RateLimit
 from pymta.policy.spf import SPFPolicy
 
@@ -49,13 +50,15 @@ def documented_tables() -> str:
 
 def test_documented_example_tables_load(tmp_path):
     tables = documented_tables()
-    assert tables.count("[plugins.") == 4
+    assert tables.count("[plugins.") == 5          # ratelimit, dnsbl, spf, authres, greylist
     config, _ = load(tmp_path, '[server]\nhostname = "mx.example.org"\n[spool]\ndirectory = "spool"\n'
-                     + STAGES + tables)
+                     + STAGES.replace('rcpt = ["ratelimit", ', 'rcpt = ["ratelimit", "greylist", ')
+                     + tables)
     kinds = {stage: [type(p.obj) for p in config.stages[stage]]
              for stage in ("connect", "helo", "mail", "rcpt", "data")}
     assert kinds == {"connect": [RateLimit, DNSBL], "helo": [SPFPolicy], "mail": [RateLimit, SPFPolicy],
-                     "rcpt": [RateLimit, kinds["rcpt"][1]], "data": [SPFPolicy, AuthenticationResults]}
+                     "rcpt": [RateLimit, Greylist, kinds["rcpt"][2]],
+                     "data": [SPFPolicy, AuthenticationResults]}
     spf = config.stages["helo"][0].obj
     assert spf is config.stages["mail"][1].obj is config.stages["data"][0].obj   # one instance
     assert spf.checker.lookup is config.resolver                                # the shared resolver
