@@ -200,6 +200,7 @@ def build_service(config: Config, reactor) -> MultiService:
     scheduler = DeliveryScheduler(spool, config.backends, config.retry, reactor=reactor,
                                   notifier=DeliveryNotifier.from_config(config))
     scheduler.setServiceParent(top)          # started first: recovers the spool
+    add_control_socket(config, scheduler, spool, reactor, top)
     tls = server_tls(config.tls) if config.tls is not None else None
     context = ServerContext(config=config, policy=SessionPolicy(config, reactor), spool=spool,
                             scheduler=scheduler, reactor=reactor, tls=tls,
@@ -226,6 +227,14 @@ def build_service(config: Config, reactor) -> MultiService:
              listeners=", ".join(f"{l.name}={l.endpoint}" for l in config.listeners),
              hostname=config.hostname, domains=", ".join(config.domains), spool=config.spool_dir)
     return top
+
+
+def add_control_socket(config: Config, scheduler, spool, reactor, top: MultiService) -> None:
+    """The control socket of ``pymta queue`` ([control] socket), listening once started."""
+    from pymta.control.service import ControlService, QueueControl
+    if config.control_socket:
+        control = QueueControl(scheduler, spool, config.route_for, reactor)
+        ControlService(config.control_socket, control, reactor).setServiceParent(top)
 
 
 def prepare_run_as(options, config: Config):

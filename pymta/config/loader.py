@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 from pymta.config.errors import ConfigError, OptionError, one_line
 from pymta.config.model import Config, DNSSettings, Limits, Retry, Route
 from pymta.config.listeners import ROLES, read_listeners, read_tls
+from pymta.config.control import read_control
 from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.addresses import normalize_domain
@@ -173,6 +174,7 @@ class _ConfigBuilder:
             routes = top.value("routes", None)
             dns_table = top.table("dns", {})
             tls_table = top.table("tls", None)
+            control = top.table("control", {})
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
@@ -183,6 +185,7 @@ class _ConfigBuilder:
         plugin_loader = PluginLoader(self)
         spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
+        control_socket = read_control(self, control, spool_dir)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
         backend_objs = plugin_loader.backends(DEFAULT_BACKENDS if backends is None else backends)
@@ -195,7 +198,7 @@ class _ConfigBuilder:
             limits=limits_obj, retry=retry, spool_sync=spool_sync,
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
-            shutdown_timeout=self.shutdown_timeout)
+            shutdown_timeout=self.shutdown_timeout, control_socket=control_socket)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:

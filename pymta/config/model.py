@@ -156,6 +156,8 @@ class Config:
     #: on stop (SIGTERM), how long transactions in flight may take to finish
     #: before their sessions are closed with 421 ([server] shutdown_timeout)
     shutdown_timeout: float = 30.0
+    #: the control socket of ``pymta queue`` ([control] socket; pymta.config.control)
+    control_socket: str = ""
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -1,0 +1,182 @@
+"""What an administrator does to the queue (``pymta queue``), as the scheduler carries it out.
+
+:class:`QueueAdministration` is a part of
+:class:`pymta.delivery.scheduler.DeliveryScheduler` (a base class of it, so
+that the scheduler module keeps to delivery): every change goes through the
+scheduler, which owns the messages, and through the spool
+(``Spool.update`` / ``Spool.remove``), never behind their backs.  The
+caller (:mod:`pymta.control.service`) logs who asked.
+
+What each does to a message whose delivery is in flight:
+
+* **hold**: the message is held at once (and the hold written to the
+  spool); the attempt in flight finishes and is recorded, no new one starts.
+* **delete**: the message leaves the queue listing at once; the attempt in
+  flight finishes (a next hop may still get it), its result is dropped,
+  and then the message is removed: no bounce, no retry, removed once.
+  Should the server crash before that, the message is still there after
+  the restart.
+* **bounce**: its recipients not in flight fail at once; those in flight
+  fail when their attempt ends, unless it delivered them.  Then one
+  non-delivery notification goes to the sender (RFC 3464, through
+  :mod:`pymta.bounce`) and the message leaves the queue.
+* **requeue** and **flush**: recipients in flight are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from pymta.envelope import FAILED, PENDING, Envelope
+
+log = Logger(namespace="pymta.delivery.scheduler")
+
+#: the last result of a recipient returned by ``pymta queue bounce``
+BOUNCE_RESULT = "550 5.0.0 {reason}"
+DEFAULT_BOUNCE_REASON = "returned to the sender by the mail administrator"
+
+
+class QueueError(Exception):
+    """An administrative change that cannot be made to this message (the text says why)."""
+
+
+def fail_pending(envelope: Envelope, busy, text: str, now: float) -> list:
+    """Fail the pending recipients not in ``busy`` with ``text``; the ones failed."""
+    failed = []
+    for index, recipient in enumerate(envelope.recipients):
+        if recipient.state == PENDING and index not in busy:
+            recipient.state, recipient.finished_at = FAILED, now
+            recipient.last_result, recipient.diagnostic, recipient.remote_mta = text, None, None
+            failed.append(recipient)
+    return failed
+
+
+def _held_message(envelope: Envelope):
+    """A held message (its envelope alone) as the scheduler's record of a message."""
+    from pymta.delivery.scheduler import _Message
+    return _Message(envelope)
+
+
+class QueueAdministration:
+    """The administrator's changes (see the module docstring); mixed into DeliveryScheduler."""
+
+    # provided by DeliveryScheduler
+    _messages: dict[str, Any]
+    _held: dict[str, Envelope]
+
+    def entries(self) -> list[tuple[Envelope, frozenset[int]]]:
+        """Every message the scheduler holds or delivers: (envelope, indices in flight), by id."""
+        found = [(m.envelope, frozenset(m.busy)) for m in self._messages.values()]
+        found += [(envelope, frozenset()) for queue_id, envelope in self._held.items()
+                  if queue_id not in self._messages]
+        return sorted(found, key=lambda entry: entry[0].queue_id)
+
+    def has_message(self, queue_id: str) -> bool:
+        return queue_id in self._messages or queue_id in self._held
+
+    def hold(self, queue_id: str, reason: str) -> str:
+        """Hold a message; what was done ("held"); QueueError if it already is."""
+        message = self._messages.get(queue_id)
+        if message is None or message.envelope.held:
+            raise QueueError("already held")
+        envelope = message.envelope
+        envelope.held = reason
+        self._unqueue(message)
+        if not message.busy:
+            del self._messages[queue_id]
+            self._held[queue_id] = envelope
+        self._persist(self.spool.update(envelope), envelope, "update")
+        return "held" if not message.busy else "held (the delivery in flight finishes)"
+
+    def delete(self, queue_id: str) -> str:
+        """Remove a message from the queue; what was done."""
+        message = self._messages.pop(queue_id, None)
+        if message is None:
+            self._remove_deleted(_held_message(self._held.pop(queue_id)))
+            return "deleted"
+        message.deleted = True
+        self._unqueue(message)
+        self._held.pop(queue_id, None)
+        if message.busy:
+            return "deleted (removed when the delivery in flight ends)"
+        self._remove_deleted(message)
+        return "deleted"
+
+    def requeue(self, queue_id: str, route_for: Callable[[str], str | None]) -> str:
+        """Route the pending recipients again and try them now, their backoff reset."""
+        message = self._messages.get(queue_id)
+        if message is None or message.envelope.held:
+            raise QueueError("held; release it first")
+        envelope = message.envelope
+        now = self._now()
+        for index, recipient in enumerate(envelope.recipients):
+            if recipient.state == PENDING and index not in message.busy:
+                recipient.route = route_for(recipient.address) or recipient.route
+                recipient.attempts, recipient.next_attempt = 0, now
+        self._persist(self.spool.update(envelope), envelope, "update")
+        self._reschedule(message)
+        return "requeued"
+
+    def flush_message(self, queue_id: str) -> str:
+        """Make the message's pending recipients due now."""
+        message = self._messages.get(queue_id)
+        if message is None or message.envelope.held:
+            raise QueueError("held; release it first")
+        self._forget_failures()
+        now = self._now()
+        for index, recipient in enumerate(message.envelope.recipients):
+            if recipient.state == PENDING and index not in message.busy:
+                recipient.next_attempt = min(recipient.next_attempt, now)
+        self._reschedule(message)
+        return "flushed"
+
+    def bounce(self, queue_id: str, reason: str) -> str:
+        """Return the message to its sender with a non-delivery notification."""
+        message = self._messages.get(queue_id)
+        if message is None:
+            envelope = self._held[queue_id]
+            if envelope.notification == "postmaster":
+                raise QueueError("a failed notification to the postmaster cannot be bounced; "
+                                 "delete it")
+            message = _held_message(self._held.pop(queue_id))
+        envelope = message.envelope
+        envelope.held = None
+        text = BOUNCE_RESULT.format(reason=reason)
+        message.bouncing = text
+        self._unqueue(message)
+        now = self._now()
+        for recipient in fail_pending(envelope, message.busy, text, now):
+            self._log_attempt(envelope, recipient, "none", "", now, "bounced", text)
+        if message.busy:
+            return "bounced (recipients in flight fail when their attempt ends)"
+        self._finish(message)
+        return "bounced"
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _unqueue(self, message) -> None:
+        """No timer and no waiting job for ``message`` (those in flight go on)."""
+        self._cancel_timer(message)
+        if any(job.message is message for job in self._run_queue):
+            for job in self._run_queue:
+                if job.message is message:
+                    message.busy.difference_update(job.indices)
+            self._run_queue = type(self._run_queue)(job for job in self._run_queue
+                                                    if job.message is not message)
+
+    def _remove_deleted(self, message) -> None:
+        envelope = message.envelope
+        if message.removed:                  # by its backend, with its last delivery
+            self.spool.removed_on_delivery(envelope.queue_id)
+        else:
+            self._persist(self.spool.remove(envelope.queue_id, envelope.size), envelope, "remove")
+        log.info("{queue_id}: removed", queue_id=envelope.queue_id)
+
+    def _forget_failures(self) -> None:
+        for backend in self.backends.values():
+            forget = getattr(backend, "forget_failures", None)    # optional: relay backends
+            if callable(forget):
+                forget()
