@@ -54,12 +54,6 @@ def fail_pending(envelope: Envelope, busy, text: str, now: float) -> list:
     return failed
 
 
-def _held_message(envelope: Envelope):
-    """A held message (its envelope alone) as the scheduler's record of a message."""
-    from pymta.delivery.scheduler import _Message
-    return _Message(envelope)
-
-
 class QueueAdministration:
     """The administrator's changes (see the module docstring); mixed into DeliveryScheduler."""
 
@@ -95,7 +89,7 @@ class QueueAdministration:
         """Remove a message from the queue; what was done."""
         message = self._messages.pop(queue_id, None)
         if message is None:
-            self._remove_deleted(_held_message(self._held.pop(queue_id)))
+            self._remove_deleted(self._new_message(self._held.pop(queue_id)))
             return "deleted"
         message.deleted = True
         self._unqueue(message)
@@ -141,7 +135,7 @@ class QueueAdministration:
             if envelope.notification == "postmaster":
                 raise QueueError("a failed notification to the postmaster cannot be bounced; "
                                  "delete it")
-            message = _held_message(self._held.pop(queue_id))
+            message = self._new_message(self._held.pop(queue_id))
         envelope = message.envelope
         envelope.held = None
         text = BOUNCE_RESULT.format(reason=reason)

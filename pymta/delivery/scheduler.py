@@ -234,8 +234,11 @@ class DeliveryScheduler(QueueAdministration, Service):
     def _now(self) -> float:
         return self._reactor.seconds()
 
+    def _new_message(self, envelope: Envelope) -> _Message:
+        return _Message(envelope)
+
     def _track(self, envelope: Envelope) -> None:
-        message = _Message(envelope)
+        message = self._new_message(envelope)
         self._messages[envelope.queue_id] = message
         self._reschedule(message)
 
