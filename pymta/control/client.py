@@ -64,8 +64,8 @@ def _owner(path: str) -> str:
             user = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
             user = str(st.st_uid)
-        what = "" if target == path else f" (its directory {target} is"
-        return (f"{what or ' ('}owned by {user}, mode {stat.S_IMODE(st.st_mode):04o})")
+        what = " (" if target == path else f" (its directory {target} is "
+        return f"{what}owned by {user}, mode {stat.S_IMODE(st.st_mode):04o})"
     return ""
 
 
