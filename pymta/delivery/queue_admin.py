@@ -1,4 +1,4 @@
-"""What an administrator does to the queue (``pymta queue``), as the scheduler carries it out.
+"""What an administrator does to the queue (``pymta queue``, ETRN), as the scheduler carries it out.
 
 :class:`QueueAdministration` is a part of
 :class:`pymta.delivery.scheduler.DeliveryScheduler` (a base class of it, so
@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from pymta.delivery.retry import domain_matcher, make_due
 from pymta.envelope import FAILED, PENDING, Envelope
 
 log = Logger(namespace="pymta.delivery.scheduler")
@@ -148,6 +149,48 @@ class QueueAdministration:
             return "bounced (recipients in flight fail when their attempt ends)"
         self._finish(message)
         return "bounced"
+
+    def release(self, queue_id: str) -> bool:
+        """Release a held message (``pymta queue release``): deliver it again now.
+
+        Records the release in the spool (``Spool.update``) and schedules
+        the message; False if no message of that id is held.
+        """
+        envelope = self._held.pop(queue_id, None)
+        if envelope is None:
+            message = self._messages.get(queue_id)     # held while a delivery was in flight
+            if message is None or not message.envelope.held:
+                return False
+            message.envelope.release(self._now())
+            log.info("{queue_id}: released", queue_id=queue_id)
+            self._persist(self.spool.update(message.envelope), message.envelope, "update")
+            self._reschedule(message)
+            return True
+        envelope.release(self._now())
+        log.info("{queue_id}: released", queue_id=queue_id)
+        self._persist(self.spool.update(envelope), envelope, "update")
+        if not self._stopped:
+            self._track(envelope)
+        return True
+
+    def flush(self, domain: str | None = None) -> int:
+        """Make pending recipients due now (ETRN, RFC 1985); the number of messages affected.
+
+        ``domain`` selects recipients at that domain; ``"@domain"`` also its
+        subdomains; None every pending recipient.  Recipients being
+        delivered right now are left alone.
+        """
+        if self._stopped:
+            return 0
+        self._forget_failures()
+        match = domain_matcher(domain)
+        now = self._now()
+        count = 0
+        for message in list(self._messages.values()):
+            if make_due(message.envelope, message.busy, match, now):
+                count += 1
+                self._reschedule(message)
+        return count
 
     # -- helpers --------------------------------------------------------------------
 

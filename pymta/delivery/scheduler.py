@@ -47,8 +47,8 @@ from pymta.bounce.notifier import NotificationHeld
 from pymta.config.model import Retry
 from pymta.delivery.queue_admin import QueueAdministration, fail_pending
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
-from pymta.delivery.retry import (RetrySchedule, delivery_finishes, domain_matcher, due_by_route,
-                                  format_delay, make_due, next_due, postpone, record_result,
+from pymta.delivery.retry import (RetrySchedule, delivery_finishes, due_by_route,
+                                  format_delay, next_due, postpone, record_result,
                                   unreported_failures)
 from pymta.envelope import Envelope, Recipient
 from pymta.spool.store import Spool
@@ -181,48 +181,6 @@ class DeliveryScheduler(QueueAdministration, Service):
     def held(self) -> dict[str, str]:
         """The held messages: queue id -> why."""
         return {queue_id: envelope.held or "" for queue_id, envelope in self._held.items()}
-
-    def release(self, queue_id: str) -> bool:
-        """Release a held message (``pymta queue release``): deliver it again now.
-
-        Records the release in the spool (``Spool.update``) and schedules
-        the message; False if no message of that id is held.
-        """
-        envelope = self._held.pop(queue_id, None)
-        if envelope is None:
-            message = self._messages.get(queue_id)     # held while a delivery was in flight
-            if message is None or not message.envelope.held:
-                return False
-            message.envelope.release(self._now())
-            log.info("{queue_id}: released", queue_id=queue_id)
-            self._persist(self.spool.update(message.envelope), message.envelope, "update")
-            self._reschedule(message)
-            return True
-        envelope.release(self._now())
-        log.info("{queue_id}: released", queue_id=queue_id)
-        self._persist(self.spool.update(envelope), envelope, "update")
-        if not self._stopped:
-            self._track(envelope)
-        return True
-
-    def flush(self, domain: str | None = None) -> int:
-        """Make pending recipients due now (ETRN, RFC 1985); the number of messages affected.
-
-        ``domain`` selects recipients at that domain; ``"@domain"`` also its
-        subdomains; None every pending recipient.  Recipients being
-        delivered right now are left alone.
-        """
-        if self._stopped:
-            return 0
-        self._forget_failures()
-        match = domain_matcher(domain)
-        now = self._now()
-        count = 0
-        for message in list(self._messages.values()):
-            if make_due(message.envelope, message.busy, match, now):
-                count += 1
-                self._reschedule(message)
-        return count
 
     # -- scheduling --------------------------------------------------------------
 
