@@ -334,6 +334,22 @@ def test_bounce_returns_the_message_to_its_sender(srv):
     assert f"{qid}: to=<x@remote.example>, relay=none, " in log
 
 
+def test_bounce_during_its_delivery(srv, hops):
+    """Bounced while the next hop holds RCPT: the recipient fails when that attempt defers."""
+    _, holding = hops
+    qid = active(srv, holding)
+    other = deferred(srv, "x@remote.example")
+    assert queue(srv, "bounce", qid).stdout == \
+        f"bounced 1 message\n{qid}: bounced (recipients in flight fail when their attempt ends)\n"
+    assert queue(srv, "flush", "--all").stdout == "flushed 1 message\n"     # not the one in flight
+    holding.release.set()
+    text = srv.delivered("alice@example.test")[0].decode()
+    assert "Final-Recipient: rfc822; z@hold.example" in text
+    assert "550 5.0.0 returned to the sender by the mail administrator" in text
+    wait_for(lambda: ids(srv) == [other], "the removal")
+    assert holding.transactions == 1
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 def test_unknown_id(srv):

@@ -93,10 +93,10 @@ class QueueControl:
         return d.addCallbacks(lambda data: {"data": data, "total": total}, gone)
 
     def _envelope(self, queue_id: str):
-        for envelope, _ in self.scheduler.entries():
-            if envelope.queue_id == queue_id:
-                return envelope
-        raise NoSuchMessage(queue_id)
+        envelope = self.scheduler.envelope_of(queue_id)
+        if envelope is None:
+            raise NoSuchMessage(queue_id)
+        return envelope
 
     # -- changing ---------------------------------------------------------------------------
     def select(self, arguments: dict[str, Any]) -> list[str]:

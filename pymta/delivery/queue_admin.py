@@ -72,6 +72,10 @@ class QueueAdministration:
     def has_message(self, queue_id: str) -> bool:
         return queue_id in self._messages or queue_id in self._held
 
+    def envelope_of(self, queue_id: str) -> Envelope | None:
+        message = self._messages.get(queue_id)
+        return message.envelope if message is not None else self._held.get(queue_id)
+
     def hold(self, queue_id: str, reason: str) -> str:
         """Hold a message; what was done ("held"); QueueError if it already is."""
         message = self._messages.get(queue_id)
