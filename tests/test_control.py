@@ -88,6 +88,19 @@ def test_text_and_json():
     assert queueview.format_text([], [], NOW) == "-- queue empty\n"
 
 
+def test_details():
+    env = envelope(client_ip="192.0.2.7", client_name="mail.example.net", helo="mail.example.net",
+                   protocol="ESMTPSA", auth="alice", body="8BITMIME", ret="HDRS", envid="x1")
+    assert queueview.format_details(queueview.details(env)) == (
+        "client: mail.example.net[192.0.2.7], helo=<mail.example.net>, protocol=ESMTPSA, "
+        "auth=alice\nparameters: body=8BITMIME ret=HDRS envid=x1\n")
+    bounce = envelope(sender="", client_name="localhost", helo="mx.example.org",
+                      protocol="local", notification="bounce")
+    assert queueview.format_details(queueview.details(bounce)) == (
+        "client: localhost, helo=<mx.example.org>, protocol=local\n"
+        "notification: bounce (made by pymta)\n")
+
+
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (600, "10m"), (5400, "1.5h"), (7200, "2h"),
                                            (86400 * 3, "3d")])
 def test_format_age(seconds, text):

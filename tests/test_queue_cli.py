@@ -153,6 +153,7 @@ def test_show_envelope_header_and_body(srv):
     qid = deferred(srv, "x@remote.example", body="the body line")
     out = queue(srv, "show", qid).stdout
     assert f"{qid} " in out and "x@remote.example  deferred" in out
+    assert "\nclient: localhost[127.0.0.1], helo=<" in out and ">, protocol=ESMTP\n" in out
     assert "Received: from " in out and "Subject: test for x@remote.example" in out
     assert "the body line" not in out
     out = queue(srv, "show", qid, "--body").stdout

@@ -70,6 +70,16 @@ class ListQueue(amp.Command):
     errors = ERRORS
 
 
+class Details(amp.Command):
+    """Where a message came from and its DSN parameters (queueview.details)."""
+    arguments = [(b"queue_id", amp.Unicode())]
+    response = [(b"client_ip", amp.Unicode()), (b"client_name", amp.Unicode()),
+                (b"helo", amp.Unicode()), (b"protocol", amp.Unicode()), (b"auth", amp.Unicode()),
+                (b"body", amp.Unicode()), (b"smtputf8", amp.Boolean()), (b"ret", amp.Unicode()),
+                (b"envid", amp.Unicode()), (b"notification", amp.Unicode())]
+    errors = ERRORS
+
+
 class ReadMessage(amp.Command):
     """Up to CHUNK_BYTES of a message's content (its prepended headers, then the body)."""
     arguments = [(b"queue_id", amp.Unicode()), (b"offset", amp.Integer())]

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet import defer
 from twisted.protocols import amp
 
 from pymta.admin import EXIT_ERROR, EXIT_OK, CommandError
@@ -157,15 +158,14 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    @defer.inlineCallbacks
     def conversation(protocol):
-        d = client.list_queue(protocol, queue_id=args.id)
-
-        def content(listing):
-            read = client.read_message(protocol, args.id, until_blank_line=not args.body)
-            return read.addCallback(lambda data: (listing, data))
-        return d.addCallback(content)
+        listing = yield client.list_queue(protocol, queue_id=args.id)
+        about = yield protocol.callRemote(commands.Details, queue_id=args.id)
+        data = yield client.read_message(protocol, args.id, until_blank_line=not args.body)
+        return listing, about, data
     try:
-        (messages, recipients, now), data = _talk(args, conversation, offline=True)
+        (messages, recipients, now), about, data = _talk(args, conversation, offline=True)
     except commands.NoSuchMessage:
         return _no_such_message(args.id)
     except client.ServerNotRunning as e:
@@ -175,12 +175,14 @@ def run_show(args: argparse.Namespace) -> int:
             return _no_such_message(args.id)
         messages = [queueview.message_row(*entry)]
         recipients = queueview.recipient_rows(*entry)
+        about = queueview.details(entry[0])
         try:
             data = offline.content(_locate(args)[1], entry[0],
                                    None if args.body else 256 * 1024)
         except FileNotFoundError:
             return _no_such_message(args.id)
     sys.stdout.write(queueview.format_text(messages, recipients, now))
+    sys.stdout.write(queueview.format_details(about))
     if not args.body:
         end = data.find(b"\r\n\r\n")
         data = data[:end + 2] if end >= 0 else data

@@ -74,6 +74,32 @@ def recipient_rows(envelope: Envelope, busy: Collection[int] = ()) -> list[dict[
             for i, r in enumerate(envelope.recipients)]
 
 
+def details(envelope: Envelope) -> dict[str, Any]:
+    """What ``show`` adds to the listing: where the message came from, its DSN parameters."""
+    return {"client_ip": envelope.client_ip, "client_name": envelope.client_name,
+            "helo": envelope.helo, "protocol": envelope.protocol, "auth": envelope.auth or "",
+            "body": envelope.body or "", "smtputf8": envelope.smtputf8, "ret": envelope.ret or "",
+            "envid": envelope.envid or "", "notification": envelope.notification or ""}
+
+
+def format_details(row: dict[str, Any]) -> str:
+    """``show``'s envelope lines (those with something to say)."""
+    client = f"client: {row['client_name']}[{row['client_ip']}]" if row["client_ip"] \
+        else f"client: {row['client_name']}"
+    client += f", helo=<{row['helo']}>, protocol={row['protocol']}"
+    if row["auth"]:
+        client += f", auth={row['auth']}"
+    lines = [client]
+    params = [f"{key}={row[key]}" for key in ("body", "ret", "envid") if row[key]]
+    if row["smtputf8"]:
+        params.append("smtputf8")
+    if params:
+        lines.append("parameters: " + " ".join(params))
+    if row["notification"]:
+        lines.append(f"notification: {row['notification']} (made by pymta)")
+    return "".join(line + "\n" for line in lines)
+
+
 # -- selections ---------------------------------------------------------------------
 
 @dataclass(frozen=True)

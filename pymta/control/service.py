@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from pymta.control import commands
+from pymta.control import commands, queueview
 from pymta.control.commands import BadSelection, NoSuchMessage
 from pymta.delivery.queue_admin import DEFAULT_BOUNCE_REASON, QueueError
 from pymta.control.offline import read_content
@@ -91,6 +91,9 @@ class QueueControl:
             failure.trap(FileNotFoundError)
             raise NoSuchMessage(queue_id)
         return d.addCallbacks(lambda data: {"data": data, "total": total}, gone)
+
+    def details(self, queue_id: str) -> dict[str, Any]:
+        return queueview.details(self._envelope(queue_id))
 
     def _envelope(self, queue_id: str):
         envelope = self.scheduler.envelope_of(queue_id)
@@ -205,6 +208,10 @@ class ControlProtocol(amp.AMP):
     @commands.ListQueue.responder
     def list_queue(self, queue_id=None, **arguments):
         return self.control.list_page(queue_id, arguments)
+
+    @commands.Details.responder
+    def details(self, queue_id):
+        return self.control.details(queue_id)
 
     @commands.ReadMessage.responder
     def read_message(self, queue_id, offset):
