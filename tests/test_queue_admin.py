@@ -24,6 +24,17 @@ def deferred_message(tmp_path, *outcomes):
     return h, backend, envelope.queue_id
 
 
+def in_flight(tmp_path, *addresses):
+    """A message whose delivery is in flight: (harness, its answer, backend, envelope)."""
+    answer = defer.Deferred()
+    backend = RecordingBackend(answer)
+    h = Harness(tmp_path, {"local": backend})
+    h.scheduler.startService()
+    envelope = h.submit(*(rcpt(a) for a in addresses))
+    h.reactor.advance(0)
+    return h, answer, backend, envelope
+
+
 def test_held_is_not_delivered_nor_expired_and_survives_a_restart(tmp_path):
     h, backend, qid = deferred_message(tmp_path)
     assert h.scheduler.hold(qid, "by hand") == "held"
@@ -44,12 +55,8 @@ def test_held_is_not_delivered_nor_expired_and_survives_a_restart(tmp_path):
 
 
 def test_hold_in_flight_records_the_attempt_then_holds(tmp_path):
-    answer = defer.Deferred()
-    backend = RecordingBackend(answer)
-    h = Harness(tmp_path, {"local": backend})
-    h.scheduler.startService()
-    qid = h.submit(rcpt("alice@example.org")).queue_id
-    h.reactor.advance(0)
+    h, answer, backend, envelope = in_flight(tmp_path, "alice@example.org")
+    qid = envelope.queue_id
     assert h.scheduler.hold(qid, "by hand") == "held (the delivery in flight finishes)"
     answer.callback([DeliveryResult.deferred("busy", 451, "4.2.0")])
     assert h.scheduler.held() == {qid: "by hand"}
@@ -62,12 +69,8 @@ def test_hold_in_flight_records_the_attempt_then_holds(tmp_path):
 @pytest.mark.parametrize("result", [DeliveryResult.delivered(), DeliveryResult.failed("no", 550, "5.1.1"),
                                     DeliveryResult.deferred("busy", 451, "4.2.0")])
 def test_delete_in_flight_drops_the_result_and_removes_once(tmp_path, result):
-    answer = defer.Deferred()
-    backend = RecordingBackend(answer)
-    h = Harness(tmp_path, {"local": backend})
-    h.scheduler.startService()
-    qid = h.submit(rcpt("alice@example.org")).queue_id
-    h.reactor.advance(0)
+    h, answer, backend, envelope = in_flight(tmp_path, "alice@example.org")
+    qid = envelope.queue_id
     assert h.scheduler.delete(qid) == "deleted (removed when the delivery in flight ends)"
     assert not h.scheduler.has_message(qid) and h.scheduler.entries() == []
     assert h.spool.queue_ids() == [qid]                      # until the attempt ends
@@ -99,11 +102,7 @@ def test_bounce_fails_the_pending_recipients_and_reports_them(tmp_path):
 
 
 def test_bounce_in_flight_fails_a_deferred_recipient_after_its_attempt(tmp_path):
-    answer = defer.Deferred()
-    h = Harness(tmp_path, {"local": RecordingBackend(answer)})
-    h.scheduler.startService()
-    envelope = h.submit(rcpt("alice@example.org"), rcpt("bob@example.org"))
-    h.reactor.advance(0)
+    h, answer, _, envelope = in_flight(tmp_path, "alice@example.org", "bob@example.org")
     assert h.scheduler.bounce(envelope.queue_id, "spam").startswith("bounced (recipients in flight")
     answer.callback([DeliveryResult.delivered(), DeliveryResult.deferred("busy", 451, "4.2.0")])
     assert h.scheduler.final_failures == [(envelope.queue_id, ["bob@example.org"])]
