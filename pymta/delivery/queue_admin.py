@@ -81,6 +81,7 @@ class QueueAdministration:
         message = self._messages.get(queue_id)
         if message is None or message.envelope.held:
             raise QueueError("already held")
+        self._check_no_notices(queue_id)
         envelope = message.envelope
         envelope.held = reason
         self._unqueue(message)
@@ -109,6 +110,7 @@ class QueueAdministration:
         message = self._messages.get(queue_id)
         if message is None or message.envelope.held:
             raise QueueError("held; release it first")
+        self._check_no_notices(queue_id)
         envelope = message.envelope
         now = self._now()
         for index, recipient in enumerate(envelope.recipients):
@@ -197,6 +199,16 @@ class QueueAdministration:
         return count
 
     # -- helpers --------------------------------------------------------------------
+
+    def _check_no_notices(self, queue_id: str) -> None:
+        """QueueError while the message's notifications are on their way to the spool.
+
+        Its envelope, which marks them sent, may be written only after they
+        are durable (see the scheduler); the moment passes at once.
+        """
+        if self._noticing[queue_id]:
+            raise QueueError("its delivery status notifications are being written; "
+                             "try again in a moment")
 
     def _unqueue(self, message) -> None:
         """No timer and no waiting job for ``message`` (those in flight go on)."""
