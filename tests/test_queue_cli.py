@@ -13,6 +13,7 @@ import json
 import os
 import re
 import smtplib
+import socket
 import stat
 import subprocess
 import sys
@@ -404,3 +405,22 @@ def test_socket_option_and_missing_socket(srv, tmp_path):
     assert result.returncode == 1
     assert result.stderr == ("pymta queue: the server is not running (nothing listens on the "
                              f"control socket {missing})\n")
+
+
+def test_a_server_that_does_not_answer(tmp_path):
+    """A socket that takes the connection and says nothing: one line, not a hang."""
+    path = tmp_path / "mute.sock"
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(path))
+    mute.listen(5)
+    code = ("import sys; from pymta.control import client; client.ANSWER_TIMEOUT = 1; "
+            "from pymta.admin import main; sys.exit(main())")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, "queue", "hold", "--all",
+                                 "--socket", str(path)], capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path)
+    finally:
+        mute.close()
+    assert result.returncode == 1
+    assert result.stderr == (f"pymta queue: the server did not answer on the control socket "
+                             f"{path} within 1 s\n")

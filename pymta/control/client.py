@@ -27,6 +27,10 @@ class ServerNotRunning(Exception):
     """Nothing answers on the control socket (the text names it)."""
 
 
+class ServerNotAnswering(ServerNotRunning):
+    """The server took the connection but gave no answer in time (the text says so)."""
+
+
 class SocketPermission(Exception):
     """The control socket is there but this user may not use it (the text says whose it is)."""
 
@@ -75,8 +79,15 @@ def connect(reactor: Any, path: str) -> defer.Deferred:
     return connectProtocol(UNIXClientEndpoint(reactor, path, timeout=10), amp.AMP())
 
 
+#: seconds a whole conversation may take (a server that hangs must not hang the admin)
+ANSWER_TIMEOUT = 300
+
+
 def run(path: str, conversation: Callable[[amp.AMP], Any]) -> Any:
-    """Connect to ``path``, run ``conversation(protocol)`` (a Deferred), return its result."""
+    """Connect to ``path``, run ``conversation(protocol)`` (a Deferred), return its result.
+
+    Raises ServerNotAnswering when it takes longer than ANSWER_TIMEOUT.
+    """
     from twisted.internet import task
     check_socket(path)            # before starting the reactor: a clear error at once
     outcome: list[Any] = []
@@ -88,6 +99,7 @@ def run(path: str, conversation: Callable[[amp.AMP], Any]) -> Any:
             done = defer.maybeDeferred(conversation, protocol)
             return done.addBoth(lambda result: (protocol.transport.loseConnection(), result)[1])
         d.addCallback(talk)
+        d.addTimeout(ANSWER_TIMEOUT, reactor)
         d.addBoth(outcome.append)
         return d.addBoth(lambda _: None)
     try:
@@ -96,6 +108,9 @@ def run(path: str, conversation: Callable[[amp.AMP], Any]) -> Any:
         pass
     result = outcome[0]
     if isinstance(result, Failure):
+        if result.check(defer.TimeoutError):
+            raise ServerNotAnswering(f"the server did not answer on the control socket {path} "
+                                     f"within {ANSWER_TIMEOUT} s")
         result.raiseException()
     return result
 
