@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     "pymta.config.plugins_command",
     "pymta.config.example_command",
     "pymta.server.dry_session_command",
+    "pymta.control.queue_command",
 ]
 
 

@@ -16,7 +16,7 @@ from twisted.python import usage
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 from pymta.logtext import speed_up_text_log
-from pymta.server.listening import ListenerService, with_backlog  # noqa: F401 (their home moved)
+from pymta.server.listening import ListenerService  # noqa: F401 (their home moved)
 from pymta.worker.process import DiskWorker
 
 log = Logger(namespace="pymta")
@@ -145,6 +145,9 @@ def build_service(config: Config, reactor) -> MultiService:
     generation = server.generation(config, 1)     # what new sessions get; a reload replaces it
     sockets = ListenerSockets(top, reactor, generation, after=shutdown.drained)
     sockets.add_at_start(config.listeners)
+    # requeue routes with the configuration in force (a reload replaces it)
+    add_control_socket(config, scheduler, spool, reactor, top,
+                       route_for=lambda address: sockets.generation.config.route_for(address))
     shutdown.setServiceParent(top)   # the sessions drain, then the listeners stop
     top.reloader = ConfigReloader(server, sockets)
     top.reloader.setServiceParent(top)   # SIGHUP: see pymta.reload.reloader
@@ -186,6 +189,18 @@ def notify_systemd(top: MultiService, scheduler, counter, reactor) -> None:
     if reloader is not None:
         reloader.on_reload_start.append(notify.reloading)
         reloader.on_reload_end.append(lambda ok: notify.ready())
+
+
+def add_control_socket(config: Config, scheduler, spool, reactor, top: MultiService,
+                       route_for=None) -> None:
+    """The control socket of ``pymta queue`` ([control] socket), listening once started.
+
+    ``route_for`` (default: ``config``'s) routes the messages ``requeue`` re-routes.
+    """
+    from pymta.control.service import ControlService, QueueControl
+    if config.control_socket:
+        control = QueueControl(scheduler, spool, route_for or config.route_for, reactor)
+        ControlService(config.control_socket, control, reactor).setServiceParent(top)
 
 
 def prepare_run_as(options, config: Config):

@@ -33,6 +33,7 @@ from pymta.config.errors import ConfigError, OptionError, one_line
 from pymta.config.model import Config, DNSSettings, Limits, Retry, Route
 from pymta.config.listeners import ROLES, read_listeners, read_tls
 from pymta.config.metrics import read_metrics
+from pymta.config.control import read_control
 from pymta.config.plugins import PluginLoader, add_plugin_path
 from pymta.dns.resolver import DNSResolver, parse_nameserver
 from pymta.addresses import normalize_domain
@@ -186,6 +187,7 @@ class _ConfigBuilder:
             shared_table = top.table("shared", {})
             metrics_table = top.table("metrics", None)
             log_table = top.table("log", {})
+            control = top.table("control", {})
             top.finish()
 
         hostname, domains, trusted, plugin_path = self._server(server)
@@ -206,6 +208,7 @@ class _ConfigBuilder:
         plugin_loader = PluginLoader(self)
         spool_dir, spool_sync, spool_memory_limit, spool_disk_work = self._spool(spool)
         tls = read_tls(self, tls_table)
+        control_socket = read_control(self, control, spool_dir)
         limits_obj = self._limits(limits)
         retry = self._queue(queue)
         backend_objs = plugin_loader.backends(DEFAULT_BACKENDS if backends is None else backends)
@@ -221,7 +224,8 @@ class _ConfigBuilder:
             spool_memory_limit=spool_memory_limit, spool_disk_work=spool_disk_work, stages=stage_map,
             backends=backend_objs, routes=route_list, dns=dns_settings, resolver=resolver, tls=tls,
             shutdown_timeout=self.shutdown_timeout, shared=shared, shared_state=shared_state,
-            metrics_endpoint=metrics_endpoint, log_format=log_format)
+            metrics_endpoint=metrics_endpoint, log_format=log_format,
+            control_socket=control_socket)
 
     # -- [server] -------------------------------------------------------------
     def _server(self, table: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[Any, ...], list[str]]:

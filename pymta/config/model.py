@@ -165,6 +165,8 @@ class Config:
     metrics_endpoint: str | None = None
     #: the log's lines: "text" (twistd's format) or "json" (pymta.logjson) ([log] format)
     log_format: str = "text"
+    #: the control socket of ``pymta queue`` ([control] socket; pymta.config.control)
+    control_socket: str = ""
 
     def is_local_domain(self, domain: str) -> bool:
         return domain_key(domain) in self.domains

@@ -46,9 +46,10 @@ from twisted.python.failure import Failure
 
 from pymta.bounce.notifier import NotificationHeld
 from pymta.config.model import Retry
+from pymta.delivery.queue_admin import QueueAdministration, fail_pending
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
-from pymta.delivery.retry import (RetrySchedule, delivery_finishes, domain_matcher, due_by_route,
-                                  format_delay, make_due, next_due, postpone, record_result,
+from pymta.delivery.retry import (RetrySchedule, delivery_finishes, due_by_route,
+                                  format_delay, next_due, postpone, record_result,
                                   split_by_sender, unreported_failures)
 from pymta.envelope import Envelope, Recipient
 from pymta.spool.store import Spool
@@ -77,6 +78,11 @@ class _Message:
     gone: bool = False
     #: the backend removed it from the spool with its last delivery (DeliveryRecord)
     removed: bool = False
+    #: an administrator deleted it during a delivery: removed when that ends (queue_admin)
+    deleted: bool = False
+    #: an administrator bounced it: its recipients in flight fail with this text after
+    #: their attempt, unless delivered (queue_admin)
+    bouncing: str | None = None
 
 
 @dataclass
@@ -93,8 +99,12 @@ class _Job:
     started: float = 0.0
 
 
-class DeliveryScheduler(Service):
-    """Deliver spooled messages through the configured backends, with retries."""
+class DeliveryScheduler(QueueAdministration, Service):
+    """Deliver spooled messages through the configured backends, with retries.
+
+    The administrator's changes (hold, delete, bounce, ...) are in
+    :class:`pymta.delivery.queue_admin.QueueAdministration`.
+    """
 
     def __init__(self, spool: Spool, backends: dict[str, Any], retry: Retry, reactor=None,
                  notifier: Any = None, events: Any = None):
@@ -221,44 +231,6 @@ class DeliveryScheduler(Service):
         """The held messages: queue id -> why."""
         return {queue_id: envelope.held or "" for queue_id, envelope in self._held.items()}
 
-    def release(self, queue_id: str) -> bool:
-        """Release a held message (``pymta queue release``): deliver it again now.
-
-        Records the release in the spool (``Spool.update``) and schedules
-        the message; False if no message of that id is held.
-        """
-        envelope = self._held.pop(queue_id, None)
-        if envelope is None:
-            return False
-        envelope.release(self._now())
-        log.info("{queue_id}: released", queue_id=queue_id)
-        self._persist(self.spool.update(envelope), envelope, "update")
-        if not self._stopped:
-            self._track(envelope)
-        return True
-
-    def flush(self, domain: str | None = None) -> int:
-        """Make pending recipients due now (ETRN, RFC 1985); the number of messages affected.
-
-        ``domain`` selects recipients at that domain; ``"@domain"`` also its
-        subdomains; None every pending recipient.  Recipients being
-        delivered right now are left alone.
-        """
-        if self._stopped:
-            return 0
-        for backend in self.backends.values():
-            forget = getattr(backend, "forget_failures", None)    # optional: relay backends
-            if callable(forget):
-                forget()
-        match = domain_matcher(domain)
-        now = self._now()
-        count = 0
-        for message in list(self._messages.values()):
-            if make_due(message.envelope, message.busy, match, now):
-                count += 1
-                self._reschedule(message)
-        return count
-
     # -- scheduling --------------------------------------------------------------
 
     @property
@@ -269,14 +241,23 @@ class DeliveryScheduler(Service):
     def _now(self) -> float:
         return self._reactor.seconds()
 
+    def _new_message(self, envelope: Envelope) -> _Message:
+        return _Message(envelope)
+
     def _track(self, envelope: Envelope) -> None:
-        message = _Message(envelope)
+        message = self._new_message(envelope)
         self._messages[envelope.queue_id] = message
         self._reschedule(message)
 
     def _reschedule(self, message: _Message) -> None:
         """Set the timer for the next due recipient, or finish the message."""
         self._cancel_timer(message)
+        if message.envelope.held:
+            # held by an administrator while a delivery was in flight: no new
+            # attempt; once none is in flight it joins the held messages
+            if not message.busy:
+                self._finish(message)
+            return
         due = next_due(message.envelope, message.busy)
         if due is None:
             if not message.busy:
@@ -416,6 +397,15 @@ class DeliveryScheduler(Service):
                 events.recipient_result(job.route, status, now - envelope.received_at)
             self._log_attempt(envelope, recipient, job.route, result.relay, now, status, summary)
         message.busy.difference_update(job.indices)
+        if message.deleted:
+            if not message.busy:
+                self._remove_deleted(message)
+            return
+        if message.bouncing is not None:
+            for recipient in fail_pending(envelope, message.busy, message.bouncing, now):
+                self._log_attempt(envelope, recipient, "none", "", now, "bounced", message.bouncing)
+        if envelope.held and message.busy:
+            return          # held meanwhile: the last attempt in flight settles it (_finish)
         notices = [] if message.busy else self._notices(message, now)
         if (envelope.pending or message.busy) and not envelope.held:
             self._after_notices(notices, envelope, "update", lambda: self._update_if_queued(message))
@@ -446,6 +436,10 @@ class DeliveryScheduler(Service):
         log.failure("{queue_id}: scheduler error; delivery will be retried",
                     failure, LogLevel.critical, queue_id=job.message.envelope.queue_id)
         job.message.busy.difference_update(job.indices)
+        if job.message.deleted:
+            if not job.message.busy:
+                self._remove_deleted(job.message)
+            return
         postpone(job.message.envelope, job.indices, self._now() + self.schedule.initial)
         self._reschedule(job.message)
 
@@ -493,7 +487,8 @@ class DeliveryScheduler(Service):
         self._messages.pop(envelope.queue_id, None)
         if notices is None:
             notices = self._notices(message, self._now())
-        if envelope.held:
+        if envelope.held and not message.removed and (envelope.pending
+                                                       or unreported_failures(envelope)):
             # kept, not removed: the hold is written into its envelope
             self._held[envelope.queue_id] = envelope
             self._after_notices(notices, envelope, "update", lambda: self.spool.update(envelope))

@@ -31,7 +31,7 @@ RESTART_ONLY: dict[str, str] = {
     "spool_dir": "spool.directory",
     "spool_sync": "spool.sync",
     "spool_disk_work": "spool.disk_work",
-    "control": "[control]",
+    "control_socket": "control.socket",
     "metrics_endpoint": "metrics.endpoint",
     "log_format": "log.format",
 }
