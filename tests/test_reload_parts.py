@@ -27,8 +27,10 @@ def test_a_restart_only_change_keeps_the_running_value_and_is_named(tmp_path):
     running = config_at(tmp_path)
     new = config_at(tmp_path, "elsewhere", 'sync = "syncfs"\n[limits]\nmax_recipients = 7\n')
     held, keys = hold_for_restart(running, new)
-    assert keys == ["spool.directory", "spool.sync"]
+    # the control socket's default is in the spool directory: it moves with it
+    assert keys == ["spool.directory", "spool.sync", "control.socket"]
     assert (held.spool_dir, held.spool_sync) == (running.spool_dir, running.spool_sync)
+    assert held.control_socket == running.control_socket
     assert held.limits.max_recipients == 7                 # the rest is the new file's
     assert hold_for_restart(running, config_at(tmp_path))[1] == []
 
