@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 #: modules that each define ``register(subparsers)``
 SUBCOMMANDS = [
     "pymta.auth.passwd_command",
+    "pymta.dkim.keygen_command",
 ]
 
 

@@ -90,3 +90,9 @@ relay = PluginRegistration(
 smarthost = PluginRegistration(
     "smarthost", "pymta.relay.backend:SmarthostBackend",
     "Deliver over SMTP to a fixed next hop (TLS, AUTH)")
+dkim_sign = PluginRegistration(
+    "dkim_sign", "pymta.policy.dkim_sign:DKIMSign",
+    "DKIM-sign mail of authenticated users and trusted networks (RSA, Ed25519)")
+dkim_verify = PluginRegistration(
+    "dkim_verify", "pymta.policy.dkim_verify:DKIMVerify",
+    "Verify DKIM signatures of inbound mail (results in Authentication-Results)")
