@@ -159,3 +159,66 @@ def test_a_20_mib_message_is_signed_while_another_session_is_answered(pair):
     [delivered] = sender.delivered("carol@local.test", timeout=30)
     assert len(delivered) > 20 * 1024 * 1024
     assert len(header_fields(delivered, "DKIM-Signature")) == 1
+
+
+DMARC_STAGE = '["dkim_verify", "dmarc", "authres"]'
+DMARC_ZONE = {
+    "_dmarc.local.test": [("TXT", "v=DMARC1; p=reject; rua=mailto:dmarc@local.test")],
+    "bank.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")],
+    "_dmarc.bank.test": [("TXT", "v=DMARC1; p=reject; sp=none")],
+    "_dmarc.shop.test": [("TXT", "v=DMARC1; p=quarantine")],
+    "_dmarc.sampled.test": [("TXT", "v=DMARC1; p=reject; pct=0")],
+}
+
+
+def test_signed_relayed_and_verified_as_dkim_and_dmarc_pass(pair, tmp_path):
+    sender, receiver, _dns = pair([("rsa1", False)], receiver_stage=DMARC_STAGE,
+                                  zone_extra=DMARC_ZONE, receiver_extra="""
+[plugins.dmarc]
+report_directory = "dmarc-reports"
+""")
+    submit(sender)
+    [delivered] = receiver.delivered("bob@remote.test", timeout=15)
+    [results] = header_fields(delivered, "Authentication-Results")
+    assert "spf=pass" in results and "dkim=pass header.d=local.test header.s=rsa1" in results
+    assert "; dmarc=pass (p=reject dis=none) header.from=local.test" in results
+    wait_for_log(receiver, r"\w+: dmarc=pass header\.from=local\.test policy=reject "
+                           r"disposition=none action=none")
+    [report] = (receiver.dir / "dmarc-reports").glob("*.jsonl")
+    import json
+    [line] = [json.loads(text) for text in report.read_text().splitlines()]
+    assert line["header_from"] == "local.test" and line["dmarc"] == "pass"
+    assert line["dkim_aligned"] and line["spf_aligned"] and line["rua"] == ["mailto:dmarc@local.test"]
+
+
+def send_direct(receiver, mail_from: str, from_header: str) -> tuple[int, bytes]:
+    body = (f"From: {from_header}\r\nTo: bob@remote.test\r\nSubject: urgent\r\n\r\n"
+            f"Please pay.\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", receiver.port, timeout=10) as client:
+        client.ehlo("mail.elsewhere.test")
+        client.mail(mail_from)
+        client.rcpt("bob@remote.test")
+        return client.data(body)
+
+
+def test_forged_from_with_p_reject_is_refused_and_weaker_policies_are_not(pair):
+    _sender, receiver, _dns = pair([("rsa1", False)], receiver_stage=DMARC_STAGE,
+                                   zone_extra=DMARC_ZONE)
+    code, text = send_direct(receiver, "mallory@elsewhere.test", "CEO <ceo@bank.test>")
+    assert (code, text) == (550, b"5.7.1 DMARC: message from bank.test refused by the "
+                                 b"domain's policy (p=reject)")
+    wait_for_log(receiver, r"NOQUEUE: reject: DATA from .* 550 5\.7\.1 DMARC")
+    # a subdomain without its own record: the organizational domain's sp=none
+    assert send_direct(receiver, "mallory@elsewhere.test", "<ceo@news.bank.test>")[0] == 250
+    # p=quarantine: delivered with the quarantine field; pct=0: reject sampled down to quarantine
+    assert send_direct(receiver, "mallory@elsewhere.test", "<sales@shop.test>")[0] == 250
+    assert send_direct(receiver, "mallory@elsewhere.test", "<a@sampled.test>")[0] == 250
+    delivered = receiver.delivered("bob@remote.test", count=3, timeout=15)
+    by_from = {header_fields(m, "From")[0]: m for m in delivered}
+    assert header_fields(by_from["<ceo@news.bank.test>"], "X-Quarantine") == []
+    assert "dmarc=fail (p=reject sp=none dis=none) header.from=news.bank.test" in \
+        header_fields(by_from["<ceo@news.bank.test>"], "Authentication-Results")[0]
+    assert header_fields(by_from["<sales@shop.test>"], "X-Quarantine") == \
+        ["DMARC policy of shop.test"]
+    assert header_fields(by_from["<a@sampled.test>"], "X-Quarantine") == \
+        ["DMARC policy of sampled.test"]

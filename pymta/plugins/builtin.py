@@ -96,3 +96,6 @@ dkim_sign = PluginRegistration(
 dkim_verify = PluginRegistration(
     "dkim_verify", "pymta.policy.dkim_verify:DKIMVerify",
     "Verify DKIM signatures of inbound mail (results in Authentication-Results)")
+dmarc = PluginRegistration(
+    "dmarc", "pymta.policy.dmarc:DMARCPolicy",
+    "DMARC (RFC 7489): the From domain's policy over SPF and DKIM alignment")
