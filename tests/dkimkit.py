@@ -94,3 +94,13 @@ def header_fields(message: bytes, name: str) -> list[str]:
     import email.policy
     parsed = email.message_from_bytes(message, policy=email.policy.compat32)
     return [" ".join(v.split()) for v in parsed.get_all(name, [])]
+
+
+def dnsfunc_from_zone(zone: dict):
+    """A dkimpy ``dnsfunc`` answering TXT questions from a LoopbackDNS zone dict."""
+    def dnsfunc(name: bytes, timeout: float = 5):
+        for rtype, value, *_ in zone.get(name.decode().rstrip("."), ()):
+            if rtype == "TXT":
+                return "".join(value if isinstance(value, list) else [value]).encode()
+        return None
+    return dnsfunc

@@ -222,3 +222,55 @@ def test_forged_from_with_p_reject_is_refused_and_weaker_policies_are_not(pair):
         ["DMARC policy of shop.test"]
     assert header_fields(by_from["<a@sampled.test>"], "X-Quarantine") == \
         ["DMARC policy of sampled.test"]
+
+
+ARC_STAGE = '["dkim_verify", "dmarc", "arc", "authres"]'
+
+
+def test_arc_sealed_by_the_forwarder_and_verified_at_the_next_hop(pair, tmp_path):
+    """The receiver seals what it found (spf, dkim, dmarc: pass; arc=none, i=1); the sealed
+    message, sent on to it again, has a chain that verifies (arc=pass) and gets i=2."""
+    arc_path, arc_key = write_key(tmp_path, "remote.test.arc1")
+    zone = dict(DMARC_ZONE, **key_zone("arc1", "remote.test", arc_key))
+    sender, receiver, dns = pair([("rsa1", False)], receiver_stage=ARC_STAGE, zone_extra=zone,
+                                 receiver_extra=f"""
+[plugins.arc]
+seal = {{ domain = "remote.test", selector = "arc1", key = "{arc_path}" }}
+
+[plugins.dmarc]
+on_reject = "quarantine"
+""")
+    submit(sender)
+    [first] = receiver.delivered("bob@remote.test", timeout=15)
+    [seal] = header_fields(first, "ARC-Seal")
+    assert "i=1;" in seal and "cv=none;" in seal and "d=remote.test;" in seal
+    [aar] = header_fields(first, "ARC-Authentication-Results")
+    assert aar.startswith("i=1; mx.example.test;") and "dkim=pass" in aar and "dmarc=pass" in aar
+    assert "arc=none" in header_fields(first, "Authentication-Results")[0]
+    wait_for_log(receiver, r"\w+: ARC set added \(s=arc1, d=remote\.test\)")
+
+    # dkimpy alone agrees that the chain is valid
+    import dkim
+    from dkimkit import dnsfunc_from_zone
+    cv, _results, reason = dkim.arc_verify(first.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
+                                           dnsfunc=dnsfunc_from_zone(zone))
+    assert cv == dkim.CV_Pass, reason
+
+    # the next hop (the receiver again, a message from the forwarder) verifies and reseals
+    with smtplib.SMTP("127.0.0.1", receiver.port, timeout=10) as client:
+        client.sendmail("bob@remote.test", ["carol@remote.test"], first)
+    [second] = receiver.delivered("carol@remote.test", timeout=15)
+    results = header_fields(second, "Authentication-Results")[0]
+    assert "arc=pass (i=1)" in results
+    assert sorted("i=2;" in s for s in header_fields(second, "ARC-Seal")) == [False, True]
+    assert any("cv=pass;" in s for s in header_fields(second, "ARC-Seal")), header_fields(second, "ARC-Seal")
+
+    # a sealed message changed on the way: the chain fails (and DKIM, so DMARC: the
+    # receiver quarantines where the policy asks to reject: on_reject = "quarantine")
+    tampered = first.replace(b"see you.", b"pay now.")
+    with smtplib.SMTP("127.0.0.1", receiver.port, timeout=10) as client:
+        client.sendmail("bob@remote.test", ["dave@remote.test"], tampered)
+    [third] = receiver.delivered("dave@remote.test", timeout=15)
+    assert "arc=fail (i=1; Most recent ARC-Message-Signature did not validate)" in \
+        header_fields(third, "Authentication-Results")[0]
+    assert header_fields(third, "X-Quarantine") == ["DMARC policy of local.test"]

@@ -18,6 +18,7 @@ import os
 from pymta.admin import EXIT_OK, CommandError
 from pymta.addresses import normalize_domain
 from pymta.dkim.keys import MIN_RSA_BITS, generate_key, parse_private_key, txt_strings
+from pymta.dkim.keytable import valid_selector
 from pymta.filesync import fsync_directory
 
 __all__ = ["register", "run", "zone_line"]
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CommandError(f"{args.domain!r} is not a domain name: {e}") from None
     selector = args.selector
-    if not selector.isascii() or not all(
-            label and all(c.isalnum() or c in "-_" for c in label) for label in selector.split(".")):
+    if not valid_selector(selector):
         raise CommandError(f"selector {selector!r} is not a sequence of DNS labels")
     if not args.ed25519 and args.bits < MIN_RSA_BITS:
         raise CommandError(f"--bits {args.bits}: at least {MIN_RSA_BITS}")

@@ -34,7 +34,7 @@ from pymta.dkim.message import (HeaderSectionError, body_chunks, for_dkimpy,
                                 read_header_section)
 
 __all__ = ["ParsedSignature", "SignatureResult", "KeyRecords", "parse_signatures",
-           "verify_signatures", "key_name", "MIN_KEY_BITS"]
+           "verify_signatures", "key_name", "body_hash_key", "MIN_KEY_BITS"]
 
 #: RFC 8301 3.2: verifiers must not accept RSA keys under 1024 bits
 MIN_KEY_BITS = 1024
@@ -171,7 +171,7 @@ def _key_problem(name: str, answer: object) -> tuple[str, str] | None:
     return None
 
 
-def _body_hash_key(tags: dict[bytes, bytes]) -> tuple[str, str, int | None]:
+def body_hash_key(tags: dict[bytes, bytes]) -> tuple[str, str, int | None]:
     canon = tags.get(b"c", b"simple/simple").split(b"/")
     body = canon[1] if len(canon) > 1 else b"simple"
     hash_name = tags[b"a"].split(b"-")[-1]
@@ -193,7 +193,7 @@ def verify_signatures(header: bytes, fp: BinaryIO, parsed: list[ParsedSignature]
         waiting.append(sig)
     hashes: dict[tuple, BodyHash] = {}
     for sig in waiting:
-        wanted = _body_hash_key(sig.tags)
+        wanted = body_hash_key(sig.tags)
         if wanted not in hashes:
             hashes[wanted] = BodyHash(*wanted)
     if hashes:
@@ -202,7 +202,7 @@ def verify_signatures(header: bytes, fp: BinaryIO, parsed: list[ParsedSignature]
                 body_hash.feed(chunk)
     digests = {wanted: body_hash.digest() for wanted, body_hash in hashes.items()}
     for sig in waiting:
-        _verify_one(header, sig, digests[_body_hash_key(sig.tags)], keys)
+        _verify_one(header, sig, digests[body_hash_key(sig.tags)], keys)
     return [sig.result for sig in parsed]
 
 

@@ -99,3 +99,6 @@ dkim_verify = PluginRegistration(
 dmarc = PluginRegistration(
     "dmarc", "pymta.policy.dmarc:DMARCPolicy",
     "DMARC (RFC 7489): the From domain's policy over SPF and DKIM alignment")
+arc = PluginRegistration(
+    "arc", "pymta.policy.arc:ARCPolicy",
+    "ARC (RFC 8617): verify the chain of inbound mail and, as an option, seal it")

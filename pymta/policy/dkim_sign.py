@@ -23,7 +23,6 @@ signing runs in the reactor's thread pool, the body streamed from the spool.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet.threads import deferToThreadPool
@@ -31,48 +30,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.dkim.author import author_domain
-from pymta.dkim.keys import KeyError_, load_private_key
+from pymta.dkim.keytable import read_key_table
 from pymta.dkim.message import HeaderSectionError
 from pymta.dkim.signer import (HEADER, NEVER_SIGNED, RECOMMENDED_HEADERS, SignOptions,
                                SigningKey, sign_message)
-from pymta.permissions import is_world_readable
-from pymta.plugin_api import (DUNNO, IMessageFilter, Kind, OptionError, Options, Verdict,
-                              domain_key)
+from pymta.plugin_api import DUNNO, IMessageFilter, Kind, OptionError, Options, Verdict
 
-__all__ = ["DKIMSign", "read_key_table"]
+__all__ = ["DKIMSign"]
 
 log = Logger(namespace="pymta.dkim")
-
-
-def read_key_table(value: Any, context: Any, key: str = "keys") -> list[SigningKey]:
-    """The ``keys`` option: an array of tables with ``domain``, ``selector`` and ``key``."""
-    if not isinstance(value, list) or not value:
-        raise OptionError(key, "expected a non-empty array of tables "
-                               "({ domain = ..., selector = ..., key = ... })")
-    table = []
-    for i, item in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise OptionError(where, "expected a table { domain = ..., selector = ..., key = ... }")
-        opts = Options(item)
-        try:
-            domain = domain_key(opts.str("domain"))
-            selector = opts.str("selector")
-            path = opts.path("key", context)
-            opts.finish()
-        except OptionError as e:
-            raise OptionError(f"{where}.{e.key}", e.problem) from None
-        if not all(label and all(c.isalnum() or c in "-_" for c in label)
-                   for label in selector.split(".")) or not selector.isascii():
-            raise OptionError(f"{where}.selector", f"not a DNS label sequence: {selector!r}")
-        try:
-            private = load_private_key(path)
-        except KeyError_ as e:
-            raise OptionError(f"{where}.key", f"{path}: {e}") from None
-        if is_world_readable(os.stat(path).st_mode):
-            raise OptionError(f"{where}.key", f"{path} is readable by every user; chmod 600 it")
-        table.append(SigningKey(domain, selector, private, path))
-    return table
 
 
 def _names(opts: Options, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
