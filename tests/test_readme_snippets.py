@@ -15,7 +15,8 @@ The files the snippets name, relative to the config file, are created in
 the temp directory for every snippet: ``users`` (an empty password file,
 mode 0600), ``sender-logins`` (an empty map), ``tls/cert.pem`` and
 ``tls/key.pem`` (a self-signed pair), ``provider.secret`` (mode 0600),
-``plugins/`` (a copy of ``etc/plugins``) and ``vip-senders``.
+``plugins/`` (a copy of ``etc/plugins``), ``vip-senders`` and the DKIM keys
+``dkim/example.org.2026r.key`` (RSA) and ``dkim/example.org.2026e.key`` (Ed25519).
 
 Routing: in every snippet that defines routes, each local domain and its
 postmaster reach a backend that delivers here, never a relay or smarthost
@@ -37,6 +38,7 @@ from twisted.internet.testing import MemoryReactor
 import pymta.plugins
 from certs import make_cert
 from pymta.config.loader import load_config
+from pymta.dkim.keys import generate_key
 from pymta.interfaces import IRemoteDelivery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +86,10 @@ def workspace(directory: Path) -> Path:
     (directory / "provider.secret").chmod(0o600)
     shutil.copytree(ROOT / "etc" / "plugins", directory / "plugins")
     shutil.copy(ROOT / "etc" / "vip-senders", directory / "vip-senders")
+    (directory / "dkim").mkdir()
+    for name, ed25519 in (("example.org.2026r", False), ("example.org.2026e", True)):
+        (directory / "dkim" / f"{name}.key").write_bytes(generate_key(ed25519_key=ed25519))
+        (directory / "dkim" / f"{name}.key").chmod(0o600)
     return directory / "pymta.toml"
 
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.authresults import NOTES_KEY, valid_authserv_id
 from pymta.dkim.arc import ChainResult, parse_chain, seal_message, verify_chain
+from pymta.dkim.blocking import in_thread_pool, on_body
 from pymta.dkim.keys import RSA
 from pymta.dkim.keytable import read_key_entry
-from pymta.dkim.message import read_header_section
 from pymta.dkim.prefetch import fetch_txt
 from pymta.dkim.verifier import KeyRecords
 from pymta.plugin_api import (DUNNO, AuthResult, IMessageFilter, Kind, OptionError, Options,
@@ -66,9 +65,7 @@ class ARCPolicy:
         self.reactor = context.reactor
 
     def _in_thread(self, f, *args) -> defer.Deferred:
-        if self.reactor is None:
-            return defer.maybeDeferred(f, *args)
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return in_thread_pool(self.reactor, f, *args)
 
     @staticmethod
     def _parse(message):
@@ -77,9 +74,7 @@ class ARCPolicy:
 
     @staticmethod
     def _verify(message, chain, keys: KeyRecords) -> ChainResult:
-        with message.open() as fp:
-            read_header_section(fp)
-            return verify_chain(chain, fp, keys)
+        return on_body(message, lambda fp: verify_chain(chain, fp, keys))
 
     def _seal(self, message, results: str, now: float | None):
         with message.open() as fp:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.dkim.author import author_domain
+from pymta.dkim.blocking import in_thread_pool
 from pymta.dkim.keytable import read_key_table
 from pymta.dkim.message import HeaderSectionError
 from pymta.dkim.signer import (HEADER, NEVER_SIGNED, RECOMMENDED_HEADERS, SignOptions,
@@ -105,9 +105,6 @@ class DKIMSign:
     def check_message(self, session, transaction, message):
         if not (session.auth_user or session.trusted):
             return DUNNO
-        reactor = self.reactor
-        if reactor is None:
-            return self._signed(self._sign(message, None), transaction.queue_id)
-        d = deferToThreadPool(reactor, reactor.getThreadPool(), self._sign, message,
-                              reactor.seconds())
+        now = self.reactor.seconds() if self.reactor is not None else None
+        d = in_thread_pool(self.reactor, self._sign, message, now)
         return d.addCallback(self._signed, transaction.queue_id)

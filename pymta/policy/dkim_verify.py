@@ -24,11 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.dkim.message import read_header_section
+from pymta.dkim.blocking import in_thread_pool, on_body
 from pymta.dkim.prefetch import fetch_txt
 from pymta.dkim.verifier import KeyRecords, parse_signatures, verify_signatures
 from pymta.plugin_api import DUNNO, AuthResult, IMessageFilter, Options, add_auth_result
@@ -54,9 +53,7 @@ class DKIMVerify:
         self.reactor = context.reactor
 
     def _in_thread(self, f, *args) -> defer.Deferred:
-        if self.reactor is None:
-            return defer.maybeDeferred(f, *args)
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return in_thread_pool(self.reactor, f, *args)
 
     def _parse(self, message):
         with message.open() as fp:
@@ -64,9 +61,7 @@ class DKIMVerify:
 
     @staticmethod
     def _verify(message, header: bytes, parsed, keys: KeyRecords):
-        with message.open() as fp:
-            read_header_section(fp)
-            return verify_signatures(header, fp, parsed, keys)
+        return on_body(message, lambda fp: verify_signatures(header, fp, parsed, keys))
 
     def check_message(self, session, transaction, message):
         if session.auth_user or session.trusted:
