@@ -155,3 +155,39 @@ def test_dkimpys_ed25519_key_format_is_read():
                              serialization.NoEncryption())
     parsed = parse_private_key(base64.b64encode(seed) + b"\n")
     assert parsed.algorithm == "ed25519-sha256" and parsed.dkimpy_key == base64.b64encode(seed)
+
+
+def test_the_documented_etc_tables_load(tmp_path, pems):
+    """The commented DKIM, DMARC and ARC tables of etc/pymta.toml, uncommented, load."""
+    from twisted.internet.testing import MemoryReactor
+
+    from pymta.config.loader import load_config
+    from pymta.policy.dkim_verify import DKIMVerify
+    from pymta.policy.dmarc import DMARCPolicy
+
+    text = (Path(__file__).resolve().parent.parent / "etc" / "pymta.toml").read_text()
+    start = text.index("# --- DKIM, DMARC and ARC")
+    end = text.index("# [backends.NAME]", start)
+    lines = []
+    for line in text[start:end].splitlines():
+        if re.match(r"# (\[plugins\.\w+\]|[a-z_]+ = |  \{ |\])", line):
+            lines.append(line[2:])
+    tables = "\n".join(lines)
+    assert tables.count("[plugins.") == 4
+    suffix_list = re.search(r'public_suffix_list = "([^"]+)"', tables)[1]
+    if not os.path.exists(suffix_list):          # Debian's publicsuffix package absent
+        tables = tables.replace(f'public_suffix_list = "{suffix_list}"', "")
+    (tmp_path / "dkim").mkdir()
+    key_file(tmp_path, "dkim/example.org.2026r.key", pems["rsa"])
+    key_file(tmp_path, "dkim/example.org.2026e.key", pems["ed"])
+    config_file = tmp_path / "pymta.toml"
+    config_file.write_text('[server]\nhostname = "mx.example.org"\n[spool]\ndirectory = "spool"\n'
+                           '[stages]\ndata = ["dkim_sign", "dkim_verify", "dmarc", "arc", '
+                           '"authres"]\n' + tables)
+    config = load_config(str(config_file), MemoryReactor())
+    kinds = [type(p.obj) for p in config.stages["data"]]
+    assert kinds[:4] == [DKIMSign, DKIMVerify, DMARCPolicy, ARCPolicy]
+    signer = config.stages["data"][0].obj
+    assert [k.selector for k in signer.keys] == ["2026r", "2026e"]
+    assert signer.options.expire == 7 * 86400
+    assert config.stages["data"][3].obj.seal.selector == "2026r"
