@@ -289,3 +289,17 @@ on_reject = "quarantine"
     assert "arc=fail (i=1; Most recent ARC-Message-Signature did not validate)" in \
         header_fields(third, "Authentication-Results")[0]
     assert header_fields(third, "X-Quarantine") == ["DMARC policy of local.test"]
+
+
+def test_dns_trouble_is_temperror_and_the_message_goes_on(pair):
+    """The key record's server fails (SERVFAIL) and so does the DMARC record's: both results
+    are temperror, and the message is delivered (on_temperror = "accept", the default)."""
+    sender, receiver, _dns = pair([("rsa1", False)], zone_keys=[], receiver_stage=DMARC_STAGE,
+                                  zone_extra={"rsa1._domainkey.local.test": [("SERVFAIL", None)],
+                                              "_dmarc.local.test": [("SERVFAIL", None)]})
+    submit(sender)
+    [delivered] = receiver.delivered("bob@remote.test", timeout=15)
+    [results] = header_fields(delivered, "Authentication-Results")
+    assert r"dkim=temperror (key lookup: server failure \(SERVFAIL\)) header.d=local.test " \
+           "header.s=rsa1" in results
+    assert r"dmarc=temperror (server failure \(SERVFAIL\)) header.from=local.test" in results
