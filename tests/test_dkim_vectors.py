@@ -149,3 +149,24 @@ def test_body_hash_limit_counts_canonical_octets():
     body_hash.feed(b"more\r\n")
     import hashlib
     assert body_hash.digest() == hashlib.sha256(b"ab c\r").digest() and body_hash.length == 5
+
+
+def test_rsa_sha1_is_policy_unless_allowed():
+    message = crlf(data("test.message"))
+    signed = dkim.sign(message, b"test", b"example.com", data("2048_testkey.key"),
+                       signature_algorithm=b"rsa-sha1", include_headers=[b"from", b"subject"])
+    signed += message
+    [result] = verify(signed, RECORDS)
+    assert (result.result, result.reason) == ("policy", "rsa-sha1 is not accepted (RFC 8301)")
+    fp = io.BytesIO(signed)
+    header, parsed = parse_signatures(fp, allow_sha1=True)
+    assert [r.result for r in verify_signatures(header, fp, parsed, KeyRecords(RECORDS))] == ["pass"]
+
+
+def test_a_signature_that_does_not_sign_from_is_permerror():
+    message = crlf(data("test.message"))
+    signature = dkim.sign(message, b"test", b"example.com", data("2048_testkey.key"),
+                          include_headers=[b"from", b"subject"])
+    unsigned_from = signature.replace(b"h=from : subject", b"h=subject")
+    [result] = verify(unsigned_from + message, RECORDS)
+    assert (result.result, result.reason) == ("permerror", "the From field is not signed")
