@@ -10,9 +10,17 @@ asynchronous resolver before dkimpy runs, never by dkimpy itself.
 
 - :mod:`~pymta.dkim.canonical`: streamed body canonicalization and hash
 - :mod:`~pymta.dkim.message`: the header section and the body of a message
-- :mod:`~pymta.dkim.keys`: private keys, the signing key table, DNS records
+- :mod:`~pymta.dkim.author`: the author domain (RFC5322.From)
+- :mod:`~pymta.dkim.keys`: private keys and the DNS records of their public halves
+- :mod:`~pymta.dkim.keytable`: the key table option of the signing plugins
 - :mod:`~pymta.dkim.signer`: DKIM-Signature fields for a message
 - :mod:`~pymta.dkim.verifier`: results per DKIM-Signature
+- :mod:`~pymta.dkim.prefetch`: TXT records fetched before dkimpy runs
+- :mod:`~pymta.dkim.blocking`: the thread pool for the blocking work
 - :mod:`~pymta.dkim.dmarc`: DMARC records, alignment, policy
+- :mod:`~pymta.dkim.arc`: ARC chain verification and sealing
 - :mod:`~pymta.dkim.keygen_command`: ``pymta dkim keygen``
+
+The plugins built on it live in :mod:`pymta.policy` (``dkim_sign``,
+``dkim_verify``, ``dmarc``, ``arc``).
 """
