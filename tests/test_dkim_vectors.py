@@ -170,3 +170,15 @@ def test_a_signature_that_does_not_sign_from_is_permerror():
     unsigned_from = signature.replace(b"h=from : subject", b"h=subject")
     [result] = verify(unsigned_from + message, RECORDS)
     assert (result.result, result.reason) == ("permerror", "the From field is not signed")
+
+
+def test_a_header_section_over_the_limit_is_a_result_not_a_crash():
+    from pymta.dkim.arc import parse_chain, verify_chain
+    huge = b"X-Filler: " + b"x" * 900 + b"\r\n"
+    message = huge * 1200 + b"From: a@example.com\r\n\r\nbody\r\n"
+    fp = io.BytesIO(message)
+    header, parsed = parse_signatures(fp)
+    assert [(p.result.result, p.result.reason) for p in parsed] == [
+        ("permerror", "header section longer than 1048576 bytes")]
+    chain = parse_chain(io.BytesIO(message))
+    assert verify_chain(chain, None, KeyRecords()).result == "fail"

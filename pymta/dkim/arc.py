@@ -27,7 +27,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from pymta.authresults import authserv_id_of
 from pymta.dkim.canonical import BodyHash
-from pymta.dkim.message import body_chunks, for_dkimpy, read_header_section
+from pymta.dkim.message import (HeaderSectionError, body_chunks, for_dkimpy,
+                                read_header_section)
 from pymta.dkim.signer import SigningKey
 from pymta.dkim.verifier import MIN_KEY_BITS, KeyRecords, body_hash_key, key_name
 
@@ -78,7 +79,10 @@ class _StreamedBodyARC(dkim.ARC):
 
 def parse_chain(fp: BinaryIO) -> ParsedChain:
     """The ARC sets of the message at ``fp``: highest instance, key records, body hashes."""
-    header = read_header_section(fp)
+    try:
+        header = read_header_section(fp)
+    except HeaderSectionError as e:
+        return ParsedChain(b"", 0, [], [], str(e))
     try:
         arc = dkim.ARC(for_dkimpy(header))
     except dkim.DKIMException as e:
