@@ -32,6 +32,7 @@ SUBCOMMANDS = [
     "pymta.config.example_command",
     "pymta.server.dry_session_command",
     "pymta.control.queue_command",
+    "pymta.dkim.keygen_command",
 ]
 
 

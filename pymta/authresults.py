@@ -1,6 +1,6 @@
 """Authentication-Results (RFC 8601) fields: what checks record, how it is written.
 
-A check (SPF at MAIL time, later DKIM, DMARC) records its outcome as an
+A check (SPF at MAIL time; DKIM, DMARC and ARC in the data stage) records its outcome as an
 :class:`AuthResult` in the transaction's notes with :func:`add_auth_result`
 (both part of :mod:`pymta.plugin_api`); the ``authres`` plugin
 (:mod:`pymta.policy.authres`) writes them as one header field with
@@ -31,7 +31,7 @@ FOLD_AT = 78
 class AuthResult:
     """One ``resinfo``: method=result, an optional comment and ptype.property=value pairs."""
 
-    method: str                                   # "spf", "auth", later "dkim", "dmarc"
+    method: str                                   # "spf", "auth", "dkim", "dmarc", "arc"
     result: str                                   # "pass", "fail", ...
     properties: tuple[tuple[str, str], ...] = ()  # (("smtp.mailfrom", "a@example.org"),)
     comment: str | None = None

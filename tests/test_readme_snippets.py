@@ -15,9 +15,10 @@ The files the snippets name, relative to the config file, are created in
 the temp directory for every snippet: ``users`` (an empty password file,
 mode 0600), ``sender-logins`` (an empty map), ``tls/cert.pem`` and
 ``tls/key.pem`` (a self-signed pair), ``provider.secret`` (mode 0600),
-``plugins/`` (a copy of ``etc/plugins``), ``vip-senders`` and ``aliases`` (the
-README's own ```aliases block, tested further in tests/test_aliases.py).
-A socket named ``mx`` counts as inherited from systemd (the socket
+``plugins/`` (a copy of ``etc/plugins``), ``vip-senders``, ``aliases`` (the
+README's own ```aliases block, tested further in tests/test_aliases.py) and the
+DKIM keys ``dkim/example.org.2026r.key`` (RSA) and ``dkim/example.org.2026e.key``
+(Ed25519).  A socket named ``mx`` counts as inherited from systemd (the socket
 activation snippet).
 
 Routing: in every snippet that defines routes, each local domain and its
@@ -40,6 +41,7 @@ from twisted.internet.testing import MemoryReactor
 import pymta.plugins
 from certs import make_cert
 from pymta.config.loader import load_config
+from pymta.dkim.keys import generate_key
 from pymta.interfaces import IRemoteDelivery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +92,10 @@ def workspace(directory: Path) -> Path:
     [aliases] = re.findall(r"^```aliases\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
     (directory / "aliases").write_text(aliases, encoding="utf-8")
     (directory / "aliases").chmod(0o644)
+    (directory / "dkim").mkdir()
+    for name, ed25519 in (("example.org.2026r", False), ("example.org.2026e", True)):
+        (directory / "dkim" / f"{name}.key").write_bytes(generate_key(ed25519_key=ed25519))
+        (directory / "dkim" / f"{name}.key").chmod(0o600)
     return directory / "pymta.toml"
 
 

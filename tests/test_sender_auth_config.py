@@ -39,7 +39,7 @@ def documented_tables() -> str:
     """The commented-out plugin tables of the sender-authentication part of etc/pymta.toml."""
     text = ETC.read_text()
     start = text.index("# --- Sender authentication")
-    end = text.index("# [backends.NAME]", start)
+    end = min(text.index("# [backends.NAME]", start), text.index("# --- DKIM", start))
     lines = []
     for line in text[start:end].splitlines():
         match = re.match(r"# (\[plugins\.\w+\]|[a-z_]+ = .*)$", line)

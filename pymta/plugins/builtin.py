@@ -102,3 +102,15 @@ lmtp = PluginRegistration(
 dovecot = PluginRegistration(
     "dovecot", "pymta.auth.dovecot:DovecotAuthChecker",
     "SMTP AUTH passwords checked by Dovecot over its auth-client socket")
+dkim_sign = PluginRegistration(
+    "dkim_sign", "pymta.policy.dkim_sign:DKIMSign",
+    "DKIM-sign mail of authenticated users and trusted networks (RSA, Ed25519)")
+dkim_verify = PluginRegistration(
+    "dkim_verify", "pymta.policy.dkim_verify:DKIMVerify",
+    "Verify DKIM signatures of inbound mail (results in Authentication-Results)")
+dmarc = PluginRegistration(
+    "dmarc", "pymta.policy.dmarc:DMARCPolicy",
+    "DMARC (RFC 7489): the From domain's policy over SPF and DKIM alignment")
+arc = PluginRegistration(
+    "arc", "pymta.policy.arc:ARCPolicy",
+    "ARC (RFC 8617): verify the chain of inbound mail and, as an option, seal it")

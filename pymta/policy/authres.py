@@ -11,8 +11,9 @@ and removes every incoming Authentication-Results field that claims our
 authserv-id (RFC 8601 section 5: a forged claim that we checked something),
 by position, through ``Verdict.drop_headers``.  Fields of other authserv-ids
 are kept.  SPF records its result at MAIL time, so the plugin's place among
-the data-stage plugins does not matter for SPF; data-stage checks added
-later (DKIM, DMARC) must run before it.
+the data-stage plugins does not matter for SPF; the data-stage checks
+(``dkim_verify``, ``dmarc``, ``arc``) record theirs when they run, so they
+are listed before it.
 """
 
 from __future__ import annotations
