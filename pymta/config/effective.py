@@ -80,6 +80,9 @@ def effective_document(config: Config, recorder: ReadRecorder, *,
             if (read.kind in ("value", "str") and _PATH_KEY.search(read.key)
                     and isinstance(read.value, str) and read.value):
                 read = dataclasses.replace(read, value=_absolute(config, read.value))
+            elif isinstance(read.value, (dict, list)):
+                # tables inside an option (dkim_sign's keys = [{..., key = "dkim/x.key"}])
+                read = dataclasses.replace(read, value=_nested_paths(config, read.value))
             if read.kind == "table":
                 if read.given and read.key not in node and (read.value or not changed_only):
                     node[read.key] = _masked(_plain(read.value))
@@ -164,6 +167,16 @@ def _written(read: OptionRead) -> Any:
     if read.kind == "duration" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return format_duration(value)
     return _masked(_plain(value))
+
+
+def _nested_paths(config: Config, value: Any) -> Any:
+    """``value`` with the path-like keys of the tables in it made absolute."""
+    if isinstance(value, dict):
+        return {key: (_absolute(config, item) if _PATH_KEY.search(str(key)) and isinstance(item, str)
+                      and item else _nested_paths(config, item)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nested_paths(config, item) for item in value]
+    return value
 
 
 def _absolute(config: Config, path: str) -> str:
