@@ -119,3 +119,64 @@ def test_requeue_routes_again_and_resets_the_backoff(tmp_path):
     assert h.scheduler.requeue(qid, lambda address: "other") == "requeued"
     h.reactor.advance(0)
     assert other.calls == [(qid, ["alice@example.org"])] and h.spool.queue_ids() == []
+
+
+# -- while the message's notifications are being written -------------------------------------
+
+def noticing(tmp_path):
+    """A message whose bounce for x@r.test is on its way to the spool (not durable yet), with
+    later@r.test deferred: (bounce harness, envelope, the Deferreds of the notices spooled)."""
+    from test_bounce import Harness as NotifyingHarness, fail_for, rcpt as out_rcpt
+    h = NotifyingHarness(tmp_path, fail_for("x@r.test"))
+    writes: list[defer.Deferred] = []
+    spool_notice = h.scheduler._spool_notice
+
+    def slow_spool_notice(original, notice):
+        d = defer.Deferred()
+        writes.append(d)
+        d.addCallback(lambda _: spool_notice(original, notice))
+        return d
+    h.scheduler._spool_notice = slow_spool_notice
+    envelope = h.submit(out_rcpt("x@r.test"), out_rcpt("later@r.test", "local"))
+    h.local.decide = lambda address: DeliveryResult.deferred("busy", 451, "4.2.0")
+    h.reactor.advance(0)
+    assert len(writes) == 1 and envelope.recipients[0].notified
+    return h, envelope, writes
+
+
+def test_bounce_waits_until_the_notifications_in_writing_are_durable(tmp_path):
+    h, envelope, writes = noticing(tmp_path)
+    qid = envelope.queue_id
+    with pytest.raises(QueueError, match="being written; try again"):
+        h.scheduler.bounce(qid, "spam")
+    writes[0].errback(OSError(28, "No space left on device"))    # x@r.test's bounce not spooled
+    assert h.spool.queue_ids() == [qid]
+    assert h.scheduler.bounce(qid, "spam") == "bounced"             # both reported now
+    for d in writes[1:]:
+        d.callback(None)
+    h.reactor.advance(0)
+    bounces = [addrs for env, addrs, _ in h.out.received if env.notification == "bounce"]
+    assert bounces == [["alice@example.net"]] and h.spool.queue_ids() == []
+    [report] = [body for env, _, body in h.out.received if env.notification == "bounce"]
+    assert b"x@r.test" in report and b"later@r.test" in report
+
+
+def test_release_waits_until_the_notifications_in_writing_are_durable(tmp_path):
+    from test_bounce import Harness as NotifyingHarness, fail_for, rcpt as out_rcpt
+    h = NotifyingHarness(tmp_path, fail_for())
+    answer = defer.Deferred()
+    h.out.deliver = lambda message, recipients: answer
+    writes: list[defer.Deferred] = []
+    h.scheduler._spool_notice = lambda original, notice: writes.append(defer.Deferred()) or writes[-1]
+    envelope = h.submit(out_rcpt("x@r.test"), out_rcpt("later@r.test"))
+    qid = envelope.queue_id
+    h.reactor.advance(0)
+    h.scheduler.hold(qid, "by hand")                   # while the delivery is in flight
+    answer.callback([DeliveryResult.failed("no", 550, "5.1.1"),
+                     DeliveryResult.deferred("busy", 451, "4.2.0")])
+    assert len(writes) == 1 and h.scheduler.held() == {qid: "by hand"}   # x's bounce in writing
+    with pytest.raises(QueueError, match="being written; try again"):
+        h.scheduler.release(qid)
+    assert h.scheduler.held() == {qid: "by hand"}
+    writes[0].callback(None)
+    assert h.scheduler.release(qid)

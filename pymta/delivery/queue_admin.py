@@ -21,6 +21,11 @@ What each does to a message whose delivery is in flight:
   non-delivery notification goes to the sender (RFC 3464, through
   :mod:`pymta.bounce`) and the message leaves the queue.
 * **requeue** and **flush**: recipients in flight are left alone.
+
+Hold, release, requeue and bounce are refused (QueueError, "try again in a
+moment") while the message's delivery status notifications are on their
+way to the spool: the envelope that records them as sent, or the removal,
+must wait until they are durable, and one that fails is decided again.
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ class QueueAdministration:
 
     def bounce(self, queue_id: str, reason: str) -> str:
         """Return the message to its sender with a non-delivery notification."""
+        self._check_no_notices(queue_id)
         message = self._messages.get(queue_id)
         if message is None:
             envelope = self._held[queue_id]
@@ -162,16 +168,19 @@ class QueueAdministration:
         Records the release in the spool (``Spool.update``) and schedules
         the message; False if no message of that id is held.
         """
-        envelope = self._held.pop(queue_id, None)
+        envelope = self._held.get(queue_id)
         if envelope is None:
             message = self._messages.get(queue_id)     # held while a delivery was in flight
             if message is None or not message.envelope.held:
                 return False
+            self._check_no_notices(queue_id)
             message.envelope.release(self._now())
             log.info("{queue_id}: released", queue_id=queue_id)
             self._persist(self.spool.update(message.envelope), message.envelope, "update")
             self._reschedule(message)
             return True
+        self._check_no_notices(queue_id)
+        del self._held[queue_id]
         envelope.release(self._now())
         log.info("{queue_id}: released", queue_id=queue_id)
         self._persist(self.spool.update(envelope), envelope, "update")
