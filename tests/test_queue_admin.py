@@ -180,3 +180,18 @@ def test_release_waits_until_the_notifications_in_writing_are_durable(tmp_path):
     assert h.scheduler.held() == {qid: "by hand"}
     writes[0].callback(None)
     assert h.scheduler.release(qid)
+
+
+def test_a_notification_to_the_postmaster_is_not_bounced_even_when_not_held(tmp_path):
+    from test_bounce import Harness as NotifyingHarness, fail_for, rcpt as out_rcpt
+    h = NotifyingHarness(tmp_path, fail_for("x@r.test"),
+                         decide_local=lambda address: DeliveryResult.deferred("busy", 451, "4.2.0"))
+    h.submit(out_rcpt("x@r.test"), sender="")          # its failure goes to the postmaster
+    h.reactor.advance(0)
+    [copy_id] = h.spool.queue_ids()
+    assert h.scheduler.held() == {} and h.scheduler.queued() == [copy_id]
+    with pytest.raises(QueueError, match="notification to the postmaster cannot be bounced"):
+        h.scheduler.bounce(copy_id, "spam")
+    assert h.scheduler.queued() == [copy_id] and h.scheduler.held() == {}
+    assert h.spool.load(copy_id).recipients[0].state != FAILED
+

@@ -142,12 +142,11 @@ class QueueAdministration:
     def bounce(self, queue_id: str, reason: str) -> str:
         """Return the message to its sender with a non-delivery notification."""
         self._check_no_notices(queue_id)
+        if self.envelope_of(queue_id).notification == "postmaster":
+            # its failure would only be held again (see pymta.bounce.notifier)
+            raise QueueError("a notification to the postmaster cannot be bounced; delete it")
         message = self._messages.get(queue_id)
         if message is None:
-            envelope = self._held[queue_id]
-            if envelope.notification == "postmaster":
-                raise QueueError("a failed notification to the postmaster cannot be bounced; "
-                                 "delete it")
             message = self._new_message(self._held.pop(queue_id))
         envelope = message.envelope
         envelope.held = None
