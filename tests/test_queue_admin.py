@@ -195,3 +195,19 @@ def test_a_notification_to_the_postmaster_is_not_bounced_even_when_not_held(tmp_
     assert h.scheduler.queued() == [copy_id] and h.scheduler.held() == {}
     assert h.spool.load(copy_id).recipients[0].state != FAILED
 
+
+def test_release_during_a_delivery_keeps_a_failure_of_that_hold_failed(tmp_path):
+    out, local = defer.Deferred(), defer.Deferred()
+    h = Harness(tmp_path, {"out": RecordingBackend(out), "local": RecordingBackend(local)})
+    h.scheduler.startService()
+    envelope = h.submit(rcpt("x@r.test", "out"), rcpt("y@example.org"))
+    qid = envelope.queue_id
+    h.reactor.advance(0)
+    h.scheduler.hold(qid, "by hand")
+    out.callback([DeliveryResult.failed("no such user", 550, "5.1.1")])
+    assert h.scheduler.release(qid)
+    local.callback([DeliveryResult.delivered()])
+    h.reactor.advance(10_000)
+    assert envelope.recipients[0].state == FAILED and envelope.recipients[0].attempts == 1
+    assert h.scheduler.final_failures == [(qid, ["x@r.test"])]
+    assert h.spool.queue_ids() == []

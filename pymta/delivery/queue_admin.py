@@ -173,7 +173,9 @@ class QueueAdministration:
             if message is None or not message.envelope.held:
                 return False
             self._check_no_notices(queue_id)
-            message.envelope.release(self._now())
+            # held by an administrator (see hold): its failures wait for the end of
+            # the deliveries in flight to be reported, not for a release to be retried
+            message.envelope.held = None
             log.info("{queue_id}: released", queue_id=queue_id)
             self._persist(self.spool.update(message.envelope), message.envelope, "update")
             self._reschedule(message)
