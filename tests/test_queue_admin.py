@@ -211,3 +211,20 @@ def test_release_during_a_delivery_keeps_a_failure_of_that_hold_failed(tmp_path)
     assert envelope.recipients[0].state == FAILED and envelope.recipients[0].attempts == 1
     assert h.scheduler.final_failures == [(qid, ["x@r.test"])]
     assert h.spool.queue_ids() == []
+
+
+def test_requeue_keeps_an_alias_command_with_its_pipe_backend(tmp_path):
+    pipe, local = RecordingBackend("defer", "defer"), RecordingBackend("ok")
+    h = Harness(tmp_path, {"pipe": pipe, "local": local})
+    h.scheduler.startService()
+    command = rcpt("list@example.org", "pipe")
+    command.command, command.sender = "/usr/bin/archive --list", "owner-list@example.org"
+    qid = h.submit(command, rcpt("bob@example.org", "pipe")).queue_id
+    h.reactor.advance(0)
+    assert [addresses for _, addresses in pipe.calls] == [["list@example.org"], ["bob@example.org"]]
+    pipe.outcomes = ["ok", "ok"]
+    assert h.scheduler.requeue(qid, lambda address: "local") == "requeued"
+    h.reactor.advance(0)
+    assert [addresses for _, addresses in pipe.calls][2:] == [["list@example.org"]]
+    assert local.calls == [(qid, ["bob@example.org"])]        # the address, routed again
+    assert h.spool.queue_ids() == []

@@ -111,7 +111,11 @@ class QueueAdministration:
         return "deleted"
 
     def requeue(self, queue_id: str, route_for: Callable[[str], str | None]) -> str:
-        """Route the pending recipients again and try them now, their backoff reset."""
+        """Route the pending recipients again and try them now, their backoff reset.
+
+        A recipient of an alias ``|command`` or ``/file`` keeps its route: the
+        routes name a backend for its address, not for its command.
+        """
         message = self._messages.get(queue_id)
         if message is None or message.envelope.held:
             raise QueueError("held; release it first")
@@ -120,7 +124,8 @@ class QueueAdministration:
         now = self._now()
         for index, recipient in enumerate(envelope.recipients):
             if recipient.state == PENDING and index not in message.busy:
-                recipient.route = route_for(recipient.address) or recipient.route
+                if recipient.command is None:     # an alias command keeps its pipe backend
+                    recipient.route = route_for(recipient.address) or recipient.route
                 recipient.attempts, recipient.next_attempt = 0, now
         self._persist(self.spool.update(envelope), envelope, "update")
         self._reschedule(message)
