@@ -228,3 +228,24 @@ def test_requeue_keeps_an_alias_command_with_its_pipe_backend(tmp_path):
     assert [addresses for _, addresses in pipe.calls][2:] == [["list@example.org"]]
     assert local.calls == [(qid, ["bob@example.org"])]        # the address, routed again
     assert h.spool.queue_ids() == []
+
+
+def test_requeue_routes_again_the_recipients_waiting_for_a_delivery_slot(tmp_path):
+    from pymta.config.model import Retry
+    answer = defer.Deferred()
+    old = RecordingBackend(answer)
+    h = Harness(tmp_path, {"old": old},
+                retry=Retry(initial=300, maximum=1200, lifetime=3600, concurrency=1))
+    h.scheduler.startService()
+    first = h.submit(rcpt("a@example.org", "old")).queue_id
+    waiting = h.submit(rcpt("b@example.org", "old")).queue_id
+    h.reactor.advance(0)
+    assert old.calls == [(first, ["a@example.org"])]   # the second waits for the one slot
+    new = RecordingBackend("ok")
+    h.scheduler.reconfigure({"new": new}, Retry(initial=300, maximum=1200, lifetime=3600,
+                                                 concurrency=1), None)
+    assert h.scheduler.requeue(waiting, lambda address: "new") == "requeued"
+    answer.callback([DeliveryResult.delivered()])
+    h.reactor.advance(0)
+    assert new.calls == [(waiting, ["b@example.org"])]
+    assert h.spool.queue_ids() == []

@@ -20,7 +20,8 @@ What each does to a message whose delivery is in flight:
   fail when their attempt ends, unless it delivered them.  Then one
   non-delivery notification goes to the sender (RFC 3464, through
   :mod:`pymta.bounce`) and the message leaves the queue.
-* **requeue** and **flush**: recipients in flight are left alone.
+* **requeue** and **flush**: recipients in flight are left alone (those
+  waiting for a delivery slot are not in flight: requeue routes them again).
 
 Hold, release, requeue and bounce are refused (QueueError, "try again in a
 moment") while the message's delivery status notifications are on their
@@ -120,6 +121,7 @@ class QueueAdministration:
         if message is None or message.envelope.held:
             raise QueueError("held; release it first")
         self._check_no_notices(queue_id)
+        self._unqueue(message)                    # a job waiting for a slot has the old route
         envelope = message.envelope
         now = self._now()
         for index, recipient in enumerate(envelope.recipients):
