@@ -249,3 +249,15 @@ def test_requeue_routes_again_the_recipients_waiting_for_a_delivery_slot(tmp_pat
     h.reactor.advance(0)
     assert new.calls == [(waiting, ["b@example.org"])]
     assert h.spool.queue_ids() == []
+
+
+def test_bounce_that_no_one_can_be_told_of_says_the_message_is_held_again(tmp_path):
+    from test_bounce import Harness as NotifyingHarness, notifier, rcpt as out_rcpt
+    h = NotifyingHarness(tmp_path, lambda address: DeliveryResult.deferred("busy", 451, "4.2.0"))
+    h.scheduler.notifier = notifier(routes={"r.test": "out"})     # no route to the postmaster
+    qid = h.submit(out_rcpt("x@r.test"), sender="").queue_id      # a bounce: its failure goes there
+    h.reactor.advance(0)
+    outcome = h.scheduler.bounce(qid, "spam")
+    assert outcome.startswith("held again: no delivery route for the postmaster")
+    assert h.scheduler.held() == {qid: outcome.removeprefix("held again: ")}
+    assert h.spool.queue_ids() == [qid]

@@ -166,6 +166,8 @@ class QueueAdministration:
         if message.busy:
             return "bounced (recipients in flight fail when their attempt ends)"
         self._finish(message)
+        if envelope.held:       # its non-delivery notification cannot be sent either
+            return f"held again: {envelope.held}"
         return "bounced"
 
     def release(self, queue_id: str) -> bool:
