@@ -424,3 +424,34 @@ def test_a_server_that_does_not_answer(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"pymta queue: the server did not answer on the control socket "
                              f"{path} within 1 s\n")
+
+
+def test_offline_listing_skips_what_it_cannot_read_as_a_message(tmp_path):
+    """A spool being written or damaged: partial files in tmp/, a message file without its
+    trailer (a lone commit cut short by a crash), an envelope of another shape (a later
+    version's field after a rollback): skipped, as the server's recovery quarantines them."""
+    from pymta.control import offline
+    from pymta.envelope import Envelope, Recipient
+    from pymta.spool.queuefile import encode_envelope, queue_file_content, trailer
+    from pymta.spool.queueid import new_queue_id
+    queue_dir, tmp_dir = tmp_path / "queue", tmp_path / "tmp"
+    queue_dir.mkdir()
+    tmp_dir.mkdir()
+
+    def envelope() -> Envelope:
+        return Envelope(new_queue_id(), "a@example.test",
+                        [Recipient("b@example.test", "b@example.test", "local")], time.time())
+    good = envelope()
+    (queue_dir / f"{good.queue_id}.msg").write_bytes(queue_file_content(b"hello\r\n", good))
+    (tmp_dir / f"{envelope().queue_id}.msg").write_bytes(b"Subject: half")
+    cut_short = envelope()
+    (queue_dir / f"{cut_short.queue_id}.msg").write_bytes(
+        queue_file_content(b"hello\r\n", cut_short)[:-20])
+    later = envelope()
+    data = json.dumps({**json.loads(encode_envelope(later)), "a_later_field": 1}).encode()
+    (queue_dir / f"{later.queue_id}.msg").write_bytes(b"hello\r\n" + data + trailer(data))
+    no_recipients = envelope()
+    data = json.dumps({k: v for k, v in json.loads(encode_envelope(no_recipients)).items()
+                       if k != "recipients"}).encode()
+    (queue_dir / f"{no_recipients.queue_id}.msg").write_bytes(b"hello\r\n" + data + trailer(data))
+    assert [e.queue_id for e, busy in offline.entries(str(tmp_path))] == [good.queue_id]

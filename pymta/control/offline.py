@@ -26,7 +26,7 @@ def entries(spool_dir: str) -> list[tuple[Envelope, frozenset[int]]]:
             envelope = load_queue_file(queue_dir, queue_id)[0]
         except FileNotFoundError:
             continue
-        except ValueError:
+        except (ValueError, TypeError, KeyError):
             continue                        # damaged: the server's recovery quarantines it
         found.append((envelope, frozenset()))
     return found

@@ -20,7 +20,13 @@ What each does to a message whose delivery is in flight:
   fail when their attempt ends, unless it delivered them.  Then one
   non-delivery notification goes to the sender (RFC 3464, through
   :mod:`pymta.bounce`) and the message leaves the queue.
-* **requeue** and **flush**: recipients in flight are left alone.
+* **requeue** and **flush**: recipients in flight are left alone (those
+  waiting for a delivery slot are not in flight: requeue routes them again).
+
+Hold, release, requeue and bounce are refused (QueueError, "try again in a
+moment") while the message's delivery status notifications are on their
+way to the spool: the envelope that records them as sent, or the removal,
+must wait until they are durable, and one that fails is decided again.
 """
 
 from __future__ import annotations
@@ -106,16 +112,22 @@ class QueueAdministration:
         return "deleted"
 
     def requeue(self, queue_id: str, route_for: Callable[[str], str | None]) -> str:
-        """Route the pending recipients again and try them now, their backoff reset."""
+        """Route the pending recipients again and try them now, their backoff reset.
+
+        A recipient of an alias ``|command`` or ``/file`` keeps its route: the
+        routes name a backend for its address, not for its command.
+        """
         message = self._messages.get(queue_id)
         if message is None or message.envelope.held:
             raise QueueError("held; release it first")
         self._check_no_notices(queue_id)
+        self._unqueue(message)                    # a job waiting for a slot has the old route
         envelope = message.envelope
         now = self._now()
         for index, recipient in enumerate(envelope.recipients):
             if recipient.state == PENDING and index not in message.busy:
-                recipient.route = route_for(recipient.address) or recipient.route
+                if recipient.command is None:     # an alias command keeps its pipe backend
+                    recipient.route = route_for(recipient.address) or recipient.route
                 recipient.attempts, recipient.next_attempt = 0, now
         self._persist(self.spool.update(envelope), envelope, "update")
         self._reschedule(message)
@@ -136,12 +148,12 @@ class QueueAdministration:
 
     def bounce(self, queue_id: str, reason: str) -> str:
         """Return the message to its sender with a non-delivery notification."""
+        self._check_no_notices(queue_id)
+        if self.envelope_of(queue_id).notification == "postmaster":
+            # its failure would only be held again (see pymta.bounce.notifier)
+            raise QueueError("a notification to the postmaster cannot be bounced; delete it")
         message = self._messages.get(queue_id)
         if message is None:
-            envelope = self._held[queue_id]
-            if envelope.notification == "postmaster":
-                raise QueueError("a failed notification to the postmaster cannot be bounced; "
-                                 "delete it")
             message = self._new_message(self._held.pop(queue_id))
         envelope = message.envelope
         envelope.held = None
@@ -154,6 +166,8 @@ class QueueAdministration:
         if message.busy:
             return "bounced (recipients in flight fail when their attempt ends)"
         self._finish(message)
+        if envelope.held:       # its non-delivery notification cannot be sent either
+            return f"held again: {envelope.held}"
         return "bounced"
 
     def release(self, queue_id: str) -> bool:
@@ -162,16 +176,21 @@ class QueueAdministration:
         Records the release in the spool (``Spool.update``) and schedules
         the message; False if no message of that id is held.
         """
-        envelope = self._held.pop(queue_id, None)
+        envelope = self._held.get(queue_id)
         if envelope is None:
             message = self._messages.get(queue_id)     # held while a delivery was in flight
             if message is None or not message.envelope.held:
                 return False
-            message.envelope.release(self._now())
+            self._check_no_notices(queue_id)
+            # held by an administrator (see hold): its failures wait for the end of
+            # the deliveries in flight to be reported, not for a release to be retried
+            message.envelope.held = None
             log.info("{queue_id}: released", queue_id=queue_id)
             self._persist(self.spool.update(message.envelope), message.envelope, "update")
             self._reschedule(message)
             return True
+        self._check_no_notices(queue_id)
+        del self._held[queue_id]
         envelope.release(self._now())
         log.info("{queue_id}: released", queue_id=queue_id)
         self._persist(self.spool.update(envelope), envelope, "update")

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 
 from pymta.bounce.notifier import NotificationHeld
 from pymta.config.model import Retry
+from pymta.delivery.backends_in_use import BackendsInUse
 from pymta.delivery.queue_admin import QueueAdministration, fail_pending
 from pymta.delivery.result import DELIVERED, DEFERRED, FAILED, DeliveryResult
 from pymta.delivery.retry import (RetrySchedule, delivery_finishes, due_by_route,
@@ -132,9 +133,8 @@ class DeliveryScheduler(QueueAdministration, Service):
         #: queue id -> notifications being spooled before its update or removal
         self._noticing: collections.Counter[str] = collections.Counter()
         self._idle_waiters: list[defer.Deferred] = []
-        #: id(backends dict) -> backend calls in flight started with it (see reconfigure)
-        self._calls_with: collections.Counter[int] = collections.Counter()
-        self._backends_unused: dict[int, list[defer.Deferred]] = {}
+        #: backend calls in flight by the backends they started with (see reconfigure)
+        self._backends_in_use = BackendsInUse()
         self.events = events
 
     # -- service ---------------------------------------------------------------
@@ -193,12 +193,7 @@ class DeliveryScheduler(QueueAdministration, Service):
         self.concurrency = max(1, int(retry.concurrency))
         self.delay_warning = float(getattr(retry, "delay_warning", 0.0))
         self.notifier = notifier
-        d = defer.Deferred()
-        if previous is backends or not self._calls_with[id(previous)]:
-            self._calls_with.pop(id(previous), None)
-            d.callback(previous)
-        else:
-            self._backends_unused.setdefault(id(previous), []).append(d)
+        d = self._backends_in_use.unused(previous, backends)
         self._pump()                      # the concurrency may have grown
         return d
 
@@ -318,7 +313,7 @@ class DeliveryScheduler(QueueAdministration, Service):
         recipients = [envelope.recipients[i] for i in job.indices]
         backend = self.backends.get(job.route)
         job.backends = self.backends
-        self._calls_with[id(job.backends)] += 1
+        self._backends_in_use.started(job.backends)
         self._in_flight += 1
         if self.events is not None:
             job.started = perf_counter()
@@ -469,12 +464,7 @@ class DeliveryScheduler(QueueAdministration, Service):
 
     def _job_done(self, _, job: _Job) -> None:
         self._in_flight -= 1
-        key = id(job.backends)
-        self._calls_with[key] -= 1
-        if not self._calls_with[key]:
-            del self._calls_with[key]
-            for d in self._backends_unused.pop(key, ()):
-                d.callback(job.backends)
+        self._backends_in_use.ended(job.backends)
         self._pump()
         self._check_idle()
 
