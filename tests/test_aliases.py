@@ -10,7 +10,8 @@ import pytest
 
 from pymta.config.errors import ConfigError
 from pymta.config.options import PluginContext
-from pymta.policy.aliases import MAX_TARGETS, AliasExpander, ExpansionError, parse_aliases
+from pymta.policy.aliases import (MAX_INCLUDES, MAX_TARGETS, AliasExpander, ExpansionError,
+                                  Include, parse_aliases)
 from pymta.policy.recipients import AliasMap
 from pymta.verdict import DUNNO, AliasTarget, Kind
 
@@ -251,3 +252,28 @@ def test_the_readme_alias_file_does_what_the_readme_says():
         AliasTarget("bob@example.org", sender=owner), AliasTarget("carol@example.org", sender=owner),
         AliasTarget("announce@example.org", "/usr/local/bin/archive --list announce", "aliaspipe")]
     assert aliases.expand("anyone@example.net") == ["alice@example.org", "alice@home.example"]
+
+
+def test_includes_of_includes_are_bounded():
+    # a user's include file of 1000 includes of a file of 1000 includes of an empty file
+    # would be read a million times, on the reactor, for one RCPT
+    reads = []
+
+    def reader(path, domain):
+        reads.append(path)
+        return [Include(f"/lists/{len(reads)}-{n}") for n in range(1000)] if len(reads) < 3 else []
+    aliases = expander("list@example.org: :include:/lists/top\n", include_reader=reader)
+    with pytest.raises(ExpansionError) as caught:
+        aliases.expand("list@example.org")
+    assert (caught.value.code, caught.value.enhanced) == (451, "4.3.0")
+    assert f"more than {MAX_INCLUDES} include files" in caught.value.text
+    assert len(reads) == MAX_INCLUDES
+    assert aliases.expand("alice@example.org") is None      # the count is per expansion
+
+
+def test_a_long_chain_of_includes_is_refused_not_a_recursion_error():
+    aliases = expander("list@example.org: :include:/lists/0\n",
+                       include_reader=lambda path, domain: [Include(f"{path}/x")])
+    with pytest.raises(ExpansionError) as caught:
+        aliases.expand("list@example.org")
+    assert caught.value.code == 451

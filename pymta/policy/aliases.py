@@ -20,7 +20,9 @@ then the ``@domain`` catch-all) and expands each target again, depth first
   ``max_depth`` levels is refused, with a reason naming the path
   (:class:`ExpansionError`, 550 5.4.6) rather than a hang;
 - ``:include:/path`` reads the file at each expansion (absolute path, a
-  regular file of at most 1 MiB; addresses and further includes only);
+  regular file of at most 1 MiB; addresses and further includes only); one
+  expansion reads at most ``MAX_INCLUDES`` include files (451 beyond: a
+  file of includes of includes would otherwise hold the server for hours);
 - ``|command`` becomes a :class:`pymta.verdict.AliasTarget` for the pipe
   backend ``command_backend``.  Commands are accepted only in a map with
   ``allow_commands = true`` (the system alias file) and never in included
@@ -43,7 +45,7 @@ import os
 import shlex
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymta.addresses import normalize_domain, split_address, domain_key
 from pymta.config.errors import ConfigError
@@ -53,10 +55,12 @@ from pymta.envelope import FILE_COMMAND_PREFIX
 from pymta.verdict import AliasTarget
 
 __all__ = ["AliasTable", "Include", "Command", "File", "parse_aliases", "load_alias_file",
-           "AliasExpander", "ExpansionError", "MAX_TARGETS", "INCLUDE_SIZE_LIMIT"]
+           "AliasExpander", "ExpansionError", "MAX_TARGETS", "MAX_INCLUDES", "INCLUDE_SIZE_LIMIT"]
 
 #: targets one address may expand to at most (Postfix: virtual_alias_expansion_limit)
 MAX_TARGETS = 1000
+#: include files one expansion reads at most (each read counts, the same file again too)
+MAX_INCLUDES = 100
 #: bytes an :include: file may have at most
 INCLUDE_SIZE_LIMIT = 1024 * 1024
 
@@ -261,6 +265,8 @@ class AliasExpander:
     #: the backend that runs |command targets
     command_backend: str = "pipe"
     include_reader: Callable[[str, str], list[Target]] = read_include
+    #: include files read by the expansion under way (see MAX_INCLUDES)
+    _includes_read: int = field(default=0, init=False, repr=False, compare=False)
 
     def lookup(self, address: str, catch_all: bool = True) -> _Match | None:
         """The entry ``address`` matches, or None.
@@ -303,6 +309,7 @@ class AliasExpander:
         if self.lookup(address) is None:
             return None
         out: list[str | AliasTarget] = []
+        self._includes_read = 0
         self._walk(address, [address.lower()], None, out)
         return out
 
@@ -329,6 +336,13 @@ class AliasExpander:
                 if target.path in path:
                     raise ExpansionError(550, "5.4.6", f"alias loop: {' -> '.join(path)} -> "
                                                        f":include:{target.path}")
+                self._includes_read += 1
+                if self._includes_read > MAX_INCLUDES:
+                    raise ExpansionError(451, "4.3.0", f"alias expansion reads more than "
+                                                       f"{MAX_INCLUDES} include files",
+                                         detail=f"alias expansion reads more than {MAX_INCLUDES} "
+                                                f"include files: {' -> '.join(path)} -> "
+                                                f":include:{target.path}")
                 try:
                     included = self.include_reader(target.path, domain)
                 except ConfigError as e:
