@@ -277,3 +277,24 @@ def test_a_long_chain_of_includes_is_refused_not_a_recursion_error():
     with pytest.raises(ExpansionError) as caught:
         aliases.expand("list@example.org")
     assert caught.value.code == 451
+
+
+def test_an_include_file_cannot_read_the_servers_private_files(tmp_path):
+    # whoever writes a list file names (or links to) a file only root or the server may
+    # read: its lines would come back as recipient addresses in bounces
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$salt$hash:19000:0:99999:7:::\n")
+    os.chmod(secret, 0o600)
+    members = tmp_path / "members"
+    members.write_text(f"alice\n:include:{secret}\n")
+    os.chmod(members, 0o644)
+    linked = tmp_path / "linked"
+    linked.symlink_to(secret)
+    for include in (members, linked):
+        with pytest.raises(ExpansionError) as caught:
+            expander(f"list@example.org: :include:{include}\n").expand("list@example.org")
+        assert (caught.value.code, caught.value.enhanced) == (451, "4.3.5")
+        assert f"owned by uid {os.geteuid()} and not readable by others" in caught.value.detail
+    os.chmod(secret, 0o644)         # readable by anyone: no secret
+    assert expander(f"list@example.org: :include:{linked}\n").expand("list@example.org") == \
+        ["root:$6$salt$hash:19000:0:99999:7:::@example.org"]

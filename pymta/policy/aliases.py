@@ -20,7 +20,11 @@ then the ``@domain`` catch-all) and expands each target again, depth first
   ``max_depth`` levels is refused, with a reason naming the path
   (:class:`ExpansionError`, 550 5.4.6) rather than a hang;
 - ``:include:/path`` reads the file at each expansion (absolute path, a
-  regular file of at most 1 MiB; addresses and further includes only); one
+  regular file of at most 1 MiB; addresses and further includes only).  A
+  file owned by root or by the server's user is read only when others may
+  read it (as Postfix reads such a file with ``default_privs``): whoever
+  writes a list file, or a symbolic link in its place, must not get the
+  server's secrets (a password file) back line by line in bounces.  One
   expansion reads at most ``MAX_INCLUDES`` include files (451 beyond: a
   file of includes of includes would otherwise hold the server for hours);
 - ``|command`` becomes a :class:`pymta.verdict.AliasTarget` for the pipe
@@ -214,12 +218,18 @@ def check_trusted_file(path: str) -> None:
 def read_include(path: str, key_domain: str) -> list[Target]:
     """The targets of an include file (addresses and includes; no commands)."""
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(path, "include", "not a regular file")
-        if st.st_size > INCLUDE_SIZE_LIMIT:
-            raise ConfigError(path, "include", f"larger than {INCLUDE_SIZE_LIMIT} bytes")
-        with open(path, "rb") as f:
+        # opened first, then checked: a FIFO swapped in after a stat would block the server
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(path, "include", "not a regular file")
+            if st.st_uid in (0, os.geteuid()) and not st.st_mode & stat.S_IROTH:
+                raise ConfigError(path, "include", f"owned by uid {st.st_uid} and not readable "
+                                                   "by others: an include file of root or of the "
+                                                   "server's user must be (chmod o+r)")
+            if st.st_size > INCLUDE_SIZE_LIMIT:
+                raise ConfigError(path, "include", f"larger than {INCLUDE_SIZE_LIMIT} bytes")
             data = f.read(INCLUDE_SIZE_LIMIT + 1)
     except OSError as e:
         raise ConfigError(path, "include", f"cannot read: {e.strerror or e}") from None
