@@ -177,3 +177,19 @@ def test_the_lhlo_timeout_is_the_helo_one():
     assert conn.data_to_send() == b"LHLO me.example\r\n"
     assert conn.timeout == 7.0
     assert conn.situation == "while waiting for the reply to LHLO"
+
+
+@pytest.mark.parametrize("lhlo", [LHLO_DATA_ONLY, LHLO_PLAIN])
+def test_a_2xx_reply_to_data_is_out_of_step_and_delivers_nothing(lhlo):
+    # a server a reply behind answers DATA with the 250 of a RCPT: taken as the end of the
+    # content, a message never sent would count as delivered
+    d = lmtp_ready(lhlo)
+    d.conn.start_transaction(txn("a@x"))
+    events = []
+    for _ in range(3):                          # MAIL, RCPT, DATA (sent one by one or at once)
+        d.sent()
+        events += d.feed(b"250 ok\r\n")
+    done = events[0]
+    assert isinstance(done, C.TransactionDone)
+    assert [(r.reply.code, r.reply.enhanced) for r in done.results] == [(451, "4.5.0")]
+    assert "in reply to DATA" in done.results[0].reply.text

@@ -540,6 +540,12 @@ class ClientConnection:
                 self.progress += 1
                 self._maybe_done()
             return
+        if reply.ok:
+            # DATA is answered 354 or refused: a 2xx is a reply to something else (a server
+            # out of step), and taken as the end of the content it would "deliver" a message
+            # never sent
+            self._lost(f"protocol error: {reply.summary()!r} in reply to DATA", enhanced="4.5.0")
+            return
         txn.final, txn.final_command = reply, "DATA"
         self._maybe_done()
 
