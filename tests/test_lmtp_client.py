@@ -179,6 +179,23 @@ def test_the_lhlo_timeout_is_the_helo_one():
     assert conn.situation == "while waiting for the reply to LHLO"
 
 
+def test_a_reply_too_many_after_the_content_ends_the_session_before_it_is_reused():
+    # the pool starts the next transaction as soon as this one is done: the extra reply
+    # would answer its RSET, every later reply one command late
+    for extra in (b"250 2.0.0 one more\r\n", b"250 2.0.0 hal"):
+        d = lmtp_ready()
+        d.conn.start_transaction(txn("a@x"))
+        d.sent()
+        d.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        d.conn.send_body(b"x\r\n")
+        d.conn.end_body()
+        d.sent()
+        d.conn.receive_data(b"250 2.0.0 saved\r\n" + extra)
+        done = d.conn.next_event()
+        assert codes(done) == [(250, "end of DATA")]      # its own reply stands
+        assert d.conn.state is C.State.CLOSED              # not reused
+
+
 @pytest.mark.parametrize("lhlo", [LHLO_DATA_ONLY, LHLO_PLAIN])
 def test_a_2xx_reply_to_data_is_out_of_step_and_delivers_nothing(lhlo):
     # a server a reply behind answers DATA with the 250 of a RCPT: taken as the end of the

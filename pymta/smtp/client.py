@@ -609,6 +609,10 @@ class ClientConnection:
         if txn.body_started and not txn.body_done:
             return
         self._finish_transaction(None, "")
+        if self.state is State.READY and self._in and not self._unsolicited():
+            # more replies than commands (an LMTP server answering the content more often than
+            # recipients were accepted): the next transaction would take them as its own
+            self._lost("unexpected data while idle", enhanced="4.5.0")
 
     def _finish_transaction(self, lost: ServerReply | None, lost_command: str) -> None:
         txn, self._txn = self._txn, None
