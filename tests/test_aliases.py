@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipekit import unprivileged_user
 from pymta.config.errors import ConfigError
 from pymta.config.options import PluginContext
 from pymta.policy.aliases import (MAX_INCLUDES, MAX_TARGETS, AliasExpander, ExpansionError,
@@ -279,22 +280,28 @@ def test_a_long_chain_of_includes_is_refused_not_a_recursion_error():
     assert caught.value.code == 451
 
 
-def test_an_include_file_cannot_read_the_servers_private_files(tmp_path):
-    # whoever writes a list file names (or links to) a file only root or the server may
-    # read: its lines would come back as recipient addresses in bounces
+
+def test_an_include_file_of_a_user_reads_only_what_that_user_may_read(tmp_path):
+    # whoever writes a list file names (or links to) a file only the server may read:
+    # its lines would come back as recipient addresses in bounces
+    user = unprivileged_user()
     secret = tmp_path / "shadow"
     secret.write_text("root:$6$salt$hash:19000:0:99999:7:::\n")
     os.chmod(secret, 0o600)
     members = tmp_path / "members"
     members.write_text(f"alice\n:include:{secret}\n")
-    os.chmod(members, 0o644)
+    os.chown(members, user.pw_uid, user.pw_gid)
     linked = tmp_path / "linked"
     linked.symlink_to(secret)
+    os.lchown(linked, user.pw_uid, user.pw_gid)
     for include in (members, linked):
         with pytest.raises(ExpansionError) as caught:
             expander(f"list@example.org: :include:{include}\n").expand("list@example.org")
         assert (caught.value.code, caught.value.enhanced) == (451, "4.3.5")
-        assert f"owned by uid {os.geteuid()} and not readable by others" in caught.value.detail
-    os.chmod(secret, 0o644)         # readable by anyone: no secret
-    assert expander(f"list@example.org: :include:{linked}\n").expand("list@example.org") == \
+        assert f"not readable by uid {user.pw_uid}, who names it" in caught.value.detail
+    # the administrator's own files are read as before; so is what the user may read
+    assert expander(f"list@example.org: :include:{secret}\n").expand("list@example.org") == \
         ["root:$6$salt$hash:19000:0:99999:7:::@example.org"]
+    os.chown(secret, user.pw_uid, user.pw_gid)
+    assert expander(f"list@example.org: :include:{members}\n").expand("list@example.org") == \
+        ["alice@example.org", "root:$6$salt$hash:19000:0:99999:7:::@example.org"]
