@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from pipekit import unprivileged_user
 from pymta.config.errors import ConfigError
 from pymta.config.options import PluginContext
-from pymta.policy.aliases import MAX_TARGETS, AliasExpander, ExpansionError, parse_aliases
+from pymta.policy.aliases import (MAX_INCLUDES, MAX_TARGETS, AliasExpander, ExpansionError,
+                                  Include, parse_aliases)
 from pymta.policy.recipients import AliasMap
 from pymta.verdict import DUNNO, AliasTarget, Kind
 
@@ -251,3 +253,55 @@ def test_the_readme_alias_file_does_what_the_readme_says():
         AliasTarget("bob@example.org", sender=owner), AliasTarget("carol@example.org", sender=owner),
         AliasTarget("announce@example.org", "/usr/local/bin/archive --list announce", "aliaspipe")]
     assert aliases.expand("anyone@example.net") == ["alice@example.org", "alice@home.example"]
+
+
+def test_includes_of_includes_are_bounded():
+    # a user's include file of 1000 includes of a file of 1000 includes of an empty file
+    # would be read a million times, on the reactor, for one RCPT
+    reads = []
+
+    def reader(path, domain):
+        reads.append(path)
+        return [Include(f"/lists/{len(reads)}-{n}") for n in range(1000)] if len(reads) < 3 else []
+    aliases = expander("list@example.org: :include:/lists/top\n", include_reader=reader)
+    with pytest.raises(ExpansionError) as caught:
+        aliases.expand("list@example.org")
+    assert (caught.value.code, caught.value.enhanced) == (451, "4.3.0")
+    assert f"more than {MAX_INCLUDES} include files" in caught.value.text
+    assert len(reads) == MAX_INCLUDES
+    assert aliases.expand("alice@example.org") is None      # the count is per expansion
+
+
+def test_a_long_chain_of_includes_is_refused_not_a_recursion_error():
+    aliases = expander("list@example.org: :include:/lists/0\n",
+                       include_reader=lambda path, domain: [Include(f"{path}/x")])
+    with pytest.raises(ExpansionError) as caught:
+        aliases.expand("list@example.org")
+    assert caught.value.code == 451
+
+
+
+def test_an_include_file_of_a_user_reads_only_what_that_user_may_read(tmp_path):
+    # whoever writes a list file names (or links to) a file only the server may read:
+    # its lines would come back as recipient addresses in bounces
+    user = unprivileged_user()
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$salt$hash:19000:0:99999:7:::\n")
+    os.chmod(secret, 0o600)
+    members = tmp_path / "members"
+    members.write_text(f"alice\n:include:{secret}\n")
+    os.chown(members, user.pw_uid, user.pw_gid)
+    linked = tmp_path / "linked"
+    linked.symlink_to(secret)
+    os.lchown(linked, user.pw_uid, user.pw_gid)
+    for include in (members, linked):
+        with pytest.raises(ExpansionError) as caught:
+            expander(f"list@example.org: :include:{include}\n").expand("list@example.org")
+        assert (caught.value.code, caught.value.enhanced) == (451, "4.3.5")
+        assert f"not readable by uid {user.pw_uid}, who names it" in caught.value.detail
+    # the administrator's own files are read as before; so is what the user may read
+    assert expander(f"list@example.org: :include:{secret}\n").expand("list@example.org") == \
+        ["root:$6$salt$hash:19000:0:99999:7:::@example.org"]
+    os.chown(secret, user.pw_uid, user.pw_gid)
+    assert expander(f"list@example.org: :include:{members}\n").expand("list@example.org") == \
+        ["alice@example.org", "root:$6$salt$hash:19000:0:99999:7:::@example.org"]

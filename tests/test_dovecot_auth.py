@@ -5,6 +5,8 @@ passwords over STARTTLS on a submission listener, nologin, the mechanisms Doveco
 from __future__ import annotations
 
 import smtplib
+import socket
+import threading
 
 import pytest
 
@@ -17,7 +19,7 @@ ALICE, MOVED = "alice@example.test", "moved@example.test"
 USERS = {ALICE: "correct horse", MOVED: "right password"}
 
 
-def pymta_with_dovecot(make_server, dovecot: PrivateDovecot):
+def pymta_with_dovecot(make_server, dovecot: PrivateDovecot, timeout: str = "10s"):
     """pymta with a submission listener (STARTTLS, AUTH) whose checker is Dovecot."""
     srv = make_server("", start=False, server_toml="trusted_networks = []")
     cert, key = make_cert(srv.dir, "server")
@@ -41,7 +43,7 @@ auth = ["dovecot"]
 [plugins.dovecot]
 use = "dovecot"
 socket = "{dovecot.auth_socket}"
-timeout = "10s"
+timeout = "{timeout}"
 penalty = false
 """ + BACKEND_TOML + routes_toml(("*", "local")))
     return srv.start()
@@ -122,3 +124,40 @@ def test_dovecot_down_gives_454_and_logins_work_again_when_it_is_back(make_serve
     dovecot.start()
     assert login(srv.sub_port, ALICE, "correct horse")[0] == 235
     wait_for_log(srv, "dovecot auth: connected to .* again")
+
+
+class _SilentSocket:
+    """A UNIX socket that accepts connections and never says a word (a hung auth server)."""
+
+    def __init__(self, path) -> None:
+        self.auth_socket = path
+        self.accepted: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self._listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_server_that_never_finishes_the_handshake_is_left_and_tried_again(make_server, tmp_path):
+    silent = _SilentSocket(tmp_path / "auth-client")
+    try:
+        srv = pymta_with_dovecot(make_server, silent, timeout="1s")
+        assert login(srv.sub_port, ALICE, "correct horse")[0] == 454
+        wait_for_log(srv, r"no handshake from Dovecot .*auth-client.* within 1s")
+        assert login(srv.sub_port, ALICE, "correct horse")[0] == 454
+        # each login opened a connection of its own: none waits on the hung one
+        assert len(silent.accepted) >= 2
+    finally:
+        silent.close()

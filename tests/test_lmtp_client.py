@@ -177,3 +177,36 @@ def test_the_lhlo_timeout_is_the_helo_one():
     assert conn.data_to_send() == b"LHLO me.example\r\n"
     assert conn.timeout == 7.0
     assert conn.situation == "while waiting for the reply to LHLO"
+
+
+def test_a_reply_too_many_after_the_content_ends_the_session_before_it_is_reused():
+    # the pool starts the next transaction as soon as this one is done: the extra reply
+    # would answer its RSET, every later reply one command late
+    for extra in (b"250 2.0.0 one more\r\n", b"250 2.0.0 hal"):
+        d = lmtp_ready()
+        d.conn.start_transaction(txn("a@x"))
+        d.sent()
+        d.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        d.conn.send_body(b"x\r\n")
+        d.conn.end_body()
+        d.sent()
+        d.conn.receive_data(b"250 2.0.0 saved\r\n" + extra)
+        done = d.conn.next_event()
+        assert codes(done) == [(250, "end of DATA")]      # its own reply stands
+        assert d.conn.state is C.State.CLOSED              # not reused
+
+
+@pytest.mark.parametrize("lhlo", [LHLO_DATA_ONLY, LHLO_PLAIN])
+def test_a_2xx_reply_to_data_is_out_of_step_and_delivers_nothing(lhlo):
+    # a server a reply behind answers DATA with the 250 of a RCPT: taken as the end of the
+    # content, a message never sent would count as delivered
+    d = lmtp_ready(lhlo)
+    d.conn.start_transaction(txn("a@x"))
+    events = []
+    for _ in range(3):                          # MAIL, RCPT, DATA (sent one by one or at once)
+        d.sent()
+        events += d.feed(b"250 ok\r\n")
+    done = events[0]
+    assert isinstance(done, C.TransactionDone)
+    assert [(r.reply.code, r.reply.enhanced) for r in done.results] == [(451, "4.5.0")]
+    assert "in reply to DATA" in done.results[0].reply.text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import signal
 
 import pytest
@@ -254,3 +256,23 @@ def test_a_command_that_exits_leaving_a_child_with_its_output_keeps_its_status(t
     [result] = deliver(tmp_path, [script], "alice@example.org", timeout="1s")
     assert result.status == "delivered"
     assert not running(int((box.out / "child").read_text()))
+
+
+def test_the_appender_started_as_root_takes_nothing_from_the_users_home(tmp_path, box,
+                                                                       monkeypatch):
+    # the appender's interpreter starts as root with HOME = the user's home directory: a
+    # Python outside a virtualenv would run that user's site-packages *.pth files as root
+    home, marker = tmp_path / "home", tmp_path / "ran-as-root"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_dir = home / ".local" / "lib" / version / "site-packages"
+    site_dir.mkdir(parents=True)
+    (site_dir / "planted.pth").write_text(f"import os; open({str(marker)!r}, 'w').write('x')\n")
+    monkeypatch.setattr(sys, "executable", getattr(sys, "_base_executable", sys.executable))
+
+    def test(reactor):
+        pipe = PipeBackend({"user": unprivileged_user().pw_name}, LocalContext(tmp_path, reactor))
+        pipe.user = dataclasses.replace(pipe.user, home=str(home))
+        message = spooled(tmp_path, file_recipient(box.out / "archive.mbox"))
+        return pipe.deliver(message, message.envelope.recipients)
+    run_reactor(test)
+    assert not marker.exists()

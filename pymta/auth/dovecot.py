@@ -139,6 +139,14 @@ class _AuthProtocol(Protocol):
         else:
             pending.done.callback(outcome)
 
+    def handshake_timed_out(self, timeout: float) -> None:
+        if self.ready.called:
+            return
+        problem = f"no handshake from Dovecot ({self.checker.socket}) within {timeout:g}s"
+        log.warn("dovecot auth: {problem}; closing the connection", problem=problem)
+        self.ready.errback(TemporaryAuthFailure(problem))
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
         self.checker.connection_lost(self)
@@ -223,7 +231,14 @@ class DovecotAuthChecker:
                 log.warn("dovecot auth: {problem}; SMTP AUTH answers 454 until it is back",
                          problem=problem)
             raise TemporaryAuthFailure(problem) from None
-        protocol = yield protocol.ready
+        # a server that accepts but never finishes its handshake (hung, or not
+        # Dovecot's auth-client socket) must not keep every later login waiting
+        timer = self.reactor.callLater(self.timeout, protocol.handshake_timed_out, self.timeout)
+        try:
+            protocol = yield protocol.ready
+        finally:
+            if timer.active():
+                timer.cancel()
         if self._down_logged:
             log.info("dovecot auth: connected to {socket} again", socket=self.socket)
         self._down_logged = False

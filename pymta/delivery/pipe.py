@@ -324,7 +324,10 @@ def alias_argv(command: str) -> tuple[str, ...]:
     appender of :mod:`pymta.delivery.append_file` with this interpreter.
     """
     if command.startswith(FILE_PREFIX):
-        return (sys.executable, "-m", "pymta.delivery.append_file", command[len(FILE_PREFIX):])
+        # -I: the interpreter starts as root with HOME = the user's home; it must not
+        # read that user's site-packages (*.pth files run code) nor PYTHON* variables
+        return (sys.executable, "-I", "-m", "pymta.delivery.append_file",
+                command[len(FILE_PREFIX):])
     # (the backend adds "--as UID:GID" when it runs as root: see PipeBackend._run)
     try:
         return tuple(shlex.split(command))

@@ -20,7 +20,14 @@ then the ``@domain`` catch-all) and expands each target again, depth first
   ``max_depth`` levels is refused, with a reason naming the path
   (:class:`ExpansionError`, 550 5.4.6) rather than a hang;
 - ``:include:/path`` reads the file at each expansion (absolute path, a
-  regular file of at most 1 MiB; addresses and further includes only);
+  regular file of at most 1 MiB; addresses and further includes only).  A
+  file named by an include file of a user other than root, or reached
+  through a symbolic link of such a user, is read only if that user may
+  read it (as Postfix opens it with that user's rights): whoever writes a
+  list file must not get files only the server may read (a password file)
+  back line by line in bounces.  One
+  expansion reads at most ``MAX_INCLUDES`` include files (451 beyond: a
+  file of includes of includes would otherwise hold the server for hours);
 - ``|command`` becomes a :class:`pymta.verdict.AliasTarget` for the pipe
   backend ``command_backend``.  Commands are accepted only in a map with
   ``allow_commands = true`` (the system alias file) and never in included
@@ -40,10 +47,11 @@ A file's problems are :class:`ConfigError` naming file and line.
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymta.addresses import normalize_domain, split_address, domain_key
 from pymta.config.errors import ConfigError
@@ -53,10 +61,12 @@ from pymta.envelope import FILE_COMMAND_PREFIX
 from pymta.verdict import AliasTarget
 
 __all__ = ["AliasTable", "Include", "Command", "File", "parse_aliases", "load_alias_file",
-           "AliasExpander", "ExpansionError", "MAX_TARGETS", "INCLUDE_SIZE_LIMIT"]
+           "AliasExpander", "ExpansionError", "MAX_TARGETS", "MAX_INCLUDES", "INCLUDE_SIZE_LIMIT"]
 
 #: targets one address may expand to at most (Postfix: virtual_alias_expansion_limit)
 MAX_TARGETS = 1000
+#: include files one expansion reads at most (each read counts, the same file again too)
+MAX_INCLUDES = 100
 #: bytes an :include: file may have at most
 INCLUDE_SIZE_LIMIT = 1024 * 1024
 
@@ -65,6 +75,8 @@ INCLUDE_SIZE_LIMIT = 1024 * 1024
 class Include:
     """``:include:/path`` target."""
     path: str
+    #: the owner (uid) of the include file that names it, None in the alias file itself
+    named_by: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,15 +219,28 @@ def check_trusted_file(path: str) -> None:
                                         "must not be (chmod go-w)")
 
 
-def read_include(path: str, key_domain: str) -> list[Target]:
-    """The targets of an include file (addresses and includes; no commands)."""
+def read_include(path: str, key_domain: str, named_by: int | None = None) -> list[Target]:
+    """The targets of an include file (addresses and includes; no commands).
+
+    ``named_by``: the owner of the include file naming this one, who must be
+    able to read it; a symbolic link owned by another user than root counts
+    as naming its target.
+    """
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(path, "include", "not a regular file")
-        if st.st_size > INCLUDE_SIZE_LIMIT:
-            raise ConfigError(path, "include", f"larger than {INCLUDE_SIZE_LIMIT} bytes")
-        with open(path, "rb") as f:
+        link = os.lstat(path)
+        if named_by is None and stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
+            named_by = link.st_uid
+        # opened first, then checked: a FIFO swapped in after a stat would block the server
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(path, "include", "not a regular file")
+            if named_by not in (None, 0) and not _readable_by(st, named_by):
+                raise ConfigError(path, "include", f"not readable by uid {named_by}, who names "
+                                                   "it (an include file or a link of that user)")
+            if st.st_size > INCLUDE_SIZE_LIMIT:
+                raise ConfigError(path, "include", f"larger than {INCLUDE_SIZE_LIMIT} bytes")
             data = f.read(INCLUDE_SIZE_LIMIT + 1)
     except OSError as e:
         raise ConfigError(path, "include", f"cannot read: {e.strerror or e}") from None
@@ -227,8 +252,26 @@ def read_include(path: str, key_domain: str) -> list[Target]:
     for number, line in enumerate(text.split("\n"), 1):
         line = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
         for piece in split_targets(line):
-            targets.append(parse_target(piece, key_domain, path, number, allow_commands=False))
+            target = parse_target(piece, key_domain, path, number, allow_commands=False)
+            if isinstance(target, Include):
+                target = Include(target.path, st.st_uid if named_by in (None, 0) else named_by)
+            targets.append(target)
     return targets
+
+
+def _readable_by(st: os.stat_result, uid: int) -> bool:
+    """Whether user ``uid`` may read a file of status ``st`` (by its mode bits)."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_mode & stat.S_IROTH:
+        return True
+    if not st.st_mode & stat.S_IRGRP:
+        return False
+    try:
+        user = pwd.getpwuid(uid)
+        return st.st_gid in os.getgrouplist(user.pw_name, user.pw_gid)
+    except KeyError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -260,7 +303,9 @@ class AliasExpander:
     max_depth: int = 10
     #: the backend that runs |command targets
     command_backend: str = "pipe"
-    include_reader: Callable[[str, str], list[Target]] = read_include
+    include_reader: Callable[..., list[Target]] = read_include
+    #: include files read by the expansion under way (see MAX_INCLUDES)
+    _includes_read: int = field(default=0, init=False, repr=False, compare=False)
 
     def lookup(self, address: str, catch_all: bool = True) -> _Match | None:
         """The entry ``address`` matches, or None.
@@ -303,6 +348,7 @@ class AliasExpander:
         if self.lookup(address) is None:
             return None
         out: list[str | AliasTarget] = []
+        self._includes_read = 0
         self._walk(address, [address.lower()], None, out)
         return out
 
@@ -329,8 +375,17 @@ class AliasExpander:
                 if target.path in path:
                     raise ExpansionError(550, "5.4.6", f"alias loop: {' -> '.join(path)} -> "
                                                        f":include:{target.path}")
+                self._includes_read += 1
+                if self._includes_read > MAX_INCLUDES:
+                    raise ExpansionError(451, "4.3.0", f"alias expansion reads more than "
+                                                       f"{MAX_INCLUDES} include files",
+                                         detail=f"alias expansion reads more than {MAX_INCLUDES} "
+                                                f"include files: {' -> '.join(path)} -> "
+                                                f":include:{target.path}")
                 try:
-                    included = self.include_reader(target.path, domain)
+                    included = (self.include_reader(target.path, domain) if target.named_by is None
+                                else self.include_reader(target.path, domain,
+                                                         named_by=target.named_by))
                 except ConfigError as e:
                     raise ExpansionError(451, "4.3.5", "alias configuration error; try again later",
                                          detail=str(e)) from None

@@ -540,6 +540,12 @@ class ClientConnection:
                 self.progress += 1
                 self._maybe_done()
             return
+        if reply.ok:
+            # DATA is answered 354 or refused: a 2xx is a reply to something else (a server
+            # out of step), and taken as the end of the content it would "deliver" a message
+            # never sent
+            self._lost(f"protocol error: {reply.summary()!r} in reply to DATA", enhanced="4.5.0")
+            return
         txn.final, txn.final_command = reply, "DATA"
         self._maybe_done()
 
@@ -603,6 +609,10 @@ class ClientConnection:
         if txn.body_started and not txn.body_done:
             return
         self._finish_transaction(None, "")
+        if self.state is State.READY and self._in and not self._unsolicited():
+            # more replies than commands (an LMTP server answering the content more often than
+            # recipients were accepted): the next transaction would take them as its own
+            self._lost("unexpected data while idle", enhanced="4.5.0")
 
     def _finish_transaction(self, lost: ServerReply | None, lost_command: str) -> None:
         txn, self._txn = self._txn, None
