@@ -45,6 +45,9 @@ __all__ = ["Notifier", "NotifyService", "STATUS_INTERVAL", "socket_address"]
 
 #: seconds between two STATUS= updates
 STATUS_INTERVAL = 30.0
+#: seconds a notification waits for room in the manager's queue (a busy systemd
+#: reads it soon; libsystemd's sd_notify waits without a limit) before it is dropped
+SEND_TIMEOUT = 2.0
 
 
 def socket_address(value: str) -> str:
@@ -102,8 +105,11 @@ class Notifier:
     def send(self, *assignments: str) -> bool:
         """Send ``KEY=value`` lines as one datagram; True if it went out.
 
-        A failure (no such socket, the manager gone) is logged once and
-        never raised: the server runs on without its manager's attention.
+        A full queue at the manager (a datagram socket holds few messages)
+        is waited for, up to :data:`SEND_TIMEOUT` seconds: READY=1 or
+        STOPPING=1 dropped would leave systemd waiting.  A failure (no such
+        socket, the manager gone or stuck) is logged once and never raised:
+        the server runs on without its manager's attention.
         """
         if self.address is None:
             return False
@@ -111,7 +117,7 @@ class Notifier:
         try:
             if self._socket is None:     # made at the first use: after twistd's fork, if any
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._socket.setblocking(False)
+            self._socket.settimeout(SEND_TIMEOUT)
             self._socket.sendto(message, self.address)
         except OSError as e:
             if not self._failed:

@@ -19,6 +19,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from conftest import BACKEND_TOML, ROOT, TWISTD, PymtaServer, free_port, require_program, wait_for_log
+import pymta.systemd
 from pymta.systemd import Notifier, NotifyService, socket_address
 from test_privdrop import DroppingServer, ids_of, python, user, workdir  # noqa: F401 (fixtures)
 
@@ -315,6 +317,50 @@ def test_notify_socket_addresses():
         with pytest.raises(ValueError, match="NOTIFY_SOCKET"):
             socket_address(bad)
     assert not Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1"}).enabled
+
+
+def fill(address: str) -> list[socket.socket]:
+    """Senders that filled ``address``'s queue: a fresh socket's datagram would not fit."""
+    fillers = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        filler.setblocking(False)
+        fillers.append(filler)
+        sent = 0
+        try:
+            while True:
+                filler.sendto(b"STATUS=filler", address)
+                sent += 1
+        except BlockingIOError:
+            if sent == 0:        # the receiver's queue is full, not this sender's buffer
+                return fillers
+
+
+def test_stopping_waits_for_a_full_manager_queue_rather_than_being_dropped(monkeypatch):
+    monkeypatch.setattr(pymta.systemd, "SEND_TIMEOUT", 30.0)     # a loaded test machine
+    sent = Sent()
+    fillers = fill(sent.notifier.address)
+    received: list[str] = []
+    sending = threading.Event()
+
+    def manager_catches_up() -> None:
+        sending.wait(30)
+        time.sleep(0.2)          # the send has begun (and found the queue full)
+        sent.receiver.setblocking(True)
+        sent.receiver.settimeout(30)
+        while not received or "STOPPING=1" not in received[-1]:
+            received.append(sent.receiver.recv(4096).decode())
+
+    reader = threading.Thread(target=manager_catches_up)
+    reader.start()
+    try:
+        sending.set()
+        assert sent.notifier.send("STOPPING=1") is True
+    finally:
+        reader.join(30)
+        for filler in fillers:
+            filler.close()
+    assert received[-1] == "STOPPING=1"
 
 
 def test_a_vanished_manager_is_logged_once_and_never_raised(tmp_path):
