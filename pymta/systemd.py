@@ -169,8 +169,21 @@ class NotifyService(Service):
         if not self.notifier.enabled:
             return
         d = defer.gatherResults(self._listening(), consumeErrors=True)
-        d.addCallback(lambda _: self._ready_at_start())
+        d.addCallback(lambda _: self._when_reactor_runs(self._ready_at_start))
         d.addErrback(lambda f: log.failure("systemd: not ready", f))
+
+    def _when_reactor_runs(self, call: Callable[[], object]) -> None:
+        """``call`` once the reactor runs (at once if it does).
+
+        twistd starts the services before ``reactor.run()``, which installs
+        the SIGTERM handler of a clean stop: systemd told READY=1 earlier
+        could stop the server with a SIGTERM that kills it on the spot.
+        """
+        when_running = getattr(self._reactor, "callWhenRunning", None)
+        if when_running is None:          # a test clock
+            call()
+        else:
+            when_running(call)
 
     def _ready_at_start(self) -> None:
         if not self.running:

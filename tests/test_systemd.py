@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from conftest import BACKEND_TOML, ROOT, TWISTD, PymtaServer, free_port, require_program, wait_for_log
 import pymta.systemd
@@ -262,6 +263,19 @@ def test_reloading_and_ready_around_a_reload():
     fields = dict(line.split("=", 1) for line in reloading.split("\n"))
     assert fields["RELOADING"] == "1" and int(fields["MONOTONIC_USEC"]) >= before
     assert ready == "READY=1\nSTATUS=3 message(s) in the queue"
+
+
+def test_ready_waits_for_the_reactor_to_run_with_its_signal_handlers():
+    # twistd starts the services before reactor.run(), which installs the SIGTERM
+    # handler that stops cleanly: a stop right after READY=1 must not kill the process
+    reactor = MemoryReactorClock()
+    sent = Sent()
+    service = NotifyService(sent.notifier, lambda: "0 message(s)", reactor)
+    service.startService()
+    assert sent.messages() == []
+    reactor.run()
+    [ready] = sent.messages()
+    assert ready.startswith("READY=1\n")
 
 
 def test_ready_waits_for_every_listener():
