@@ -214,11 +214,15 @@ class NotifyService(Service):
 
     def reloading(self) -> None:
         """A reload (SIGHUP) begins: ``systemctl reload`` waits for :meth:`ready`."""
+        if not self.running:             # stopping: STOPPING=1 was the last word
+            return
         self.notifier.send("RELOADING=1", "STATUS=reloading the configuration",
                            f"MONOTONIC_USEC={monotonic_usec()}")
 
     def ready(self) -> None:
         """A reload is over (applied or refused): ready again, with the status line."""
+        if not self.running:             # the stop began during the reload
+            return
         self.notifier.send("READY=1", _status_line(self._status()))
 
     def _status(self) -> str:

@@ -278,6 +278,17 @@ def test_ready_waits_for_the_reactor_to_run_with_its_signal_handlers():
     assert ready.startswith("READY=1\n")
 
 
+def test_a_reload_that_ends_after_the_stop_began_says_nothing_more():
+    sent = Sent()
+    service = NotifyService(sent.notifier, lambda: "0 message(s)", Clock())
+    service.startService()
+    service.reloading()
+    service.stopService()
+    service.ready()
+    *_, stopping = sent.messages()
+    assert stopping.startswith("STOPPING=1\n")
+
+
 def test_ready_waits_for_every_listener():
     from twisted.internet import defer
     sent = Sent()
