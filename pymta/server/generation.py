@@ -45,12 +45,13 @@ def session_context(config: Config, *, reactor: Any, spool: Any, scheduler: Any,
     ``events``: the metrics' events sink, or None.
     """
     auth = config.stages.get("auth", ())
+    policy = policy or SessionPolicy(config, reactor, events=events)
     return ServerContext(
-        config=config, policy=policy or SessionPolicy(config, reactor, events=events), spool=spool,
+        config=config, policy=policy, spool=spool,
         scheduler=scheduler, reactor=reactor, events=events,
         tls=server_tls(config.tls) if config.tls is not None else None,
-        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout),
-                            events.plugin_answered if events is not None else None),
+        # the auth stage's checkers are told to the policy's stage observer too
+        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout), policy.observer),
         auth_failures=auth_failures,
         client_names=(ClientNames(config.resolver, config.dns.hosts_file)
                       if config.dns.reverse_lookup else None),
