@@ -1,4 +1,4 @@
-"""What a reload releases, driven in-process: generations that end out of order.
+"""A reload driven in-process: what it releases, whom it tells (systemd, the metrics).
 
 A generation that ends (its last session over) releases what its
 configuration holds; the DNS resolver and the Redis connection of
@@ -41,7 +41,7 @@ class Sockets:
         return defer.succeed([])
 
 
-def reloader_over(tmp_path, tables: list[str]):
+def reloader_over(tmp_path, tables: list[str], events=None):
     """A reloader whose first configuration is ``tables[0]``; each reload loads the next."""
     reactor = MemoryReactorClock()
     path = tmp_path / "pymta.toml"
@@ -54,7 +54,8 @@ def reloader_over(tmp_path, tables: list[str]):
     server = RunningServer(reactor, spool=SimpleNamespace(memory_limit=0),
                            scheduler=SimpleNamespace(reconfigure=lambda *a: defer.succeed(None)),
                            worker=None, shutdown=SimpleNamespace(timeout=0),
-                           counter=ConnectionCounter(), auth_failures=AuthFailureDelay(0))
+                           counter=ConnectionCounter(), auth_failures=AuthFailureDelay(0),
+                           events=events)
     reloader = ConfigReloader(server, Sockets(server.generation(first, 1)), load=load)
     reloader.running = True           # no SIGHUP handler in a test process
     return reloader
@@ -90,3 +91,56 @@ def test_a_redis_connection_of_a_released_configuration_is_closed_once(tmp_path)
     assert redis.disconnects == 0                         # kept: the new configuration uses it
     reloader.reload()
     assert redis.disconnects == 1
+
+
+def test_systemd_hears_reloading_then_ready_around_good_and_broken_reloads(tmp_path, monkeypatch):
+    import socket
+    import uuid
+
+    from twisted.application.service import MultiService
+
+    from pymta.tap import notify_systemd
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"pymta-test-{uuid.uuid4().hex}"
+    receiver.bind("\0" + name)
+    receiver.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    reloader = reloader_over(tmp_path, [SPOOL, SPOOL, SPOOL + "[limits]\nno_such_key = 1\n"])
+    top = MultiService()
+    top.reloader = reloader
+    queue = SimpleNamespace(held=list, queued=list, in_flight=0)
+    notify_systemd(top, queue, ConnectionCounter(), reloader.server.reactor)
+    top.startService()
+
+    def heard() -> list[str]:
+        found = []
+        while True:
+            try:
+                found.append(receiver.recv(4096).decode().split("\n")[0])
+            except BlockingIOError:
+                return found
+
+    heard()                                           # READY=1 of the start, if sent yet
+    assert reloader.reload().result is True
+    assert heard() == ["RELOADING=1", "READY=1"]
+    assert reloader.reload().result is False          # refused: the old configuration stays
+    assert heard() == ["RELOADING=1", "READY=1"]
+    receiver.close()
+
+
+def test_after_a_reload_the_metrics_still_time_the_plugins_and_auth(tmp_path):
+    from pymta.metrics.instruments import ServerMetrics
+
+    users = tmp_path / "users"
+    users.write_text("")
+    users.chmod(0o600)
+    table = SPOOL + '[stages]\nauth = ["users"]\n[plugins.users]\nuse = "passwdfile"\nfile = "users"\n'
+    events = ServerMetrics(process=False)
+    reloader = reloader_over(tmp_path, [table, table], events=events)
+    assert reloader.reload().result is True
+    context = reloader.generation.context
+    assert reloader.generation.number == 2 and context.events is events
+    assert context.policy.observer == events.plugin_answered
+    [chain] = context.portal.checkers.values()
+    assert chain.observer == events.plugin_answered
