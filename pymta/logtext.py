@@ -35,7 +35,9 @@ class ClassicTextObserver:
     def __init__(self, out_file: IO[Any], fallback: Callable[[dict], str | None]):
         self._out = out_file
         self._fallback = fallback
-        self._lock = threading.Lock()     # events may come from pool threads too
+        # events may come from pool threads too; and from a signal handler (twistd's
+        # "Received SIGTERM") run by the thread that holds the lock: reentrant
+        self._lock = threading.RLock()
         #: (second, its time stamp), replaced as one so that threads never mix them
         self._stamp: tuple[int | None, str] = (None, "")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -59,13 +59,13 @@ def parse_redis_url(url: str) -> RedisAddress:
     """``redis://[[user]:password@]host[:port][/db]`` → :class:`RedisAddress`; ValueError names the problem."""
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise ValueError(f"expected a redis://host:port/db address, got {url!r}")
+        raise ValueError(f"expected a redis://host:port/db address, got {_shown(url)!r}")
     if parts.query or parts.fragment:
         raise ValueError("a redis:// address takes no ?query or #fragment")
     try:
         port = parts.port or 6379
     except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+        raise ValueError(f"bad port in {_shown(url)!r}") from None
     host = parts.hostname
     if not host:
         raise ValueError(f"no host in {url!r}")
@@ -75,6 +75,15 @@ def parse_redis_url(url: str) -> RedisAddress:
     return RedisAddress(host, port, int(path or 0),
                         unquote(parts.username) if parts.username else None,
                         unquote(parts.password) if parts.password else None)
+
+
+def _shown(url: str) -> str:
+    """``url`` as an error line may show it: its password (if any) as ``********``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:********@{host}"))
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ __all__ = ["Notifier", "NotifyService", "STATUS_INTERVAL", "socket_address"]
 
 #: seconds between two STATUS= updates
 STATUS_INTERVAL = 30.0
+#: seconds a notification waits for room in the manager's queue (a busy systemd
+#: reads it soon; libsystemd's sd_notify waits without a limit) before it is dropped
+SEND_TIMEOUT = 2.0
 
 
 def socket_address(value: str) -> str:
@@ -102,8 +105,11 @@ class Notifier:
     def send(self, *assignments: str) -> bool:
         """Send ``KEY=value`` lines as one datagram; True if it went out.
 
-        A failure (no such socket, the manager gone) is logged once and
-        never raised: the server runs on without its manager's attention.
+        A full queue at the manager (a datagram socket holds few messages)
+        is waited for, up to :data:`SEND_TIMEOUT` seconds: READY=1 or
+        STOPPING=1 dropped would leave systemd waiting.  A failure (no such
+        socket, the manager gone or stuck) is logged once and never raised:
+        the server runs on without its manager's attention.
         """
         if self.address is None:
             return False
@@ -111,7 +117,7 @@ class Notifier:
         try:
             if self._socket is None:     # made at the first use: after twistd's fork, if any
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._socket.setblocking(False)
+            self._socket.settimeout(SEND_TIMEOUT)
             self._socket.sendto(message, self.address)
         except OSError as e:
             if not self._failed:
@@ -163,8 +169,21 @@ class NotifyService(Service):
         if not self.notifier.enabled:
             return
         d = defer.gatherResults(self._listening(), consumeErrors=True)
-        d.addCallback(lambda _: self._ready_at_start())
+        d.addCallback(lambda _: self._when_reactor_runs(self._ready_at_start))
         d.addErrback(lambda f: log.failure("systemd: not ready", f))
+
+    def _when_reactor_runs(self, call: Callable[[], object]) -> None:
+        """``call`` once the reactor runs (at once if it does).
+
+        twistd starts the services before ``reactor.run()``, which installs
+        the SIGTERM handler of a clean stop: systemd told READY=1 earlier
+        could stop the server with a SIGTERM that kills it on the spot.
+        """
+        when_running = getattr(self._reactor, "callWhenRunning", None)
+        if when_running is None:          # a test clock
+            call()
+        else:
+            when_running(call)
 
     def _ready_at_start(self) -> None:
         if not self.running:
@@ -195,11 +214,15 @@ class NotifyService(Service):
 
     def reloading(self) -> None:
         """A reload (SIGHUP) begins: ``systemctl reload`` waits for :meth:`ready`."""
+        if not self.running:             # stopping: STOPPING=1 was the last word
+            return
         self.notifier.send("RELOADING=1", "STATUS=reloading the configuration",
                            f"MONOTONIC_USEC={monotonic_usec()}")
 
     def ready(self) -> None:
         """A reload is over (applied or refused): ready again, with the status line."""
+        if not self.running:             # the stop began during the reload
+            return
         self.notifier.send("READY=1", _status_line(self._status()))
 
     def _status(self) -> str:

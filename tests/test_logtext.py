@@ -105,3 +105,29 @@ def test_an_observer_straight_in_the_publisher_is_replaced_too():
     assert isinstance(publisher._observers[0], ClassicTextObserver)
     Logger(namespace="pymta", observer=publisher).warn("careful")
     assert out.getvalue().endswith(" [pymta#warn] careful\n")
+
+
+def test_a_line_logged_by_a_signal_handler_during_a_write_does_not_hang():
+    """twistd's SIGTERM handler logs "Received SIGTERM" in the main thread, between any
+    two bytecodes: also while that thread is writing a line. The second write must not
+    wait for the first (it never ends then: no clean stop, no STOPPING=1 to systemd)."""
+    import threading
+
+    written: list[str] = []
+
+    class InterruptedFile(io.StringIO):
+        def write(self, text):
+            if not written:                 # the signal arrives during the first line
+                written.append("")
+                emit(ours, "Received SIGTERM, shutting down.")
+            written.append(text)
+            return super().write(text)
+
+    ours = ClassicTextObserver(InterruptedFile(), lambda event: None)
+    writer = threading.Thread(target=emit, args=(ours, "disconnect from {client}"),
+                              kwargs={"client": "x[127.0.0.1]"}, daemon=True)
+    writer.start()
+    writer.join(30)
+    assert not writer.is_alive(), "the log write from the signal handler waits for itself"
+    assert [line.split("] ", 1)[1] for line in written[1:]] == [
+        "Received SIGTERM, shutting down.\n", "disconnect from x[127.0.0.1]\n"]

@@ -10,7 +10,7 @@ import pytest
 
 from pymta.spool.queuefile import load_queue_file
 
-from conftest import BACKEND_TOML, ROOT, require_program, routes_toml
+from conftest import BACKEND_TOML, ROOT, require_program, routes_toml, wait_for_log
 from smtpwire import Wire
 
 PLUGIN_PATH = f'plugin_path = ["{ROOT / "tests" / "plugins"}"]'
@@ -34,9 +34,10 @@ def test_smtplib_delivery_with_trace_headers(server):
     assert b"by mx.example.test (pymta) with ESMTP id " in head
     assert b"for <alice@example.test>;" in head
     assert msg.endswith(b"Subject: hello\r\nMessage-ID: <1@example.test>\r\n\r\nline one\r\n.leading dot\r\n")
+    # the file is in the mailbox a moment before the delivery's line is in the log
+    wait_for_log(server, r"to=<alice@example\.test>.*status=sent")
     log = server.log_text()
     assert "client=localhost[127.0.0.1]" in log and "from=<sender@example.org>" in log
-    assert "to=<alice@example.test>" in log and "status=sent" in log
 
 
 def test_every_reply_has_enhanced_code_and_sequence_errors(server):

@@ -33,6 +33,20 @@ def test_a_bad_shared_table_names_the_key_and_the_file(tmp_path):
                             "got 'http://cache:6379'")
 
 
+@pytest.mark.parametrize("url, problem", [
+    ("rediss://:hunter2@cache:6379/0", "expected a redis://host:port/db address, "
+                                       "got 'rediss://:********@cache:6379/0'"),
+    ("redis://pymta:hunter2@cache:63x79/0", "bad port in 'redis://pymta:********@cache:63x79/0'"),
+])
+def test_a_bad_redis_address_is_named_without_its_password(tmp_path, url, problem):
+    # the line goes to check-config's output and to the log of a refused reload
+    config = tmp_path / "pymta.toml"
+    config.write_text(f'[shared]\nredis = "{url}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(config))
+    assert str(e.value) == f"{config}: shared.redis: {problem}"
+
+
 class FakeRedis:
     def __init__(self):
         self.calls = []

@@ -19,14 +19,17 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from conftest import BACKEND_TOML, ROOT, TWISTD, PymtaServer, free_port, require_program, wait_for_log
+import pymta.systemd
 from pymta.systemd import Notifier, NotifyService, socket_address
 from test_privdrop import DroppingServer, ids_of, python, user, workdir  # noqa: F401 (fixtures)
 
@@ -262,6 +265,30 @@ def test_reloading_and_ready_around_a_reload():
     assert ready == "READY=1\nSTATUS=3 message(s) in the queue"
 
 
+def test_ready_waits_for_the_reactor_to_run_with_its_signal_handlers():
+    # twistd starts the services before reactor.run(), which installs the SIGTERM
+    # handler that stops cleanly: a stop right after READY=1 must not kill the process
+    reactor = MemoryReactorClock()
+    sent = Sent()
+    service = NotifyService(sent.notifier, lambda: "0 message(s)", reactor)
+    service.startService()
+    assert sent.messages() == []
+    reactor.run()
+    [ready] = sent.messages()
+    assert ready.startswith("READY=1\n")
+
+
+def test_a_reload_that_ends_after_the_stop_began_says_nothing_more():
+    sent = Sent()
+    service = NotifyService(sent.notifier, lambda: "0 message(s)", Clock())
+    service.startService()
+    service.reloading()
+    service.stopService()
+    service.ready()
+    *_, stopping = sent.messages()
+    assert stopping.startswith("STOPPING=1\n")
+
+
 def test_ready_waits_for_every_listener():
     from twisted.internet import defer
     sent = Sent()
@@ -315,6 +342,50 @@ def test_notify_socket_addresses():
         with pytest.raises(ValueError, match="NOTIFY_SOCKET"):
             socket_address(bad)
     assert not Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1"}).enabled
+
+
+def fill(address: str) -> list[socket.socket]:
+    """Senders that filled ``address``'s queue: a fresh socket's datagram would not fit."""
+    fillers = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        filler.setblocking(False)
+        fillers.append(filler)
+        sent = 0
+        try:
+            while True:
+                filler.sendto(b"STATUS=filler", address)
+                sent += 1
+        except BlockingIOError:
+            if sent == 0:        # the receiver's queue is full, not this sender's buffer
+                return fillers
+
+
+def test_stopping_waits_for_a_full_manager_queue_rather_than_being_dropped(monkeypatch):
+    monkeypatch.setattr(pymta.systemd, "SEND_TIMEOUT", 30.0)     # a loaded test machine
+    sent = Sent()
+    fillers = fill(sent.notifier.address)
+    received: list[str] = []
+    sending = threading.Event()
+
+    def manager_catches_up() -> None:
+        sending.wait(30)
+        time.sleep(0.2)          # the send has begun (and found the queue full)
+        sent.receiver.setblocking(True)
+        sent.receiver.settimeout(30)
+        while not received or "STOPPING=1" not in received[-1]:
+            received.append(sent.receiver.recv(4096).decode())
+
+    reader = threading.Thread(target=manager_catches_up)
+    reader.start()
+    try:
+        sending.set()
+        assert sent.notifier.send("STOPPING=1") is True
+    finally:
+        reader.join(30)
+        for filler in fillers:
+            filler.close()
+    assert received[-1] == "STOPPING=1"
 
 
 def test_a_vanished_manager_is_logged_once_and_never_raised(tmp_path):

@@ -426,6 +426,8 @@ def test_starttls_and_a_real_auth_on_a_submission_listener(tmp_path):
     assert "*** STARTTLS: no handshake in test-session; the session goes on as if encrypted" in out
     assert "S: 250-AUTH PLAIN LOGIN" in out
     assert "S: 235 2.7.0 Authentication successful" in out
+    # the auth stage's plugin decision is reported like every other stage's
+    assert "*** auth: plugin users (passwdfile): authenticated alice [" in out
     assert "*** log: unknown[198.51.100.4]:0: sasl_method=PLAIN, sasl_username=alice" in out
     assert "***   to=<friend@elsewhere.test> via backend relay" in out
     assert "with ESMTPSA id" in out

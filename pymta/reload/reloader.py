@@ -121,6 +121,8 @@ class ConfigReloader(Service):
         self._pending: list[tuple[str, defer.Deferred]] = []
         self._busy = False
         self._previous_handler: Any = None
+        #: the generations replaced by a reload and not released yet (sessions or deliveries go on)
+        self._unreleased: list[ServerGeneration] = []
 
     @property
     def generation(self) -> ServerGeneration:
@@ -227,14 +229,17 @@ class ConfigReloader(Service):
                  "previous one", number=generation.number, source=config.source,
                  sessions=previous.sessions,
                  listeners=", ".join(f"{l.name}={l.endpoint}" for l in listening))
-        self._release_when_unused(previous, generation, deliveries_done)
+        self._release_when_unused(previous, deliveries_done)
         _call_hooks(self.on_reload, config)
         return True
 
-    def _release_when_unused(self, previous: ServerGeneration, successor: ServerGeneration,
-                             deliveries_done: defer.Deferred) -> None:
+    def _release_when_unused(self, previous: ServerGeneration, deliveries_done: defer.Deferred) -> None:
+        self._unreleased.append(previous)
+
         def release(_) -> None:
-            closed = release_plugins(previous.config, successor.config)
+            self._unreleased.remove(previous)
+            in_use = [self.generation, *self._unreleased]
+            closed = release_plugins(previous.config, *(generation.config for generation in in_use))
             log.info("reload: configuration {number} released: no session or delivery uses it "
                      "({closed})", number=previous.number,
                      closed=f"closed: {', '.join(closed)}" if closed else "nothing to close")

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Callable
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.error import ConnectionDone
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -169,8 +170,19 @@ class PluginReport:
         if plugin is CORE_RULES:
             self.out(f"*** {stage}: core rules: {outcome}")
             return
-        self.out(f"*** {stage}: plugin {plugin.name} ({plugin.use}): {describe_outcome(outcome)} "
+        described = describe_login(outcome) if stage == "auth" else describe_outcome(outcome)
+        self.out(f"*** {stage}: plugin {plugin.name} ({plugin.use}): {described} "
                  f"[{seconds * 1000:.1f} ms]")
+
+
+def describe_login(outcome: Any) -> str:
+    """An auth checker's answer in words: the user it authenticated, or its refusal."""
+    if isinstance(outcome, Failure) and outcome.check(UnauthorizedLogin):
+        return f"refused ({outcome.getErrorMessage()})"
+    if isinstance(outcome, (str, bytes)):
+        user = outcome.decode("utf-8", "replace") if isinstance(outcome, bytes) else outcome
+        return f"authenticated {user}"
+    return describe_outcome(outcome)
 
 
 class LogReport:

@@ -45,12 +45,13 @@ def session_context(config: Config, *, reactor: Any, spool: Any, scheduler: Any,
     ``events``: the metrics' events sink, or None.
     """
     auth = config.stages.get("auth", ())
+    policy = policy or SessionPolicy(config, reactor, events=events)
     return ServerContext(
-        config=config, policy=policy or SessionPolicy(config, reactor, events=events), spool=spool,
+        config=config, policy=policy, spool=spool,
         scheduler=scheduler, reactor=reactor, events=events,
         tls=server_tls(config.tls) if config.tls is not None else None,
-        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout),
-                            events.plugin_answered if events is not None else None),
+        # the auth stage's checkers are told to the policy's stage observer too
+        portal=build_portal(auth, StageDeadline(reactor, config.limits.plugin_timeout), policy.observer),
         auth_failures=auth_failures,
         client_names=(ClientNames(config.resolver, config.dns.hosts_file)
                       if config.dns.reverse_lookup else None),
@@ -122,13 +123,15 @@ class ServerGeneration:
         return d
 
 
-def release_plugins(config: Config, successor: Config) -> list[str]:
-    """Release what ``config``'s plugins and backends hold (``successor`` replaced it).
+def release_plugins(config: Config, *in_use: Config) -> list[str]:
+    """Release what ``config``'s plugins and backends hold (a reload replaced it).
 
     Called once no session and no delivery uses them: every plugin and
     backend that provides :class:`pymta.interfaces.IClosable` is closed,
-    and the DNS resolver and the Redis connection unless the successor shares them.  Returns the names
-    of what was closed.  A close that fails is logged; the others go on.
+    and the DNS resolver and the Redis connection unless a configuration
+    still ``in_use`` (the one in force, and older ones whose sessions go on)
+    shares them.  Returns the names of what was closed.  A close that fails
+    is logged; the others go on.
     """
     closed = []
     objects: dict[int, tuple[str, Any]] = {}
@@ -145,8 +148,9 @@ def release_plugins(config: Config, successor: Config) -> list[str]:
                 log.failure("reload: closing {what} of the previous configuration failed", what=what)
             else:
                 closed.append(what)
+    still_shared = [obj for other in in_use for obj in (other.resolver, other.shared_state)]
     for what, shared in (("dns resolver", config.resolver), ("shared state", config.shared_state)):
-        if shared is not None and shared not in (successor.resolver, successor.shared_state):
+        if shared is not None and not any(shared is obj for obj in still_shared):
             close = getattr(shared, "close", None)
             if callable(close):
                 close()
