@@ -245,6 +245,27 @@ def test_forged_from_with_p_reject_is_refused_and_weaker_policies_are_not(pair):
         ["DMARC policy of sampled.test"]
 
 
+def test_a_second_from_address_or_field_does_not_escape_p_reject(pair):
+    """RFC 7489 6.6.1: each author domain is checked, the strictest failing policy applies."""
+    _sender, receiver, _dns = pair([("rsa1", False)], receiver_stage=DMARC_STAGE,
+                                   zone_extra=DMARC_ZONE)
+    refused = (550, b"5.7.1 DMARC: message from bank.test refused by the domain's policy "
+                    b"(p=reject)")
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "mallory@elsewhere.test, CEO <ceo@bank.test>") == refused
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "<sales@shop.test>\r\nFrom: CEO <ceo@bank.test>") == refused
+    wait_for_log(receiver, r"\w+: dmarc=fail header\.from=bank\.test policy=reject")
+    # p=quarantine and no policy: the stricter one, quarantine, applies
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "<a@elsewhere.test>, <sales@shop.test>")[0] == 250
+    [delivered] = receiver.delivered("bob@remote.test", timeout=15)
+    assert header_fields(delivered, "X-Quarantine") == ["DMARC policy of shop.test"]
+    [results] = header_fields(delivered, "Authentication-Results")
+    assert "dmarc=none (no DMARC record) header.from=elsewhere.test" in results
+    assert "dmarc=fail (p=quarantine dis=quarantine) header.from=shop.test" in results
+
+
 ARC_STAGE = '["dkim_verify", "dmarc", "arc", "authres"]'
 
 

@@ -129,3 +129,11 @@ def test_what_other_checks_recorded_is_read():
 def test_author_domain(headers, domain, problem):
     author = author_domain(headers)
     assert (author.domain, author.problem) == (domain, problem)
+
+
+def test_every_domain_of_several_from_addresses_is_listed_for_dmarc():
+    assert author_domain([("From", "a@x.test, B <b@Y.test>, c@x.test")]).domains == \
+        ("x.test", "y.test")
+    assert author_domain([("From", "a@x.test"), ("From", "b@y.test")]).domains == \
+        ("x.test", "y.test")
+    assert author_domain([("From", "a@x.test")]).domains == ()
