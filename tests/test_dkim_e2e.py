@@ -325,6 +325,8 @@ on_reject = "quarantine"
 
 @pytest.mark.parametrize("arc_fields", [
     b"ARC-Seal: i=51; cv=pass; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
+    b"ARC-Seal: i=0; cv=none; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
+    b"ARC-Seal: cv=none; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
 ])
 def test_a_chain_that_cannot_be_sealed_on_is_delivered_unsealed(pair, tmp_path, arc_fields):
     """An instance over RFC 8617's 50 (or a broken set) makes the chain fail; the sealer

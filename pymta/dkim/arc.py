@@ -92,6 +92,9 @@ def parse_chain(fp: BinaryIO) -> ParsedChain:
     except dkim.DKIMException as e:
         return ParsedChain(header, 0, [], [], f"header: {e}")
     instance, fields = arc.sorted_arc_headers()
+    if instance < 1 and any(name.lower() in dkim.ARC.ARC_HEADERS for name, _ in arc.headers):
+        # RFC 8617 5.2: sets that are there but not numbered 1 to 50 are a broken chain
+        return ParsedChain(header, 0, [], [], "ARC header fields without a valid instance")
     names, hashes = [], []
     for _i, (name, value) in fields:
         if name.lower() not in (b"arc-seal", b"arc-message-signature"):
