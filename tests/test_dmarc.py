@@ -29,10 +29,14 @@ def test_record_tags():
     assert record.rua == ("mailto:a@example.org", "mailto:b@example.net")
     assert parse_record("v=DMARC1; rua=mailto:a@example.org").p == "none"   # 6.6.3
     assert parse_record("v=DMARC1;p=quarantine;").p == "quarantine"
+    # 6.6.3: an invalid sp= spoils the record as an invalid p= does
+    record = parse_record("v=DMARC1; p=reject; sp=bogus; rua=mailto:a@example.org")
+    assert (record.p, record.sp) == ("none", None)
 
 
 @pytest.mark.parametrize("text", ["p=reject; v=DMARC1", "v=DMARC1", "v=DMARC1; p=maybe",
-                                  "v=DMARC2; p=reject", "v=DMARC1; p reject"])
+                                  "v=DMARC2; p=reject", "v=DMARC1; p reject",
+                                  "v=DMARC1; p=reject; sp=bogus"])
 def test_unusable_records(text):
     with pytest.raises(RecordError):
         parse_record(text)

@@ -57,14 +57,14 @@ def parse_record(text: str) -> DMARCRecord:
         tags.setdefault(name, value)
     rua = tuple(uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip())
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
-        if rua:              # 6.6.3: a record with rua= but no valid p= means p=none
-            p = "none"
-        else:
+    sp = tags["sp"].lower() if "sp" in tags else None
+    if p not in POLICIES or (sp is not None and sp not in POLICIES):
+        if rua:              # 6.6.3: rua= but no valid p= (or an invalid sp=) means p=none
+            p, sp = "none", None
+        elif p not in POLICIES:
             raise RecordError("no valid p= tag" if "p" not in tags else f"p={tags['p']} is not a policy")
-    sp = tags.get("sp", "").lower() or None
-    if sp is not None and sp not in POLICIES:
-        sp = None
+        else:
+            raise RecordError(f"sp={tags['sp']} is not a policy")
     try:
         pct = min(max(int(tags.get("pct", "100")), 0), 100)
     except ValueError:
