@@ -109,6 +109,12 @@ def test_discovery_falls_back_to_the_organizational_domain():
     found, asked = discovered({"_dmarc.example.org": ["v=DMARC1; p=none", "v=DMARC1; p=reject"]},
                               "example.org")
     assert found.record is None and found.problem == "more than one DMARC record"
+    # 6.6.3: several records (or an invalid one) at the author domain end the discovery there
+    zone = {"_dmarc.a.example.org": ["v=DMARC1; p=none", "v=DMARC1; p=none"],
+            "_dmarc.b.example.org": ["v=DMARC1; p=maybe"], "_dmarc.example.org": ["v=DMARC1; p=reject"]}
+    for author in ("a.example.org", "b.example.org"):
+        found, asked = discovered(zone, author)
+        assert found.record is None and asked == [f"_dmarc.{author}"]
     found, _ = discovered({"_dmarc.example.org": DNSError("_dmarc.example.org", "TXT", "timeout")},
                           "example.org")
     assert found.temporary and found.problem == "timeout"

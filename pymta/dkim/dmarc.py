@@ -124,8 +124,8 @@ def _choose(answers) -> tuple[DMARCRecord | None, str | None]:
 
 
 def discover_policy(resolver, author: str, org: Callable[[str], str]) -> Deferred:
-    """RFC 7489 6.6.3: ``_dmarc.<author domain>``, else ``_dmarc.<organizational domain>``;
-    fires with a :class:`PolicyLookup`, never fails."""
+    """RFC 7489 6.6.3: ``_dmarc.<author domain>``, else (no DMARC record there)
+    ``_dmarc.<organizational domain>``; fires with a :class:`PolicyLookup`, never fails."""
     def lookup(domain: str) -> Deferred:
         d = defer.maybeDeferred(resolver.txt, f"_dmarc.{domain}")
 
@@ -134,7 +134,8 @@ def discover_policy(resolver, author: str, org: Callable[[str], str]) -> Deferre
             if record is not None:
                 return PolicyLookup(record, domain)
             organizational = org(domain)
-            if domain != organizational and domain == author:
+            # only when there is no record at all: several or an invalid one end the discovery
+            if problem is None and domain != organizational and domain == author:
                 return lookup(organizational)
             return PolicyLookup(None, None, problem)
 
