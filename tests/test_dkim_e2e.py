@@ -255,6 +255,8 @@ def test_a_second_from_address_or_field_does_not_escape_p_reject(pair):
                        "mallory@elsewhere.test, CEO <ceo@bank.test>") == refused
     assert send_direct(receiver, "mallory@elsewhere.test",
                        "<sales@shop.test>\r\nFrom: CEO <ceo@bank.test>") == refused
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "CEO <ceo@bank.test>\r\nFrom: undisclosed") == refused
     wait_for_log(receiver, r"\w+: dmarc=fail header\.from=bank\.test policy=reject")
     # p=quarantine and no policy: the stricter one, quarantine, applies
     assert send_direct(receiver, "mallory@elsewhere.test",

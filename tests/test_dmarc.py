@@ -147,3 +147,5 @@ def test_every_domain_of_several_from_addresses_is_listed_for_dmarc():
     assert author_domain([("From", "a@x.test"), ("From", "b@y.test")]).domains == \
         ("x.test", "y.test")
     assert author_domain([("From", "a@x.test")]).domains == ()
+    assert author_domain([("From", "a@x.test"), ("From", "undisclosed")]).domains == ("x.test",)
+    assert author_domain([("From", "nobody")]).problem == "From address without a domain: 'nobody'"

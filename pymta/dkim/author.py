@@ -37,18 +37,24 @@ def author_domain(headers: list[tuple[str, str]]) -> Author:
     if not addresses:
         return Author(None, "no address in From")
     domains: list[str] = []
+    problem = None
     for address in addresses:
         _local, at, domain = address.rpartition("@")
         if not at or not domain:
-            return Author(None, f"From address without a domain: {address!r}")
+            problem = problem or f"From address without a domain: {address!r}"
+            continue
         try:
             domain = domain_key(domain.strip().rstrip("."))
         except (UnicodeError, ValueError):
-            return Author(None, f"From domain is not a domain name: {domain!r}")
+            problem = problem or f"From domain is not a domain name: {domain!r}"
+            continue
         if domain not in domains:
             domains.append(domain)
     if len(values) > 1:
-        return Author(None, f"{len(values)} From header fields", tuple(domains))
-    if len(addresses) > 1:
-        return Author(None, "several addresses in From", tuple(domains))
+        problem = f"{len(values)} From header fields"
+    elif len(addresses) > 1:
+        problem = "several addresses in From"
+    if problem is not None:
+        # a broken address beside good ones does not take those out of DMARC either
+        return Author(None, problem, tuple(domains) if len(addresses) > 1 else ())
     return Author(domains[0])
