@@ -115,6 +115,10 @@ def test_discovery_falls_back_to_the_organizational_domain():
     for author in ("a.example.org", "b.example.org"):
         found, asked = discovered(zone, author)
         assert found.record is None and asked == [f"_dmarc.{author}"]
+    # 6.6.3: what does not start with v=DMARC1 is not a DMARC record: on to the organizational domain
+    zone["_dmarc.c.example.org"] = ["v=DMARC10; p=none", "v=dmarc1; p=none"]
+    found, _ = discovered(zone, "c.example.org")
+    assert (found.record.p, found.domain) == ("reject", "example.org")
     found, _ = discovered({"_dmarc.example.org": DNSError("_dmarc.example.org", "TXT", "timeout")},
                           "example.org")
     assert found.temporary and found.problem == "timeout"

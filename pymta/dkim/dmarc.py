@@ -22,6 +22,8 @@ __all__ = ["DMARCRecord", "DMARCResult", "RecordError", "parse_record", "Organiz
 
 POLICIES = ("none", "quarantine", "reject")
 _TAG = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+#: RFC 7489 6.4: a record starts with v=DMARC1 (the version is case-sensitive); others are discarded
+_VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|$)")
 
 
 class RecordError(Exception):
@@ -112,7 +114,7 @@ class PolicyLookup:
 
 
 def _choose(answers) -> tuple[DMARCRecord | None, str | None]:
-    texts = [t for t in answers if t.strip().lower().startswith("v=dmarc1")]
+    texts = [t for t in answers if _VERSION.match(t)]
     if not texts:
         return None, None
     if len(texts) > 1:
