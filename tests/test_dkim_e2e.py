@@ -245,19 +245,47 @@ def test_forged_from_with_p_reject_is_refused_and_weaker_policies_are_not(pair):
         ["DMARC policy of sampled.test"]
 
 
+def test_a_second_from_address_or_field_does_not_escape_p_reject(pair):
+    """RFC 7489 6.6.1: each author domain is checked, the strictest failing policy applies."""
+    _sender, receiver, _dns = pair([("rsa1", False)], receiver_stage=DMARC_STAGE,
+                                   zone_extra=DMARC_ZONE)
+    refused = (550, b"5.7.1 DMARC: message from bank.test refused by the domain's policy "
+                    b"(p=reject)")
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "mallory@elsewhere.test, CEO <ceo@bank.test>") == refused
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "<sales@shop.test>\r\nFrom: CEO <ceo@bank.test>") == refused
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "CEO <ceo@bank.test>\r\nFrom: undisclosed") == refused
+    wait_for_log(receiver, r"\w+: dmarc=fail header\.from=bank\.test policy=reject")
+    # p=quarantine and no policy: the stricter one, quarantine, applies
+    assert send_direct(receiver, "mallory@elsewhere.test",
+                       "<a@elsewhere.test>, <sales@shop.test>")[0] == 250
+    [delivered] = receiver.delivered("bob@remote.test", timeout=15)
+    assert header_fields(delivered, "X-Quarantine") == ["DMARC policy of shop.test"]
+    [results] = header_fields(delivered, "Authentication-Results")
+    assert "dmarc=none (no DMARC record) header.from=elsewhere.test" in results
+    assert "dmarc=fail (p=quarantine dis=quarantine) header.from=shop.test" in results
+
+
 ARC_STAGE = '["dkim_verify", "dmarc", "arc", "authres"]'
+
+
+def sealing_pair(pair, tmp_path, receiver_extra: str = ""):
+    """(the zone, the pair) with a receiver that seals (s=arc1, d=remote.test)."""
+    arc_path, arc_key = write_key(tmp_path, "remote.test.arc1")
+    zone = dict(DMARC_ZONE, **key_zone("arc1", "remote.test", arc_key))
+    return zone, pair([("rsa1", False)], receiver_stage=ARC_STAGE, zone_extra=zone,
+                      receiver_extra=f"""
+[plugins.arc]
+seal = {{ domain = "remote.test", selector = "arc1", key = "{arc_path}" }}
+""" + receiver_extra)
 
 
 def test_arc_sealed_by_the_forwarder_and_verified_at_the_next_hop(pair, tmp_path):
     """The receiver seals what it found (spf, dkim, dmarc: pass; arc=none, i=1); the sealed
     message, sent on to it again, has a chain that verifies (arc=pass) and gets i=2."""
-    arc_path, arc_key = write_key(tmp_path, "remote.test.arc1")
-    zone = dict(DMARC_ZONE, **key_zone("arc1", "remote.test", arc_key))
-    sender, receiver, dns = pair([("rsa1", False)], receiver_stage=ARC_STAGE, zone_extra=zone,
-                                 receiver_extra=f"""
-[plugins.arc]
-seal = {{ domain = "remote.test", selector = "arc1", key = "{arc_path}" }}
-
+    zone, (sender, receiver, dns) = sealing_pair(pair, tmp_path, """
 [plugins.dmarc]
 on_reject = "quarantine"
 """)
@@ -295,6 +323,25 @@ on_reject = "quarantine"
     assert "arc=fail (i=1; Most recent ARC-Message-Signature did not validate)" in \
         header_fields(third, "Authentication-Results")[0]
     assert header_fields(third, "X-Quarantine") == ["DMARC policy of local.test"]
+
+
+@pytest.mark.parametrize("arc_fields", [
+    b"ARC-Seal: i=51; cv=pass; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
+    b"ARC-Seal: i=0; cv=none; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
+    b"ARC-Seal: cv=none; a=rsa-sha256; d=elsewhere.test; s=x; t=1; b=AAAA\r\n",
+])
+def test_a_chain_that_cannot_be_sealed_on_is_delivered_unsealed(pair, tmp_path, arc_fields):
+    """An instance over RFC 8617's 50 (or a broken set) makes the chain fail; the sealer
+    then adds no set: the message is delivered, not deferred over a seal dkimpy refuses."""
+    _zone, (_sender, receiver, _dns) = sealing_pair(pair, tmp_path)
+    body = arc_fields + b"From: <a@elsewhere.test>\r\nTo: bob@remote.test\r\nSubject: hi\r\n\r\nHi.\r\n"
+    with smtplib.SMTP("127.0.0.1", receiver.port, timeout=10) as client:
+        client.ehlo("mail.elsewhere.test")
+        assert client.sendmail("a@elsewhere.test", ["bob@remote.test"], body) == {}
+    [delivered] = receiver.delivered("bob@remote.test", timeout=15)
+    assert "arc=fail" in header_fields(delivered, "Authentication-Results")[0]
+    assert len(header_fields(delivered, "ARC-Seal")) == 1
+    wait_for_log(receiver, r"\w+: not ARC-sealed: ")
 
 
 def test_dns_trouble_is_temperror_and_the_message_goes_on(pair):

@@ -29,10 +29,14 @@ def test_record_tags():
     assert record.rua == ("mailto:a@example.org", "mailto:b@example.net")
     assert parse_record("v=DMARC1; rua=mailto:a@example.org").p == "none"   # 6.6.3
     assert parse_record("v=DMARC1;p=quarantine;").p == "quarantine"
+    # 6.6.3: an invalid sp= spoils the record as an invalid p= does
+    record = parse_record("v=DMARC1; p=reject; sp=bogus; rua=mailto:a@example.org")
+    assert (record.p, record.sp) == ("none", None)
 
 
 @pytest.mark.parametrize("text", ["p=reject; v=DMARC1", "v=DMARC1", "v=DMARC1; p=maybe",
-                                  "v=DMARC2; p=reject", "v=DMARC1; p reject"])
+                                  "v=DMARC2; p=reject", "v=DMARC1; p reject",
+                                  "v=DMARC1; p=reject; sp=bogus"])
 def test_unusable_records(text):
     with pytest.raises(RecordError):
         parse_record(text)
@@ -105,6 +109,16 @@ def test_discovery_falls_back_to_the_organizational_domain():
     found, asked = discovered({"_dmarc.example.org": ["v=DMARC1; p=none", "v=DMARC1; p=reject"]},
                               "example.org")
     assert found.record is None and found.problem == "more than one DMARC record"
+    # 6.6.3: several records (or an invalid one) at the author domain end the discovery there
+    zone = {"_dmarc.a.example.org": ["v=DMARC1; p=none", "v=DMARC1; p=none"],
+            "_dmarc.b.example.org": ["v=DMARC1; p=maybe"], "_dmarc.example.org": ["v=DMARC1; p=reject"]}
+    for author in ("a.example.org", "b.example.org"):
+        found, asked = discovered(zone, author)
+        assert found.record is None and asked == [f"_dmarc.{author}"]
+    # 6.6.3: what does not start with v=DMARC1 is not a DMARC record: on to the organizational domain
+    zone["_dmarc.c.example.org"] = ["v=DMARC10; p=none", "v=dmarc1; p=none"]
+    found, _ = discovered(zone, "c.example.org")
+    assert (found.record.p, found.domain) == ("reject", "example.org")
     found, _ = discovered({"_dmarc.example.org": DNSError("_dmarc.example.org", "TXT", "timeout")},
                           "example.org")
     assert found.temporary and found.problem == "timeout"
@@ -129,3 +143,13 @@ def test_what_other_checks_recorded_is_read():
 def test_author_domain(headers, domain, problem):
     author = author_domain(headers)
     assert (author.domain, author.problem) == (domain, problem)
+
+
+def test_every_domain_of_several_from_addresses_is_listed_for_dmarc():
+    assert author_domain([("From", "a@x.test, B <b@Y.test>, c@x.test")]).domains == \
+        ("x.test", "y.test")
+    assert author_domain([("From", "a@x.test"), ("From", "b@y.test")]).domains == \
+        ("x.test", "y.test")
+    assert author_domain([("From", "a@x.test")]).domains == ()
+    assert author_domain([("From", "a@x.test"), ("From", "undisclosed")]).domains == ("x.test",)
+    assert author_domain([("From", "nobody")]).problem == "From address without a domain: 'nobody'"

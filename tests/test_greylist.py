@@ -31,9 +31,22 @@ STORY = [
     (6600, "t3", True, "whitelisted", 0),
 ]
 
+#: the edges, with the auto-whitelist off: a retry exactly at the delay passes, one exactly
+#: at the end of the window (delay + retry window after the first attempt) still passes
+EDGES = [
+    (0, "e1", True, "new", 0),
+    (299, "e1", True, "early", 299),
+    (300, "e1", True, "passed", 300),
+    (1000, "e2", True, "new", 0),
+    (4900, "e2", True, "passed", 3900),
+    (5000, "e3", True, "new", 0),
+    (8901, "e3", True, "new", 0),            # a second after the window: starts again
+]
+EDGE_RULES = GreylistRules(delay=300, retry_window=3600, pass_ttl=86400, auto_whitelist=0)
 
-def memory_decider():
-    table = GreylistTable(RULES)
+
+def memory_decider(rules=RULES):
+    table = GreylistTable(rules)
     return lambda now, triplet, count: table.decide(triplet, "192.0.2.0/24", now, count)
 
 
@@ -44,12 +57,12 @@ def redis(tmp_path):
     server.stop()
 
 
-def redis_decider(redis):
+def redis_decider(redis, rules=RULES):
     def decide(now, triplet, count):
         decision, age = redis.command(
             "EVAL", SHARED_GREYLIST_SCRIPT, "2", f"t:{triplet}", "c:192.0.2.0/24", repr(float(now)),
-            repr(RULES.delay), repr(RULES.retry_window), repr(RULES.pass_ttl),
-            str(RULES.auto_whitelist), "1" if count else "0")
+            repr(rules.delay), repr(rules.retry_window), repr(rules.pass_ttl),
+            str(rules.auto_whitelist), "1" if count else "0")
         return decision, float(age)
     return decide
 
@@ -61,6 +74,19 @@ def test_the_table_and_the_redis_script_decide_alike(where, request):
         [(now, triplet, decision, float(age)) for now, triplet, _, decision, age in STORY]
 
 
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_the_table_and_the_redis_script_agree_at_the_edges(where, request):
+    decide = memory_decider(EDGE_RULES) if where == "memory" else \
+        redis_decider(request.getfixturevalue("redis"), EDGE_RULES)
+    assert [(now, triplet, *decide(now, triplet, count)) for now, triplet, count, _, _ in EDGES] == \
+        [(now, triplet, decision, float(age)) for now, triplet, _, decision, age in EDGES]
+    if where == "redis":        # Redis's own clock expires keys: each use renews pass_ttl
+        redis = request.getfixturevalue("redis")
+        redis.command("EXPIRE", "t:e1", "60")
+        assert decide(400, "e1", True) == ("known", 400.0)
+        assert redis.command("TTL", "t:e1") > 86400 - 60
+
+
 def test_a_passed_triplet_is_forgotten_after_pass_ttl_and_memory_is_bounded():
     table = GreylistTable(GreylistRules(delay=10, retry_window=100, pass_ttl=1000, auto_whitelist=0),
                           max_entries=3)
@@ -68,9 +94,10 @@ def test_a_passed_triplet_is_forgotten_after_pass_ttl_and_memory_is_bounded():
     assert table.decide("a", "c", 20, True)[0] == "passed"
     assert table.decide("a", "c", 900, True)[0] == "known"        # each use renews pass_ttl
     assert table.decide("a", "c", 1800, True)[0] == "known"
-    assert table.decide("a", "c", 2801, True)[0] == "new"
+    assert table.decide("a", "c", 2800, True)[0] == "known"       # exactly pass_ttl later
+    assert table.decide("a", "c", 3801, True)[0] == "new"
     for n in range(5):
-        table.decide(f"x{n}", "c", 3000, True)
+        table.decide(f"x{n}", "c", 4000, True)
     assert len(table) == 3
 
 

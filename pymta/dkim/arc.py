@@ -33,9 +33,13 @@ from pymta.dkim.signer import SigningKey
 from pymta.dkim.verifier import MIN_KEY_BITS, KeyRecords, body_hash_key, key_name
 
 __all__ = ["ChainResult", "ParsedChain", "parse_chain", "verify_chain", "seal_message",
-           "SEAL_FIELDS"]
+           "SEAL_FIELDS", "SealRefused"]
 
 SEAL_FIELDS = ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results")
+
+
+class SealRefused(Exception):
+    """dkimpy will not add an ARC set to this message (the reason is the message)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ def parse_chain(fp: BinaryIO) -> ParsedChain:
     except dkim.DKIMException as e:
         return ParsedChain(header, 0, [], [], f"header: {e}")
     instance, fields = arc.sorted_arc_headers()
+    if instance < 1 and any(name.lower() in dkim.ARC.ARC_HEADERS for name, _ in arc.headers):
+        # RFC 8617 5.2: sets that are there but not numbered 1 to 50 are a broken chain
+        return ParsedChain(header, 0, [], [], "ARC header fields without a valid instance")
     names, hashes = [], []
     for _i, (name, value) in fields:
         if name.lower() not in (b"arc-seal", b"arc-message-signature"):
@@ -165,13 +172,19 @@ def seal_message(message: bytes, key: SigningKey, authserv_id: str, results: str
                  now: float | None = None) -> list[tuple[str, str]]:
     """The ARC set (name, value) for the next instance, from the Authentication-Results
     ``results`` (the value after the authserv-id, unfolded); [] when dkimpy ends the chain
-    instead (a previous instance without a chain result)."""
+    instead (a previous instance without a chain result); :class:`SealRefused` when dkimpy
+    cannot seal it."""
     sealed = (f"Authentication-Results: {authserv_id}; {results}\r\n").encode() \
         + _without_our_results(message, authserv_id)
-    arc = dkim.ARC(sealed, signature_algorithm=b"rsa-sha256")
-    lines = arc.sign(key.selector.encode("ascii"), key.domain.encode("ascii"),
-                     key.key.dkimpy_key, authserv_id.encode("ascii"),
-                     timestamp=int(now) if now is not None else None)
+    try:
+        arc = dkim.ARC(sealed, signature_algorithm=b"rsa-sha256")
+        lines = arc.sign(key.selector.encode("ascii"), key.domain.encode("ascii"),
+                         key.key.dkimpy_key, authserv_id.encode("ascii"),
+                         timestamp=int(now) if now is not None else None)
+    except dkim.DKIMException as e:
+        # e.g. the next instance would pass RFC 8617's limit of 50, or the incoming sets
+        # are too broken to build on: the message goes on without a set of ours
+        raise SealRefused(str(e)) from None
     out = []
     for line in lines:
         name, _, value = line.decode("ascii").partition(":")

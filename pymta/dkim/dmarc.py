@@ -22,6 +22,8 @@ __all__ = ["DMARCRecord", "DMARCResult", "RecordError", "parse_record", "Organiz
 
 POLICIES = ("none", "quarantine", "reject")
 _TAG = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+#: RFC 7489 6.4: a record starts with v=DMARC1 (the version is case-sensitive); others are discarded
+_VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|$)")
 
 
 class RecordError(Exception):
@@ -57,14 +59,14 @@ def parse_record(text: str) -> DMARCRecord:
         tags.setdefault(name, value)
     rua = tuple(uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip())
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
-        if rua:              # 6.6.3: a record with rua= but no valid p= means p=none
-            p = "none"
-        else:
+    sp = tags["sp"].lower() if "sp" in tags else None
+    if p not in POLICIES or (sp is not None and sp not in POLICIES):
+        if rua:              # 6.6.3: rua= but no valid p= (or an invalid sp=) means p=none
+            p, sp = "none", None
+        elif p not in POLICIES:
             raise RecordError("no valid p= tag" if "p" not in tags else f"p={tags['p']} is not a policy")
-    sp = tags.get("sp", "").lower() or None
-    if sp is not None and sp not in POLICIES:
-        sp = None
+        else:
+            raise RecordError(f"sp={tags['sp']} is not a policy")
     try:
         pct = min(max(int(tags.get("pct", "100")), 0), 100)
     except ValueError:
@@ -112,7 +114,7 @@ class PolicyLookup:
 
 
 def _choose(answers) -> tuple[DMARCRecord | None, str | None]:
-    texts = [t for t in answers if t.strip().lower().startswith("v=dmarc1")]
+    texts = [t for t in answers if _VERSION.match(t)]
     if not texts:
         return None, None
     if len(texts) > 1:
@@ -124,8 +126,8 @@ def _choose(answers) -> tuple[DMARCRecord | None, str | None]:
 
 
 def discover_policy(resolver, author: str, org: Callable[[str], str]) -> Deferred:
-    """RFC 7489 6.6.3: ``_dmarc.<author domain>``, else ``_dmarc.<organizational domain>``;
-    fires with a :class:`PolicyLookup`, never fails."""
+    """RFC 7489 6.6.3: ``_dmarc.<author domain>``, else (no DMARC record there)
+    ``_dmarc.<organizational domain>``; fires with a :class:`PolicyLookup`, never fails."""
     def lookup(domain: str) -> Deferred:
         d = defer.maybeDeferred(resolver.txt, f"_dmarc.{domain}")
 
@@ -134,7 +136,8 @@ def discover_policy(resolver, author: str, org: Callable[[str], str]) -> Deferre
             if record is not None:
                 return PolicyLookup(record, domain)
             organizational = org(domain)
-            if domain != organizational and domain == author:
+            # only when there is no record at all: several or an invalid one end the discovery
+            if problem is None and domain != organizational and domain == author:
                 return lookup(organizational)
             return PolicyLookup(None, None, problem)
 

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.authresults import NOTES_KEY, valid_authserv_id
-from pymta.dkim.arc import ChainResult, parse_chain, seal_message, verify_chain
+from pymta.dkim.arc import ChainResult, SealRefused, parse_chain, seal_message, verify_chain
 from pymta.dkim.blocking import in_thread_pool, on_body
 from pymta.dkim.keys import RSA
 from pymta.dkim.keytable import read_key_entry
@@ -110,7 +110,13 @@ class ARCPolicy:
                 return DUNNO
             results = "; ".join(r.format() for r in transaction.notes.get(NOTES_KEY, ()))
             now = self.reactor.seconds() if self.reactor is not None else None
-            return self._in_thread(self._seal, message, results, now).addCallback(sealed)
+            return self._in_thread(self._seal, message, results, now).addCallbacks(sealed, refused)
+
+        def refused(failure):
+            failure.trap(SealRefused)
+            log.info("{queue_id}: not ARC-sealed: {reason}", queue_id=transaction.queue_id,
+                     reason=failure.value)
+            return DUNNO
 
         def sealed(fields):
             if not fields:

@@ -31,6 +31,7 @@ import random
 import time
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -46,6 +47,10 @@ log = Logger(namespace="pymta.dmarc")
 
 NOTE = "dmarc"
 ACTIONS = ("reject", "quarantine", "none")
+#: the order in which the actions of several author domains win (the strictest)
+STRICTNESS = {"none": 0, "quarantine": 1, "reject": 2}
+#: author domains checked at most in a message with several From addresses
+MAX_AUTHOR_DOMAINS = 10
 
 
 def spf_identity(results) -> tuple[str, str] | None:
@@ -97,8 +102,12 @@ class DMARCPolicy:
         if session.auth_user or session.trusted:
             return DUNNO
         author = author_domain(message.headers())
-        if author.domain is None:
-            # RFC 7489 6.6.1: no single author domain, nothing DMARC can check
+        # RFC 7489 6.6.1: several From addresses (or fields) - each domain is checked and
+        # the strictest policy among those that fail applies
+        domains = (author.domain,) if author.domain is not None else \
+            author.domains[:MAX_AUTHOR_DOMAINS]
+        if not domains:
+            # no author domain at all, nothing DMARC can check
             add_auth_result(transaction.notes, AuthResult("dmarc", "permerror", (), author.problem))
             log.info("{queue_id}: dmarc=permerror ({problem})", queue_id=transaction.queue_id,
                      problem=author.problem)
@@ -108,31 +117,38 @@ class DMARCPolicy:
         spf = spf_identity(recorded)
         passes = dkim_passes(recorded)
 
-        def decide(lookup):
-            result = evaluate(author.domain, lookup, spf, passes, self.org, self.sample)
-            transaction.notes[NOTE] = result
+        def one(lookup, domain: str):
+            result = evaluate(domain, lookup, spf, passes, self.org, self.sample)
             action = self.actions[result.disposition] if result.result == "fail" else "none"
             add_auth_result(transaction.notes, AuthResult(
-                "dmarc", result.result, (("header.from", author.domain),), result.comment() or None))
+                "dmarc", result.result, (("header.from", domain),), result.comment() or None))
             log.info("{queue_id}: dmarc={result} header.from={domain} policy={policy} "
                      "disposition={disposition} action={action}{reason}",
-                     queue_id=transaction.queue_id, result=result.result, domain=author.domain,
+                     queue_id=transaction.queue_id, result=result.result, domain=domain,
                      policy=result.policy, disposition=result.disposition, action=action,
                      reason=f" ({result.reason})" if result.reason else "")
             if result.record is not None and result.record.rua and self.report_directory:
                 self._report(session, transaction, result, spf, passes, action)
+            return result, action
+
+        def decide(outcomes):
+            result, action = max(outcomes, key=lambda outcome: (
+                STRICTNESS[outcome[1]], outcome[0].result == "temperror"))
+            transaction.notes[NOTE] = result
             if action == "reject":
-                return Verdict.reject(f"DMARC: message from {author.domain} refused by the "
+                return Verdict.reject(f"DMARC: message from {result.author} refused by the "
                                       f"domain's policy (p={result.policy})", 550, "5.7.1")
             if action == "quarantine":
                 return Verdict(Kind.DUNNO, headers=((self.quarantine_header,
-                                                     f"DMARC policy of {author.domain}"),))
+                                                     f"DMARC policy of {result.author}"),))
             if result.result == "temperror" and self.on_temperror == "defer":
                 return Verdict.defer(f"DMARC: temporary error finding the policy of "
-                                     f"{author.domain}; try again later", 451, "4.7.5")
+                                     f"{result.author}; try again later", 451, "4.7.5")
             return DUNNO
 
-        return discover_policy(resolver, author.domain, self.org).addCallback(decide)
+        checks = [discover_policy(resolver, domain, self.org).addCallback(one, domain)
+                  for domain in domains]
+        return defer.gatherResults(checks).addCallback(decide)
 
     def _report(self, session, transaction, result, spf, passes, action) -> None:
         """One line of aggregate-report data (RFC 7489 7.2) in the file of the day (UTC)."""

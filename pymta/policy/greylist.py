@@ -136,7 +136,7 @@ class GreylistTable:
         entry = table.get(key)
         if entry is None:
             return None
-        if entry[-1] <= now:
+        if entry[-1] < now:            # as in Redis: a key lives until its expiry time included
             del table[key]
             return None
         table.move_to_end(key)
